@@ -1,0 +1,4 @@
+from kvcore_eval.cli import main
+
+if __name__ == "__main__":
+    main()

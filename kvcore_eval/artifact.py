@@ -1,0 +1,112 @@
+"""The calibration artifact: `basis.safetensors` (spectra and bases) + `kvcore.json` (what produced them).
+
+Per space (`key_pre_rope`, `key_post_rope`, `value`), for all layers at once:
+  eigenvalues        (layers, D)                   float64, descending: σ_i² of the stacked activations
+  eigenvectors       (layers, D, D)                float32, column i = right singular vector i
+  head_eigenvalues   (layers, kv_heads, head_dim)  float64, spectra of each head's diagonal Gram block
+  head_eigenvectors  (layers, kv_heads, head_dim, head_dim) float32
+and `token_count` (layers,). No pickles: safetensors and JSON only.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from kvcore_eval.gram import SPACES
+from kvcore_eval.models import KVGeometry
+
+FORMAT_VERSION = 1
+BASIS_FILE = "basis.safetensors"
+METADATA_FILE = "kvcore.json"
+
+
+@dataclass
+class Calibration:
+    """Eigen-decomposed Grams of one model on one dataset, plus the metadata that names them."""
+
+    metadata: dict[str, Any]
+    eigenvalues: dict[str, torch.Tensor]  # space -> (layers, D)
+    eigenvectors: dict[str, torch.Tensor]  # space -> (layers, D, D)
+    head_eigenvalues: dict[str, torch.Tensor]  # space -> (layers, kv_heads, head_dim)
+    head_eigenvectors: dict[str, torch.Tensor]  # space -> (layers, kv_heads, head_dim, head_dim)
+    token_count: torch.Tensor = field(default_factory=lambda: torch.zeros(0, dtype=torch.int64))  # (layers,)
+
+    @property
+    def geometry(self) -> KVGeometry:
+        return KVGeometry(**self.metadata["model"]["geometry"])
+
+
+def _eigh_descending(gram: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Eigendecomposition of symmetric (..., n, n) float64 matrices, eigenvalues descending, signs fixed
+    so that each eigenvector's largest-magnitude entry is positive (deterministic bases)."""
+    eigenvalues, eigenvectors = torch.linalg.eigh(gram.to(torch.float64))
+    eigenvalues, eigenvectors = eigenvalues.flip(-1), eigenvectors.flip(-1)
+    pivot = eigenvectors.abs().argmax(dim=-2, keepdim=True)
+    signs = torch.sign(torch.gather(eigenvectors, -2, pivot))
+    return eigenvalues, eigenvectors * torch.where(signs == 0, 1.0, signs)
+
+
+def decompose(grams: dict[str, torch.Tensor], token_count: torch.Tensor, geometry: KVGeometry, metadata: dict[str, Any]) -> Calibration:
+    """Eigendecompose each layer's Gram (layers, D, D) and its per-head diagonal blocks."""
+    eigenvalues, eigenvectors, head_eigenvalues, head_eigenvectors = {}, {}, {}, {}
+    heads, head_dim = geometry.kv_heads, geometry.head_dim
+    for space in SPACES:
+        gram = grams[space].to(torch.float64)
+        values, vectors = _eigh_descending(gram)
+        eigenvalues[space], eigenvectors[space] = values.cpu(), vectors.float().cpu()
+        blocks = torch.stack([gram[:, h * head_dim:(h + 1) * head_dim, h * head_dim:(h + 1) * head_dim] for h in range(heads)], dim=1)
+        values, vectors = _eigh_descending(blocks)  # (layers, heads, head_dim[, head_dim])
+        head_eigenvalues[space], head_eigenvectors[space] = values.cpu(), vectors.float().cpu()
+    return Calibration(metadata, eigenvalues, eigenvectors, head_eigenvalues, head_eigenvectors, token_count.cpu())
+
+
+def save_calibration(calibration: Calibration, out_dir: str | Path) -> None:
+    from safetensors.torch import save_file
+
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    tensors = {"token_count": calibration.token_count.contiguous()}
+    for space in SPACES:
+        tensors[f"{space}.eigenvalues"] = calibration.eigenvalues[space].contiguous()
+        tensors[f"{space}.eigenvectors"] = calibration.eigenvectors[space].contiguous()
+        tensors[f"{space}.head_eigenvalues"] = calibration.head_eigenvalues[space].contiguous()
+        tensors[f"{space}.head_eigenvectors"] = calibration.head_eigenvectors[space].contiguous()
+    save_file(tensors, str(out_dir / BASIS_FILE))
+    metadata = {"format_version": FORMAT_VERSION, **calibration.metadata}
+    (out_dir / METADATA_FILE).write_text(json.dumps(metadata, indent=2, sort_keys=True) + "\n")
+
+
+def read_metadata(path: str | Path) -> dict[str, Any]:
+    """The artifact's JSON metadata alone (cheap: used to validate before any weights load)."""
+    path = Path(path)
+    metadata_path = path / METADATA_FILE
+    if not metadata_path.is_file() or not (path / BASIS_FILE).is_file():
+        raise FileNotFoundError(
+            f"no calibration artifact at {path} (expected {BASIS_FILE} and {METADATA_FILE}); "
+            f"create one with `kvcore-eval calibrate --model ... --dataset ... --out {path}`"
+        )
+    metadata = json.loads(metadata_path.read_text())
+    if metadata.get("format_version") != FORMAT_VERSION:
+        raise ValueError(
+            f"{metadata_path} has format_version {metadata.get('format_version')}, this kvcore-eval reads "
+            f"{FORMAT_VERSION}: re-run `kvcore-eval calibrate` with this version"
+        )
+    return metadata
+
+
+def load_calibration(path: str | Path) -> Calibration:
+    from safetensors.torch import load_file
+
+    metadata = read_metadata(path)
+    tensors = load_file(str(Path(path) / BASIS_FILE))
+    parts: dict[str, dict[str, torch.Tensor]] = {name: {} for name in ("eigenvalues", "eigenvectors", "head_eigenvalues", "head_eigenvectors")}
+    for key, tensor in tensors.items():
+        if "." in key:
+            space, name = key.split(".", 1)
+            parts[name][space] = tensor
+    return Calibration(metadata, token_count=tensors["token_count"], **parts)

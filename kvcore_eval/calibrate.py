@@ -1,0 +1,192 @@
+"""`kvcore-eval calibrate`: stream a dataset through a causal LM, accumulate per-layer K/V Grams, write the artifact.
+
+Runs on CPU, one GPU, or several processes under `accelerate launch` (each process takes every
+world_size-th sequence; the Grams are summed across processes and rank 0 writes one artifact).
+Checkpoints every `checkpoint_every` tokens; `--resume` continues and ends bit-identical to an uninterrupted run.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import shutil
+from collections.abc import Callable, Iterator
+from dataclasses import asdict
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from kvcore_eval import artifact, data, models
+from kvcore_eval.config import CalibrationConfig
+from kvcore_eval.gram import GramAccumulator, GramRecorder
+from kvcore_eval.rope import find_rotary_embedding
+
+logger = logging.getLogger(__name__)
+
+CHECKPOINT_DIR = "checkpoint"
+CONFIG_FILE = "config.json"
+
+
+def _run_identity(config: CalibrationConfig, model_identity: dict[str, Any], world_size: int) -> dict[str, Any]:
+    """What must match for a checkpoint to be resumed (max_tokens may grow: packing is prefix-stable)."""
+    return {
+        "model": model_identity,
+        "dataset": {"spec": config.dataset, "split": config.split, "text_field": config.text_field, "prompt_format": config.prompt_format},
+        "seq_len": config.seq_len,
+        "batch_size": config.batch_size,
+        "world_size": world_size,
+    }
+
+
+def _prepare_out_dir(config: CalibrationConfig, out: Path) -> None:
+    if config.overwrite and out.exists():
+        shutil.rmtree(out)
+    if (out / artifact.METADATA_FILE).exists():
+        raise FileExistsError(f"{out} already holds a finished calibration: pass --overwrite to replace it, or choose another --out")
+    if (out / CHECKPOINT_DIR).exists() and not config.resume:
+        raise FileExistsError(f"{out} holds an interrupted calibration: pass --resume to continue it, or --overwrite to start again")
+    out.mkdir(parents=True, exist_ok=True)
+
+
+def _batches(sequences: Iterator[list[int]], batch_size: int, rank: int, world_size: int) -> Iterator[list[list[int]]]:
+    """This process's share (every world_size-th sequence), grouped into batches."""
+    batch: list[list[int]] = []
+    for index, sequence in enumerate(sequences):
+        if index % world_size != rank:
+            continue
+        batch.append(sequence)
+        if len(batch) == batch_size:
+            yield batch
+            batch = []
+    if batch:
+        yield batch
+
+
+def _to_tensors(batch: list[list[int]], pad_id: int, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+    """input_ids and attention mask, (batch, seq); short sequences right-padded (pads never enter a Gram)."""
+    seq = max(len(s) for s in batch)
+    input_ids = torch.full((len(batch), seq), pad_id, dtype=torch.long)
+    mask = torch.zeros((len(batch), seq), dtype=torch.long)
+    for row, sequence in enumerate(batch):
+        input_ids[row, : len(sequence)] = torch.tensor(sequence)
+        mask[row, : len(sequence)] = 1
+    return input_ids.to(device), mask.to(device)
+
+
+def _checkpoint_paths(out: Path, rank: int) -> tuple[Path, Path]:
+    return out / CHECKPOINT_DIR / f"rank{rank}.safetensors", out / CHECKPOINT_DIR / f"rank{rank}.json"
+
+
+def _save_checkpoint(out: Path, rank: int, accumulator: GramAccumulator, batches_done: int, identity: dict[str, Any]) -> None:
+    from safetensors.torch import save_file
+
+    tensor_path, json_path = _checkpoint_paths(out, rank)
+    tensor_path.parent.mkdir(parents=True, exist_ok=True)
+    save_file(accumulator.state_dict(), str(tensor_path.with_suffix(".tmp")))
+    tensor_path.with_suffix(".tmp").replace(tensor_path)
+    json_path.write_text(json.dumps({"batches_done": batches_done, "run": identity}, indent=2, sort_keys=True))
+
+
+def _load_checkpoint(out: Path, rank: int, accumulator: GramAccumulator, identity: dict[str, Any]) -> int:
+    """Restore this process's Grams; returns the number of batches already accumulated (0 if none)."""
+    from safetensors.torch import load_file
+
+    tensor_path, json_path = _checkpoint_paths(out, rank)
+    if not tensor_path.exists() or not json_path.exists():
+        logger.info("no checkpoint for rank %d in %s: starting from the beginning", rank, out)
+        return 0
+    saved = json.loads(json_path.read_text())
+    for key in identity:
+        if saved["run"].get(key) != identity[key]:
+            raise ValueError(
+                f"checkpoint in {out} is from another run: its {key} is {saved['run'].get(key)}, this run's is "
+                f"{identity[key]}. Resume with the same settings, or pass --overwrite to start again"
+            )
+    accumulator.load_state_dict(load_file(str(tensor_path)))
+    logger.info("resuming rank %d after %d batches", rank, saved["batches_done"])
+    return int(saved["batches_done"])
+
+
+def calibrate(config: CalibrationConfig, on_checkpoint: Callable[[int], None] | None = None) -> Path:
+    """Run the calibration; returns the artifact directory. `on_checkpoint(batches_done)` runs after each checkpoint."""
+    from accelerate import PartialState
+    from tqdm.auto import tqdm
+
+    state = PartialState(cpu=config.device == "cpu")
+    device = state.device if config.device == "auto" else torch.device(config.device)
+    out = Path(config.out)
+    if state.is_main_process:
+        _prepare_out_dir(config, out)
+    state.wait_for_everyone()
+
+    model = models.load_causal_lm(config.model, config.revision, str(device), config.dtype)
+    tokenizer = models.load_tokenizer(config.model, config.revision)
+    geometry = models.kv_geometry(model.config)
+    identity = models.model_identity(model, config.model, config.revision)
+    run = _run_identity(config, identity, state.num_processes)
+    if state.is_main_process:
+        (out / CONFIG_FILE).write_text(json.dumps(asdict(config), indent=2) + "\n")
+
+    accumulator = GramAccumulator(geometry, device)
+    recorder = GramRecorder(accumulator, find_rotary_embedding(model))
+    batches_done = _load_checkpoint(out, state.process_index, accumulator, run) if config.resume else 0
+    texts = data.iter_texts(config.dataset, config.split, config.prompt_format, config.text_field)
+    sequences = data.pack_sequences(texts, tokenizer, config.seq_len, config.max_tokens)
+    pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
+    tokens_since_checkpoint = 0
+    progress = tqdm(total=config.max_tokens // state.num_processes, unit="tok", desc="calibrate", disable=not state.is_local_main_process)
+    progress.update(int(accumulator.token_count[0]))
+    with torch.no_grad():
+        for index, batch in enumerate(_batches(sequences, config.batch_size, state.process_index, state.num_processes)):
+            if index < batches_done:
+                continue
+            input_ids, attention_mask = _to_tensors(batch, pad_id, device)
+            recorder.set_token_mask(attention_mask)
+            model.base_model(input_ids=input_ids, attention_mask=attention_mask, cache=recorder, use_cache=True)
+            if bad := accumulator.nonfinite_layers():
+                raise FloatingPointError(f"NaN/inf in the keys or values of layer(s) {bad} at batch {index}: the model overflows in {config.dtype}; try --dtype float32")
+            batch_tokens = int(attention_mask.sum())
+            tokens_since_checkpoint += batch_tokens
+            progress.update(batch_tokens)
+            if tokens_since_checkpoint >= config.checkpoint_every:
+                _save_checkpoint(out, state.process_index, accumulator, index + 1, run)
+                tokens_since_checkpoint = 0
+                if on_checkpoint is not None:
+                    on_checkpoint(index + 1)
+    progress.close()
+    if state.num_processes > 1:
+        accumulator.all_reduce()
+    total_tokens = int(accumulator.token_count[0])
+    if total_tokens < config.seq_len:
+        raise ValueError(f"{config.dataset} gave {total_tokens} tokens, fewer than one sequence (--seq-len {config.seq_len}): add data or lower --seq-len")
+    if state.is_main_process:
+        metadata = _metadata(config, identity, total_tokens, state.num_processes, find_rotary_embedding(model) is not None)
+        artifact.save_calibration(artifact.decompose(accumulator.grams, accumulator.token_count, geometry, metadata), out)
+        shutil.rmtree(out / CHECKPOINT_DIR, ignore_errors=True)
+        logger.info("wrote %s (%d tokens, %d layers, D=%d)", out, total_tokens, geometry.num_layers, geometry.width)
+    state.wait_for_everyone()
+    return out
+
+
+def _metadata(config: CalibrationConfig, identity: dict[str, Any], tokens: int, world_size: int, has_rope: bool) -> dict[str, Any]:
+    import accelerate
+    import transformers
+
+    return {
+        "model": {**identity, "has_rope": has_rope},
+        "dataset": {"spec": config.dataset, "split": config.split, "text_field": config.text_field, "prompt_format": config.prompt_format},
+        "tokens": tokens,
+        "seq_len": config.seq_len,
+        "batch_size": config.batch_size,
+        "processes": world_size,
+        "model_dtype": config.dtype,
+        "gram_dtype": "float64",
+        "versions": {"torch": torch.__version__, "transformers": transformers.__version__, "accelerate": accelerate.__version__, "kvcore_eval": _version()},
+    }
+
+
+def _version() -> str:
+    from kvcore_eval import __version__
+
+    return __version__

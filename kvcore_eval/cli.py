@@ -1,0 +1,81 @@
+"""`kvcore-eval` command line: a view of the config dataclasses, one subcommand per step of the flow."""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import logging
+import sys
+import types
+import typing
+from collections.abc import Sequence
+
+
+def _field_type(field: dataclasses.Field, hints: dict) -> type:
+    """The concrete type of a dataclass field (`int | None` -> int)."""
+    hint = hints[field.name]
+    if isinstance(hint, types.UnionType) or typing.get_origin(hint) is typing.Union:
+        hint = next(arg for arg in typing.get_args(hint) if arg is not type(None))
+    return hint
+
+
+def add_dataclass_arguments(parser: argparse.ArgumentParser, config_class: type) -> None:
+    """One --flag per field; required fields have no default; bools are switches; help is the field's help."""
+    hints = typing.get_type_hints(config_class)
+    for field in dataclasses.fields(config_class):
+        flag = "--" + field.name.replace("_", "-")
+        help_text = field.metadata.get("help", "")
+        kind = _field_type(field, hints)
+        required = field.default is dataclasses.MISSING and field.default_factory is dataclasses.MISSING
+        if kind is bool:
+            parser.add_argument(flag, dest=field.name, action="store_true", help=help_text)
+        else:
+            default = None if required else field.default
+            parser.add_argument(flag, dest=field.name, type=kind, required=required, default=default,
+                                help=help_text + ("" if required else f" (default: {default})"))
+
+
+def config_from_args(config_class: type, args: argparse.Namespace):
+    return config_class(**{f.name: getattr(args, f.name) for f in dataclasses.fields(config_class)})
+
+
+def _calibrate(args: argparse.Namespace) -> None:
+    from kvcore_eval.calibrate import calibrate
+    from kvcore_eval.config import CalibrationConfig
+
+    calibrate(config_from_args(CalibrationConfig, args))
+
+
+def _report(args: argparse.Namespace) -> None:
+    from kvcore_eval.report import write_report
+
+    for kind, path in write_report(args.artifact, args.out).items():
+        print(f"{kind}: {path}")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    from kvcore_eval.config import CalibrationConfig
+
+    parser = argparse.ArgumentParser(prog="kvcore-eval", description=__doc__)
+    parser.add_argument("--log-level", default="INFO", help="logging level (default: INFO)")
+    commands = parser.add_subparsers(dest="command", required=True)
+
+    calibrate = commands.add_parser("calibrate", help="accumulate per-layer K/V Grams over a dataset and write the artifact")
+    add_dataclass_arguments(calibrate, CalibrationConfig)
+    calibrate.set_defaults(run=_calibrate)
+
+    report = commands.add_parser("report", help="per-layer NER, effective rank and energy ranks of an artifact")
+    report.add_argument("artifact", help="artifact directory written by calibrate")
+    report.add_argument("--out", default=None, help="where to write report.md/.json/ner.png (default: the artifact directory)")
+    report.set_defaults(run=_report)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> None:
+    args = build_parser().parse_args(argv)
+    logging.basicConfig(level=args.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    try:
+        args.run(args)
+    except (ValueError, OSError, KeyError, FloatingPointError) as err:
+        logging.getLogger("kvcore_eval").error("%s", err)
+        sys.exit(2)

@@ -1,0 +1,158 @@
+"""Data sources: one registry for calibration (`--dataset kvcore:alpaca`) and for the lm-eval tasks.
+
+A source names a public Hugging Face dataset and a prompt format; each record becomes (prompt, response).
+Any source can be read from a local JSON/JSONL file instead: `<data_dir>/<source>.jsonl`, where data_dir
+comes from lm-eval's `--metadata '{"data_dir": ...}'` or the `KVCORE_DATA_DIR` environment variable.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from collections.abc import Iterable, Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+logger = logging.getLogger(__name__)
+
+DATA_DIR_ENV = "KVCORE_DATA_DIR"
+LOCAL_SUFFIXES = (".jsonl", ".json", ".txt", ".parquet", ".csv")
+
+
+@dataclass(frozen=True)
+class DataSource:
+    """A public dataset, the split read, and how a record becomes (prompt, response)."""
+
+    name: str
+    hub_id: str
+    split: str
+    prompt_format: str
+    description: str
+    data_dir: str | None = None  # sub-folder of the hub repository, where the data is not at its root
+
+
+SOURCES: dict[str, DataSource] = {
+    source.name: source
+    for source in (
+        DataSource("alpaca", "tatsu-lab/alpaca", "train", "alpaca", "Stanford Alpaca, 52K general instructions"),
+        DataSource("medalpaca", "medalpaca/medical_meadow_medical_flashcards", "train", "alpaca", "MedAlpaca medical flashcards, 34K Q/A"),
+        DataSource("codealpaca", "sahil2801/CodeAlpaca-20k", "train", "alpaca", "CodeAlpaca-20k code instructions"),
+        DataSource("wizardcoder", "nickrosh/Evol-Instruct-Code-80k-v1", "train", "alpaca", "Evol-Instruct code data (WizardCoder's recipe)"),
+        DataSource("functioncall", "glaiveai/glaive-function-calling-v2", "train", "functioncall", "Glaive function-calling conversations"),
+        DataSource("visr", "puar-playground/VisR-Bench", "train", "question", "VisR-Bench multilingual questions (text only)", data_dir="Multilingual"),
+    )
+}
+
+# VisR-Bench question languages: code -> name as the records spell it.
+VISR_LANGUAGES: dict[str, str] = {
+    "en": "English", "de": "German", "it": "Italian", "sv": "Swedish", "es": "Spanish", "ja": "Japanese",
+    "ar": "Arabic", "fr": "French", "nl": "Dutch", "pt": "Portuguese", "fi": "Finnish", "da": "Danish",
+    "cs": "Czech", "hu": "Hungarian", "sl": "Slovenian", "hr": "Croatian",
+}
+
+_ALPACA_HEADER = "Below is an instruction that describes a task. Write a response that appropriately completes the request.\n\n"
+
+
+def _require(record: dict[str, Any], field: str, origin: str) -> str:
+    if field not in record:
+        raise KeyError(f"{origin}: record has no field {field!r} (fields: {', '.join(sorted(record))})")
+    return str(record[field] or "")
+
+
+def format_record(record: dict[str, Any], prompt_format: str, origin: str = "dataset") -> tuple[str, str]:
+    """(prompt, response) of one record in the named format."""
+    if prompt_format == "alpaca":
+        instruction, response = _require(record, "instruction", origin), _require(record, "output", origin)
+        extra = str(record.get("input") or "")
+        body = f"### Instruction:\n{instruction}\n\n" + (f"### Input:\n{extra}\n\n" if extra else "")
+        return f"{_ALPACA_HEADER}{body}### Response:\n", response
+    if prompt_format == "functioncall":
+        return _require(record, "system", origin).strip() + "\n\n", _require(record, "chat", origin).strip()
+    if prompt_format == "question":
+        return "", _require(record, "question", origin)
+    if prompt_format.startswith("field:"):
+        return "", _require(record, prompt_format.removeprefix("field:"), origin)
+    raise ValueError(f"unknown prompt format {prompt_format!r}: use alpaca, functioncall, question or field:NAME")
+
+
+def resolve_source(name: str) -> DataSource:
+    if name not in SOURCES:
+        raise ValueError(f"unknown data source {name!r}; known: {', '.join(sorted(SOURCES))}")
+    return SOURCES[name]
+
+
+def _local_file(path: Path) -> Path | None:
+    if path.is_file():
+        return path
+    for suffix in LOCAL_SUFFIXES:
+        if path.with_suffix(suffix).is_file():
+            return path.with_suffix(suffix)
+    return None
+
+
+def load_records(path_or_id: str, split: str = "train", data_dir: str | None = None, streaming: bool = False) -> Iterable[dict[str, Any]]:
+    """Records of a local file (.jsonl/.json/.txt/.parquet/.csv) or of a hub dataset, through `datasets`."""
+    import datasets
+
+    local = Path(path_or_id)
+    if local.suffix in LOCAL_SUFFIXES:
+        if not local.is_file():
+            raise FileNotFoundError(f"dataset file {local} does not exist")
+        builder = {".jsonl": "json", ".json": "json", ".txt": "text", ".parquet": "parquet", ".csv": "csv"}[local.suffix]
+        return datasets.load_dataset(builder, data_files=str(local), split="train", streaming=streaming)
+    try:
+        return datasets.load_dataset(path_or_id, data_dir=data_dir, split=split, streaming=streaming)
+    except ConnectionError as err:
+        raise ConnectionError(
+            f"could not reach the Hugging Face hub for {path_or_id!r} ({err}); pass a local .jsonl file, or set "
+            f"{DATA_DIR_ENV} to a folder holding <source>.jsonl files"
+        ) from err
+
+
+def source_records(source: DataSource, data_dir: str | os.PathLike | None = None, streaming: bool = False) -> Iterable[dict[str, Any]]:
+    """Records of a registered source: `<data_dir>/<name>.jsonl` when that file exists, else the hub."""
+    data_dir = data_dir or os.environ.get(DATA_DIR_ENV)
+    if data_dir:
+        local = _local_file(Path(data_dir) / source.name)
+        if local is None:
+            raise FileNotFoundError(
+                f"data_dir {data_dir} has no {source.name}.jsonl (or .json/.parquet/.csv); add it, or unset "
+                f"data_dir/{DATA_DIR_ENV} to read {source.hub_id} from the hub"
+            )
+        logger.info("reading %s from %s", source.name, local)
+        return load_records(str(local), streaming=streaming)
+    return load_records(source.hub_id, source.split, source.data_dir, streaming=streaming)
+
+
+def iter_texts(dataset: str, split: str = "train", prompt_format: str | None = None, text_field: str | None = None) -> Iterator[str]:
+    """Texts for calibration from `kvcore:<source>`, a local file or a hub id; each is prompt + response."""
+    if dataset.startswith("kvcore:"):
+        source = resolve_source(dataset.removeprefix("kvcore:"))
+        records, origin = source_records(source, streaming=True), f"{source.name} ({source.hub_id})"
+        prompt_format = prompt_format or (f"field:{text_field}" if text_field else source.prompt_format)
+    else:
+        records, origin = load_records(dataset, split, streaming=True), dataset
+        prompt_format = prompt_format or f"field:{text_field or 'text'}"
+    for record in records:
+        prompt, response = format_record(record, prompt_format, origin)
+        yield prompt + response
+
+
+def pack_sequences(texts: Iterable[str], tokenizer, seq_len: int, max_tokens: int) -> Iterator[list[int]]:
+    """Tokenize texts, join them with EOS, and cut the stream into sequences of `seq_len` tokens.
+
+    Stops after `max_tokens` tokens; the last sequence may be shorter (it is never padded)."""
+    separator = [tokenizer.eos_token_id] if tokenizer.eos_token_id is not None else []
+    buffer: list[int] = []
+    emitted = 0
+    for text in texts:
+        buffer.extend(tokenizer(text, add_special_tokens=False)["input_ids"] + separator)
+        while len(buffer) >= seq_len and emitted + seq_len <= max_tokens:
+            yield buffer[:seq_len]
+            buffer, emitted = buffer[seq_len:], emitted + seq_len
+        if emitted + seq_len > max_tokens:
+            break
+    tail = buffer[: max(0, min(len(buffer), max_tokens - emitted, seq_len))]
+    if tail:
+        yield tail

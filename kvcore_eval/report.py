@@ -1,0 +1,117 @@
+"""`kvcore-eval report`: per-layer NER, effective rank and energy ranks of an artifact, as markdown, JSON and PNG."""
+
+from __future__ import annotations
+
+import json
+import logging
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import numpy as np
+
+from kvcore_eval import metrics
+from kvcore_eval.artifact import Calibration, load_calibration
+from kvcore_eval.gram import SPACES
+
+logger = logging.getLogger(__name__)
+
+ENERGY_FRACTIONS = (0.90, 0.95, 0.99)
+
+
+@dataclass
+class SpaceStats:
+    """Compressibility of one layer in one space (key_pre_rope, key_post_rope or value)."""
+
+    ner: float
+    effective_rank: float
+    rank_90: int
+    rank_95: int
+    rank_99: int
+    head_ner_mean: float  # mean NER of the per-head spectra (head granularity)
+
+
+def space_stats(eigenvalues: np.ndarray, head_eigenvalues: np.ndarray) -> SpaceStats:
+    """eigenvalues: (D,); head_eigenvalues: (kv_heads, head_dim)."""
+    singular = metrics.singular_values(eigenvalues)
+    ranks = [metrics.energy_rank(eigenvalues, f) for f in ENERGY_FRACTIONS]
+    head_ner = float(np.mean([metrics.normalized_effective_rank(metrics.singular_values(h)) for h in head_eigenvalues]))
+    return SpaceStats(metrics.normalized_effective_rank(singular), metrics.effective_rank(singular), *ranks, head_ner)
+
+
+def layer_table(calibration: Calibration) -> list[dict[str, SpaceStats]]:
+    """One dict per layer: space -> SpaceStats."""
+    return [
+        {
+            space: space_stats(calibration.eigenvalues[space][layer].numpy(), calibration.head_eigenvalues[space][layer].numpy())
+            for space in SPACES
+        }
+        for layer in range(calibration.geometry.num_layers)
+    ]
+
+
+def mean_ner(calibration: Calibration, space: str) -> float:
+    """NER averaged over layers: the paper's per-model, per-dataset number."""
+    return float(np.mean([stats[space].ner for stats in layer_table(calibration)]))
+
+
+def to_markdown(calibration: Calibration, table: list[dict[str, SpaceStats]]) -> str:
+    meta = calibration.metadata
+    width = calibration.geometry.width
+    lines = [
+        f"# KV-CoRE report: {meta['model']['model_id']} on {meta['dataset']['spec']}",
+        "",
+        f"{meta['tokens']} tokens, {len(table)} layers, D = {width} (kv_heads x head_dim = "
+        f"{calibration.geometry.kv_heads} x {calibration.geometry.head_dim}).",
+        "",
+        "| layer | NER K pre-RoPE | NER K post-RoPE | NER V | erank K pre | erank V | K pre r90/95/99 | V r90/95/99 |",
+        "|---:|---:|---:|---:|---:|---:|---:|---:|",
+    ]
+    for layer, stats in enumerate(table):
+        k, kp, v = stats["key_pre_rope"], stats["key_post_rope"], stats["value"]
+        lines.append(
+            f"| {layer} | {k.ner:.3f} | {kp.ner:.3f} | {v.ner:.3f} | {k.effective_rank:.1f} | {v.effective_rank:.1f} "
+            f"| {k.rank_90}/{k.rank_95}/{k.rank_99} | {v.rank_90}/{v.rank_95}/{v.rank_99} |"
+        )
+    means = {space: np.mean([s[space].ner for s in table]) for space in SPACES}
+    lines.append(f"| **mean** | **{means['key_pre_rope']:.3f}** | **{means['key_post_rope']:.3f}** | **{means['value']:.3f}** | | | | |")
+    return "\n".join(lines) + "\n"
+
+
+def plot_ner(table: list[dict[str, SpaceStats]], title: str, path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    layers = np.arange(len(table))
+    fig, ax = plt.subplots(figsize=(7, 3.6), dpi=120)
+    styles = {"key_pre_rope": ("K (pre-RoPE)", "tab:blue", "-"), "key_post_rope": ("K (post-RoPE)", "tab:blue", ":"), "value": ("V", "tab:orange", "-")}
+    for space, (label, color, line) in styles.items():
+        ax.plot(layers, [s[space].ner for s in table], line, marker="o", ms=3, color=color, label=label)
+    ax.set(xlabel="layer", ylabel="normalized effective rank", ylim=(0, 1.02), title=title)
+    ax.grid(alpha=0.3)
+    ax.legend(frameon=False)
+    fig.tight_layout()
+    fig.savefig(path)
+    plt.close(fig)
+
+
+def write_report(artifact_dir: str | Path, out_dir: str | Path | None = None) -> dict[str, Path]:
+    """Write report.md, report.json and ner.png (default: into the artifact directory). Returns their paths."""
+    calibration = load_calibration(artifact_dir)
+    out = Path(out_dir or artifact_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    table = layer_table(calibration)
+    paths = {"markdown": out / "report.md", "json": out / "report.json", "plot": out / "ner.png"}
+    paths["markdown"].write_text(to_markdown(calibration, table))
+    summary = {
+        "model": calibration.metadata["model"]["model_id"],
+        "dataset": calibration.metadata["dataset"]["spec"],
+        "tokens": calibration.metadata["tokens"],
+        "mean_ner": {space: float(np.mean([s[space].ner for s in table])) for space in SPACES},
+        "layers": [{space: asdict(stats[space]) for space in SPACES} for stats in table],
+    }
+    paths["json"].write_text(json.dumps(summary, indent=2) + "\n")
+    plot_ner(table, f"{summary['model']} on {summary['dataset']}", paths["plot"])
+    logger.info("report written to %s", out)
+    return paths

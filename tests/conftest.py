@@ -1,0 +1,81 @@
+"""Session fixtures: tiny models of each supported family, built from configs once, saved with the shipped
+byte-level tokenizer, plus the shipped example data."""
+
+from __future__ import annotations
+
+import shutil
+from pathlib import Path
+
+import pytest
+import torch
+
+REPO = Path(__file__).resolve().parents[1]
+EXAMPLE_MODEL = REPO / "examples" / "tiny-llama"
+EXAMPLE_DATA = REPO / "examples" / "data"
+VOCAB = 259  # the shipped byte-level tokenizer: 256 bytes + pad/bos/eos
+
+_COMMON = dict(vocab_size=VOCAB, hidden_size=64, intermediate_size=96, num_hidden_layers=2, num_attention_heads=4,
+               max_position_embeddings=512, pad_token_id=0, bos_token_id=1, eos_token_id=2)
+
+
+def family_configs() -> dict:
+    """Configs of tiny models, one per family transformers ships; GQA wherever the family has it."""
+    from transformers import (Gemma3TextConfig, GemmaConfig, GPT2Config, LlamaConfig, MistralConfig, Phi3Config,
+                              Qwen2Config, Qwen3Config)
+
+    return {
+        "llama": LlamaConfig(**_COMMON, num_key_value_heads=2, head_dim=16),
+        "mistral": MistralConfig(**_COMMON, num_key_value_heads=2, head_dim=16, sliding_window=None),
+        "qwen2": Qwen2Config(**_COMMON, num_key_value_heads=2),
+        "qwen3": Qwen3Config(**_COMMON, num_key_value_heads=2, head_dim=16),
+        "gemma": GemmaConfig(**_COMMON, num_key_value_heads=1, head_dim=16),
+        "phi3": Phi3Config(**_COMMON, num_key_value_heads=2),
+        "gpt2": GPT2Config(vocab_size=VOCAB, n_embd=64, n_layer=2, n_head=4, n_positions=512, bos_token_id=1, eos_token_id=2),
+    }
+
+
+FAMILIES = list(family_configs())
+
+
+def build_model(config, seed: int = 0):
+    from transformers import AutoModelForCausalLM
+
+    torch.manual_seed(seed)
+    model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
+    with torch.no_grad():  # larger than default init, so that the attention pattern is far from uniform
+        for name, param in model.named_parameters():
+            if param.ndim == 2 and "embed" not in name and "wte" not in name:
+                param.mul_(3.0)
+    return model.eval()
+
+
+@pytest.fixture(scope="session")
+def family_dirs(tmp_path_factory) -> dict[str, Path]:
+    """family -> directory holding a saved tiny model and the byte-level tokenizer."""
+    root = tmp_path_factory.mktemp("models")
+    dirs = {}
+    for family, config in family_configs().items():
+        path = root / family
+        build_model(config).save_pretrained(path)
+        for name in ("tokenizer.json", "tokenizer_config.json"):
+            shutil.copy(EXAMPLE_MODEL / name, path / name)
+        dirs[family] = path
+    return dirs
+
+
+@pytest.fixture(scope="session")
+def family_models(family_dirs) -> dict:
+    from transformers import AutoModelForCausalLM
+
+    return {family: AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32).eval() for family, path in family_dirs.items()}
+
+
+@pytest.fixture(scope="session")
+def llama_dir(family_dirs) -> Path:
+    return family_dirs["llama"]
+
+
+@pytest.fixture
+def token_batch() -> torch.Tensor:
+    generator = torch.Generator().manual_seed(1)
+    return torch.randint(3, VOCAB, (3, 24), generator=generator)
