@@ -156,3 +156,31 @@ def pack_sequences(texts: Iterable[str], tokenizer, seq_len: int, max_tokens: in
     tail = buffer[: max(0, min(len(buffer), max_tokens - emitted, seq_len))]
     if tail:
         yield tail
+
+
+def _language_matches(record_language: str, language: str) -> bool:
+    wanted = {language.lower(), VISR_LANGUAGES[language].lower()}
+    return str(record_language).strip().lower() in wanted
+
+
+def task_dataset(source_name: str, language: str | None = None, data_dir: str | None = None,
+                 num_samples: int | None = None, seed: int = 1234):
+    """A `datasets.Dataset` of {prompt, response} for an lm-eval task; a seeded subset when num_samples is set."""
+    import datasets
+
+    source = resolve_source(source_name)
+    if language is not None and language not in VISR_LANGUAGES:
+        raise ValueError(f"unknown language {language!r}; VisR-Bench languages: {', '.join(sorted(VISR_LANGUAGES))}")
+    origin = str(Path(data_dir or os.environ.get(DATA_DIR_ENV, "")) / source.name) if (data_dir or os.environ.get(DATA_DIR_ENV)) else source.hub_id
+    rows = []
+    for record in source_records(source, data_dir=data_dir):
+        if language is not None and not _language_matches(_require(record, "language", origin), language):
+            continue
+        prompt, response = format_record(record, source.prompt_format, origin)
+        rows.append({"prompt": prompt, "response": response})
+    if not rows:
+        raise ValueError(f"{origin} has no records" + (f" in language {language!r}" if language else ""))
+    dataset = datasets.Dataset.from_list(rows)
+    if num_samples is not None and num_samples < len(dataset):
+        dataset = dataset.shuffle(seed=seed).select(range(num_samples))
+    return dataset

@@ -79,3 +79,22 @@ def llama_dir(family_dirs) -> Path:
 def token_batch() -> torch.Tensor:
     generator = torch.Generator().manual_seed(1)
     return torch.randint(3, VOCAB, (3, 24), generator=generator)
+
+
+def calibrate_in_memory(model, input_ids: torch.Tensor):
+    """A Calibration of `model` on `input_ids`, without touching disk."""
+    from kvcore_eval.artifact import decompose
+    from kvcore_eval.gram import GramAccumulator, GramRecorder
+    from kvcore_eval.models import kv_geometry
+    from kvcore_eval.rope import find_rotary_embedding
+
+    geometry = kv_geometry(model.config)
+    accumulator = GramAccumulator(geometry)
+    with torch.no_grad():
+        model.base_model(input_ids=input_ids, cache=GramRecorder(accumulator, find_rotary_embedding(model)), use_cache=True)
+    return decompose(accumulator.grams, accumulator.token_count, geometry, {"model": {"geometry": geometry.to_dict()}})
+
+
+@pytest.fixture(scope="session")
+def calibration_tokens() -> torch.Tensor:
+    return torch.randint(3, VOCAB, (4, 64), generator=torch.Generator().manual_seed(7))

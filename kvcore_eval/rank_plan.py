@@ -1,0 +1,147 @@
+"""Rank plans: how many dimensions each layer's cached keys and values keep.
+
+A rank is given as an int (dimensions kept), a float in (0, 1] (a fraction of the width), a per-layer
+list (`[8, 16]` in Python, `8:16` in lm-eval model_args, where commas separate arguments), or a
+`rank_budget`: a fraction of the truncated cache's memory that the calibration distributes over layers.
+Width is D = kv_heads·head_dim for granularity=layer, head_dim (the rank of every head) for granularity=head.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+
+from kvcore_eval.gram import KEY_SPACES
+
+RankSpec = int | float | str | list[int] | None
+
+
+@dataclass
+class TruncationConfig:
+    """The kvcore_hf model_args beyond lm-eval's `hf` ones, validated before any weights load."""
+
+    calibration: str = field(metadata={"help": "artifact directory written by `kvcore-eval calibrate`"})
+    key_rank: RankSpec = field(default=None, metadata={"help": "int, fraction of the width, or per-layer list a:b:c"})
+    value_rank: RankSpec = field(default=None, metadata={"help": "int, fraction of the width, or per-layer list a:b:c"})
+    rank_budget: float | None = field(default=None, metadata={"help": "fraction of the truncated cache memory kept, spread over layers by the calibration"})
+    budget_method: str = field(default="energy", metadata={"help": "energy: keep the largest normalized eigenvalues across layers; ner: ranks proportional to NER"})
+    key_space: str = field(default="pre_rope", metadata={"help": "pre_rope (the paper's K = X·W_k) or post_rope (the cached keys)"})
+    granularity: str = field(default="layer", metadata={"help": "layer: one basis over all KV heads; head: one basis per head"})
+    truncate: str = field(default="both", metadata={"help": "keys, values or both"})
+    allow_mismatch: bool = field(default=False, metadata={"help": "use an artifact calibrated on another model or revision (loud warning)"})
+
+    def __post_init__(self) -> None:
+        if self.key_space not in KEY_SPACES:
+            raise ValueError(f"key_space={self.key_space!r}: use pre_rope or post_rope")
+        if self.granularity not in ("layer", "head"):
+            raise ValueError(f"granularity={self.granularity!r}: use layer or head")
+        if self.truncate not in ("keys", "values", "both"):
+            raise ValueError(f"truncate={self.truncate!r}: use keys, values or both")
+        if self.budget_method not in ("energy", "ner"):
+            raise ValueError(f"budget_method={self.budget_method!r}: use energy or ner")
+        given = [name for name in ("key_rank", "value_rank") if getattr(self, name) is not None]
+        if self.rank_budget is not None:
+            if given:
+                raise ValueError(f"rank_budget and {given[0]} both given: a budget sets every rank, pass one or the other")
+            if not 0 < float(self.rank_budget) <= 1:
+                raise ValueError(f"rank_budget={self.rank_budget} must be a fraction in (0, 1]")
+            if self.granularity != "layer":
+                raise ValueError("rank_budget is planned over layer spectra: use granularity=layer, or give key_rank/value_rank")
+        elif not given:
+            raise ValueError("no truncation asked for: pass key_rank=, value_rank= (e.g. 0.25) or rank_budget=")
+
+    @property
+    def truncates_keys(self) -> bool:
+        return self.truncate in ("keys", "both")
+
+    @property
+    def truncates_values(self) -> bool:
+        return self.truncate in ("values", "both")
+
+
+@dataclass(frozen=True)
+class RankPlan:
+    """Ranks per layer (None: that kind is stored in full), against `width` dimensions per basis."""
+
+    key_rank_per_layer: list[int] | None
+    value_rank_per_layer: list[int] | None
+    width: int  # D for granularity=layer, head_dim for granularity=head
+    granularity: str
+    key_space: str
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"key_rank_per_layer": self.key_rank_per_layer, "value_rank_per_layer": self.value_rank_per_layer,
+                "width": self.width, "granularity": self.granularity, "key_space": self.key_space}
+
+
+def parse_rank(spec: RankSpec, width: int, num_layers: int, name: str) -> list[int]:
+    """Per-layer ranks from an int, a fraction, a per-layer list, or their string forms."""
+    if isinstance(spec, str):
+        parts = spec.replace(",", ":").replace(" ", ":").strip("[]:").split(":")
+        spec = [int(p) for p in parts if p] if len(parts) > 1 else (float(spec) if "." in spec else int(spec))
+    if isinstance(spec, bool):
+        raise ValueError(f"{name}={spec} is not a rank")
+    if isinstance(spec, float):
+        if not 0 < spec <= 1:
+            raise ValueError(f"{name}={spec}: a fractional rank must be in (0, 1]; give an int for a number of dimensions")
+        ranks = [max(1, round(spec * width))] * num_layers
+    elif isinstance(spec, int):
+        ranks = [spec] * num_layers
+    else:
+        ranks = [int(r) for r in spec]
+        if len(ranks) != num_layers:
+            raise ValueError(f"{name} lists {len(ranks)} ranks but the model has {num_layers} layers: give one per layer")
+    for layer, rank in enumerate(ranks):
+        if not 0 < rank <= width:
+            raise ValueError(f"{name}={rank} at layer {layer} is outside 1..{width} (the width for this granularity): "
+                             f"use at most {width}, or a fraction such as 0.25")
+    return ranks
+
+
+def budget_ranks(eigenvalues: list[np.ndarray], budget: float, method: str, ner: list[float] | None = None) -> list[int]:
+    """Split a budget of round(budget·Σ widths) dimensions over the given spectra (one per layer and kind).
+
+    energy: keep the largest trace-normalized eigenvalues across all spectra, which minimizes the sum of the
+    layers' relative reconstruction errors Σ_l Σ_{i>r_l} λ_li / tr_l. ner: ranks proportional to NER."""
+    widths = [len(values) for values in eigenvalues]
+    total = max(len(widths), round(budget * sum(widths)))
+    if method == "ner":
+        weights = np.asarray(ner, dtype=np.float64) * np.asarray(widths)
+        ranks = np.clip(np.round(weights / weights.sum() * total), 1, widths).astype(int)
+        return ranks.tolist()
+    normalized = [np.clip(values, 0, None) / max(values.sum(), 1e-300) for values in eigenvalues]
+    owners = np.concatenate([np.full(len(values), index) for index, values in enumerate(normalized)])
+    order = np.argsort(-np.concatenate(normalized), kind="stable")
+    ranks = np.ones(len(widths), dtype=int)  # every spectrum keeps its first direction
+    remaining = total - len(widths)
+    firsts = {int(np.flatnonzero(owners == index)[0]) for index in range(len(widths))}
+    for position in order:
+        if remaining <= 0:
+            break
+        if int(position) in firsts:
+            continue
+        ranks[owners[position]] += 1
+        remaining -= 1
+    return ranks.tolist()
+
+
+def make_plan(config: TruncationConfig, calibration) -> RankPlan:
+    """The per-layer ranks a `TruncationConfig` asks for, against a loaded `Calibration`."""
+    from kvcore_eval import metrics
+
+    geometry = calibration.geometry
+    width = geometry.width if config.granularity == "layer" else geometry.head_dim
+    key_space = KEY_SPACES[config.key_space]
+    layers = range(geometry.num_layers)
+    if config.rank_budget is None:
+        key = parse_rank(config.key_rank, width, geometry.num_layers, "key_rank") if config.truncates_keys and config.key_rank is not None else None
+        value = parse_rank(config.value_rank, width, geometry.num_layers, "value_rank") if config.truncates_values and config.value_rank is not None else None
+        return RankPlan(key, value, width, config.granularity, config.key_space)
+    spaces = ([key_space] if config.truncates_keys else []) + (["value"] if config.truncates_values else [])
+    spectra = [calibration.eigenvalues[space][layer].numpy() for space in spaces for layer in layers]
+    ner = [metrics.normalized_effective_rank(metrics.singular_values(values)) for values in spectra]
+    ranks = budget_ranks(spectra, float(config.rank_budget), config.budget_method, ner)
+    per_space = {space: ranks[i * geometry.num_layers:(i + 1) * geometry.num_layers] for i, space in enumerate(spaces)}
+    return RankPlan(per_space.get(key_space), per_space.get("value"), width, config.granularity, config.key_space)

@@ -1,0 +1,44 @@
+import numpy as np
+import pytest
+
+from kvcore_eval.rank_plan import TruncationConfig, budget_ranks, parse_rank
+
+
+def test_parse_rank_forms():
+    assert parse_rank(0.25, 32, 3, "key_rank") == [8, 8, 8]
+    assert parse_rank(5, 32, 2, "key_rank") == [5, 5]
+    assert parse_rank("8:16:4", 32, 3, "key_rank") == [8, 16, 4]
+    assert parse_rank([1, 32], 32, 2, "key_rank") == [1, 32]
+    assert parse_rank("0.5", 16, 1, "value_rank") == [8]
+
+
+@pytest.mark.parametrize("spec,message", [
+    (40, "outside 1..32"), (0, "outside 1..32"), (-3, "outside 1..32"), (1.5, "fraction"), ("8:8", "lists 2 ranks but the model has 3 layers"),
+])
+def test_bad_ranks_name_the_fix(spec, message):
+    with pytest.raises(ValueError, match=message):
+        parse_rank(spec, 32, 3, "key_rank")
+
+
+def test_energy_budget_keeps_the_largest_normalized_eigenvalues():
+    steep = np.array([0.9, 0.05, 0.03, 0.02])  # compressible layer
+    flat = np.array([0.25, 0.25, 0.25, 0.25])  # incompressible layer
+    ranks = budget_ranks([steep, flat], budget=0.5, method="energy")
+    assert sum(ranks) == 4 and ranks[1] > ranks[0]
+    assert budget_ranks([steep, flat], budget=1.0, method="energy") == [4, 4]
+    assert min(budget_ranks([steep, flat], budget=0.01, method="energy")) == 1
+
+
+def test_ner_budget_is_proportional_to_ner():
+    ranks = budget_ranks([np.ones(8), np.ones(8)], budget=0.5, method="ner", ner=[0.2, 0.6])
+    assert ranks == [2, 6]
+
+
+@pytest.mark.parametrize("kwargs,message", [
+    ({}, "no truncation asked for"), ({"key_rank": 4, "rank_budget": 0.5}, "both given"),
+    ({"rank_budget": 1.5}, r"\(0, 1\]"), ({"key_rank": 4, "key_space": "rope"}, "pre_rope or post_rope"),
+    ({"key_rank": 4, "truncate": "all"}, "keys, values or both"), ({"rank_budget": 0.5, "granularity": "head"}, "granularity=layer"),
+])
+def test_truncation_config_validation(kwargs, message):
+    with pytest.raises(ValueError, match=message):
+        TruncationConfig(calibration="x", **kwargs)

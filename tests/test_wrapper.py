@@ -1,0 +1,112 @@
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+from lm_eval.api.instance import Instance
+from lm_eval.models.huggingface import HFLM
+
+from conftest import EXAMPLE_DATA
+from kvcore_eval.artifact import save_calibration
+from kvcore_eval.models import model_identity
+from kvcore_eval.wrapper import KVCoreHFLM
+from conftest import calibrate_in_memory
+
+
+@pytest.fixture(scope="module")
+def artifact_dir(llama_dir, family_models, calibration_tokens, tmp_path_factory):
+    model = family_models["llama"]
+    calibration = calibrate_in_memory(model, calibration_tokens)
+    calibration.metadata = {"model": {**model_identity(model, str(llama_dir), None), "has_rope": True},
+                            "dataset": {"spec": "random tokens"}, "tokens": calibration_tokens.numel()}
+    out = tmp_path_factory.mktemp("artifact")
+    save_calibration(calibration, out)
+    return out
+
+
+def requests(kind):
+    if kind == "loglikelihood":
+        args = [("The capital of Japan is", " Tokyo."), ("def square(x):", "\n    return x * x")]
+    elif kind == "loglikelihood_rolling":
+        args = [("Give three tips for staying healthy. Eat well, sleep, move.",), ("Il fait beau aujourd'hui.",)]
+    else:
+        args = [("Below is an instruction.", {"until": ["\n\n"], "max_gen_toks": 12, "do_sample": False})]
+    return [Instance(request_type=kind, doc={}, arguments=a, idx=i) for i, a in enumerate(args)]
+
+
+def run(lm, kind):
+    return getattr(lm, kind)(requests(kind))
+
+
+@pytest.fixture(scope="module")
+def baseline(llama_dir):
+    return HFLM(pretrained=str(llama_dir), batch_size=2, device="cpu")
+
+
+@pytest.mark.parametrize("kind", ["loglikelihood", "loglikelihood_rolling", "generate_until"])
+def test_full_rank_equals_lm_eval_hf(kind, llama_dir, artifact_dir, baseline):
+    full = KVCoreHFLM(pretrained=str(llama_dir), calibration=str(artifact_dir), key_rank=1.0, value_rank=32, batch_size=2, device="cpu")
+    got, expected = run(full, kind), run(baseline, kind)
+    if kind == "generate_until":
+        assert got == expected
+    else:
+        got_values = [r[0] if isinstance(r, tuple) else r for r in got]
+        expected_values = [r[0] if isinstance(r, tuple) else r for r in expected]
+        assert got_values == pytest.approx(expected_values, abs=1e-5)
+
+
+def test_low_rank_changes_scores_and_records_ranks(llama_dir, artifact_dir, baseline):
+    low = KVCoreHFLM(pretrained=str(llama_dir), calibration=str(artifact_dir), key_rank=4, value_rank="8:4", batch_size=2, device="cpu")
+    got = [r[0] for r in run(low, "loglikelihood")]
+    expected = [r[0] for r in run(baseline, "loglikelihood")]
+    assert all(abs(a - b) > 1e-3 for a, b in zip(got, expected))
+    info = low.get_model_info()["kvcore"]
+    assert info["rank_plan"]["key_rank_per_layer"] == [4, 4] and info["rank_plan"]["value_rank_per_layer"] == [8, 4]
+    assert info["cache_bytes_per_token"]["ratio"] < 0.5
+
+
+def test_rank_budget_turns_into_per_layer_ranks(llama_dir, artifact_dir):
+    lm = KVCoreHFLM(pretrained=str(llama_dir), calibration=str(artifact_dir), rank_budget=0.25, batch_size=1, device="cpu")
+    plan = lm.kvcore_plan
+    assert sum(plan.key_rank_per_layer) + sum(plan.value_rank_per_layer) == round(0.25 * 4 * 32)
+
+
+@pytest.mark.parametrize("kwargs,error,message", [
+    ({"key_rank": 64}, ValueError, "outside 1..32"),
+    ({"key_rank": 0}, ValueError, "outside 1..32"),
+    ({"key_rank": "4:4:4"}, ValueError, "lists 3 ranks"),
+    ({"key_rank": 4, "calibration": "/nowhere"}, FileNotFoundError, "kvcore-eval calibrate"),
+])
+def test_bad_input_fails_before_weights_load(kwargs, error, message, llama_dir, artifact_dir, monkeypatch):
+    def no_weights(*args, **kw):
+        raise AssertionError("weights loaded before the check")
+
+    monkeypatch.setattr(HFLM, "__init__", no_weights)
+    with pytest.raises(error, match=message):
+        KVCoreHFLM(pretrained=str(llama_dir), **{"calibration": str(artifact_dir), **kwargs})
+
+
+def test_artifact_from_another_model_is_refused_unless_allowed(family_dirs, artifact_dir):
+    mistral = str(family_dirs["mistral"])
+    with pytest.raises(ValueError, match="allow_mismatch=true"):
+        KVCoreHFLM(pretrained=mistral, calibration=str(artifact_dir), key_rank=4, device="cpu")
+    lm = KVCoreHFLM(pretrained=mistral, calibration=str(artifact_dir), key_rank=4, allow_mismatch=True, device="cpu")
+    assert lm.kvcore_plan.key_rank_per_layer == [4, 4]
+    with pytest.raises(ValueError, match="KV geometry"):
+        KVCoreHFLM(pretrained=str(family_dirs["gpt2"]), calibration=str(artifact_dir), key_rank=4, allow_mismatch=True, device="cpu")
+
+
+def test_plain_lm_eval_cli_runs_kvcore_hf_verbatim(llama_dir, artifact_dir, tmp_path):
+    """`lm_eval --model kvcore_hf ... --tasks kvcore_alpaca`, as a user types it after `pip install .`."""
+    command = ["lm_eval", "--model", "kvcore_hf", "--model_args", f"pretrained={llama_dir},calibration={artifact_dir},key_rank=0.25",
+               "--tasks", "kvcore_alpaca", "--output_path", str(tmp_path / "out"), "--device", "cpu"]
+    result = subprocess.run(command, capture_output=True, text=True, timeout=600, cwd=tmp_path,
+                            env={**os.environ, "KVCORE_DATA_DIR": str(EXAMPLE_DATA)})
+    assert result.returncode == 0, result.stderr[-3000:]
+    results_file = next((tmp_path / "out").rglob("results_*.json"))
+    results = json.loads(results_file.read_text())
+    assert results["results"]["kvcore_alpaca"]["word_perplexity,none"] > 1
+    assert results["config"]["kvcore"]["rank_plan"]["key_rank_per_layer"] == [8, 8]
+    assert results["n-samples"]["kvcore_alpaca"]["effective"] == 16
