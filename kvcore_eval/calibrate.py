@@ -131,7 +131,7 @@ def calibrate(config: CalibrationConfig, on_checkpoint: Callable[[int], None] | 
     accumulator = GramAccumulator(geometry, device)
     recorder = GramRecorder(accumulator, find_rotary_embedding(model))
     batches_done = _load_checkpoint(out, state.process_index, accumulator, run) if config.resume else 0
-    texts = data.iter_texts(config.dataset, config.split, config.prompt_format, config.text_field)
+    texts = data.iter_texts(config.dataset, config.split, config.prompt_format, config.text_field, config.data_dir)
     sequences = data.pack_sequences(texts, tokenizer, config.seq_len, config.max_tokens)
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
     tokens_since_checkpoint = 0

@@ -9,6 +9,7 @@ import sys
 import types
 import typing
 from collections.abc import Sequence
+from pathlib import Path
 
 
 def _field_type(field: dataclasses.Field, hints: dict) -> type:
@@ -53,8 +54,32 @@ def _report(args: argparse.Namespace) -> None:
         print(f"{kind}: {path}")
 
 
+def _eval(args: argparse.Namespace) -> None:
+    from kvcore_eval.config import EvalConfig
+    from kvcore_eval.evaluate import run_lm_eval
+
+    from lm_eval.utils import make_table
+
+    print(make_table(run_lm_eval(config_from_args(EvalConfig, args))))
+
+
+def _sweep(args: argparse.Namespace) -> None:
+    from kvcore_eval.config import SweepConfig
+    from kvcore_eval.sweep import run_sweep
+
+    config = config_from_args(SweepConfig, args)
+    run_sweep(config)
+    print((Path(config.out) / "sweep.md").read_text())
+
+
+def _compare(args: argparse.Namespace) -> None:
+    from kvcore_eval.compare import compare, to_markdown
+
+    print(to_markdown(compare(args.a, args.b), Path(args.a).name, Path(args.b).name))
+
+
 def build_parser() -> argparse.ArgumentParser:
-    from kvcore_eval.config import CalibrationConfig
+    from kvcore_eval.config import CalibrationConfig, EvalConfig, SweepConfig
 
     parser = argparse.ArgumentParser(prog="kvcore-eval", description=__doc__)
     parser.add_argument("--log-level", default="INFO", help="logging level (default: INFO)")
@@ -68,6 +93,19 @@ def build_parser() -> argparse.ArgumentParser:
     report.add_argument("artifact", help="artifact directory written by calibrate")
     report.add_argument("--out", default=None, help="where to write report.md/.json/ner.png (default: the artifact directory)")
     report.set_defaults(run=_report)
+
+    evaluate = commands.add_parser("eval", help="one lm-eval run with kvcore_hf (or the hf baseline without --calibration)")
+    add_dataclass_arguments(evaluate, EvalConfig)
+    evaluate.set_defaults(run=_eval)
+
+    sweep = commands.add_parser("sweep", help="ND-PPL per task over ranks, NER per task, and their correlation")
+    add_dataclass_arguments(sweep, SweepConfig)
+    sweep.set_defaults(run=_sweep)
+
+    comparison = commands.add_parser("compare", help="two lm-eval results files side by side")
+    comparison.add_argument("a", help="lm-eval results JSON")
+    comparison.add_argument("b", help="lm-eval results JSON of the same tasks")
+    comparison.set_defaults(run=_compare)
     return parser
 
 

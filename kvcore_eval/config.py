@@ -19,6 +19,7 @@ class CalibrationConfig:
     out: str = field(metadata={"help": "output directory of the artifact (basis.safetensors + kvcore.json)"})
     revision: str | None = field(default=None, metadata={"help": "model revision (branch, tag or commit) on the hub"})
     split: str = field(default="train", metadata={"help": "dataset split (hub datasets)"})
+    data_dir: str | None = field(default=None, metadata={"help": "folder of <source>.jsonl files read instead of the hub for kvcore:<source>"})
     text_field: str | None = field(default=None, metadata={"help": "record field holding the text (default: text, or the source's prompt format)"})
     prompt_format: str | None = field(default=None, metadata={"help": "alpaca | functioncall | question | field:NAME (default: the source's)"})
     max_tokens: int = field(default=200_000, metadata={"help": "stop after this many tokens (over all processes)"})
@@ -40,3 +41,75 @@ class CalibrationConfig:
             raise ValueError("--resume and --overwrite contradict each other: choose one")
         if self.dtype not in MODEL_DTYPES:
             raise ValueError(f"--dtype must be one of {MODEL_DTYPES}, got {self.dtype!r}")
+
+
+@dataclass
+class EvalConfig:
+    """What `kvcore-eval eval` runs: one lm-eval evaluation, with kvcore_hf, or plain hf without --calibration."""
+
+    model: str = field(metadata={"help": "Hugging Face hub id or local directory (lm-eval's pretrained=)"})
+    tasks: str = field(metadata={"help": "comma-separated lm-eval tasks or groups, e.g. kvcore_domains"})
+    calibration: str | None = field(default=None, metadata={"help": "artifact directory; without it the plain `hf` model runs (the baseline)"})
+    key_rank: str | None = field(default=None, metadata={"help": "int, fraction of D, or per-layer list a:b:c"})
+    value_rank: str | None = field(default=None, metadata={"help": "int, fraction of D, or per-layer list a:b:c"})
+    rank_budget: float | None = field(default=None, metadata={"help": "fraction of the cache memory kept, spread over layers"})
+    key_space: str = field(default="pre_rope", metadata={"help": "pre_rope or post_rope"})
+    granularity: str = field(default="layer", metadata={"help": "layer or head"})
+    truncate: str = field(default="both", metadata={"help": "keys, values or both"})
+    data_dir: str | None = field(default=None, metadata={"help": "folder of <source>.jsonl files read instead of the hub"})
+    limit: int | None = field(default=None, metadata={"help": "documents per task (lm-eval --limit)"})
+    batch_size: int = field(default=1, metadata={"help": "lm-eval batch size"})
+    device: str = field(default="cpu", metadata={"help": "cpu, cuda, cuda:N"})
+    dtype: str = field(default="float32", metadata={"help": "model dtype"})
+    output: str | None = field(default=None, metadata={"help": "write lm-eval's results JSON here"})
+
+    def __post_init__(self) -> None:
+        if self.dtype not in MODEL_DTYPES:
+            raise ValueError(f"--dtype must be one of {MODEL_DTYPES}, got {self.dtype!r}")
+        if self.calibration is None and any(v is not None for v in (self.key_rank, self.value_rank, self.rank_budget)):
+            raise ValueError("ranks given without --calibration: pass the artifact directory the ranks refer to")
+
+    def model_args(self) -> dict:
+        """lm-eval model_args: `hf`'s, plus kvcore_hf's when a calibration is given."""
+        args = {"pretrained": self.model, "dtype": self.dtype}
+        if self.calibration is not None:
+            args.update(calibration=self.calibration, key_space=self.key_space, granularity=self.granularity, truncate=self.truncate)
+            args.update({k: v for k, v in (("key_rank", self.key_rank), ("value_rank", self.value_rank), ("rank_budget", self.rank_budget)) if v is not None})
+        return args
+
+
+@dataclass
+class SweepConfig:
+    """What `kvcore-eval sweep` runs: baseline once, then kvcore_hf at each rank; ND-PPL, NER and their correlation."""
+
+    model: str = field(metadata={"help": "Hugging Face hub id or local directory"})
+    calibration: str = field(metadata={"help": "artifact whose bases truncate the cache at every rank"})
+    out: str = field(metadata={"help": "output directory (finished points are reused: an interrupted sweep resumes)"})
+    tasks: str = field(default="kvcore_domains", metadata={"help": "comma-separated kvcore tasks or groups"})
+    ranks: str = field(default="1.0,0.75,0.5,0.25,0.125", metadata={"help": "comma-separated fractions of D in (0, 1]"})
+    truncate: str = field(default="both", metadata={"help": "keys, values or both"})
+    key_space: str = field(default="pre_rope", metadata={"help": "pre_rope or post_rope"})
+    metric: str = field(default="byte_perplexity", metadata={"help": "perplexity metric ND-PPL is computed from (byte_perplexity: independent of the tokenizer)"})
+    ner_tokens: int = field(default=20_000, metadata={"help": "tokens of each task's data calibrated for its NER"})
+    seq_len: int = field(default=256, metadata={"help": "sequence length of the NER calibrations"})
+    data_dir: str | None = field(default=None, metadata={"help": "folder of <source>.jsonl files read instead of the hub"})
+    limit: int | None = field(default=None, metadata={"help": "documents per task"})
+    batch_size: int = field(default=1, metadata={"help": "lm-eval batch size"})
+    device: str = field(default="cpu", metadata={"help": "cpu, cuda, cuda:N"})
+    dtype: str = field(default="float32", metadata={"help": "model dtype"})
+
+    def __post_init__(self) -> None:
+        self.rank_list()
+        if self.dtype not in MODEL_DTYPES:
+            raise ValueError(f"--dtype must be one of {MODEL_DTYPES}, got {self.dtype!r}")
+
+    def rank_list(self) -> list[float]:
+        try:
+            ranks = [float(r) for r in self.ranks.split(",") if r.strip()]
+        except ValueError as err:
+            raise ValueError(f"--ranks {self.ranks!r} must be comma-separated fractions such as 1.0,0.5,0.25") from err
+        if not ranks:
+            raise ValueError("--ranks is empty: give fractions of D such as 1.0,0.5,0.25")
+        if any(not 0 < r <= 1 for r in ranks):
+            raise ValueError(f"--ranks {self.ranks!r}: every rank must be a fraction in (0, 1]")
+        return sorted(set(ranks), reverse=True)

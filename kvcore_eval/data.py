@@ -125,12 +125,19 @@ def source_records(source: DataSource, data_dir: str | os.PathLike | None = None
     return load_records(source.hub_id, source.split, source.data_dir, streaming=streaming)
 
 
-def iter_texts(dataset: str, split: str = "train", prompt_format: str | None = None, text_field: str | None = None) -> Iterator[str]:
-    """Texts for calibration from `kvcore:<source>`, a local file or a hub id; each is prompt + response."""
+def iter_texts(dataset: str, split: str = "train", prompt_format: str | None = None, text_field: str | None = None,
+               data_dir: str | None = None) -> Iterator[str]:
+    """Texts for calibration, each prompt + response, from `kvcore:<source>[:<language>]` (the task registry),
+    a local file or a hub id."""
     if dataset.startswith("kvcore:"):
-        source = resolve_source(dataset.removeprefix("kvcore:"))
-        records, origin = source_records(source, streaming=True), f"{source.name} ({source.hub_id})"
-        prompt_format = prompt_format or (f"field:{text_field}" if text_field else source.prompt_format)
+        source_name, _, language = dataset.removeprefix("kvcore:").partition(":")
+        source = resolve_source(source_name)
+        if prompt_format is None and text_field is None:
+            for row in task_dataset(source.name, language or None, data_dir):
+                yield row["prompt"] + row["response"]
+            return
+        records, origin = source_records(source, data_dir=data_dir, streaming=True), f"{source.name} ({source.hub_id})"
+        prompt_format = prompt_format or f"field:{text_field}"
     else:
         records, origin = load_records(dataset, split, streaming=True), dataset
         prompt_format = prompt_format or f"field:{text_field or 'text'}"

@@ -1,0 +1,53 @@
+"""`kvcore-eval eval`: a thin front to lm-eval's `simple_evaluate` with kvcore's model and tasks registered."""
+
+from __future__ import annotations
+
+import json
+import logging
+from pathlib import Path
+from typing import Any
+
+from kvcore_eval.config import EvalConfig
+
+logger = logging.getLogger(__name__)
+
+SOURCE_TASKS_DIR = Path(__file__).resolve().parents[1] / "tasks"
+
+
+def task_manager(data_dir: str | None = None):
+    """lm-eval's TaskManager; adds the source checkout's tasks/ when they are not installed under lm_eval/tasks."""
+    import lm_eval.tasks
+    from lm_eval.tasks import TaskManager
+
+    installed = Path(lm_eval.tasks.__file__).parent / "kvcore"
+    include = None if installed.is_dir() or not SOURCE_TASKS_DIR.is_dir() else str(SOURCE_TASKS_DIR)
+    return TaskManager(include_path=include, metadata={"data_dir": data_dir} if data_dir else None)
+
+
+def run_lm_eval(config: EvalConfig, log_samples: bool = False) -> dict[str, Any]:
+    """Run lm-eval once; returns its results dict (and writes it to config.output when set)."""
+    import lm_eval
+
+    import kvcore_eval.wrapper  # noqa: F401  registers kvcore_hf
+
+    model = "kvcore_hf" if config.calibration is not None else "hf"
+    results = lm_eval.simple_evaluate(
+        model=model, model_args=config.model_args(), tasks=[t.strip() for t in config.tasks.split(",") if t.strip()],
+        batch_size=config.batch_size, device=config.device, limit=config.limit, log_samples=log_samples,
+        task_manager=task_manager(config.data_dir),
+    )
+    if config.output:
+        Path(config.output).parent.mkdir(parents=True, exist_ok=True)
+        Path(config.output).write_text(json.dumps(results, indent=2, default=str) + "\n")
+        logger.info("results written to %s", config.output)
+    return results
+
+
+def perplexities(results: dict[str, Any], metric: str) -> dict[str, float]:
+    """task -> `metric` from lm-eval results (tasks only, not groups)."""
+    values = {}
+    for task, metrics in results["results"].items():
+        value = metrics.get(f"{metric},none")
+        if isinstance(value, (int, float)) and task not in results.get("groups", {}):
+            values[task] = float(value)
+    return values
