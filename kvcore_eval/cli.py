@@ -78,8 +78,17 @@ def _compare(args: argparse.Namespace) -> None:
     print(to_markdown(compare(args.a, args.b), Path(args.a).name, Path(args.b).name))
 
 
+def _judge(args: argparse.Namespace) -> None:
+    import json
+
+    from kvcore_eval.judge import JudgeConfig, judge_samples
+
+    print(json.dumps(judge_samples(args.samples, config_from_args(JudgeConfig, args), args.out), indent=2))
+
+
 def build_parser() -> argparse.ArgumentParser:
     from kvcore_eval.config import CalibrationConfig, EvalConfig, SweepConfig
+    from kvcore_eval.judge import JudgeConfig
 
     parser = argparse.ArgumentParser(prog="kvcore-eval", description=__doc__)
     parser.add_argument("--log-level", default="INFO", help="logging level (default: INFO)")
@@ -106,6 +115,12 @@ def build_parser() -> argparse.ArgumentParser:
     comparison.add_argument("a", help="lm-eval results JSON")
     comparison.add_argument("b", help="lm-eval results JSON of the same tasks")
     comparison.set_defaults(run=_compare)
+
+    judge = commands.add_parser("judge", help="GPT-score an lm-eval samples file of a _gen task through an OpenAI-compatible judge")
+    judge.add_argument("samples", help="lm-eval samples .jsonl (written with --log_samples)")
+    judge.add_argument("--out", default=None, help="judged samples .jsonl (default: <samples>.judged.jsonl)")
+    add_dataclass_arguments(judge, JudgeConfig)
+    judge.set_defaults(run=_judge)
     return parser
 
 
@@ -114,6 +129,6 @@ def main(argv: Sequence[str] | None = None) -> None:
     logging.basicConfig(level=args.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     try:
         args.run(args)
-    except (ValueError, OSError, KeyError, FloatingPointError) as err:
+    except (ValueError, OSError, KeyError, FloatingPointError, RuntimeError) as err:
         logging.getLogger("kvcore_eval").error("%s", err)
         sys.exit(2)

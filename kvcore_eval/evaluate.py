@@ -15,12 +15,11 @@ SOURCE_TASKS_DIR = Path(__file__).resolve().parents[1] / "tasks"
 
 
 def task_manager(data_dir: str | None = None):
-    """lm-eval's TaskManager; adds the source checkout's tasks/ when they are not installed under lm_eval/tasks."""
-    import lm_eval.tasks
+    """lm-eval's TaskManager. Installed, our tasks sit in lm_eval/tasks/kvcore; run from a source checkout
+    (editable install), its tasks/ is included too and takes precedence."""
     from lm_eval.tasks import TaskManager
 
-    installed = Path(lm_eval.tasks.__file__).parent / "kvcore"
-    include = None if installed.is_dir() or not SOURCE_TASKS_DIR.is_dir() else str(SOURCE_TASKS_DIR)
+    include = str(SOURCE_TASKS_DIR) if SOURCE_TASKS_DIR.is_dir() else None
     return TaskManager(include_path=include, metadata={"data_dir": data_dir} if data_dir else None)
 
 

@@ -28,3 +28,17 @@ def process_perplexity(doc: dict, results: list) -> dict:
     num_bytes = len(doc["response"].encode("utf-8")) or 1
     return {"word_perplexity": (loglikelihood, words), "byte_perplexity": (loglikelihood, num_bytes),
             "bits_per_byte": (loglikelihood, num_bytes)}
+
+
+def process_gpt_score(doc: dict, results: list) -> dict:
+    """GPT-score of the generated answer (judge from KVCORE_JUDGE_* variables; cached on disk)."""
+    from kvcore_eval.judge import judge_from_env
+
+    judgement = judge_from_env().score(doc["prompt"], results[0], doc.get("response"))
+    return {"gpt_score": judgement.score, "gpt_score_missing": float(judgement.score is None)}
+
+
+def mean_of_scores(scores: list) -> float:
+    """Mean over the answers the judge scored; missing ones (None) are counted by gpt_score_missing instead."""
+    present = [s for s in scores if s is not None]
+    return sum(present) / len(present) if present else float("nan")

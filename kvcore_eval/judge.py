@@ -1,0 +1,230 @@
+"""GPT-score: an LLM judge behind any OpenAI-compatible server (OpenAI, vLLM, Ollama, llama.cpp server).
+
+The judge rates an answer to an instruction from 1 to 10 (the reference answer shown when there is one),
+with a versioned prompt, temperature 0 and a seed. Every answer is cached on disk (sqlite) under
+(judge model, prompt version, instruction, reference, answer), written as soon as it arrives: a rerun or a
+crash costs no second call. HTTP retries with exponential backoff on 429/5xx/timeouts are the openai
+client's own (`max_retries`). An unparseable reply is asked again once with a stricter reminder, then
+recorded as missing, never as a made-up score. The API key is read from the environment and never written.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import os
+import re
+import sqlite3
+import threading
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+logger = logging.getLogger(__name__)
+
+PROMPT_VERSION = "kvcore-gpt-score-v1"
+SYSTEM_PROMPT = "You are a careful, impartial judge of answers written by an AI assistant."
+USER_TEMPLATE = (
+    "Rate the assistant's answer to the instruction for helpfulness, correctness and relevance, on a scale of "
+    "1 (useless) to 10 (excellent).{reference_note}\n\n[Instruction]\n{instruction}\n\n{reference_block}"
+    "[Assistant's answer]\n{answer}\n\nReply with one line, exactly: Rating: N"
+)
+STRICT_REMINDER = "Your reply could not be read. Reply with exactly `Rating: N`, N an integer from 1 to 10, and nothing else."
+_RATING = re.compile(r"rating\s*[:=]\s*\[*\s*(\d+(?:\.\d+)?)", re.IGNORECASE)
+
+
+@dataclass
+class JudgeConfig:
+    """Where the judge lives and how hard to try. Each field's `help` is its --help line."""
+
+    model: str = field(metadata={"help": "judge model name on the server, e.g. gpt-4o-mini"})
+    base_url: str | None = field(default=None, metadata={"help": "OpenAI-compatible endpoint, e.g. http://localhost:8000/v1 (default: OpenAI)"})
+    api_key_env: str = field(default="OPENAI_API_KEY", metadata={"help": "environment variable holding the API key"})
+    cache_path: str = field(default="~/.cache/kvcore-eval/judge.sqlite", metadata={"help": "sqlite file caching every judgement"})
+    max_concurrency: int = field(default=4, metadata={"help": "requests in flight at once"})
+    max_retries: int = field(default=5, metadata={"help": "HTTP retries (exponential backoff) on 429, 5xx and timeouts"})
+    timeout: float = field(default=60.0, metadata={"help": "seconds per request"})
+    seed: int | None = field(default=0, metadata={"help": "sampling seed sent to servers that take one"})
+
+    def __post_init__(self) -> None:
+        if self.max_concurrency < 1 or self.max_retries < 0 or self.timeout <= 0:
+            raise ValueError("max_concurrency must be >= 1, max_retries >= 0 and timeout > 0")
+
+    @classmethod
+    def from_env(cls) -> JudgeConfig:
+        """The judge of lm-eval `_gen` tasks: KVCORE_JUDGE_MODEL, KVCORE_JUDGE_BASE_URL, KVCORE_JUDGE_API_KEY_ENV, KVCORE_JUDGE_CACHE."""
+        model = os.environ.get("KVCORE_JUDGE_MODEL")
+        if not model:
+            raise ValueError("GPT-score needs a judge: set KVCORE_JUDGE_MODEL (and KVCORE_JUDGE_BASE_URL for a non-OpenAI server)")
+        settings = {"model": model, "base_url": os.environ.get("KVCORE_JUDGE_BASE_URL") or None}
+        for key, env in (("api_key_env", "KVCORE_JUDGE_API_KEY_ENV"), ("cache_path", "KVCORE_JUDGE_CACHE")):
+            if os.environ.get(env):
+                settings[key] = os.environ[env]
+        return cls(**settings)
+
+
+@dataclass
+class Judgement:
+    score: float | None  # None: missing (unparseable after the reminder)
+    raw: str
+    cached: bool
+
+
+class JudgeUnavailable(RuntimeError):
+    """The judge did not answer after every retry; judgements obtained so far are in the cache."""
+
+
+def parse_rating(reply: str) -> float | None:
+    match = _RATING.search(reply or "")
+    if match is None:
+        return None
+    value = float(match.group(1))
+    return value if 1 <= value <= 10 else None
+
+
+def render_prompt(instruction: str, answer: str, reference: str | None) -> str:
+    has_reference = bool(reference and reference.strip())
+    return USER_TEMPLATE.format(
+        instruction=instruction.strip(), answer=answer.strip(),
+        reference_note=" A reference answer is shown for comparison." if has_reference else "",
+        reference_block=f"[Reference answer]\n{reference.strip()}\n\n" if has_reference else "",
+    )
+
+
+class JudgeCache:
+    """sqlite: one row per judgement, committed as it arrives. Holds no key and no headers."""
+
+    def __init__(self, path: str | Path):
+        self.path = Path(path).expanduser()
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        self._lock = threading.Lock()
+        self._db = sqlite3.connect(self.path, check_same_thread=False)
+        self._db.execute("CREATE TABLE IF NOT EXISTS judgements (key TEXT PRIMARY KEY, score REAL, raw TEXT, record TEXT)")
+        self._db.commit()
+
+    @staticmethod
+    def key(model: str, instruction: str, answer: str, reference: str | None) -> str:
+        payload = json.dumps([model, PROMPT_VERSION, instruction, reference or "", answer])
+        return hashlib.sha256(payload.encode()).hexdigest()
+
+    def get(self, key: str) -> Judgement | None:
+        with self._lock:
+            row = self._db.execute("SELECT score, raw FROM judgements WHERE key = ?", (key,)).fetchone()
+        return None if row is None else Judgement(row[0], row[1], cached=True)
+
+    def put(self, key: str, judgement: Judgement, record: dict[str, Any]) -> None:
+        with self._lock:
+            self._db.execute("INSERT OR REPLACE INTO judgements VALUES (?, ?, ?, ?)", (key, judgement.score, judgement.raw, json.dumps(record)))
+            self._db.commit()
+
+
+@dataclass
+class JudgeStats:
+    calls: int = 0
+    cache_hits: int = 0
+    missing: int = 0
+    prompt_tokens: int = 0
+    completion_tokens: int = 0
+
+
+class GPTJudge:
+    """Scores answers through the openai client; `score` is thread-safe, `score_many` runs them concurrently."""
+
+    def __init__(self, config: JudgeConfig):
+        import openai
+
+        api_key = os.environ.get(config.api_key_env)
+        if not api_key:
+            raise ValueError(f"no API key for the judge: set the environment variable {config.api_key_env} "
+                             "(any non-empty value for a local server that checks none)")
+        self.config = config
+        self.client = openai.OpenAI(base_url=config.base_url, api_key=api_key, max_retries=config.max_retries, timeout=config.timeout)
+        self.cache = JudgeCache(config.cache_path)
+        self.stats = JudgeStats()
+        self._stats_lock = threading.Lock()
+
+    def _ask(self, messages: list[dict[str, str]]) -> str:
+        import openai
+
+        extra = {"seed": self.config.seed} if self.config.seed is not None else {}
+        try:
+            response = self.client.chat.completions.create(model=self.config.model, messages=messages, temperature=0, max_tokens=32, **extra)
+        except (openai.APIConnectionError, openai.APITimeoutError, openai.RateLimitError, openai.InternalServerError) as err:
+            raise JudgeUnavailable(
+                f"judge {self.config.model} at {self.config.base_url or 'api.openai.com'} did not answer after "
+                f"{self.config.max_retries} retries ({type(err).__name__}); every score obtained so far is kept in "
+                f"{self.cache.path}: rerun once the server is up to continue"
+            ) from err
+        with self._stats_lock:
+            self.stats.calls += 1
+            if response.usage is not None:
+                self.stats.prompt_tokens += response.usage.prompt_tokens or 0
+                self.stats.completion_tokens += response.usage.completion_tokens or 0
+        return response.choices[0].message.content or ""
+
+    def score(self, instruction: str, answer: str, reference: str | None = None) -> Judgement:
+        key = JudgeCache.key(self.config.model, instruction, answer, reference)
+        if (cached := self.cache.get(key)) is not None:
+            with self._stats_lock:
+                self.stats.cache_hits += 1
+            return cached
+        messages = [{"role": "system", "content": SYSTEM_PROMPT}, {"role": "user", "content": render_prompt(instruction, answer, reference)}]
+        reply = self._ask(messages)
+        if (score := parse_rating(reply)) is None:
+            messages += [{"role": "assistant", "content": reply}, {"role": "user", "content": STRICT_REMINDER}]
+            reply = self._ask(messages)
+            score = parse_rating(reply)
+        judgement = Judgement(score, reply, cached=False)
+        if score is None:
+            logger.warning("judge reply unparseable after the reminder, recorded as missing: %r", reply[:200])
+            with self._stats_lock:
+                self.stats.missing += 1
+        self.cache.put(key, judgement, {"model": self.config.model, "prompt_version": PROMPT_VERSION, "instruction": instruction,
+                                        "reference": reference, "answer": answer})
+        return judgement
+
+    def score_many(self, items: list[tuple[str, str, str | None]]) -> list[Judgement]:
+        """(instruction, answer, reference) triples, at most `max_concurrency` in flight; order kept."""
+        with ThreadPoolExecutor(max_workers=self.config.max_concurrency) as pool:
+            return list(pool.map(lambda item: self.score(*item), items))
+
+    def summary(self) -> dict[str, Any]:
+        return {"judge_model": self.config.model, "prompt_version": PROMPT_VERSION, **asdict(self.stats)}
+
+
+def judge_samples(samples_path: str | Path, config: JudgeConfig, out_path: str | Path | None = None) -> dict[str, Any]:
+    """Score an lm-eval samples file (--log_samples) of a generation task; writes <samples>.judged.jsonl."""
+    samples_path = Path(samples_path)
+    if not samples_path.is_file():
+        raise FileNotFoundError(f"samples file {samples_path} does not exist (lm-eval writes it with --log_samples)")
+    samples = [json.loads(line) for line in samples_path.read_text().splitlines() if line.strip()]
+    items = []
+    for sample in samples:
+        doc = sample.get("doc", {})
+        if "prompt" not in doc or not sample.get("filtered_resps"):
+            raise ValueError(f"{samples_path}: sample {sample.get('doc_id')} has no doc.prompt or filtered_resps: judge a kvcore _gen task's samples")
+        answer = sample["filtered_resps"][0]
+        items.append((doc["prompt"], answer if isinstance(answer, str) else answer[0], doc.get("response")))
+    judge = GPTJudge(config)
+    judgements = judge.score_many(items)
+    out_path = Path(out_path or samples_path.with_suffix(".judged.jsonl"))
+    with out_path.open("w") as f:
+        for sample, judgement in zip(samples, judgements):
+            f.write(json.dumps({"doc_id": sample.get("doc_id"), "gpt_score": judgement.score, "judge_raw": judgement.raw}) + "\n")
+    scores = [j.score for j in judgements if j.score is not None]
+    return {"samples": len(samples), "gpt_score": sum(scores) / len(scores) if scores else None, "output": str(out_path), **judge.summary()}
+
+
+_shared_judge: GPTJudge | None = None
+_shared_lock = threading.Lock()
+
+
+def judge_from_env() -> GPTJudge:
+    """One judge per process for lm-eval's `process_results`, configured by JudgeConfig.from_env()."""
+    global _shared_judge
+    with _shared_lock:
+        if _shared_judge is None:
+            _shared_judge = GPTJudge(JudgeConfig.from_env())
+        return _shared_judge

@@ -1,0 +1,130 @@
+import json
+import os
+import signal
+import sqlite3
+import subprocess
+import sys
+import time
+
+import pytest
+
+from conftest import EXAMPLE_DATA, EXAMPLE_MODEL, REPO
+from judge_server import JudgeServer
+from kvcore_eval.judge import GPTJudge, JudgeConfig, JudgeUnavailable, judge_samples, parse_rating
+
+KEY = "sk-test-SECRET-0123456789"
+
+
+@pytest.fixture
+def server():
+    with JudgeServer(slow_seconds=2.5) as srv:
+        yield srv
+
+
+@pytest.fixture
+def judge_config(server, tmp_path, monkeypatch):
+    monkeypatch.setenv("KVCORE_TEST_KEY", KEY)
+    return JudgeConfig(model="judge-1", base_url=server.base_url, api_key_env="KVCORE_TEST_KEY", cache_path=str(tmp_path / "judge.sqlite"),
+                       max_retries=3, timeout=1.0, max_concurrency=3)
+
+
+def test_parse_rating():
+    assert parse_rating("Rating: 7") == 7.0
+    assert parse_rating("rating = [[8.5]]") == 8.5
+    assert parse_rating("Rating: 11") is None and parse_rating("great answer") is None
+
+
+def test_scores_parsed_retried_and_cached(server, judge_config):
+    judge = GPTJudge(judge_config)
+    items = [("Say hi", "hello score=9", None), ("Add", "2 [[429x2]] score=4", "4"), ("Q", "a [[500]] score=6", None),
+             ("Q", "b [[slow]] score=3", None), ("Q", "c [[garbage-once]] score=5", None), ("Q", "d [[garbage]]", None)]
+    scores = [j.score for j in judge.score_many(items)]
+    assert scores == [9.0, 4.0, 6.0, 3.0, 5.0, None], "garbage is missing, never made up"
+    assert server.attempts["2 [[429x2]] score=4"] == 3 and server.attempts["a [[500]] score=6"] == 2
+    assert server.attempts["b [[slow]] score=3"] == 2, "a timeout is retried"
+    summary = judge.summary()
+    assert summary["missing"] == 1 and summary["cache_hits"] == 0 and summary["prompt_tokens"] > 0
+    assert all(header == f"Bearer {KEY}" for header in server.authorization)
+
+    calls_before = sum(server.attempts.values())
+    rerun = GPTJudge(judge_config)
+    assert [j.score for j in rerun.score_many(items)] == scores
+    assert sum(server.attempts.values()) == calls_before, "a rerun costs no call"
+    assert rerun.summary()["cache_hits"] == len(items)
+
+
+def test_reference_is_shown_and_changes_the_cache_key(server, judge_config):
+    judge = GPTJudge(judge_config)
+    judge.score("Add", "four score=8", "4")
+    judge.score("Add", "four score=8", None)
+    assert server.attempts["four score=8"] == 2
+
+
+def test_judge_down_fails_clearly_and_keeps_scores(server, judge_config):
+    judge = GPTJudge(judge_config)
+    assert judge.score("Q", "fine score=7").score == 7.0
+    with pytest.raises(JudgeUnavailable, match="did not answer after 3 retries.*kept in"):
+        judge.score("Q", "x [[down]]")
+    assert server.attempts["x [[down]]"] == 4
+    assert GPTJudge(judge_config).score("Q", "fine score=7").cached
+
+
+def test_missing_key_names_the_variable(judge_config, monkeypatch):
+    monkeypatch.delenv("KVCORE_TEST_KEY")
+    with pytest.raises(ValueError, match="set the environment variable KVCORE_TEST_KEY"):
+        GPTJudge(judge_config)
+
+
+def _samples(path, answers):
+    with open(path, "w") as f:
+        for i, answer in enumerate(answers):
+            f.write(json.dumps({"doc_id": i, "doc": {"prompt": f"instruction {i}", "response": "ref"}, "filtered_resps": [answer]}) + "\n")
+    return path
+
+
+def test_kill_mid_run_loses_nothing(tmp_path):
+    """A judging subprocess is killed after some judgements; the rerun asks only for the rest."""
+    with subprocess.Popen([sys.executable, str(REPO / "tests" / "judge_server.py"), "0.3"], stdout=subprocess.PIPE, text=True) as srv:
+        base_url = srv.stdout.readline().strip()
+        samples = _samples(tmp_path / "samples.jsonl", [f"answer {i} score={i % 9 + 1}" for i in range(12)])
+        cache = tmp_path / "cache.sqlite"
+        env = {**os.environ, "KVCORE_TEST_KEY": KEY}
+        command = [sys.executable, "-m", "kvcore_eval", "judge", str(samples), "--model", "judge-1", "--base-url", base_url,
+                   "--api-key-env", "KVCORE_TEST_KEY", "--cache-path", str(cache), "--max-concurrency", "1"]
+        run = subprocess.Popen(command, env=env, cwd=REPO)
+        deadline = time.time() + 60
+        while time.time() < deadline:
+            if cache.exists() and sqlite3.connect(cache).execute("SELECT count(*) FROM judgements").fetchone()[0] >= 3:
+                break
+            time.sleep(0.1)
+        run.send_signal(signal.SIGKILL)
+        run.wait()
+        done = sqlite3.connect(cache).execute("SELECT count(*) FROM judgements").fetchone()[0]
+        assert 3 <= done < 12
+        result = subprocess.run(command, env=env, cwd=REPO, capture_output=True, text=True, timeout=120)
+        srv.kill()
+    assert result.returncode == 0, result.stderr[-2000:]
+    summary = json.loads(result.stdout)
+    assert summary["cache_hits"] == done and summary["calls"] == 12 - done
+    judged = [json.loads(line) for line in (tmp_path / "samples.judged.jsonl").read_text().splitlines()]
+    assert [row["gpt_score"] for row in judged] == [float(i % 9 + 1) for i in range(12)]
+    for path in tmp_path.rglob("*"):
+        if path.is_file():
+            assert KEY.encode() not in path.read_bytes(), f"the key leaked into {path}"
+
+
+def test_gen_task_end_to_end_gives_gpt_score_in_results(server, tmp_path, monkeypatch, caplog):
+    from kvcore_eval.config import EvalConfig
+    from kvcore_eval.evaluate import run_lm_eval
+
+    monkeypatch.setenv("KVCORE_TEST_KEY", KEY)
+    monkeypatch.setenv("KVCORE_JUDGE_MODEL", "judge-1")
+    monkeypatch.setenv("KVCORE_JUDGE_BASE_URL", server.base_url)
+    monkeypatch.setenv("KVCORE_JUDGE_API_KEY_ENV", "KVCORE_TEST_KEY")
+    monkeypatch.setenv("KVCORE_JUDGE_CACHE", str(tmp_path / "judge.sqlite"))
+    output = tmp_path / "results.json"
+    results = run_lm_eval(EvalConfig(model=str(EXAMPLE_MODEL), tasks="kvcore_alpaca_gen", data_dir=str(EXAMPLE_DATA), limit=3, output=str(output)))
+    metrics = results["results"]["kvcore_alpaca_gen"]
+    assert 1 <= metrics["gpt_score,none"] <= 10 and metrics["gpt_score_missing,none"] == 0
+    assert sum(server.attempts.values()) == 3
+    assert KEY not in output.read_text() and KEY not in caplog.text
