@@ -3,9 +3,8 @@ import shutil
 
 import pytest
 
-from conftest import EXAMPLE_DATA
+from conftest import EXAMPLE_DATA, REPO
 from kvcore_eval.data import VISR_LANGUAGES, task_dataset
-from kvcore_eval.evaluate import SOURCE_TASKS_DIR
 
 DOMAINS = ["alpaca", "medalpaca", "codealpaca", "wizardcoder", "functioncall"]
 ALL_TASKS = [f"kvcore_{d}" for d in DOMAINS] + [f"kvcore_visr_{code}" for code in VISR_LANGUAGES]
@@ -28,7 +27,7 @@ def data_dir(tmp_path_factory):
 def task_manager(data_dir):
     from lm_eval.tasks import TaskManager
 
-    return TaskManager(include_path=str(SOURCE_TASKS_DIR), include_defaults=False, metadata={"data_dir": str(data_dir)})
+    return TaskManager(include_path=str(REPO / "tasks"), include_defaults=False, metadata={"data_dir": str(data_dir)})
 
 
 def test_groups_name_every_task(task_manager):

@@ -110,3 +110,13 @@ def test_plain_lm_eval_cli_runs_kvcore_hf_verbatim(llama_dir, artifact_dir, tmp_
     assert results["results"]["kvcore_alpaca"]["word_perplexity,none"] > 1
     assert results["config"]["kvcore"]["rank_plan"]["key_rank_per_layer"] == [8, 8]
     assert results["n-samples"]["kvcore_alpaca"]["effective"] == 16
+
+
+def test_interpreter_start_registers_kvcore_hf_lazily():
+    """The installed .pth hook: after `import lm_eval.models`, kvcore_hf is a lazy target, nothing heavy imported."""
+    code = ("import sys; import kvcore_eval_lm_eval; assert 'kvcore_eval' not in sys.modules; "
+            "import lm_eval.models; from lm_eval.api.registry import model_registry; "
+            "print(model_registry._objs['kvcore_hf'], 'kvcore_eval.wrapper' in sys.modules)")
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120, cwd="/")
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert result.stdout.split() == ["kvcore_eval.wrapper:KVCoreHFLM", "False"]

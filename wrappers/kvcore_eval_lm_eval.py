@@ -1,8 +1,10 @@
 """Make the plain `lm_eval` command see `--model kvcore_hf`, with nothing heavy at interpreter start.
 
 lm-eval 0.4.13 has no plugin entry points: its registry knows a model only if something registered it.
-The wheel installs `kvcore_eval_lm_eval.pth`, whose one line calls `install()` at interpreter start. That
-imports nothing but this module and adds an import hook: once `lm_eval.models` has registered lm-eval's
+The wheel installs this file as the top-level module `kvcore_eval_lm_eval` and `kvcore_eval_lm_eval.pth`,
+whose one line calls `install()` at interpreter start. That imports nothing but this module (not the
+`kvcore_eval` package, which would then be pinned to the installed copy even in a source checkout) and
+adds an import hook: once `lm_eval.models` has registered lm-eval's
 own models, it registers `kvcore_hf` as a lazy target ("module:Class", lm-eval's own mechanism), so the
 wrapper (torch, transformers) is imported only when a run asks for `kvcore_hf`.
 """

@@ -1,0 +1,94 @@
+"""Decode speed and cache memory: kvcore's LowRankCache (what `kvcore_hf` runs) vs a full DynamicCache (what
+`hf` runs), side by side in one run, at several context lengths and ranks.
+
+For each context length: prefill, then greedy-decode `--new-tokens` tokens one at a time; report decode
+tokens/s and the bytes the cache holds afterwards. The bases come from a calibration on random tokens
+(speed and memory do not depend on their quality).
+
+    python benchmarks/cache.py                                   # CPU, small Llama config
+    python benchmarks/cache.py --preset 1b --device cuda --dtype bfloat16 --contexts 1024,4096,16384
+"""
+
+from __future__ import annotations
+
+import argparse
+import time
+
+import torch
+from transformers import DynamicCache, LlamaConfig, LlamaForCausalLM
+
+from kvcore_eval.artifact import decompose
+from kvcore_eval.cache import LowRankCache, layer_bases
+from kvcore_eval.gram import GramAccumulator, GramRecorder
+from kvcore_eval.models import kv_geometry
+from kvcore_eval.rank_plan import RankPlan
+from kvcore_eval.rope import find_rotary_embedding
+
+PRESETS = {
+    "small": dict(hidden_size=512, intermediate_size=1536, num_hidden_layers=8, num_attention_heads=8, num_key_value_heads=4, head_dim=64),
+    "1b": dict(hidden_size=2048, intermediate_size=8192, num_hidden_layers=16, num_attention_heads=32, num_key_value_heads=8, head_dim=64),
+}
+
+
+def decode(model, cache, context: torch.Tensor, new_tokens: int) -> tuple[float, int]:
+    """Decode tokens/s after prefilling `context`, and the cache's bytes at the end."""
+    with torch.no_grad():
+        logits = model(input_ids=context, cache=cache, use_cache=True).logits
+        token = logits[:, -1:].argmax(-1)
+        if context.device.type == "cuda":
+            torch.cuda.synchronize()
+        start = time.perf_counter()
+        for _ in range(new_tokens):
+            token = model(input_ids=token, cache=cache, use_cache=True).logits[:, -1:].argmax(-1)
+        if context.device.type == "cuda":
+            torch.cuda.synchronize()
+        elapsed = time.perf_counter() - start
+    if isinstance(cache, LowRankCache):
+        nbytes = sum(cache.stored_bytes().values())
+    else:
+        nbytes = sum(layer.keys.numel() * layer.keys.element_size() + layer.values.numel() * layer.values.element_size() for layer in cache.layers)
+    return context.shape[0] * new_tokens / elapsed, nbytes
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--preset", choices=PRESETS, default="small")
+    parser.add_argument("--device", default="cpu")
+    parser.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"])
+    parser.add_argument("--contexts", default="256,1024")
+    parser.add_argument("--ranks", default="0.5,0.25")
+    parser.add_argument("--batch-size", type=int, default=1)
+    parser.add_argument("--new-tokens", type=int, default=32)
+    args = parser.parse_args()
+    device, dtype = torch.device(args.device), getattr(torch, args.dtype)
+    torch.manual_seed(0)
+    config = LlamaConfig(vocab_size=32000, max_position_embeddings=32768, **PRESETS[args.preset])
+    model = LlamaForCausalLM(config).to(device, dtype).eval()
+    geometry = kv_geometry(config)
+    accumulator = GramAccumulator(geometry, device)
+    with torch.no_grad():
+        model.base_model(input_ids=torch.randint(0, config.vocab_size, (2, 512), device=device),
+                         cache=GramRecorder(accumulator, find_rotary_embedding(model)), use_cache=True)
+    calibration = decompose(accumulator.grams, accumulator.token_count, geometry, {"model": {"geometry": geometry.to_dict()}})
+    rotary = find_rotary_embedding(model)
+
+    print(f"model: Llama {args.preset} ({sum(p.numel() for p in model.parameters()) / 1e6:.0f}M params), {geometry.num_layers} layers, "
+          f"D={geometry.width}, {args.dtype} on {device}; batch {args.batch_size}, {args.new_tokens} decoded tokens")
+    print("| context | cache | key/value rank | decode tok/s | vs hf | cache MiB | vs hf |")
+    print("|---:|---|---:|---:|---:|---:|---:|")
+    for context_len in [int(c) for c in args.contexts.split(",")]:
+        context = torch.randint(0, config.vocab_size, (args.batch_size, context_len), device=device)
+        base_speed, base_bytes = decode(model, DynamicCache(), context, args.new_tokens)
+        print(f"| {context_len} | hf (DynamicCache) | {geometry.width} | {base_speed:,.1f} | 1.00 | {base_bytes / 2**20:,.2f} | 1.00 |")
+        for fraction in [float(r) for r in args.ranks.split(",")]:
+            for key_space in ("post_rope", "pre_rope"):
+                rank = max(1, round(fraction * geometry.width))
+                plan = RankPlan([rank] * geometry.num_layers, [rank] * geometry.num_layers, geometry.width, "layer", key_space)
+                cache = LowRankCache(layer_bases(calibration, plan, device), geometry.kv_heads, rotary if key_space == "pre_rope" else None)
+                speed, nbytes = decode(model, cache, context, args.new_tokens)
+                print(f"| {context_len} | kvcore_hf {key_space} | {rank} | {speed:,.1f} | {speed / base_speed:.2f} | "
+                      f"{nbytes / 2**20:,.2f} | {nbytes / base_bytes:.2f} |")
+
+
+if __name__ == "__main__":
+    main()
