@@ -15,19 +15,14 @@ import argparse
 import time
 
 import torch
-from transformers import DynamicCache, LlamaConfig, LlamaForCausalLM
+from common import add_model_arguments, build_model, describe
+from transformers import DynamicCache
 
 from kvcore_eval.artifact import decompose
 from kvcore_eval.cache import LowRankCache, layer_bases
 from kvcore_eval.gram import GramAccumulator, GramRecorder
-from kvcore_eval.models import kv_geometry
 from kvcore_eval.rank_plan import RankPlan
 from kvcore_eval.rope import find_rotary_embedding
-
-PRESETS = {
-    "small": dict(hidden_size=512, intermediate_size=1536, num_hidden_layers=8, num_attention_heads=8, num_key_value_heads=4, head_dim=64),
-    "1b": dict(hidden_size=2048, intermediate_size=8192, num_hidden_layers=16, num_attention_heads=32, num_key_value_heads=8, head_dim=64),
-}
 
 
 def decode(model, cache, context: torch.Tensor, new_tokens: int) -> tuple[float, int]:
@@ -52,32 +47,26 @@ def decode(model, cache, context: torch.Tensor, new_tokens: int) -> tuple[float,
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--preset", choices=PRESETS, default="small")
-    parser.add_argument("--device", default="cpu")
-    parser.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"])
+    add_model_arguments(parser)
     parser.add_argument("--contexts", default="256,1024")
     parser.add_argument("--ranks", default="0.5,0.25")
     parser.add_argument("--batch-size", type=int, default=1)
     parser.add_argument("--new-tokens", type=int, default=32)
     args = parser.parse_args()
-    device, dtype = torch.device(args.device), getattr(torch, args.dtype)
-    torch.manual_seed(0)
-    config = LlamaConfig(vocab_size=32000, max_position_embeddings=32768, **PRESETS[args.preset])
-    model = LlamaForCausalLM(config).to(device, dtype).eval()
-    geometry = kv_geometry(config)
+    model, geometry, device = build_model(args, max_positions=32768)
+    vocab_size = model.config.vocab_size
     accumulator = GramAccumulator(geometry, device)
     with torch.no_grad():
-        model.base_model(input_ids=torch.randint(0, config.vocab_size, (2, 512), device=device),
+        model.base_model(input_ids=torch.randint(0, vocab_size, (2, 512), device=device),
                          cache=GramRecorder(accumulator, find_rotary_embedding(model)), use_cache=True)
     calibration = decompose(accumulator.grams, accumulator.token_count, geometry, {"model": {"geometry": geometry.to_dict()}})
     rotary = find_rotary_embedding(model)
 
-    print(f"model: Llama {args.preset} ({sum(p.numel() for p in model.parameters()) / 1e6:.0f}M params), {geometry.num_layers} layers, "
-          f"D={geometry.width}, {args.dtype} on {device}; batch {args.batch_size}, {args.new_tokens} decoded tokens")
+    print(f"{describe(model, geometry, args)}; batch {args.batch_size}, {args.new_tokens} decoded tokens")
     print("| context | cache | key/value rank | decode tok/s | vs hf | cache MiB | vs hf |")
     print("|---:|---|---:|---:|---:|---:|---:|")
     for context_len in [int(c) for c in args.contexts.split(",")]:
-        context = torch.randint(0, config.vocab_size, (args.batch_size, context_len), device=device)
+        context = torch.randint(0, vocab_size, (args.batch_size, context_len), device=device)
         base_speed, base_bytes = decode(model, DynamicCache(), context, args.new_tokens)
         print(f"| {context_len} | hf (DynamicCache) | {geometry.width} | {base_speed:,.1f} | 1.00 | {base_bytes / 2**20:,.2f} | 1.00 |")
         for fraction in [float(r) for r in args.ranks.split(",")]:

@@ -15,17 +15,12 @@ import argparse
 import time
 
 import torch
-from transformers import LlamaConfig, LlamaForCausalLM
+from common import add_model_arguments, build_model, describe
+from transformers import DynamicCache
 
 from kvcore_eval.artifact import decompose
 from kvcore_eval.gram import GramAccumulator, GramRecorder
-from kvcore_eval.models import kv_geometry
 from kvcore_eval.rope import find_rotary_embedding
-
-PRESETS = {
-    "small": dict(hidden_size=512, intermediate_size=1536, num_hidden_layers=8, num_attention_heads=8, num_key_value_heads=4, head_dim=64),
-    "1b": dict(hidden_size=2048, intermediate_size=8192, num_hidden_layers=16, num_attention_heads=32, num_key_value_heads=8, head_dim=64),
-}
 
 
 def synchronize(device: torch.device) -> None:
@@ -45,34 +40,23 @@ def throughput(run, batches, device) -> float:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--preset", choices=PRESETS, default="small")
-    parser.add_argument("--device", default="cpu")
-    parser.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"])
+    add_model_arguments(parser)
     parser.add_argument("--batches", type=int, default=8)
     parser.add_argument("--batch-size", type=int, default=4)
     parser.add_argument("--seq-len", type=int, default=512)
     args = parser.parse_args()
-    device, dtype = torch.device(args.device), getattr(torch, args.dtype)
-    torch.manual_seed(0)
-    config = LlamaConfig(vocab_size=32000, max_position_embeddings=4096, **PRESETS[args.preset])
-    model = LlamaForCausalLM(config).to(device, dtype).eval()
-    geometry = kv_geometry(config)
-    batches = [torch.randint(0, config.vocab_size, (args.batch_size, args.seq_len), device=device) for _ in range(args.batches)]
+    model, geometry, device = build_model(args, max_positions=4096)
+    batches = [torch.randint(0, model.config.vocab_size, (args.batch_size, args.seq_len), device=device) for _ in range(args.batches)]
 
     accumulator = GramAccumulator(geometry, device)
     recorder = GramRecorder(accumulator, find_rotary_embedding(model))
     with torch.no_grad():
         plain = throughput(lambda b: model.base_model(input_ids=b, use_cache=False), batches, device)
-        accumulator.token_count.zero_()
-        for gram in accumulator.grams.values():
-            gram.zero_()
         calibrating = throughput(lambda b: model.base_model(input_ids=b, cache=recorder, use_cache=True), batches, device)
-    # The warm-up batch was recorded once more; the Grams hold batches[0] twice. Rebuild them exactly for the check.
+    # The warm-up recorded batches[0] twice; for the accuracy check, record every batch exactly once.
     exact = GramAccumulator(geometry, device)
     exact_recorder = GramRecorder(exact, find_rotary_embedding(model))
     stacked = {"key_post_rope": [], "value": []}  # naive: every token's K and V kept
-    from transformers import DynamicCache
-
     with torch.no_grad():
         for batch in batches:
             model.base_model(input_ids=batch, cache=exact_recorder, use_cache=True)
@@ -91,8 +75,7 @@ def main() -> None:
             direct = torch.linalg.svdvals(rows) ** 2
             worst = max(worst, ((calibration.eigenvalues[space][layer].to(direct) - direct).abs().max() / direct[0]).item())
 
-    print(f"model: Llama {args.preset} ({sum(p.numel() for p in model.parameters()) / 1e6:.0f}M params), {geometry.num_layers} layers, "
-          f"D={geometry.width}, {args.dtype} on {device}; {tokens} tokens in {args.batches} batches of {args.batch_size}x{args.seq_len}")
+    print(f"{describe(model, geometry, args)}; {tokens} tokens in {args.batches} batches of {args.batch_size}x{args.seq_len}")
     print("| measure | value |")
     print("|---|---:|")
     print(f"| plain forward tokens/s | {plain:,.0f} |")

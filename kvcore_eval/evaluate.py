@@ -40,13 +40,3 @@ def run_lm_eval(config: EvalConfig, log_samples: bool = False) -> dict[str, Any]
         Path(config.output).write_text(json.dumps(results, indent=2, default=str) + "\n")
         logger.info("results written to %s", config.output)
     return results
-
-
-def perplexities(results: dict[str, Any], metric: str) -> dict[str, float]:
-    """task -> `metric` from lm-eval results (tasks only, not groups)."""
-    values = {}
-    for task, metrics in results["results"].items():
-        value = metrics.get(f"{metric},none")
-        if isinstance(value, (int, float)) and task not in results.get("groups", {}):
-            values[task] = float(value)
-    return values

@@ -82,6 +82,7 @@ def plot_ner(table: list[dict[str, SpaceStats]], title: str, path: Path) -> None
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
+    import matplotlib.ticker
 
     layers = np.arange(len(table))
     fig, ax = plt.subplots(figsize=(7, 3.6), dpi=120)
@@ -89,6 +90,7 @@ def plot_ner(table: list[dict[str, SpaceStats]], title: str, path: Path) -> None
     for space, (label, color, line) in styles.items():
         ax.plot(layers, [s[space].ner for s in table], line, marker="o", ms=3, color=color, label=label)
     ax.set(xlabel="layer", ylabel="normalized effective rank", ylim=(0, 1.02), title=title)
+    ax.xaxis.set_major_locator(matplotlib.ticker.MaxNLocator(integer=True))
     ax.grid(alpha=0.3)
     ax.legend(frameon=False)
     fig.tight_layout()

@@ -30,18 +30,25 @@ def task_source(task: str) -> str:
 
 
 def _point(config: SweepConfig, name: str, eval_config: EvalConfig) -> dict[str, float]:
+    """task -> config.metric at one sweep point; a finished point of the same settings is reused."""
     path = Path(config.out) / "points" / f"{name}.json"
     if path.exists():
+        saved = json.loads(path.read_text())
+        if saved["eval_config"] != asdict(eval_config):
+            raise ValueError(f"{path} was run with other settings ({saved['eval_config']}): use another --out, or delete it to rerun")
         logger.info("sweep point %s already done, reusing %s", name, path)
-        return json.loads(path.read_text())["perplexity"]
-    from kvcore_eval.evaluate import perplexities, run_lm_eval
+    else:
+        from kvcore_eval.evaluate import run_lm_eval
 
-    results = run_lm_eval(eval_config)
-    values = perplexities(results, config.metric)
+        results = run_lm_eval(eval_config)
+        metrics_by_task = {task: {key.split(",")[0]: value for key, value in values.items() if isinstance(value, (int, float))}
+                           for task, values in results["results"].items() if task not in results.get("groups", {})}
+        saved = {"eval_config": asdict(eval_config), "metrics": metrics_by_task, "kvcore": results["config"].get("kvcore")}
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text(json.dumps(saved, indent=2) + "\n")
+    values = {task: float(metrics[config.metric]) for task, metrics in saved["metrics"].items() if config.metric in metrics}
     if not values:
-        raise ValueError(f"tasks {config.tasks} report no {config.metric!r}: sweep kvcore perplexity tasks, or pass --metric")
-    path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(json.dumps({"perplexity": values, "kvcore": results["config"].get("kvcore")}, indent=2) + "\n")
+        raise ValueError(f"tasks {config.tasks} report no {config.metric!r}: sweep kvcore perplexity tasks, or pass another --metric")
     return values
 
 
@@ -126,7 +133,8 @@ def plot(summary: dict[str, Any], out: Path) -> None:
     fig, ax = plt.subplots(figsize=(6.5, 4), dpi=120)
     for task in summary["tasks"]:
         ax.plot(ranks, [summary["nd_ppl"][task][f"{r:g}"] for r in ranks], marker="o", ms=3, label=task)
-    ax.set(xlabel="rank (fraction of D)", ylabel="ND-PPL", title="ND-PPL vs rank")
+    ax.set(xlabel="rank (fraction of D)", ylabel="ND-PPL (symlog)", title="ND-PPL vs rank")
+    ax.set_yscale("symlog", linthresh=0.01)  # ND-PPL spans orders of magnitude as rank falls
     ax.invert_xaxis()
     ax.grid(alpha=0.3)
     ax.legend(frameon=False, fontsize=7)
@@ -142,7 +150,8 @@ def plot(summary: dict[str, Any], out: Path) -> None:
         ax.scatter(xs, ys, marker=marker, label=f"{kind} NER")
         for task, x, y in zip(summary["tasks"], xs, ys):
             ax.annotate(task.removeprefix("kvcore_"), (x, y), fontsize=6, alpha=0.7)
-    ax.set(xlabel="mean NER over layers", ylabel=f"ND-PPL at rank {lowest}", title="NER vs ND-PPL")
+    ax.set(xlabel="mean NER over layers", ylabel=f"ND-PPL at rank {lowest} (symlog)", title="NER vs ND-PPL")
+    ax.set_yscale("symlog", linthresh=0.01)
     ax.grid(alpha=0.3)
     ax.legend(frameon=False)
     fig.tight_layout()

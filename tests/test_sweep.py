@@ -58,9 +58,11 @@ def test_sweep_on_embedded_default_writes_tables_plots_and_resumes(embedded_arti
 
     point = out / "points" / "rank_0.5.json"  # a finished point is reused, not recomputed
     saved = json.loads(point.read_text())
-    saved["perplexity"]["kvcore_alpaca"] = 2 * summary["baseline_perplexity"]["kvcore_alpaca"]
+    saved["metrics"]["kvcore_alpaca"]["byte_perplexity"] = 2 * summary["baseline_perplexity"]["kvcore_alpaca"]
     point.write_text(json.dumps(saved))
     assert run_sweep(config)["nd_ppl"]["kvcore_alpaca"]["0.5"] == pytest.approx(1.0)
+    with pytest.raises(ValueError, match="other settings"):
+        run_sweep(SweepConfig(**{**vars(config), "limit": 3}))
 
 
 def _results(path, tasks):
