@@ -17,7 +17,7 @@ from typing import Any
 
 import torch
 
-from kvcore_eval import artifact, data, models
+from kvcore_eval import __version__, artifact, data, models
 from kvcore_eval.config import CalibrationConfig
 from kvcore_eval.gram import GramAccumulator, GramRecorder
 from kvcore_eval.rope import find_rotary_embedding
@@ -144,6 +144,9 @@ def calibrate(config: CalibrationConfig, on_checkpoint: Callable[[int], None] | 
             input_ids, attention_mask = _to_tensors(batch, pad_id, device)
             recorder.set_token_mask(attention_mask)
             model.base_model(input_ids=input_ids, attention_mask=attention_mask, cache=recorder, use_cache=True)
+            if index == batches_done and (silent := (accumulator.token_count == 0).nonzero().flatten().tolist()):
+                raise ValueError(f"layers {silent} of {config.model} never passed keys and values through transformers' "
+                                 "Cache.update: kvcore-eval supports attention layers that do (Llama, Mistral, Qwen2/3, Gemma, Phi-3, GPT-2)")
             if bad := accumulator.nonfinite_layers():
                 raise FloatingPointError(f"NaN/inf in the keys or values of layer(s) {bad} at batch {index}: the model overflows in {config.dtype}; try --dtype float32")
             batch_tokens = int(attention_mask.sum())
@@ -182,11 +185,5 @@ def _metadata(config: CalibrationConfig, identity: dict[str, Any], tokens: int, 
         "processes": world_size,
         "model_dtype": config.dtype,
         "gram_dtype": "float64",
-        "versions": {"torch": torch.__version__, "transformers": transformers.__version__, "accelerate": accelerate.__version__, "kvcore_eval": _version()},
+        "versions": {"torch": torch.__version__, "transformers": transformers.__version__, "accelerate": accelerate.__version__, "kvcore_eval": __version__},
     }
-
-
-def _version() -> str:
-    from kvcore_eval import __version__
-
-    return __version__

@@ -178,7 +178,8 @@ def task_dataset(source_name: str, language: str | None = None, data_dir: str | 
     source = resolve_source(source_name)
     if language is not None and language not in VISR_LANGUAGES:
         raise ValueError(f"unknown language {language!r}; VisR-Bench languages: {', '.join(sorted(VISR_LANGUAGES))}")
-    origin = str(Path(data_dir or os.environ.get(DATA_DIR_ENV, "")) / source.name) if (data_dir or os.environ.get(DATA_DIR_ENV)) else source.hub_id
+    data_dir = data_dir or os.environ.get(DATA_DIR_ENV)
+    origin = str(Path(data_dir) / source.name) if data_dir else source.hub_id
     rows = []
     for record in source_records(source, data_dir=data_dir):
         if language is not None and not _language_matches(_require(record, "language", origin), language):

@@ -151,6 +151,9 @@ class GPTJudge:
         extra = {"seed": self.config.seed} if self.config.seed is not None else {}
         try:
             response = self.client.chat.completions.create(model=self.config.model, messages=messages, temperature=0, max_tokens=32, **extra)
+        except (openai.AuthenticationError, openai.PermissionDeniedError) as err:
+            raise JudgeUnavailable(f"judge at {self.config.base_url or 'api.openai.com'} refused the key in {self.config.api_key_env}: "
+                                   "set it to a valid key") from err
         except (openai.APIConnectionError, openai.APITimeoutError, openai.RateLimitError, openai.InternalServerError) as err:
             raise JudgeUnavailable(
                 f"judge {self.config.model} at {self.config.base_url or 'api.openai.com'} did not answer after "

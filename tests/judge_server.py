@@ -2,7 +2,7 @@
 
 The judged answer's text scripts the reply: [[429x2]] answers 429 twice first, [[500]] 500 once, [[slow]]
 sleeps past the client's timeout once, [[garbage]] never gives a rating, [[garbage-once]] only the first time,
-[[down]] always 503; `score=N` asks for Rating: N; otherwise N = len(answer) % 10 + 1."""
+[[down]] always 503, [[401]] rejects the key; `score=N` asks for Rating: N; otherwise N = len(answer) % 10 + 1."""
 
 from __future__ import annotations
 
@@ -61,6 +61,8 @@ class JudgeServer:
                     server.authorization.append(self.headers.get("Authorization", ""))
                 time.sleep(server.delay)
                 reminded = len(request["messages"]) > 2
+                if "[[401]]" in answer:
+                    return self._send(401, {"error": {"message": "invalid api key"}})
                 if "[[down]]" in answer:
                     return self._send(503, {"error": {"message": "overloaded"}})
                 if (m := re.search(r"\[\[429x(\d)\]\]", answer)) and attempt <= int(m.group(1)):

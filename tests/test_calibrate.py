@@ -97,6 +97,14 @@ def test_not_a_causal_lm_is_refused(tmp_path):
         calibrate(config(tmp_path / "vit", tmp_path / "out"))
 
 
+def test_architecture_without_attention_heads_names_what_is_missing(tmp_path):
+    from transformers import MambaConfig
+
+    MambaConfig(vocab_size=259, hidden_size=32, num_hidden_layers=1).save_pretrained(tmp_path / "mamba")
+    with pytest.raises(ValueError, match="no num_attention_heads/num_hidden_layers"):
+        calibrate(config(tmp_path / "mamba", tmp_path / "out"))
+
+
 def _run_cli(args, **env):
     return subprocess.run([*args], cwd=REPO, capture_output=True, text=True, timeout=300, env={**os.environ, **env})
 

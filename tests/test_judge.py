@@ -69,6 +69,11 @@ def test_judge_down_fails_clearly_and_keeps_scores(server, judge_config):
     assert GPTJudge(judge_config).score("Q", "fine score=7").cached
 
 
+def test_rejected_key_names_the_variable(judge_config):
+    with pytest.raises(JudgeUnavailable, match="refused the key in KVCORE_TEST_KEY"):
+        GPTJudge(judge_config).score("Q", "x [[401]]")
+
+
 def test_missing_key_names_the_variable(judge_config, monkeypatch):
     monkeypatch.delenv("KVCORE_TEST_KEY")
     with pytest.raises(ValueError, match="set the environment variable KVCORE_TEST_KEY"):
