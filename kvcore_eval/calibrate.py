@@ -28,11 +28,16 @@ CHECKPOINT_DIR = "checkpoint"
 CONFIG_FILE = "config.json"
 
 
+def _dataset_spec(config: CalibrationConfig) -> dict[str, Any]:
+    return {"spec": config.dataset, "split": config.split, "text_field": config.text_field,
+            "prompt_format": config.prompt_format, "data_dir": config.data_dir}
+
+
 def _run_identity(config: CalibrationConfig, model_identity: dict[str, Any], world_size: int) -> dict[str, Any]:
     """What must match for a checkpoint to be resumed (max_tokens may grow: packing is prefix-stable)."""
     return {
         "model": model_identity,
-        "dataset": {"spec": config.dataset, "split": config.split, "text_field": config.text_field, "prompt_format": config.prompt_format},
+        "dataset": _dataset_spec(config),
         "seq_len": config.seq_len,
         "batch_size": config.batch_size,
         "world_size": world_size,
@@ -108,6 +113,22 @@ def _load_checkpoint(out: Path, rank: int, accumulator: GramAccumulator, identit
     return int(saved["batches_done"])
 
 
+def _accumulate(model, recorder: GramRecorder, batch: list[list[int]], pad_id: int, device: torch.device,
+                first: bool, config: CalibrationConfig) -> int:
+    """One forward pass whose keys and values enter the Grams; returns the tokens counted."""
+    accumulator = recorder.context.accumulator
+    input_ids, attention_mask = _to_tensors(batch, pad_id, device)
+    recorder.set_token_mask(attention_mask)
+    with torch.no_grad():
+        model.base_model(input_ids=input_ids, attention_mask=attention_mask, cache=recorder, use_cache=True)
+    if first and (silent := (accumulator.token_count == 0).nonzero().flatten().tolist()):
+        raise ValueError(f"layers {silent} of {config.model} never passed keys and values through transformers' "
+                         "Cache.update: kvcore-eval supports attention layers that do (Llama, Mistral, Qwen2/3, Gemma, Phi-3, GPT-2)")
+    if bad := accumulator.nonfinite_layers():
+        raise FloatingPointError(f"NaN/inf in the keys or values of layer(s) {bad}: the model overflows in {config.dtype}; try --dtype float32")
+    return int(attention_mask.sum())
+
+
 def calibrate(config: CalibrationConfig, on_checkpoint: Callable[[int], None] | None = None) -> Path:
     """Run the calibration; returns the artifact directory. `on_checkpoint(batches_done)` runs after each checkpoint."""
     from accelerate import PartialState
@@ -128,43 +149,35 @@ def calibrate(config: CalibrationConfig, on_checkpoint: Callable[[int], None] | 
     if state.is_main_process:
         (out / CONFIG_FILE).write_text(json.dumps(asdict(config), indent=2) + "\n")
 
+    rotary = find_rotary_embedding(model)
     accumulator = GramAccumulator(geometry, device)
-    recorder = GramRecorder(accumulator, find_rotary_embedding(model))
+    recorder = GramRecorder(accumulator, rotary)
     batches_done = _load_checkpoint(out, state.process_index, accumulator, run) if config.resume else 0
     texts = data.iter_texts(config.dataset, config.split, config.prompt_format, config.text_field, config.data_dir)
     sequences = data.pack_sequences(texts, tokenizer, config.seq_len, config.max_tokens)
+    batches = _batches(sequences, config.batch_size, state.process_index, state.num_processes)
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
     tokens_since_checkpoint = 0
-    progress = tqdm(total=config.max_tokens // state.num_processes, unit="tok", desc="calibrate", disable=not state.is_local_main_process)
-    progress.update(int(accumulator.token_count[0]))
-    with torch.no_grad():
-        for index, batch in enumerate(_batches(sequences, config.batch_size, state.process_index, state.num_processes)):
+    with tqdm(total=config.max_tokens // state.num_processes, initial=int(accumulator.token_count[0]), unit="tok",
+              desc="calibrate", disable=not state.is_local_main_process) as progress:
+        for index, batch in enumerate(batches):
             if index < batches_done:
                 continue
-            input_ids, attention_mask = _to_tensors(batch, pad_id, device)
-            recorder.set_token_mask(attention_mask)
-            model.base_model(input_ids=input_ids, attention_mask=attention_mask, cache=recorder, use_cache=True)
-            if index == batches_done and (silent := (accumulator.token_count == 0).nonzero().flatten().tolist()):
-                raise ValueError(f"layers {silent} of {config.model} never passed keys and values through transformers' "
-                                 "Cache.update: kvcore-eval supports attention layers that do (Llama, Mistral, Qwen2/3, Gemma, Phi-3, GPT-2)")
-            if bad := accumulator.nonfinite_layers():
-                raise FloatingPointError(f"NaN/inf in the keys or values of layer(s) {bad} at batch {index}: the model overflows in {config.dtype}; try --dtype float32")
-            batch_tokens = int(attention_mask.sum())
-            tokens_since_checkpoint += batch_tokens
-            progress.update(batch_tokens)
+            tokens = _accumulate(model, recorder, batch, pad_id, device, first=index == batches_done, config=config)
+            progress.update(tokens)
+            tokens_since_checkpoint += tokens
             if tokens_since_checkpoint >= config.checkpoint_every:
                 _save_checkpoint(out, state.process_index, accumulator, index + 1, run)
                 tokens_since_checkpoint = 0
                 if on_checkpoint is not None:
                     on_checkpoint(index + 1)
-    progress.close()
     if state.num_processes > 1:
         accumulator.all_reduce()
     total_tokens = int(accumulator.token_count[0])
     if total_tokens < config.seq_len:
         raise ValueError(f"{config.dataset} gave {total_tokens} tokens, fewer than one sequence (--seq-len {config.seq_len}): add data or lower --seq-len")
     if state.is_main_process:
-        metadata = _metadata(config, identity, total_tokens, state.num_processes, find_rotary_embedding(model) is not None)
+        metadata = _metadata(config, identity, total_tokens, state.num_processes, rotary is not None)
         artifact.save_calibration(artifact.decompose(accumulator.grams, accumulator.token_count, geometry, metadata), out)
         shutil.rmtree(out / CHECKPOINT_DIR, ignore_errors=True)
         logger.info("wrote %s (%d tokens, %d layers, D=%d)", out, total_tokens, geometry.num_layers, geometry.width)
@@ -178,7 +191,7 @@ def _metadata(config: CalibrationConfig, identity: dict[str, Any], tokens: int, 
 
     return {
         "model": {**identity, "has_rope": has_rope},
-        "dataset": {"spec": config.dataset, "split": config.split, "text_field": config.text_field, "prompt_format": config.prompt_format},
+        "dataset": _dataset_spec(config),
         "tokens": tokens,
         "seq_len": config.seq_len,
         "batch_size": config.batch_size,
