@@ -133,8 +133,8 @@ def iter_texts(dataset: str, split: str = "train", prompt_format: str | None = N
         source_name, _, language = dataset.removeprefix("kvcore:").partition(":")
         source = resolve_source(source_name)
         if prompt_format is None and text_field is None:
-            for row in task_dataset(source.name, language or None, data_dir):
-                yield row["prompt"] + row["response"]
+            for prompt, response in source_pairs(source, language or None, data_dir, streaming=True):
+                yield prompt + response
             return
         records, origin = source_records(source, data_dir=data_dir, streaming=True), f"{source.name} ({source.hub_id})"
         prompt_format = prompt_format or f"field:{text_field}"
@@ -170,24 +170,27 @@ def _language_matches(record_language: str, language: str) -> bool:
     return str(record_language).strip().lower() in wanted
 
 
+def source_pairs(source: DataSource, language: str | None = None, data_dir: str | None = None,
+                 streaming: bool = False) -> Iterator[tuple[str, str]]:
+    """(prompt, response) of a registered source's records, only those in `language` when given (VisR-Bench)."""
+    if language is not None and language not in VISR_LANGUAGES:
+        raise ValueError(f"unknown language {language!r}; VisR-Bench languages: {', '.join(sorted(VISR_LANGUAGES))}")
+    data_dir = data_dir or os.environ.get(DATA_DIR_ENV)
+    origin = str(Path(data_dir) / source.name) if data_dir else source.hub_id
+    for record in source_records(source, data_dir=data_dir, streaming=streaming):
+        if language is None or _language_matches(_require(record, "language", origin), language):
+            yield format_record(record, source.prompt_format, origin)
+
+
 def task_dataset(source_name: str, language: str | None = None, data_dir: str | None = None,
                  num_samples: int | None = None, seed: int = 1234):
     """A `datasets.Dataset` of {prompt, response} for an lm-eval task; a seeded subset when num_samples is set."""
     import datasets
 
     source = resolve_source(source_name)
-    if language is not None and language not in VISR_LANGUAGES:
-        raise ValueError(f"unknown language {language!r}; VisR-Bench languages: {', '.join(sorted(VISR_LANGUAGES))}")
-    data_dir = data_dir or os.environ.get(DATA_DIR_ENV)
-    origin = str(Path(data_dir) / source.name) if data_dir else source.hub_id
-    rows = []
-    for record in source_records(source, data_dir=data_dir):
-        if language is not None and not _language_matches(_require(record, "language", origin), language):
-            continue
-        prompt, response = format_record(record, source.prompt_format, origin)
-        rows.append({"prompt": prompt, "response": response})
+    rows = [{"prompt": prompt, "response": response} for prompt, response in source_pairs(source, language, data_dir)]
     if not rows:
-        raise ValueError(f"{origin} has no records" + (f" in language {language!r}" if language else ""))
+        raise ValueError(f"{source.name} has no records" + (f" in language {language!r}" if language else ""))
     dataset = datasets.Dataset.from_list(rows)
     if num_samples is not None and num_samples < len(dataset):
         dataset = dataset.shuffle(seed=seed).select(range(num_samples))
