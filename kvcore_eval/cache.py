@@ -162,13 +162,18 @@ def layer_bases(calibration: Calibration, plan: RankPlan, device: torch.device |
     return [LayerBases(basis(key_space, layer, key_ranks[layer]), basis("value", layer, value_ranks[layer])) for layer in range(num_layers)]
 
 
-def cache_bytes_per_token(plan: RankPlan, kv_heads: int, num_layers: int, element_size: int) -> dict[str, float]:
-    """Bytes one token costs in the low-rank cache and in a full DynamicCache, and their ratio."""
+def cache_bytes_per_token(plan: RankPlan, kv_heads: int, num_layers: int, element_size: int, has_rope: bool) -> dict[str, float]:
+    """Bytes one token costs in the low-rank cache and in a full DynamicCache, and their ratio.
+
+    Mirrors `LowRankLayer`: a rank below the width stores r numbers per basis, else the full width; truncated
+    pre-RoPE keys of a RoPE model also store an int32 position per token and layer."""
     per_basis = 1 if plan.granularity == "layer" else kv_heads  # head granularity stores r per head
     full_width = plan.width * per_basis
-    keys = sum(r * per_basis for r in (plan.key_rank_per_layer or [plan.width] * num_layers))
+    key_ranks = plan.key_rank_per_layer or [plan.width] * num_layers
+    keys = sum(r * per_basis for r in key_ranks)
     values = sum(r * per_basis for r in (plan.value_rank_per_layer or [plan.width] * num_layers))
-    positions = 4 * num_layers if plan.key_space == "pre_rope" and plan.key_rank_per_layer else 0
+    truncated_key_layers = sum(r < plan.width for r in key_ranks)
+    positions = 4 * truncated_key_layers if plan.key_space == "pre_rope" and has_rope else 0
     low_rank = (keys + values) * element_size + positions
     full = 2 * num_layers * full_width * element_size
     return {"low_rank": float(low_rank), "full": float(full), "ratio": low_rank / full}

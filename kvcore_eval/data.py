@@ -131,18 +131,12 @@ def iter_texts(dataset: str, split: str = "train", prompt_format: str | None = N
     a local file or a hub id."""
     if dataset.startswith("kvcore:"):
         source_name, _, language = dataset.removeprefix("kvcore:").partition(":")
-        source = resolve_source(source_name)
-        if prompt_format is None and text_field is None:
-            for prompt, response in source_pairs(source, language or None, data_dir, streaming=True):
-                yield prompt + response
-            return
-        records, origin = source_records(source, data_dir=data_dir, streaming=True), f"{source.name} ({source.hub_id})"
-        prompt_format = prompt_format or f"field:{text_field}"
+        prompt_format = prompt_format or (f"field:{text_field}" if text_field else None)
+        pairs = source_pairs(resolve_source(source_name), language or None, data_dir, streaming=True, prompt_format=prompt_format)
     else:
-        records, origin = load_records(dataset, split, streaming=True), dataset
         prompt_format = prompt_format or f"field:{text_field or 'text'}"
-    for record in records:
-        prompt, response = format_record(record, prompt_format, origin)
+        pairs = (format_record(record, prompt_format, dataset) for record in load_records(dataset, split, streaming=True))
+    for prompt, response in pairs:
         yield prompt + response
 
 
@@ -171,15 +165,16 @@ def _language_matches(record_language: str, language: str) -> bool:
 
 
 def source_pairs(source: DataSource, language: str | None = None, data_dir: str | None = None,
-                 streaming: bool = False) -> Iterator[tuple[str, str]]:
-    """(prompt, response) of a registered source's records, only those in `language` when given (VisR-Bench)."""
+                 streaming: bool = False, prompt_format: str | None = None) -> Iterator[tuple[str, str]]:
+    """(prompt, response) of a registered source's records in its prompt format (or `prompt_format`),
+    only those in `language` when given (VisR-Bench)."""
     if language is not None and language not in VISR_LANGUAGES:
         raise ValueError(f"unknown language {language!r}; VisR-Bench languages: {', '.join(sorted(VISR_LANGUAGES))}")
     data_dir = data_dir or os.environ.get(DATA_DIR_ENV)
     origin = str(Path(data_dir) / source.name) if data_dir else source.hub_id
     for record in source_records(source, data_dir=data_dir, streaming=streaming):
         if language is None or _language_matches(_require(record, "language", origin), language):
-            yield format_record(record, source.prompt_format, origin)
+            yield format_record(record, prompt_format or source.prompt_format, origin)
 
 
 def task_dataset(source_name: str, language: str | None = None, data_dir: str | None = None,

@@ -89,11 +89,12 @@ class _RecordingLayer(DynamicLayer):
         mask = self.context.token_mask
         keep = mask.reshape(-1) if mask is not None else slice(None)
         add = self.context.accumulator.add
-        add(self.layer_idx, "key_post_rope", _token_rows(key_states)[keep])
+        key_rows = _token_rows(key_states)[keep]
+        add(self.layer_idx, "key_post_rope", key_rows)
         add(self.layer_idx, "value", _token_rows(value_states)[keep])
         rotary = self.context.rotary_embedding
-        if rotary is None:
-            add(self.layer_idx, "key_pre_rope", _token_rows(key_states)[keep])
+        if rotary is None:  # no RoPE: the pre-RoPE key is the cached key
+            add(self.layer_idx, "key_pre_rope", key_rows)
         else:
             attention_kwargs = kwargs.get("kwargs") or {}
             positions = rope.positions_from_kwargs(attention_kwargs, 0, batch, seq, key_states.device)

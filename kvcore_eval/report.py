@@ -49,9 +49,9 @@ def layer_table(calibration: Calibration) -> list[dict[str, SpaceStats]]:
     ]
 
 
-def mean_ner(calibration: Calibration, space: str) -> float:
+def mean_ner(table: list[dict[str, SpaceStats]], space: str) -> float:
     """NER averaged over layers: the paper's per-model, per-dataset number."""
-    return float(np.mean([stats[space].ner for stats in layer_table(calibration)]))
+    return float(np.mean([stats[space].ner for stats in table]))
 
 
 def to_markdown(calibration: Calibration, table: list[dict[str, SpaceStats]]) -> str:
@@ -72,7 +72,7 @@ def to_markdown(calibration: Calibration, table: list[dict[str, SpaceStats]]) ->
             f"| {layer} | {k.ner:.3f} | {kp.ner:.3f} | {v.ner:.3f} | {k.effective_rank:.1f} | {v.effective_rank:.1f} "
             f"| {k.rank_90}/{k.rank_95}/{k.rank_99} | {v.rank_90}/{v.rank_95}/{v.rank_99} |"
         )
-    means = {space: np.mean([s[space].ner for s in table]) for space in SPACES}
+    means = {space: mean_ner(table, space) for space in SPACES}
     lines.append(f"| **mean** | **{means['key_pre_rope']:.3f}** | **{means['key_post_rope']:.3f}** | **{means['value']:.3f}** | | | | |")
     return "\n".join(lines) + "\n"
 
@@ -110,7 +110,7 @@ def write_report(artifact_dir: str | Path, out_dir: str | Path | None = None) ->
         "model": calibration.metadata["model"]["model_id"],
         "dataset": calibration.metadata["dataset"]["spec"],
         "tokens": calibration.metadata["tokens"],
-        "mean_ner": {space: float(np.mean([s[space].ner for s in table])) for space in SPACES},
+        "mean_ner": {space: mean_ner(table, space) for space in SPACES},
         "layers": [{space: asdict(stats[space]) for space in SPACES} for stats in table],
     }
     paths["json"].write_text(json.dumps(summary, indent=2) + "\n")

@@ -56,15 +56,15 @@ def _task_ner(config: SweepConfig, task: str) -> dict[str, float]:
     """Mean-over-layers NER of keys (config.key_space) and values on the task's own data."""
     from kvcore_eval.artifact import METADATA_FILE, load_calibration
     from kvcore_eval.calibrate import calibrate
-    from kvcore_eval.report import mean_ner
+    from kvcore_eval.report import layer_table, mean_ner
 
     out = Path(config.out) / "ner" / task
     if not (out / METADATA_FILE).exists():
         calibrate(CalibrationConfig(model=config.model, dataset=task_source(task), out=str(out), data_dir=config.data_dir,
                                     max_tokens=config.ner_tokens, seq_len=config.seq_len, device=config.device,
                                     dtype=config.dtype, resume=(out / "checkpoint").exists()))
-    calibration = load_calibration(out)
-    return {"key": mean_ner(calibration, f"key_{config.key_space}"), "value": mean_ner(calibration, "value")}
+    table = layer_table(load_calibration(out))
+    return {"key": mean_ner(table, f"key_{config.key_space}"), "value": mean_ner(table, "value")}
 
 
 def run_sweep(config: SweepConfig) -> dict[str, Any]:

@@ -80,7 +80,8 @@ class KVCoreHFLM(HFLM):
         self._kv_heads = geometry.kv_heads
         self._rotary = find_rotary_embedding(self.model) if self.kvcore_config.key_space == "pre_rope" else None
         element_size = torch.empty(0, dtype=self.model.dtype).element_size()
-        self.kvcore_cache_bytes = cache_bytes_per_token(self.kvcore_plan, geometry.kv_heads, geometry.num_layers, element_size)
+        self.kvcore_cache_bytes = cache_bytes_per_token(self.kvcore_plan, geometry.kv_heads, geometry.num_layers, element_size,
+                                                        has_rope=find_rotary_embedding(self.model) is not None)
         logger.info("kvcore_hf: key ranks %s, value ranks %s, cache %.1f%% of full (%d vs %d bytes/token)",
                     self.kvcore_plan.key_rank_per_layer, self.kvcore_plan.value_rank_per_layer, 100 * self.kvcore_cache_bytes["ratio"],
                     self.kvcore_cache_bytes["low_rank"], self.kvcore_cache_bytes["full"])

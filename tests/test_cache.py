@@ -96,7 +96,7 @@ def test_stored_bytes_are_r_over_d_of_dynamic_cache(granularity, family_models, 
     assert stored["keys"] == full_keys * key_rank // width
     assert stored["values"] == full_keys * value_rank // width
     plan = RankPlan([key_rank] * 2, [value_rank] * 2, width, granularity, "post_rope")
-    per_token = cache_bytes_per_token(plan, geometry.kv_heads, geometry.num_layers, 4)
+    per_token = cache_bytes_per_token(plan, geometry.kv_heads, geometry.num_layers, 4, has_rope=True)
     assert per_token["low_rank"] * token_batch.numel() == stored["keys"] + stored["values"]
     assert per_token["ratio"] == pytest.approx((key_rank + value_rank) / (2 * width))
 
@@ -107,6 +107,11 @@ def test_pre_rope_cache_stores_positions_and_reports_them(family_models, calibra
     logits(model, token_batch, cache)
     assert cache.stored_bytes()["positions"] == 2 * token_batch.numel() * 4  # int32 per token per layer
     assert cache.layers[0].keys.shape == (3, 24, 4)
+    geometry = calibration.geometry
+    plan = RankPlan([4] * 2, None, geometry.width, "layer", "pre_rope")
+    per_token = cache_bytes_per_token(plan, geometry.kv_heads, geometry.num_layers, 4, has_rope=True)
+    assert per_token["low_rank"] * token_batch.numel() == sum(cache.stored_bytes().values())
+    assert cache_bytes_per_token(plan, geometry.kv_heads, geometry.num_layers, 4, has_rope=False)["low_rank"] == per_token["low_rank"] - 8
 
 
 def test_generate_with_low_rank_cache_matches_one_shot_greedy(family_models, calibrations, token_batch):

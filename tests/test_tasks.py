@@ -67,3 +67,11 @@ def test_seeded_subset_is_fixed(data_dir):
     first = task_dataset("alpaca", data_dir=str(data_dir), num_samples=5, seed=3)["prompt"]
     assert first == task_dataset("alpaca", data_dir=str(data_dir), num_samples=5, seed=3)["prompt"]
     assert first != task_dataset("alpaca", data_dir=str(data_dir), num_samples=5, seed=4)["prompt"]
+
+
+def test_calibration_texts_keep_the_language_filter_with_a_field_override(data_dir):
+    from kvcore_eval.data import iter_texts
+
+    texts = list(iter_texts("kvcore:visr:de", text_field="question", data_dir=str(data_dir)))
+    assert texts == ["question 0 in German?", "question 1 in German?"]
+    assert list(iter_texts("kvcore:visr:de", data_dir=str(data_dir))) == texts
