@@ -22,7 +22,7 @@ from kvcore_eval.artifact import decompose
 from kvcore_eval.cache import LowRankCache, layer_bases
 from kvcore_eval.gram import GramAccumulator, GramRecorder
 from kvcore_eval.rank_plan import RankPlan
-from kvcore_eval.rope import find_rotary_embedding
+from kvcore_eval.rope import RopeTap
 
 
 def decode(model, cache, context: torch.Tensor, new_tokens: int) -> tuple[float, int]:
@@ -56,11 +56,11 @@ def main() -> None:
     model, geometry, device = build_model(args, max_positions=32768)
     vocab_size = model.config.vocab_size
     accumulator = GramAccumulator(geometry, device)
+    tap = RopeTap(model)
     with torch.no_grad():
         model.base_model(input_ids=torch.randint(0, vocab_size, (2, 512), device=device),
-                         cache=GramRecorder(accumulator, find_rotary_embedding(model)), use_cache=True)
+                         cache=GramRecorder(accumulator, tap), use_cache=True)
     calibration = decompose(accumulator.grams, accumulator.token_count, geometry, {"model": {"geometry": geometry.to_dict()}})
-    rotary = find_rotary_embedding(model)
 
     print(f"{describe(model, geometry, args)}; batch {args.batch_size}, {args.new_tokens} decoded tokens")
     print("| context | cache | key/value rank | decode tok/s | vs hf | cache MiB | vs hf |")
@@ -73,7 +73,7 @@ def main() -> None:
             for key_space in ("post_rope", "pre_rope"):
                 rank = max(1, round(fraction * geometry.width))
                 plan = RankPlan([rank] * geometry.num_layers, [rank] * geometry.num_layers, geometry.width, "layer", key_space)
-                cache = LowRankCache(layer_bases(calibration, plan, device), geometry.kv_heads, rotary if key_space == "pre_rope" else None)
+                cache = LowRankCache(layer_bases(calibration, plan, device), geometry.kv_heads, tap if key_space == "pre_rope" else None)
                 speed, nbytes = decode(model, cache, context, args.new_tokens)
                 print(f"| {context_len} | kvcore_hf {key_space} | {rank} | {speed:,.1f} | {speed / base_speed:.2f} | "
                       f"{nbytes / 2**20:,.2f} | {nbytes / base_bytes:.2f} |")

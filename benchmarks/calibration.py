@@ -20,7 +20,7 @@ from transformers import DynamicCache
 
 from kvcore_eval.artifact import decompose
 from kvcore_eval.gram import GramAccumulator, GramRecorder
-from kvcore_eval.rope import find_rotary_embedding
+from kvcore_eval.rope import RopeTap
 
 
 def synchronize(device: torch.device) -> None:
@@ -48,14 +48,15 @@ def main() -> None:
     model, geometry, device = build_model(args, max_positions=4096)
     batches = [torch.randint(0, model.config.vocab_size, (args.batch_size, args.seq_len), device=device) for _ in range(args.batches)]
 
+    tap = RopeTap(model)
     accumulator = GramAccumulator(geometry, device)
-    recorder = GramRecorder(accumulator, find_rotary_embedding(model))
+    recorder = GramRecorder(accumulator, tap)
     with torch.no_grad():
         plain = throughput(lambda b: model.base_model(input_ids=b, use_cache=False), batches, device)
         calibrating = throughput(lambda b: model.base_model(input_ids=b, cache=recorder, use_cache=True), batches, device)
     # The warm-up recorded batches[0] twice; for the accuracy check, record every batch exactly once.
     exact = GramAccumulator(geometry, device)
-    exact_recorder = GramRecorder(exact, find_rotary_embedding(model))
+    exact_recorder = GramRecorder(exact, tap)
     stacked = {"key_post_rope": [], "value": []}  # naive: every token's K and V kept
     with torch.no_grad():
         for batch in batches:

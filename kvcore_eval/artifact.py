@@ -5,7 +5,9 @@ Per space (`key_pre_rope`, `key_post_rope`, `value`), for all layers at once:
   eigenvectors       (layers, D, D)                float32, column i = right singular vector i
   head_eigenvalues   (layers, kv_heads, head_dim)  float64, spectra of each head's diagonal Gram block
   head_eigenvectors  (layers, kv_heads, head_dim, head_dim) float32
-and `token_count` (layers,). No pickles: safetensors and JSON only.
+and `token_count` (layers,), and `weights_sample` (parameters, 64): a strided sample of the calibrated
+model's weights, so an evaluation can tell the same weights loaded in another dtype from other weights.
+No pickles: safetensors and JSON only.
 """
 
 from __future__ import annotations
@@ -35,6 +37,7 @@ class Calibration:
     head_eigenvalues: dict[str, torch.Tensor]  # space -> (layers, kv_heads, head_dim)
     head_eigenvectors: dict[str, torch.Tensor]  # space -> (layers, kv_heads, head_dim, head_dim)
     token_count: torch.Tensor = field(default_factory=lambda: torch.zeros(0, dtype=torch.int64))  # (layers,)
+    weights_sample: torch.Tensor | None = None  # (parameters, 64) float32, see models.weights_sample
 
     @property
     def geometry(self) -> KVGeometry:
@@ -71,6 +74,8 @@ def save_calibration(calibration: Calibration, out_dir: str | Path) -> None:
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     tensors = {"token_count": calibration.token_count.contiguous()}
+    if calibration.weights_sample is not None:
+        tensors["weights_sample"] = calibration.weights_sample.contiguous()
     for space in SPACES:
         tensors[f"{space}.eigenvalues"] = calibration.eigenvalues[space].contiguous()
         tensors[f"{space}.eigenvectors"] = calibration.eigenvectors[space].contiguous()
@@ -109,4 +114,4 @@ def load_calibration(path: str | Path) -> Calibration:
         if "." in key:
             space, name = key.split(".", 1)
             parts[name][space] = tensor
-    return Calibration(metadata, token_count=tensors["token_count"], **parts)
+    return Calibration(metadata, token_count=tensors["token_count"], weights_sample=tensors.get("weights_sample"), **parts)

@@ -8,23 +8,26 @@ the reconstruction K·P_r·P_rᵀ of everything cached to attention. Every atten
 Memory really shrinks (the stored tensors are the latents); compute does not: the reconstruction is a
 matmul per layer per step, with no fused low-rank attention kernel.
 
-pre_rope keys (the paper's K = X·W_k): the cache undoes RoPE on the new keys (cos/sin from the model's
-rotary module at the tokens' positions), projects, stores the latent and the positions, and on return
-reconstructs and re-applies RoPE. This equals folding P_r·P_rᵀ into W_k (tested).
+pre_rope keys (the paper's K = X·W_k): the cache undoes RoPE on the new keys with the tables the layer
+itself applied (`rope.RopeTap`), projects and stores the latent; on return it reconstructs and re-applies
+RoPE with the tables kept for every cached token. Keeping the applied tables, rather than recomputing them
+from positions, makes a full-rank cache hold exactly what the model's own cache holds, also under dynamic
+or longrope scaling, where frequencies change with the length. One history of tables per rotary group
+(layers that receive the same tables) serves all its layers. This equals folding P_r·P_rᵀ into W_k (tested).
 """
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
-from torch import nn
-from transformers.cache_utils import Cache, DynamicLayer
+from transformers.cache_utils import Cache, DynamicCache, DynamicLayer
 
-from kvcore_eval import rope
 from kvcore_eval.artifact import Calibration
 from kvcore_eval.gram import KEY_SPACES
 from kvcore_eval.rank_plan import RankPlan
+from kvcore_eval.rope import RopeTap, RotaryTables, rotate, unrotate
 
 
 @dataclass(frozen=True)
@@ -53,29 +56,63 @@ def reconstruct(latent: torch.Tensor, basis: torch.Tensor, kv_heads: int) -> tor
     return torch.einsum("bhsr,hdr->bhsd", latent, basis)
 
 
+class RopeHistory:
+    """The rotary tables applied to every cached token, per rotary group: cos, sin (batch, seq, rotary_dim)."""
+
+    def __init__(self, tap: RopeTap):
+        self.tap = tap
+        self.groups: dict[int, RotaryTables] = {}
+
+    def extend(self, layer_idx: int, length: int) -> tuple[int, RotaryTables]:
+        """The group of `layer_idx` and its new tokens' tables; the group's history grows to `length` tokens
+        (the first layer of the group in a forward appends, the others find it done)."""
+        tables, group = self.tap.tables(layer_idx), self.tap.group_of(layer_idx)
+        kept = self.groups.get(group)
+        kept_length = 0 if kept is None else kept.cos.shape[-2]
+        if kept_length < length:
+            if kept is not None:  # rows share one table while their positions agree (batch 1); widen when they part
+                batch = max(kept.cos.shape[0], tables.cos.shape[0])
+                kept, tables = _widen(kept, batch), _widen(tables, batch)
+            cos = tables.cos if kept is None else torch.cat([kept.cos, tables.cos], dim=-2)
+            sin = tables.sin if kept is None else torch.cat([kept.sin, tables.sin], dim=-2)
+            self.groups[group] = RotaryTables(cos, sin, tables.interleaved)
+        return group, tables
+
+    def edit(self, change: Callable[[torch.Tensor], torch.Tensor], batch_edit: bool = True) -> None:
+        """Apply a batch or length edit of the cache to every kept table (a shared batch-1 table needs no batch edit)."""
+        self.groups = {group: t if batch_edit and t.cos.shape[0] == 1 else RotaryTables(change(t.cos), change(t.sin), t.interleaved)
+                       for group, t in self.groups.items()}
+
+    def stored_bytes(self) -> int:
+        return sum(t.cos.numel() * t.cos.element_size() + t.sin.numel() * t.sin.element_size() for t in self.groups.values())
+
+
+def _widen(tables: RotaryTables, batch: int) -> RotaryTables:
+    if tables.cos.shape[0] == batch:
+        return tables
+    return RotaryTables(tables.cos.expand(batch, -1, -1), tables.sin.expand(batch, -1, -1), tables.interleaved)
+
+
 class LowRankLayer(DynamicLayer):
     """Stores latents K·P_r and V·P_r; returns their reconstructions (post-RoPE keys, as attention expects)."""
 
-    def __init__(self, bases: LayerBases, kv_heads: int, rotary_embedding: nn.Module | None = None):
+    def __init__(self, bases: LayerBases, kv_heads: int, layer_idx: int, rope: RopeHistory | None = None):
         super().__init__()
         self.bases = bases
         self.kv_heads = kv_heads
-        # Only truncated pre-RoPE keys need RoPE undone and redone, hence the positions of the cached tokens.
-        self.rotary_embedding = rotary_embedding if bases.key is not None else None
-        self.positions: torch.Tensor | None = None  # (batch, seq) int32
+        self.layer_idx = layer_idx
+        # Only truncated pre-RoPE keys need RoPE undone and redone.
+        self.rope = rope if bases.key is not None else None
+        self.rope_group: int | None = None
 
     def update(self, key_states: torch.Tensor, value_states: torch.Tensor, *args, **kwargs) -> tuple[torch.Tensor, torch.Tensor]:
         # key_states, value_states: (batch, kv_heads, new_seq, head_dim), keys after RoPE
         if not self.is_initialized:
             self.lazy_initialization(key_states, value_states)
         new_keys = key_states
-        if self.rotary_embedding is not None:
-            batch, _, seq, _ = key_states.shape
-            positions = rope.positions_from_kwargs(kwargs.get("kwargs") or {}, self.get_seq_length(), batch, seq, key_states.device)
-            cos, sin = rope.cos_sin(self.rotary_embedding, key_states, positions)
-            new_keys = rope.unrotate(key_states.float(), cos, sin)
-            positions = positions.to(torch.int32)
-            self.positions = positions if self.positions is None else torch.cat([self.positions, positions], dim=-1)
+        if self.rope is not None:
+            self.rope_group, tables = self.rope.extend(self.layer_idx, self.get_seq_length() + key_states.shape[-2])
+            new_keys = unrotate(key_states.float(), tables)
         if self.bases.key is not None:
             new_keys = project(new_keys, self.bases.key).to(key_states.dtype)
         new_values = value_states if self.bases.value is None else project(value_states, self.bases.value).to(value_states.dtype)
@@ -88,9 +125,8 @@ class LowRankLayer(DynamicLayer):
         if self.bases.key is None:
             return self.keys
         keys = reconstruct(self.keys, self.bases.key, self.kv_heads)
-        if self.rotary_embedding is not None:
-            cos, sin = rope.cos_sin(self.rotary_embedding, keys, self.positions)
-            keys = rope.rotate(keys, cos, sin)
+        if self.rope is not None:
+            keys = rotate(keys, self.rope.groups[self.rope_group])
         return keys.to(dtype)
 
     def read_values(self, dtype: torch.dtype) -> torch.Tensor:
@@ -100,49 +136,52 @@ class LowRankLayer(DynamicLayer):
 
     def stored_bytes(self) -> dict[str, int]:
         if not self.is_initialized:
-            return {"keys": 0, "values": 0, "positions": 0}
-        size = lambda t: 0 if t is None else t.numel() * t.element_size()  # noqa: E731
-        return {"keys": size(self.keys), "values": size(self.values), "positions": size(self.positions)}
-
-    # Batch and length edits keep the positions in step with the latents.
-    def reset(self) -> None:
-        super().reset()
-        self.positions = None
-
-    def crop(self, tokens_to_remove: int) -> None:
-        super().crop(tokens_to_remove)
-        if self.positions is not None and tokens_to_remove < 0:
-            self.positions = self.positions[:, :tokens_to_remove]
-
-    def batch_repeat_interleave(self, repeats: int) -> None:
-        super().batch_repeat_interleave(repeats)
-        if self.positions is not None:
-            self.positions = self.positions.repeat_interleave(repeats, dim=0)
-
-    def batch_select_indices(self, indices: torch.Tensor) -> None:
-        super().batch_select_indices(indices)
-        if self.positions is not None:
-            self.positions = self.positions[indices, ...]
-
-    def reorder_cache(self, beam_idx: torch.LongTensor) -> None:
-        super().reorder_cache(beam_idx)
-        if self.positions is not None:
-            self.positions = self.positions.index_select(0, beam_idx.to(self.positions.device))
+            return {"keys": 0, "values": 0}
+        return {"keys": self.keys.numel() * self.keys.element_size(), "values": self.values.numel() * self.values.element_size()}
 
 
 class LowRankCache(Cache):
-    """One `LowRankLayer` per decoder layer. Pass as `cache=` to a forward or to `generate`."""
+    """One `LowRankLayer` per decoder layer. Pass as `cache=` to a forward or to `generate`.
 
-    def __init__(self, bases: list[LayerBases], kv_heads: int, rotary_embedding: nn.Module | None = None):
-        super().__init__(layers=[LowRankLayer(layer_bases, kv_heads, rotary_embedding) for layer_bases in bases])
+    `tap` (pre_rope truncation of a RoPE model) supplies the tables each layer applied; the cache keeps them."""
+
+    def __init__(self, bases: list[LayerBases], kv_heads: int, tap: RopeTap | None = None):
+        self.rope = RopeHistory(tap) if tap is not None and tap.has_rope else None
+        super().__init__(layers=[LowRankLayer(layer_bases, kv_heads, idx, self.rope) for idx, layer_bases in enumerate(bases)])
 
     def stored_bytes(self) -> dict[str, int]:
-        """Bytes held, summed over layers: keys, values and (pre-RoPE truncation) positions."""
-        totals = {"keys": 0, "values": 0, "positions": 0}
+        """Bytes held: keys and values summed over layers, and the rotary tables of pre-RoPE truncation."""
+        totals = {"keys": 0, "values": 0, "rope_tables": 0 if self.rope is None else self.rope.stored_bytes()}
         for layer in self.layers:
             for name, size in layer.stored_bytes().items():
                 totals[name] += size
         return totals
+
+    # Batch and length edits keep the rotary tables in step with the latents.
+    def reset(self) -> None:
+        super().reset()
+        if self.rope is not None:
+            self.rope.groups.clear()
+
+    def crop(self, tokens_to_remove: int) -> None:
+        super().crop(tokens_to_remove)
+        if self.rope is not None and tokens_to_remove < 0:
+            self.rope.edit(lambda t: t[:, :tokens_to_remove], batch_edit=False)
+
+    def batch_repeat_interleave(self, repeats: int) -> None:
+        super().batch_repeat_interleave(repeats)
+        if self.rope is not None:
+            self.rope.edit(lambda t: t.repeat_interleave(repeats, dim=0))
+
+    def batch_select_indices(self, indices: torch.Tensor) -> None:
+        super().batch_select_indices(indices)
+        if self.rope is not None:
+            self.rope.edit(lambda t: t[indices, ...])
+
+    def reorder_cache(self, beam_idx: torch.LongTensor) -> None:
+        super().reorder_cache(beam_idx)
+        if self.rope is not None:
+            self.rope.edit(lambda t: t.index_select(0, beam_idx.to(t.device)))
 
 
 def layer_bases(calibration: Calibration, plan: RankPlan, device: torch.device | str = "cpu") -> list[LayerBases]:
@@ -162,18 +201,43 @@ def layer_bases(calibration: Calibration, plan: RankPlan, device: torch.device |
     return [LayerBases(basis(key_space, layer, key_ranks[layer]), basis("value", layer, value_ranks[layer])) for layer in range(num_layers)]
 
 
-def cache_bytes_per_token(plan: RankPlan, kv_heads: int, num_layers: int, element_size: int, has_rope: bool) -> dict[str, float]:
-    """Bytes one token costs in the low-rank cache and in a full DynamicCache, and their ratio.
+def cache_bytes_per_token(plan: RankPlan, kv_heads: int, num_layers: int, element_size: int, rope_table_bytes: int = 0) -> dict[str, float]:
+    """Bytes one token costs in the low-rank cache and in a full cache of every layer, and their ratio.
 
-    Mirrors `LowRankLayer`: a rank below the width stores r numbers per basis, else the full width; truncated
-    pre-RoPE keys of a RoPE model also store an int32 position per token and layer."""
+    Mirrors `LowRankCache`: a rank below the width stores r numbers per basis, else the full width; truncated
+    pre-RoPE keys also keep the rotary tables applied to each token (`rope_table_bytes` per token, once per
+    rotary group, not per layer)."""
     per_basis = 1 if plan.granularity == "layer" else kv_heads  # head granularity stores r per head
     full_width = plan.width * per_basis
     key_ranks = plan.key_rank_per_layer or [plan.width] * num_layers
     keys = sum(r * per_basis for r in key_ranks)
     values = sum(r * per_basis for r in (plan.value_rank_per_layer or [plan.width] * num_layers))
-    truncated_key_layers = sum(r < plan.width for r in key_ranks)
-    positions = 4 * truncated_key_layers if plan.key_space == "pre_rope" and has_rope else 0
-    low_rank = (keys + values) * element_size + positions
+    truncates_pre_rope = plan.key_space == "pre_rope" and any(r < plan.width for r in key_ranks)
+    low_rank = (keys + values) * element_size + (rope_table_bytes if truncates_pre_rope else 0)
     full = 2 * num_layers * full_width * element_size
     return {"low_rank": float(low_rank), "full": float(full), "ratio": low_rank / full}
+
+
+def sliding_window_layers(config) -> dict[int, int]:
+    """layer -> window W, for the layers whose own DynamicCache keeps only the last W tokens."""
+    own = DynamicCache(config=config)
+    return {idx: int(layer.sliding_window) for idx, layer in enumerate(own.layers) if getattr(layer, "is_sliding", False)}
+
+
+def compare_with_model_cache(per_token: dict[str, float], windows: dict[int, int], num_layers: int,
+                             contexts: tuple[int, ...] = (1024, 4096, 32768)) -> dict | None:
+    """Where the model's own cache slides, `per_token["ratio"]` (against a full cache) understates what the
+    low-rank cache holds: it keeps every token of every layer. Ratios against the model's own cache, by context."""
+    if not windows:
+        return None
+    per_layer_token = per_token["full"] / num_layers
+
+    def own_bytes(context: int) -> float:
+        return sum(min(context, windows.get(layer, context)) for layer in range(num_layers)) * per_layer_token
+
+    return {
+        "sliding_window_layers": {str(layer): window for layer, window in windows.items()},
+        "ratio_to_model_cache_at_context": {str(c): per_token["low_rank"] * c / own_bytes(c) for c in contexts},
+        "note": "the model's own cache keeps only the last W tokens of its sliding-window layers; the low-rank cache "
+                "keeps every token, so against the model's own cache its ratio grows with the context",
+    }

@@ -20,7 +20,8 @@ import torch
 from kvcore_eval import __version__, artifact, data, models
 from kvcore_eval.config import CalibrationConfig
 from kvcore_eval.gram import GramAccumulator, GramRecorder
-from kvcore_eval.rope import find_rotary_embedding
+from kvcore_eval.rope import RopeTap
+from kvcore_eval.selfcheck import check_key_recovery
 
 logger = logging.getLogger(__name__)
 
@@ -141,17 +142,19 @@ def calibrate(config: CalibrationConfig, on_checkpoint: Callable[[int], None] | 
         _prepare_out_dir(config, out)
     state.wait_for_everyone()
 
-    model = models.load_causal_lm(config.model, config.revision, str(device), config.dtype)
-    tokenizer = models.load_tokenizer(config.model, config.revision)
+    model_id, gguf_file = models.gguf_location(config.model, config.gguf_file)
+    model = models.load_causal_lm(model_id, config.revision, str(device), config.dtype, gguf_file)
+    tokenizer = models.load_tokenizer(model_id, config.revision, gguf_file)
     geometry = models.kv_geometry(model.config)
-    identity = models.model_identity(model, config.model, config.revision)
+    identity = models.model_identity(model, model_id, config.revision, gguf_file)
     run = _run_identity(config, identity, state.num_processes)
     if state.is_main_process:
         (out / CONFIG_FILE).write_text(json.dumps(asdict(config), indent=2) + "\n")
 
-    rotary = find_rotary_embedding(model)
+    tap = RopeTap(model)
+    check_key_recovery(model, tap)  # the pre-RoPE keys below are the model's own, or this raises
     accumulator = GramAccumulator(geometry, device)
-    recorder = GramRecorder(accumulator, rotary)
+    recorder = GramRecorder(accumulator, tap)
     batches_done = _load_checkpoint(out, state.process_index, accumulator, run) if config.resume else 0
     texts = data.iter_texts(config.dataset, config.split, config.prompt_format, config.text_field, config.data_dir)
     sequences = data.pack_sequences(texts, tokenizer, config.seq_len, config.max_tokens)
@@ -177,8 +180,10 @@ def calibrate(config: CalibrationConfig, on_checkpoint: Callable[[int], None] | 
     if total_tokens < config.seq_len:
         raise ValueError(f"{config.dataset} gave {total_tokens} tokens, fewer than one sequence (--seq-len {config.seq_len}): add data or lower --seq-len")
     if state.is_main_process:
-        metadata = _metadata(config, identity, total_tokens, state.num_processes, rotary is not None)
-        artifact.save_calibration(artifact.decompose(accumulator.grams, accumulator.token_count, geometry, metadata), out)
+        metadata = _metadata(config, identity, total_tokens, state.num_processes, tap.has_rope)
+        calibration = artifact.decompose(accumulator.grams, accumulator.token_count, geometry, metadata)
+        calibration.weights_sample = models.weights_sample(model)
+        artifact.save_calibration(calibration, out)
         shutil.rmtree(out / CHECKPOINT_DIR, ignore_errors=True)
         logger.info("wrote %s (%d tokens, %d layers, D=%d)", out, total_tokens, geometry.num_layers, geometry.width)
     state.wait_for_everyone()

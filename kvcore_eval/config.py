@@ -14,10 +14,11 @@ MODEL_DTYPES = ("float32", "bfloat16", "float16")
 class CalibrationConfig:
     """What `kvcore-eval calibrate` runs. Each field's `help` is its --help line."""
 
-    model: str = field(metadata={"help": "Hugging Face hub id or local directory of a causal LM"})
+    model: str = field(metadata={"help": "Hugging Face hub id, local directory, or .gguf file of a causal LM"})
     dataset: str = field(metadata={"help": "kvcore:<source> (alpaca, medalpaca, ...), a hub dataset id, or a local .jsonl/.json/.txt/.parquet file"})
     out: str = field(metadata={"help": "output directory of the artifact (basis.safetensors + kvcore.json)"})
     revision: str | None = field(default=None, metadata={"help": "model revision (branch, tag or commit) on the hub"})
+    gguf_file: str | None = field(default=None, metadata={"help": "GGUF file inside --model's folder or hub repo (dequantized on load)"})
     split: str = field(default="train", metadata={"help": "dataset split (hub datasets)"})
     data_dir: str | None = field(default=None, metadata={"help": "folder of <source>.jsonl files read instead of the hub for kvcore:<source>"})
     text_field: str | None = field(default=None, metadata={"help": "record field holding the text (default: text, or the source's prompt format)"})

@@ -5,7 +5,8 @@ to `update`, which adds their Gram to a float64 accumulator and returns them unt
 exactly as without a cache. Memory is (spaces, layers, D, D) whatever the token count.
 
 Spaces: `key_post_rope` (what a KV cache holds), `key_pre_rope` (the paper's K = X·W_k, recovered by undoing
-RoPE; equal to post-RoPE for models without RoPE) and `value`.
+RoPE with the tables the layer really used, `rope.RopeTap`, and verified by `selfcheck`; equal to post-RoPE
+for models without RoPE) and `value`. Padding enters as zero rows, which add nothing to XᵀX.
 """
 
 from __future__ import annotations
@@ -13,11 +14,11 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import torch
-from torch import nn
 from transformers.cache_utils import Cache, DynamicLayer
 
-from kvcore_eval import rope
 from kvcore_eval.models import KVGeometry
+from kvcore_eval.rope import RopeTap
+from kvcore_eval.selfcheck import pre_rope_keys
 
 SPACES = ("key_pre_rope", "key_post_rope", "value")
 KEY_SPACES = {"pre_rope": "key_pre_rope", "post_rope": "key_post_rope"}
@@ -65,8 +66,8 @@ class GramAccumulator:
 @dataclass
 class _RecordingContext:
     accumulator: GramAccumulator
-    rotary_embedding: nn.Module | None
-    token_mask: torch.Tensor | None = None  # (batch, seq) bool: which tokens enter the Grams (no padding)
+    tap: RopeTap
+    token_mask: torch.Tensor | None = None  # (batch, seq) 0/1: which tokens enter the Grams (no padding)
 
 
 class _RecordingLayer(DynamicLayer):
@@ -87,37 +88,34 @@ class _RecordingLayer(DynamicLayer):
                 f"{geometry.kv_heads} x {geometry.head_dim}: this architecture's attention is not supported"
             )
         mask = self.context.token_mask
-        keep = mask.reshape(-1) if mask is not None else slice(None)
+        weights = None if mask is None else mask.reshape(-1, 1).to(torch.float64)  # (batch*seq, 1)
         add = self.context.accumulator.add
-        key_rows = _token_rows(key_states)[keep]
+        key_rows = _token_rows(key_states, weights)
         add(self.layer_idx, "key_post_rope", key_rows)
-        add(self.layer_idx, "value", _token_rows(value_states)[keep])
-        rotary = self.context.rotary_embedding
-        if rotary is None:  # no RoPE: the pre-RoPE key is the cached key
-            add(self.layer_idx, "key_pre_rope", key_rows)
-        else:
-            attention_kwargs = kwargs.get("kwargs") or {}
-            positions = rope.positions_from_kwargs(attention_kwargs, 0, batch, seq, key_states.device)
-            cos, sin = rope.cos_sin(rotary, key_states, positions)
-            add(self.layer_idx, "key_pre_rope", _token_rows(rope.unrotate(key_states.float(), cos, sin))[keep])
+        add(self.layer_idx, "value", _token_rows(value_states, weights))
+        tap = self.context.tap
+        pre_rope = key_rows if not tap.has_rope else _token_rows(pre_rope_keys(key_states, self.layer_idx, tap), weights)
+        add(self.layer_idx, "key_pre_rope", pre_rope)
         self.context.accumulator.token_count[self.layer_idx] += mask.sum() if mask is not None else batch * seq
         return key_states, value_states
 
 
-def _token_rows(states: torch.Tensor) -> torch.Tensor:
-    """(batch, kv_heads, seq, head_dim) -> (batch*seq, kv_heads*head_dim): all KV heads of a token concatenated."""
+def _token_rows(states: torch.Tensor, weights: torch.Tensor | None) -> torch.Tensor:
+    """(batch, kv_heads, seq, head_dim) -> float64 (batch*seq, kv_heads*head_dim), all KV heads of a token
+    concatenated; rows of padding (weight 0) become zero."""
     batch, kv_heads, seq, head_dim = states.shape
-    return states.transpose(1, 2).reshape(batch * seq, kv_heads * head_dim)
+    rows = states.transpose(1, 2).reshape(batch * seq, kv_heads * head_dim).to(torch.float64)
+    return rows if weights is None else rows * weights
 
 
 class GramRecorder(Cache):
     """A Cache that feeds every layer's keys and values into a `GramAccumulator`. Pass as `cache=` to a forward."""
 
-    def __init__(self, accumulator: GramAccumulator, rotary_embedding: nn.Module | None):
-        self.context = _RecordingContext(accumulator, rotary_embedding)
+    def __init__(self, accumulator: GramAccumulator, tap: RopeTap):
+        self.context = _RecordingContext(accumulator, tap)
         layers = [_RecordingLayer(self.context, idx) for idx in range(accumulator.geometry.num_layers)]
         super().__init__(layers=layers)
 
     def set_token_mask(self, token_mask: torch.Tensor | None) -> None:
         """token_mask: (batch, seq), nonzero where a real token stands; None means every token counts."""
-        self.context.token_mask = None if token_mask is None else token_mask.bool()
+        self.context.token_mask = token_mask

@@ -59,25 +59,72 @@ def config_fingerprint(config: PretrainedConfig) -> str:
     return hashlib.sha256(json.dumps(fields, sort_keys=True, default=str).encode()).hexdigest()[:16]
 
 
-def weights_fingerprint(model: torch.nn.Module) -> str:
-    """sha256 over every parameter's name, shape, first 256 values and float64 sum: cheap, and changes with the weights."""
+WEIGHT_SAMPLE = 64  # values sampled per parameter for the fingerprint
+# A sampled weight may differ between loads in two dtypes by one rounding of the coarser one (bf16: 2^-8
+# relative); a different checkpoint differs by far more.
+WEIGHT_TOLERANCE = 2.0**-7
+
+
+def weights_sample(model: torch.nn.Module) -> torch.Tensor:
+    """A strided sample of every parameter, in name order: (parameters, WEIGHT_SAMPLE) float32 on the CPU.
+    Reads 64 values a parameter and moves them in one transfer: no full copy, no sync per parameter."""
     import torch
 
-    digest = hashlib.sha256()
+    rows = []
     with torch.no_grad():
-        for name, param in sorted(model.named_parameters(), key=lambda item: item[0]):
-            head = param.detach().flatten()[:256].to("cpu", torch.float64)
-            digest.update(name.encode())
-            digest.update(str(tuple(param.shape)).encode())
-            digest.update(head.numpy().tobytes())
-            digest.update(repr(round(param.detach().double().sum().item(), 6)).encode())
+        for _, param in sorted(model.named_parameters(), key=lambda item: item[0]):
+            flat = param.detach().reshape(-1)
+            index = torch.linspace(0, flat.numel() - 1, WEIGHT_SAMPLE, device=flat.device).long()
+            rows.append(flat[index].float())
+    return torch.stack(rows).cpu()
+
+
+def weights_fingerprint(model: torch.nn.Module, sample: torch.Tensor | None = None) -> str:
+    """sha256 of the parameters' names and shapes and of their sample rounded to bfloat16: equal for a model
+    loaded in float32 or bfloat16 (both round the same way), different for other weights."""
+    import torch
+
+    sample = weights_sample(model) if sample is None else sample
+    digest = hashlib.sha256()
+    for name, param in sorted(model.named_parameters(), key=lambda item: item[0]):
+        digest.update(f"{name}{tuple(param.shape)};".encode())
+    digest.update(sample.to(torch.bfloat16).view(torch.int16).numpy().tobytes())
     return digest.hexdigest()[:16]
 
 
-def model_identity(model: PreTrainedModel, model_id: str, revision: str | None) -> dict[str, Any]:
-    """What the artifact records about the model: id, revision, geometry and both fingerprints."""
+def same_weights(recorded: torch.Tensor, current: torch.Tensor) -> bool:
+    """Whether two weight samples come from one checkpoint, up to the rounding of a load dtype."""
+    if recorded.shape != current.shape:
+        return False
+    return bool(((recorded - current).abs() <= WEIGHT_TOLERANCE * recorded.abs() + 1e-6).all())
+
+
+def gguf_location(model: str, gguf_file: str | None) -> tuple[str, str | None]:
+    """(folder or hub id, GGUF file name or None): `path/to/model.gguf` is split into its folder and name."""
+    from pathlib import Path
+
+    if gguf_file is None and model.endswith(".gguf"):
+        path = Path(model)
+        if not path.is_file():
+            raise FileNotFoundError(f"GGUF file {model} does not exist: check the path")
+        return str(path.parent), path.name
+    return model, gguf_file
+
+
+def file_sha256(path: str) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def model_identity(model: PreTrainedModel, model_id: str, revision: str | None, gguf_file: str | None = None) -> dict[str, Any]:
+    """What the artifact records about the model: id, revision, geometry, fingerprints and the GGUF file."""
+    from pathlib import Path
+
     config = model.config
-    return {
+    identity = {
         "model_id": model_id,
         "revision": revision or getattr(config, "_commit_hash", None),
         "model_type": config.model_type,
@@ -85,6 +132,10 @@ def model_identity(model: PreTrainedModel, model_id: str, revision: str | None) 
         "config_fingerprint": config_fingerprint(config),
         "weights_fingerprint": weights_fingerprint(model),
     }
+    if gguf_file is not None:
+        local = Path(model_id) / gguf_file
+        identity["gguf"] = {"file": gguf_file, "sha256": file_sha256(str(local)) if local.is_file() else None}
+    return identity
 
 
 def resolve_dtype(name: str) -> torch.dtype:
@@ -96,24 +147,36 @@ def resolve_dtype(name: str) -> torch.dtype:
     return dtypes[name]
 
 
-def load_causal_lm(model_id: str, revision: str | None, device: str, dtype: str) -> PreTrainedModel:
-    """Load a causal LM by hub id or local directory, in eval mode on `device`."""
-    from transformers import AutoConfig, AutoModelForCausalLM
+def load_config(model_id: str, revision: str | None, gguf_file: str | None = None) -> PretrainedConfig:
+    """The model's config; a clear error for a path that is neither a model folder nor a hub id."""
+    from pathlib import Path
+
+    from transformers import AutoConfig
+
+    local = Path(model_id)
+    if (local.is_absolute() or model_id.startswith(".") or local.exists()) and not local.is_dir():
+        raise FileNotFoundError(f"model folder {model_id} does not exist: pass a folder holding config.json, a .gguf file, or a hub id")
+    return AutoConfig.from_pretrained(model_id, revision=revision, gguf_file=gguf_file)
+
+
+def load_causal_lm(model_id: str, revision: str | None, device: str, dtype: str, gguf_file: str | None = None) -> PreTrainedModel:
+    """Load a causal LM by hub id, local directory or GGUF file (dequantized), in eval mode on `device`."""
+    from transformers import AutoModelForCausalLM
 
     from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING_NAMES
 
-    config = AutoConfig.from_pretrained(model_id, revision=revision)
+    config = load_config(model_id, revision, gguf_file)
     if config.model_type not in MODEL_FOR_CAUSAL_LM_MAPPING_NAMES:  # fail before the weights load
         raise ValueError(
             f"{model_id} is a {config.model_type!r} model, not a causal LM transformers can load with "
             "AutoModelForCausalLM: pass a decoder-only LM (Llama, Mistral, Qwen2/3, Gemma, Phi-3, GPT-2, ...)"
         )
     kv_geometry(config)
-    model = AutoModelForCausalLM.from_pretrained(model_id, revision=revision, dtype=resolve_dtype(dtype))
+    model = AutoModelForCausalLM.from_pretrained(model_id, revision=revision, dtype=resolve_dtype(dtype), gguf_file=gguf_file)
     return model.to(device).eval()
 
 
-def load_tokenizer(model_id: str, revision: str | None):
+def load_tokenizer(model_id: str, revision: str | None, gguf_file: str | None = None):
     from transformers import AutoTokenizer
 
-    return AutoTokenizer.from_pretrained(model_id, revision=revision)
+    return AutoTokenizer.from_pretrained(model_id, revision=revision, gguf_file=gguf_file)

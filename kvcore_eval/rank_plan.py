@@ -1,8 +1,9 @@
 """Rank plans: how many dimensions each layer's cached keys and values keep.
 
-A rank is given as an int (dimensions kept), a float in (0, 1] (a fraction of the width), a per-layer
-list (`[8, 16]` in Python, `8:16` in lm-eval model_args, where commas separate arguments), or a
-`rank_budget`: a fraction of the truncated cache's memory that the calibration distributes over layers.
+A rank is given as an int (dimensions kept), a float in (0, 1) (a fraction of the width), `full` (no
+truncation), a per-layer list (`[8, 16]` in Python, `8:16` in lm-eval model_args, where commas separate
+arguments), or a `rank_budget`: a fraction of the truncated cache's memory that the calibration distributes
+over layers. A bare `1` or `1.0` is refused: one dimension and full rank are too easy to confuse.
 Width is D = kv_heads·head_dim for granularity=layer, head_dim (the rank of every head) for granularity=head.
 """
 
@@ -42,6 +43,10 @@ class TruncationConfig:
         if self.budget_method not in ("energy", "ner"):
             raise ValueError(f"budget_method={self.budget_method!r}: use energy or ner")
         given = [name for name in ("key_rank", "value_rank") if getattr(self, name) is not None]
+        for name, kind, truncated in (("key_rank", "keys", self.truncates_keys), ("value_rank", "values", self.truncates_values)):
+            if getattr(self, name) is not None and not truncated:
+                raise ValueError(f"{name}={getattr(self, name)} with truncate={self.truncate} truncates nothing: "
+                                 f"pass truncate=both (or truncate={kind}), or drop {name}")
         if self.rank_budget is not None:
             if given:
                 raise ValueError(f"rank_budget and {given[0]} both given: a budget sets every rank, pass one or the other")
@@ -76,16 +81,36 @@ class RankPlan:
                 "width": self.width, "granularity": self.granularity, "key_space": self.key_space}
 
 
+def _parse_string(spec: str, name: str) -> RankSpec:
+    text = spec.strip()
+    if text.lower() == "full":
+        return "full"
+    parts = [p for p in text.replace(",", ":").replace(" ", ":").strip("[]:").split(":") if p]
+    try:
+        if len(parts) > 1:
+            return [int(p) for p in parts]
+        return float(text) if "." in text else int(text)
+    except ValueError:
+        raise ValueError(f"{name}={spec!r} is not a rank: give an int (dimensions), a fraction such as 0.25, full, "
+                         "or one int per layer joined by ':' (8:16:16)") from None
+
+
 def parse_rank(spec: RankSpec, width: int, num_layers: int, name: str) -> list[int]:
-    """Per-layer ranks from an int, a fraction, a per-layer list, or their string forms."""
+    """Per-layer ranks from an int, a fraction, `full`, a per-layer list, or their string forms."""
     if isinstance(spec, str):
-        parts = spec.replace(",", ":").replace(" ", ":").strip("[]:").split(":")
-        spec = [int(p) for p in parts if p] if len(parts) > 1 else (float(spec) if "." in spec else int(spec))
+        spec = _parse_string(spec, name)
     if isinstance(spec, bool):
         raise ValueError(f"{name}={spec} is not a rank")
+    if spec == "full":
+        return [width] * num_layers
+    if isinstance(spec, (int, float)) and spec == 1:
+        raise ValueError(f"{name}={spec} is ambiguous: write {name}=full for no truncation, or a list such as "
+                         f"{':'.join(['1'] * min(num_layers, 3))}... for one dimension per layer")
+    if isinstance(spec, (int, float)) and spec <= 0:
+        raise ValueError(f"{name}={spec}: a rank must be positive (an int of dimensions, or a fraction such as 0.25)")
     if isinstance(spec, float):
-        if not 0 < spec <= 1:
-            raise ValueError(f"{name}={spec}: a fractional rank must be in (0, 1]; give an int for a number of dimensions")
+        if not 0 < spec < 1:
+            raise ValueError(f"{name}={spec}: a fractional rank must be in (0, 1); give an int for a number of dimensions, or full")
         ranks = [max(1, round(spec * width))] * num_layers
     elif isinstance(spec, int):
         ranks = [spec] * num_layers
@@ -109,8 +134,7 @@ def budget_ranks(eigenvalues: list[np.ndarray], budget: float, method: str, ner:
     total = max(len(widths), round(budget * sum(widths)))
     if method == "ner":
         weights = np.asarray(ner, dtype=np.float64) * np.asarray(widths)
-        ranks = np.clip(np.round(weights / weights.sum() * total), 1, widths).astype(int)
-        return ranks.tolist()
+        return _round_to_total(weights / weights.sum() * total, np.asarray(widths), total)
     normalized = [np.clip(values, 0, None) / max(values.sum(), 1e-300) for values in eigenvalues]
     owners = np.concatenate([np.full(len(values), index) for index, values in enumerate(normalized)])
     order = np.argsort(-np.concatenate(normalized), kind="stable")
@@ -124,6 +148,18 @@ def budget_ranks(eigenvalues: list[np.ndarray], budget: float, method: str, ner:
             continue
         ranks[owners[position]] += 1
         remaining -= 1
+    return ranks.tolist()
+
+
+def _round_to_total(ideal: np.ndarray, widths: np.ndarray, total: int) -> list[int]:
+    """Integer ranks in [1, width] summing to `total`, each as close to its ideal share as the bounds allow."""
+    ranks = np.clip(np.floor(ideal), 1, widths).astype(int)
+    while ranks.sum() < total:
+        room = np.where(ranks < widths, ideal - ranks, -np.inf)
+        ranks[int(np.argmax(room))] += 1
+    while ranks.sum() > total:
+        excess = np.where(ranks > 1, ranks - ideal, -np.inf)
+        ranks[int(np.argmax(excess))] -= 1
     return ranks.tolist()
 
 

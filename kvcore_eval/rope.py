@@ -1,60 +1,149 @@
-"""Rotary position embedding, undone and redone on cached keys.
+"""Rotary position embedding exactly as each attention layer applies it, captured at run time.
 
-transformers caches keys *after* RoPE. The paper's K = X·W_k is the key *before* RoPE, so the cache and
-the calibration recover it by rotating back: RoPE (the `rotate_half` convention used by Llama, Mistral,
-Qwen2/3, Gemma and Phi-3) maps each pair of dimensions (x1, x2) to (x1·cos − x2·sin, x2·cos + x1·sin), a
-rotation scaled by `attention_scaling` (cos² + sin² = s²), so its inverse is the opposite rotation divided
-by s². Partial rotary (cos narrower than head_dim) rotates only the first `cos.shape[-1]` dimensions.
+transformers caches keys *after* RoPE; the paper's K = X·W_k is the key *before* it. Rather than rebuild
+cos/sin from positions (positions are not always handed to the cache, rotary modules differ per family and
+per layer type, and dynamic/longrope frequencies change with the sequence length), `RopeTap` puts a forward
+pre-hook on every attention module and records the `position_embeddings` the model passes to that very
+layer in that very forward. Undoing RoPE with those tables inverts what the layer did, whatever the family.
+
+Conventions (the layout of cos/sin and which dimensions pair up) differ by family; they are declared in
+`CONVENTIONS` and *verified* against the model's own pre-RoPE key by `kvcore_eval.selfcheck`, never trusted.
+RoPE maps each pair (x1, x2) to (x1·cos − x2·sin, x2·cos + x1·sin), a rotation scaled by the rope's
+`attention_scaling` (cos² + sin² = s²); its inverse is the opposite rotation divided by s². Partial rotary
+(tables narrower than head_dim) rotates only the first `rotary_dim` dimensions.
 """
 
 from __future__ import annotations
+
+import inspect
+from dataclasses import dataclass
 
 import torch
 from torch import nn
 
 
-def find_rotary_embedding(model: nn.Module) -> nn.Module | None:
-    """The model's shared rotary-embedding module (`...rotary_emb`), or None for models without RoPE."""
-    for name, module in model.named_modules():
-        if name.endswith("rotary_emb") and hasattr(module, "inv_freq"):
-            return module
-    return None
+@dataclass(frozen=True)
+class Convention:
+    """How a family's attention reads `position_embeddings`."""
+
+    interleaved: bool = False  # pairs (2i, 2i+1) instead of (i, i + rotary_dim/2)
+    sin_first: bool = False  # the tuple is (sin, cos)
+    half_width: bool = False  # tables hold one value per pair (repeated to the rotary width)
 
 
-def _rotate_half(x: torch.Tensor) -> torch.Tensor:
+# Families whose convention is not Llama's rotate-half. Anything else is assumed rotate-half and checked.
+CONVENTIONS: dict[str, Convention] = {
+    "cohere": Convention(interleaved=True),
+    "cohere2": Convention(interleaved=True),
+    "gptj": Convention(interleaved=True, sin_first=True, half_width=True),
+}
+
+
+@dataclass(frozen=True)
+class RotaryTables:
+    """cos, sin of one layer's new tokens: (batch or 1, seq, rotary_dim), as the layer applied them."""
+
+    cos: torch.Tensor
+    sin: torch.Tensor
+    interleaved: bool
+
+
+def attention_modules(model: nn.Module) -> dict[int, nn.Module]:
+    """layer index -> attention module (the `...Attention` modules that own an int `layer_idx`)."""
+    found: dict[int, nn.Module] = {}
+    for module in model.modules():
+        layer_idx = getattr(module, "layer_idx", None)
+        if isinstance(layer_idx, int) and type(module).__name__.endswith("Attention"):
+            found.setdefault(layer_idx, module)
+    return dict(sorted(found.items()))
+
+
+def _parameters(module: nn.Module) -> dict[str, inspect.Parameter]:
+    return dict(inspect.signature(module.forward).parameters)
+
+
+class RopeTap:
+    """Records, per layer, the rotary tables the model hands each attention module. Remove with `remove()`.
+
+    `has_rope` is False when no attention module takes `position_embeddings` (GPT-2 style): the cached key
+    is then the pre-RoPE key, which `selfcheck` verifies too."""
+
+    def __init__(self, model: nn.Module):
+        model_type = getattr(model.config, "model_type", "")
+        self.convention = CONVENTIONS.get(model_type, Convention())
+        self.layers = attention_modules(model)
+        self._tables: dict[int, RotaryTables] = {}
+        self._handles = []
+        for layer_idx, module in self.layers.items():
+            parameters = list(_parameters(module))
+            if "position_embeddings" not in parameters:
+                continue
+            position = parameters.index("position_embeddings")
+            hook = self._recorder(layer_idx, position)
+            self._handles.append(module.register_forward_pre_hook(hook, with_kwargs=True))
+        self.has_rope = bool(self._handles)
+
+    def _recorder(self, layer_idx: int, position: int):
+        def record(module, args, kwargs) -> None:
+            tables = kwargs.get("position_embeddings", args[position] if len(args) > position else None)
+            if tables is not None:
+                self._tables[layer_idx] = self._normalize(tables)
+        return record
+
+    def _normalize(self, tables: tuple[torch.Tensor, torch.Tensor]) -> RotaryTables:
+        first, second = tables
+        cos, sin = (second, first) if self.convention.sin_first else (first, second)
+        if self.convention.half_width:
+            cos, sin = cos.repeat_interleave(2, dim=-1), sin.repeat_interleave(2, dim=-1)
+        return RotaryTables(cos, sin, self.convention.interleaved)
+
+    def tables(self, layer_idx: int) -> RotaryTables:
+        """The tables layer `layer_idx` used in the current forward."""
+        if layer_idx not in self._tables:
+            raise RuntimeError(f"layer {layer_idx} reached the cache without rotary tables: its attention module was not "
+                               "called with position_embeddings, so kvcore-eval cannot undo its RoPE")
+        return self._tables[layer_idx]
+
+    def group_of(self, layer_idx: int) -> int:
+        """The first layer that received the same tables object in this forward: layers of one group share
+        one history of tables (Gemma3's sliding and global layers form two groups, Llama's layers one)."""
+        cos = self.tables(layer_idx).cos
+        for other in range(layer_idx):
+            if other in self._tables and self._tables[other].cos is cos:
+                return other
+        return layer_idx
+
+    def remove(self) -> None:
+        for handle in self._handles:
+            handle.remove()
+        self._handles.clear()
+
+
+def _rotate_pairs(x: torch.Tensor, interleaved: bool) -> torch.Tensor:
+    """The 90° turn of each pair: (x1, x2) -> (−x2, x1)."""
+    if interleaved:
+        return torch.stack((-x[..., 1::2], x[..., 0::2]), dim=-1).flatten(-2)
     x1, x2 = x.chunk(2, dim=-1)
     return torch.cat((-x2, x1), dim=-1)
 
 
-def rotate(keys: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-    """Apply RoPE. keys: (batch, kv_heads, seq, head_dim); cos, sin: (batch, seq, rotary_dim)."""
-    cos, sin = cos.unsqueeze(1).to(keys.dtype), sin.unsqueeze(1).to(keys.dtype)
+def _apply(keys: torch.Tensor, tables: RotaryTables, inverse: bool) -> torch.Tensor:
+    cos, sin = tables.cos.unsqueeze(1).to(keys.dtype), tables.sin.unsqueeze(1).to(keys.dtype)  # (batch, 1, seq, rotary_dim)
     rotary_dim = cos.shape[-1]
     k_rot, k_pass = keys[..., :rotary_dim], keys[..., rotary_dim:]
-    k_rot = k_rot * cos + _rotate_half(k_rot) * sin
+    turned = _rotate_pairs(k_rot, tables.interleaved)
+    if inverse:
+        k_rot = (k_rot * cos - turned * sin) / (cos * cos + sin * sin)
+    else:
+        k_rot = k_rot * cos + turned * sin
     return torch.cat((k_rot, k_pass), dim=-1)
 
 
-def unrotate(keys: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-    """Invert `rotate`: the key before RoPE. Same shapes as `rotate`."""
-    cos, sin = cos.unsqueeze(1).to(keys.dtype), sin.unsqueeze(1).to(keys.dtype)
-    rotary_dim = cos.shape[-1]
-    k_rot, k_pass = keys[..., :rotary_dim], keys[..., rotary_dim:]
-    scale_squared = cos * cos + sin * sin
-    k_rot = (k_rot * cos - _rotate_half(k_rot) * sin) / scale_squared
-    return torch.cat((k_rot, k_pass), dim=-1)
+def rotate(keys: torch.Tensor, tables: RotaryTables) -> torch.Tensor:
+    """Apply RoPE. keys: (batch, kv_heads, seq, head_dim)."""
+    return _apply(keys, tables, inverse=False)
 
 
-def cos_sin(rotary_embedding: nn.Module, like: torch.Tensor, position_ids: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """cos, sin of shape (batch, seq, rotary_dim) at `position_ids` (batch or 1, seq), in float32."""
-    return rotary_embedding(like.float(), position_ids)
-
-
-def positions_from_kwargs(attention_kwargs: dict, past_length: int, batch: int, seq: int, device: torch.device) -> torch.Tensor:
-    """Position ids of the new tokens, (batch, seq): those the model passed to attention, else past_length + arange."""
-    position_ids = attention_kwargs.get("position_ids")
-    if position_ids is None:
-        position_ids = torch.arange(past_length, past_length + seq, device=device).unsqueeze(0)
-    if position_ids.ndim == 3:  # multimodal rope sections: (sections, batch, seq); text positions are equal
-        position_ids = position_ids[0]
-    return position_ids.to(device).expand(batch, seq)
+def unrotate(keys: torch.Tensor, tables: RotaryTables) -> torch.Tensor:
+    """Invert `rotate`: the key before RoPE. keys: (batch, kv_heads, seq, head_dim)."""
+    return _apply(keys, tables, inverse=True)

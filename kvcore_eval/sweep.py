@@ -76,8 +76,9 @@ def run_sweep(config: SweepConfig) -> dict[str, Any]:
     baseline = _point(config, "baseline", base)
     truncated = {}
     for rank in config.rank_list():
-        keys = str(rank) if config.truncate in ("keys", "both") else None
-        values = str(rank) if config.truncate in ("values", "both") else None
+        spec = "full" if rank == 1 else str(rank)
+        keys = spec if config.truncate in ("keys", "both") else None
+        values = spec if config.truncate in ("values", "both") else None
         point = replace(base, calibration=config.calibration, key_rank=keys, value_rank=values, key_space=config.key_space, truncate=config.truncate)
         truncated[rank] = _point(config, f"rank_{rank:g}", point)
     ner = {task: _task_ner(config, task) for task in baseline}

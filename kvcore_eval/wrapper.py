@@ -18,21 +18,21 @@ from lm_eval.api.registry import register_model
 from lm_eval.models.huggingface import HFLM
 
 from kvcore_eval.artifact import Calibration, load_calibration, read_metadata
-from kvcore_eval.cache import LowRankCache, cache_bytes_per_token, layer_bases
+from kvcore_eval.cache import LowRankCache, cache_bytes_per_token, compare_with_model_cache, layer_bases, sliding_window_layers
 from kvcore_eval.gram import KEY_SPACES
-from kvcore_eval.models import config_fingerprint, kv_geometry, weights_fingerprint
+from kvcore_eval.models import config_fingerprint, kv_geometry, load_config, same_weights, weights_fingerprint, weights_sample
 from kvcore_eval.rank_plan import TruncationConfig, make_plan
-from kvcore_eval.rope import find_rotary_embedding
+from kvcore_eval.rope import RopeTap
+from kvcore_eval.selfcheck import check_key_recovery
 
-logger = logging.getLogger(__name__)
+# A child of lm-eval's logger: plain `lm_eval` shows it.
+logger = logging.getLogger("lm_eval.models.kvcore_hf")
 
 
-def _model_config(pretrained: Any, revision: str | None):
+def _model_config(pretrained: Any, revision: str | None, gguf_file: str | None):
     if not isinstance(pretrained, str):
         return pretrained.config
-    from transformers import AutoConfig
-
-    return AutoConfig.from_pretrained(pretrained, revision=revision)
+    return load_config(pretrained, revision, gguf_file)
 
 
 def check_artifact_matches(metadata: dict[str, Any], config, allow_mismatch: bool, artifact_path: str) -> None:
@@ -62,33 +62,58 @@ class KVCoreHFLM(HFLM):
                  budget_method: str = "energy", key_space: str = "pre_rope", granularity: str = "layer",
                  truncate: str = "both", allow_mismatch: bool = False, **kwargs) -> None:
         self.kvcore_config = TruncationConfig(str(calibration), key_rank, value_rank, rank_budget, budget_method,
-                                           key_space, granularity, truncate, bool(allow_mismatch))
+                                              key_space, granularity, truncate, bool(allow_mismatch))
         metadata = read_metadata(calibration)
-        check_artifact_matches(metadata, _model_config(kwargs.get("pretrained"), kwargs.get("revision")), self.kvcore_config.allow_mismatch, str(calibration))
+        config = _model_config(kwargs.get("pretrained"), kwargs.get("revision"), kwargs.get("gguf_file"))
+        check_artifact_matches(metadata, config, self.kvcore_config.allow_mismatch, str(calibration))
         artifact = load_calibration(calibration)
         if KEY_SPACES[key_space] not in artifact.eigenvalues:
             raise ValueError(f"artifact {calibration} has no {KEY_SPACES[key_space]} basis: re-run `kvcore-eval calibrate`, or pick another key_space")
         self.kvcore_plan = make_plan(self.kvcore_config, artifact)
         super().__init__(**kwargs)  # the weights load here, after every check that needs none
-        if metadata["model"]["weights_fingerprint"] != weights_fingerprint(self.model):
-            _mismatch(f"artifact {calibration} was calibrated on other weights ({metadata['model']['model_id']})", self.kvcore_config.allow_mismatch)
+        self._check_weights(artifact, kwargs.get("dtype"))
         self._setup_cache(artifact)
+
+    def _check_weights(self, artifact: Calibration, dtype: Any) -> None:
+        """Same weights as the calibration, whatever dtype each loaded them in; else refuse (or warn)."""
+        recorded = artifact.metadata["model"]
+        sample = weights_sample(self.model)
+        if recorded["weights_fingerprint"] == weights_fingerprint(self.model, sample):
+            return
+        if artifact.weights_sample is not None and same_weights(artifact.weights_sample, sample):
+            logger.info("kvcore_hf: same weights as the calibration, loaded as %s (calibrated as %s)",
+                        self.model.dtype, artifact.metadata.get("model_dtype"))
+            return
+        _mismatch(f"artifact {self.kvcore_config.calibration} was calibrated on other weights ({recorded['model_id']}, "
+                  f"{artifact.metadata.get('model_dtype')}) than this model ({self.model.dtype})", self.kvcore_config.allow_mismatch)
 
     def _setup_cache(self, artifact: Calibration) -> None:
         geometry = artifact.geometry
-        self._bases = layer_bases(artifact, self.kvcore_plan, self.device)
+        plan = self.kvcore_plan
+        self._bases = layer_bases(artifact, plan, self.device)
         self._kv_heads = geometry.kv_heads
-        self._rotary = find_rotary_embedding(self.model) if self.kvcore_config.key_space == "pre_rope" else None
+        truncated_keys = [layer for layer, bases in enumerate(self._bases) if bases.key is not None]
+        self._tap = RopeTap(self.model)
+        rope_table_bytes = 0
+        if plan.key_space == "pre_rope" and truncated_keys and self._tap.has_rope:
+            check_key_recovery(self.model, self._tap)  # also leaves this forward's tables in the tap
+            groups = {self._tap.group_of(layer) for layer in truncated_keys}
+            rope_table_bytes = sum(2 * self._tap.tables(g).cos.shape[-1] * self._tap.tables(g).cos.element_size() for g in groups)
+        else:
+            self._tap.remove()  # no RoPE to undo: attention runs without our hooks
+            self._tap = None
         element_size = torch.empty(0, dtype=self.model.dtype).element_size()
-        self.kvcore_cache_bytes = cache_bytes_per_token(self.kvcore_plan, geometry.kv_heads, geometry.num_layers, element_size,
-                                                        has_rope=find_rotary_embedding(self.model) is not None)
-        logger.info("kvcore_hf: key ranks %s, value ranks %s, cache %.1f%% of full (%d vs %d bytes/token)",
-                    self.kvcore_plan.key_rank_per_layer, self.kvcore_plan.value_rank_per_layer, 100 * self.kvcore_cache_bytes["ratio"],
+        self.kvcore_cache_bytes = cache_bytes_per_token(plan, geometry.kv_heads, geometry.num_layers, element_size, rope_table_bytes)
+        self.kvcore_model_cache = compare_with_model_cache(self.kvcore_cache_bytes, sliding_window_layers(self.model.config), geometry.num_layers)
+        logger.info("kvcore_hf: %s key ranks %s, value ranks %s; cache %.1f%% of a full cache (%d vs %d bytes/token)",
+                    plan.key_space, plan.key_rank_per_layer, plan.value_rank_per_layer, 100 * self.kvcore_cache_bytes["ratio"],
                     self.kvcore_cache_bytes["low_rank"], self.kvcore_cache_bytes["full"])
+        if self.kvcore_model_cache is not None:
+            logger.warning("kvcore_hf: %s", self.kvcore_model_cache["note"])
 
     def new_cache(self) -> LowRankCache:
         """A fresh, empty low-rank cache sharing this model's bases."""
-        return LowRankCache(self._bases, self._kv_heads, self._rotary)
+        return LowRankCache(self._bases, self._kv_heads, self._tap)
 
     def _model_call(self, inps: torch.Tensor, attn_mask: torch.Tensor | None = None, labels: torch.Tensor | None = None) -> torch.Tensor:
         if attn_mask is not None or labels is not None:
@@ -98,7 +123,10 @@ class KVCoreHFLM(HFLM):
             return self.model(inps, cache=self.new_cache(), use_cache=True).logits
 
     def _model_generate(self, context: torch.Tensor, max_length: int, stop: list[str], **generation_kwargs) -> torch.Tensor:
-        return super()._model_generate(context, max_length, stop, cache=self.new_cache(), **generation_kwargs)
+        cache = self.new_cache()
+        output = super()._model_generate(context, max_length, stop, cache=cache, **generation_kwargs)
+        check_cache_kept(cache, output, self.model.config)
+        return output
 
     def get_model_info(self) -> dict[str, Any]:
         """lm-eval copies this into the results JSON's `config`: the ranks used and the cache's bytes per token."""
@@ -108,5 +136,19 @@ class KVCoreHFLM(HFLM):
             "truncation": {k: v for k, v in vars(self.kvcore_config).items() if k != "calibration"},
             "rank_plan": self.kvcore_plan.to_dict(),
             "cache_bytes_per_token": self.kvcore_cache_bytes,
+            "model_cache_comparison": self.kvcore_model_cache,
         }
         return info
+
+
+def check_cache_kept(cache: LowRankCache, output: torch.Tensor, config) -> None:
+    """`generate` feeds every token but the last through the cache; if the cache holds fewer, the model replaced
+    it mid-generation (Phi-3 longrope does past original_max_position_embeddings) and the rest ran uncompressed."""
+    held, expected = cache.get_seq_length(), output.shape[1] - 1
+    if held != expected:
+        switch = getattr(config, "original_max_position_embeddings", None)
+        reason = f" ({config.model_type} swaps the cache once the input reaches original_max_position_embeddings + 1 = {switch + 1} tokens)" if switch else ""
+        raise RuntimeError(
+            f"generate replaced kvcore's low-rank cache: it holds {held} of the {expected} tokens fed{reason}, so the rest of the "
+            "generation ran with a full cache and its scores would be silently wrong. Keep prompt + max_gen_toks below that length"
+        )

@@ -14,23 +14,36 @@ EXAMPLE_MODEL = REPO / "examples" / "tiny-llama"
 EXAMPLE_DATA = REPO / "examples" / "data"
 VOCAB = 259  # the shipped byte-level tokenizer: 256 bytes + pad/bos/eos
 
+PHI3_SWITCH = 32  # Phi-3's original_max_position_embeddings: longrope switches, and generate swaps the cache, past it
 _COMMON = dict(vocab_size=VOCAB, hidden_size=64, intermediate_size=96, num_hidden_layers=2, num_attention_heads=4,
                max_position_embeddings=512, pad_token_id=0, bos_token_id=1, eos_token_id=2)
 
 
 def family_configs() -> dict:
-    """Configs of tiny models, one per family transformers ships; GQA wherever the family has it."""
-    from transformers import (Gemma3TextConfig, GemmaConfig, GPT2Config, LlamaConfig, MistralConfig, Phi3Config,
-                              Qwen2Config, Qwen3Config)
+    """Configs of tiny models, one per family the self-checks cover; GQA, rope scaling, partial rotary,
+    sliding windows and per-layer-type rotary wherever the family has them."""
+    import transformers as T
 
+    rope = lambda kind, **extra: {"rope_type": kind, "rope_theta": 10000.0, **extra}  # noqa: E731
     return {
-        "llama": LlamaConfig(**_COMMON, num_key_value_heads=2, head_dim=16),
-        "mistral": MistralConfig(**_COMMON, num_key_value_heads=2, head_dim=16, sliding_window=None),
-        "qwen2": Qwen2Config(**_COMMON, num_key_value_heads=2),
-        "qwen3": Qwen3Config(**_COMMON, num_key_value_heads=2, head_dim=16),
-        "gemma": GemmaConfig(**_COMMON, num_key_value_heads=1, head_dim=16),
-        "phi3": Phi3Config(**_COMMON, num_key_value_heads=2),
-        "gpt2": GPT2Config(vocab_size=VOCAB, n_embd=64, n_layer=2, n_head=4, n_positions=512, bos_token_id=1, eos_token_id=2),
+        "llama": T.LlamaConfig(**_COMMON, num_key_value_heads=2, head_dim=16, rope_parameters=rope(
+            "llama3", factor=8.0, low_freq_factor=1.0, high_freq_factor=4.0, original_max_position_embeddings=64)),
+        "mistral": T.MistralConfig(**_COMMON, num_key_value_heads=2, head_dim=16, sliding_window=16),
+        "qwen2": T.Qwen2Config(**_COMMON, num_key_value_heads=2, rope_parameters=rope("yarn", factor=8.0, original_max_position_embeddings=64)),
+        "qwen3": T.Qwen3Config(**_COMMON, num_key_value_heads=2, head_dim=16),
+        "gemma": T.GemmaConfig(**_COMMON, num_key_value_heads=1, head_dim=16),
+        "gemma2": T.Gemma2Config(**_COMMON, num_key_value_heads=2, head_dim=16, sliding_window=16),
+        "gemma3": T.Gemma3TextConfig(**_COMMON, num_key_value_heads=2, head_dim=16, sliding_window=16,
+                                     layer_types=["sliding_attention", "full_attention"]),
+        "phi3": T.Phi3Config(**_COMMON, num_key_value_heads=2, original_max_position_embeddings=PHI3_SWITCH, rope_parameters=rope(
+            "longrope", partial_rotary_factor=0.5, short_factor=[1.0] * 4, long_factor=[3.0] * 4, original_max_position_embeddings=PHI3_SWITCH)),
+        "gpt_neox": T.GPTNeoXConfig(vocab_size=VOCAB, hidden_size=64, intermediate_size=96, num_hidden_layers=2, num_attention_heads=4,
+                                    max_position_embeddings=512, rope_parameters=rope("default", partial_rotary_factor=0.25),
+                                    pad_token_id=0, bos_token_id=1, eos_token_id=2),
+        "gptj": T.GPTJConfig(vocab_size=VOCAB, n_embd=64, n_layer=2, n_head=4, n_positions=512, rotary_dim=8, pad_token_id=0,
+                             bos_token_id=1, eos_token_id=2),
+        "cohere": T.CohereConfig(**_COMMON, num_key_value_heads=2),
+        "gpt2": T.GPT2Config(vocab_size=VOCAB, n_embd=64, n_layer=2, n_head=4, n_positions=512, bos_token_id=1, eos_token_id=2),
     }
 
 
@@ -86,12 +99,14 @@ def calibrate_in_memory(model, input_ids: torch.Tensor):
     from kvcore_eval.artifact import decompose
     from kvcore_eval.gram import GramAccumulator, GramRecorder
     from kvcore_eval.models import kv_geometry
-    from kvcore_eval.rope import find_rotary_embedding
+    from kvcore_eval.rope import RopeTap
 
     geometry = kv_geometry(model.config)
     accumulator = GramAccumulator(geometry)
+    tap = RopeTap(model)
     with torch.no_grad():
-        model.base_model(input_ids=input_ids, cache=GramRecorder(accumulator, find_rotary_embedding(model)), use_cache=True)
+        model.base_model(input_ids=input_ids, cache=GramRecorder(accumulator, tap), use_cache=True)
+    tap.remove()
     return decompose(accumulator.grams, accumulator.token_count, geometry, {"model": {"geometry": geometry.to_dict()}})
 
 

@@ -5,7 +5,16 @@ from transformers import DynamicCache
 from conftest import FAMILIES, calibrate_in_memory
 from kvcore_eval.cache import LayerBases, LowRankCache, cache_bytes_per_token, layer_bases
 from kvcore_eval.rank_plan import RankPlan
-from kvcore_eval.rope import find_rotary_embedding
+from kvcore_eval.rope import RopeTap
+
+_TAPS: dict[int, RopeTap] = {}
+
+
+def tap_of(model) -> RopeTap:
+    """One tap per model object (hooks stay on the session's models; one set is enough)."""
+    if id(model) not in _TAPS:
+        _TAPS[id(model)] = RopeTap(model)
+    return _TAPS[id(model)]
 
 
 def low_rank_cache(model, calibration, key_rank, value_rank, key_space="pre_rope", granularity="layer", full_basis=False):
@@ -18,8 +27,7 @@ def low_rank_cache(model, calibration, key_rank, value_rank, key_space="pre_rope
         space = "key_pre_rope" if key_space == "pre_rope" else "key_post_rope"
         full = lambda s, l: calibration.eigenvectors[s][l] if granularity == "layer" else calibration.head_eigenvectors[s][l]  # noqa: E731
         bases = [LayerBases(full(space, l), full("value", l)) for l in range(geometry.num_layers)]
-    rotary = find_rotary_embedding(model) if key_space == "pre_rope" else None
-    return LowRankCache(bases, geometry.kv_heads, rotary)
+    return LowRankCache(bases, geometry.kv_heads, tap_of(model) if key_space == "pre_rope" else None)
 
 
 def logits(model, input_ids, cache=None):
@@ -95,23 +103,44 @@ def test_stored_bytes_are_r_over_d_of_dynamic_cache(granularity, family_models, 
     stored = cache.stored_bytes()
     assert stored["keys"] == full_keys * key_rank // width
     assert stored["values"] == full_keys * value_rank // width
+    assert stored["rope_tables"] == 0
     plan = RankPlan([key_rank] * 2, [value_rank] * 2, width, granularity, "post_rope")
-    per_token = cache_bytes_per_token(plan, geometry.kv_heads, geometry.num_layers, 4, has_rope=True)
+    per_token = cache_bytes_per_token(plan, geometry.kv_heads, geometry.num_layers, 4, rope_table_bytes=999)
     assert per_token["low_rank"] * token_batch.numel() == stored["keys"] + stored["values"]
     assert per_token["ratio"] == pytest.approx((key_rank + value_rank) / (2 * width))
 
 
-def test_pre_rope_cache_stores_positions_and_reports_them(family_models, calibrations, token_batch):
-    model, calibration = family_models["llama"], calibrations["llama"]
+@pytest.mark.parametrize("family,groups", [("llama", 1), ("gemma3", 2)])
+def test_pre_rope_cache_keeps_rotary_tables_once_per_group(family, groups, family_models, calibrations, token_batch):
+    """The tables applied to each token are kept once per rotary group, not per layer, and reported."""
+    model, calibration = family_models[family], calibrations[family]
     cache = low_rank_cache(model, calibration, 4, None, "pre_rope")
     logits(model, token_batch, cache)
-    assert cache.stored_bytes()["positions"] == 2 * token_batch.numel() * 4  # int32 per token per layer
+    rotary_dim = tap_of(model).tables(0).cos.shape[-1]
+    table_bytes = 2 * rotary_dim * 4  # cos and sin, float32, per token and group
+    assert len(cache.rope.groups) == groups
+    # the three rows share their positions, hence one row of tables per group
+    assert cache.stored_bytes()["rope_tables"] == groups * table_bytes * token_batch.shape[1]
     assert cache.layers[0].keys.shape == (3, 24, 4)
     geometry = calibration.geometry
     plan = RankPlan([4] * 2, None, geometry.width, "layer", "pre_rope")
-    per_token = cache_bytes_per_token(plan, geometry.kv_heads, geometry.num_layers, 4, has_rope=True)
-    assert per_token["low_rank"] * token_batch.numel() == sum(cache.stored_bytes().values())
-    assert cache_bytes_per_token(plan, geometry.kv_heads, geometry.num_layers, 4, has_rope=False)["low_rank"] == per_token["low_rank"] - 8
+    per_token = cache_bytes_per_token(plan, geometry.kv_heads, geometry.num_layers, 4, rope_table_bytes=groups * table_bytes)
+    stored = cache.stored_bytes()
+    assert per_token["low_rank"] == (stored["keys"] + stored["values"]) / token_batch.numel() + groups * table_bytes  # per row: an upper bound
+
+
+def test_sliding_window_layers_are_compared_with_the_models_own_cache(family_models):
+    from kvcore_eval.cache import compare_with_model_cache, sliding_window_layers
+
+    windows = sliding_window_layers(family_models["gemma3"].config)
+    assert windows == {0: 16}  # layer 0 slides, layer 1 is global
+    assert sliding_window_layers(family_models["llama"].config) == {}
+    per_token = {"low_rank": 50.0, "full": 200.0, "ratio": 0.25}
+    comparison = compare_with_model_cache(per_token, windows, num_layers=2, contexts=(16, 1024))
+    assert comparison["ratio_to_model_cache_at_context"]["16"] == pytest.approx(0.25)
+    # at 1024 tokens the model's own cache holds 16 + 1024 token-layers, not 2048
+    assert comparison["ratio_to_model_cache_at_context"]["1024"] == pytest.approx(50 * 1024 / (100 * (16 + 1024)))
+    assert compare_with_model_cache(per_token, {}, 2) is None
 
 
 def test_generate_with_low_rank_cache_matches_one_shot_greedy(family_models, calibrations, token_batch):
@@ -122,3 +151,76 @@ def test_generate_with_low_rank_cache_matches_one_shot_greedy(family_models, cal
         generated = model.generate(prompt, max_new_tokens=8, do_sample=False, cache=low_rank_cache(model, calibration, 8, 16), pad_token_id=0)
     one_shot = logits(model, generated, low_rank_cache(model, calibration, 8, 16))
     assert torch.equal(one_shot[0, 9:-1].argmax(-1), generated[0, 10:])
+
+
+def left_padded_prompts() -> tuple[torch.Tensor, torch.Tensor]:
+    """Two prompts of 10 and 6 tokens, the second left-padded, as batched generation feeds them."""
+    input_ids = torch.randint(3, 259, (2, 10), generator=torch.Generator().manual_seed(3))
+    attention_mask = torch.ones_like(input_ids)
+    input_ids[1, :4], attention_mask[1, :4] = 0, 0
+    return input_ids, attention_mask
+
+
+def generate(model, input_ids, attention_mask, cache, max_new_tokens=8):
+    with torch.no_grad():
+        return model.generate(input_ids, attention_mask=attention_mask, max_new_tokens=max_new_tokens, min_new_tokens=max_new_tokens,
+                              do_sample=False, cache=cache, pad_token_id=0, output_scores=True, return_dict_in_generate=True)
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_full_rank_cache_equals_plain_model_in_batched_left_padded_generation(family, family_models, calibrations):
+    """Every family: a full-rank low-rank cache (pre-RoPE keys, so RoPE is undone and redone at every step)
+    generates the same tokens with the same scores as the model's own cache, and holds every token fed."""
+    from kvcore_eval.wrapper import check_cache_kept
+
+    model, calibration = family_models[family], calibrations[family]
+    input_ids, attention_mask = left_padded_prompts()
+    cache = low_rank_cache(model, calibration, 1, 1, "pre_rope", full_basis=True)
+    ours, plain = generate(model, input_ids, attention_mask, cache), generate(model, input_ids, attention_mask, DynamicCache())
+    assert torch.equal(ours.sequences, plain.sequences)
+    assert torch.allclose(torch.stack(ours.scores), torch.stack(plain.scores), atol=1e-4)
+    check_cache_kept(cache, ours.sequences, model.config)
+    assert cache.get_seq_length() == ours.sequences.shape[1] - 1
+
+
+def test_phi3_longrope_generation_past_the_switch_is_refused(family_models, calibrations):
+    """Phi-3 replaces the cache once the input reaches original_max_position_embeddings + 1 tokens: the rest
+    would run uncompressed, so the check after generate refuses it."""
+    from conftest import PHI3_SWITCH
+    from kvcore_eval.wrapper import check_cache_kept
+
+    model, calibration = family_models["phi3"], calibrations["phi3"]
+    prompt = torch.randint(3, 259, (1, PHI3_SWITCH - 4), generator=torch.Generator().manual_seed(4))
+    cache = low_rank_cache(model, calibration, 8, 8)
+    output = generate(model, prompt, torch.ones_like(prompt), cache)
+    with pytest.raises(RuntimeError, match=f"original_max_position_embeddings \\+ 1 = {PHI3_SWITCH + 1}"):
+        check_cache_kept(cache, output.sequences, model.config)
+
+
+def _dynamic_llama():
+    from transformers import LlamaConfig
+
+    from conftest import _COMMON, build_model
+
+    config = LlamaConfig(**{**_COMMON, "max_position_embeddings": 16}, num_key_value_heads=2, head_dim=16,
+                         rope_parameters={"rope_type": "dynamic", "rope_theta": 10000.0, "factor": 2.0})
+    return build_model(config)
+
+
+@pytest.mark.parametrize("family", ["phi3", "dynamic_llama"])
+def test_full_rank_cache_equals_models_own_cache_past_the_original_length(family, family_models, calibration_tokens):
+    """Longrope and dynamic NTK change their frequencies with the length: old keys keep the rotation they were
+    cached with. Prefill 12 tokens, decode to 40, one token at a time: the full-rank cache equals the model's own."""
+    from conftest import calibrate_in_memory
+
+    model = family_models[family] if family in family_models else _dynamic_llama()
+    calibration = calibrate_in_memory(model, calibration_tokens)
+    tokens = torch.randint(3, 259, (2, 40), generator=torch.Generator().manual_seed(5))
+
+    def stepwise(cache):
+        steps = [logits(model, tokens[:, :12], cache)]
+        steps += [logits(model, tokens[:, i:i + 1], cache) for i in range(12, tokens.shape[1])]
+        return torch.cat(steps, dim=1)
+
+    ours, plain = stepwise(low_rank_cache(model, calibration, 1, 1, "pre_rope", full_basis=True)), stepwise(DynamicCache())
+    assert torch.allclose(ours, plain, atol=1e-5)

@@ -135,3 +135,15 @@ def test_cli_calibrate_and_report(llama_dir, tmp_path):
     assert (out / "ner.png").read_bytes()[:4] == b"\x89PNG"
     missing = _run_cli([sys.executable, "-m", "kvcore_eval", "report", str(tmp_path / "nowhere")])
     assert missing.returncode == 2 and "kvcore-eval calibrate" in missing.stderr
+
+
+def test_bfloat16_calibration_matches_float32_and_keeps_the_fingerprint(finished_run, llama_dir, tmp_path):
+    """bf16 forward, float64 Grams: spectra close to the float32 run's, and the same weights fingerprint (the
+    fingerprint does not depend on the load dtype), with the dtype recorded separately."""
+    bf16 = load_calibration(calibrate(config(llama_dir, tmp_path / "bf16", dtype="bfloat16")))
+    fp32 = load_calibration(finished_run)
+    assert bf16.metadata["model"]["weights_fingerprint"] == fp32.metadata["model"]["weights_fingerprint"]
+    assert (bf16.metadata["model_dtype"], fp32.metadata["model_dtype"]) == ("bfloat16", "float32")
+    for space, values in fp32.eigenvalues.items():
+        relative = (bf16.eigenvalues[space] - values).norm() / values.norm()
+        assert 0 < relative < 2e-2, space

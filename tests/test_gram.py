@@ -6,15 +6,19 @@ from conftest import FAMILIES
 from kvcore_eval.artifact import decompose
 from kvcore_eval.gram import GramAccumulator, GramRecorder
 from kvcore_eval.models import kv_geometry
-from kvcore_eval.rope import find_rotary_embedding
+from kvcore_eval.rope import RopeTap
+
+ROPE_FAMILIES = [f for f in FAMILIES if f != "gpt2"]
 
 
 def record(model, input_ids, token_mask=None, attention_mask=None) -> GramAccumulator:
     accumulator = GramAccumulator(kv_geometry(model.config))
-    recorder = GramRecorder(accumulator, find_rotary_embedding(model))
+    tap = RopeTap(model)
+    recorder = GramRecorder(accumulator, tap)
     recorder.set_token_mask(token_mask)
     with torch.no_grad():
         model.base_model(input_ids=input_ids, attention_mask=attention_mask, cache=recorder, use_cache=True)
+    tap.remove()
     return accumulator
 
 
@@ -28,22 +32,25 @@ def stacked_cache(model, input_ids) -> list[tuple[torch.Tensor, torch.Tensor]]:
 
 
 def pre_rope_keys(model, family, input_ids) -> list[torch.Tensor]:
-    """The key before RoPE, captured from the projection modules: (tokens, D) per layer."""
-    captured = []
+    """The key before RoPE, captured from each family's projection module: (tokens, D) per layer."""
     geometry = kv_geometry(model.config)
-    hooks = []
-    for name, module in model.named_modules():
-        if family == "qwen3" and name.endswith("self_attn.k_norm"):
-            hooks.append(module.register_forward_hook(lambda m, i, out: captured.append(out.flatten(2))))
-        elif family == "phi3" and name.endswith("qkv_proj"):
-            q_size = model.config.num_attention_heads * geometry.head_dim
-            hooks.append(module.register_forward_hook(lambda m, i, out: captured.append(out[..., q_size:q_size + geometry.width])))
-        elif family not in ("qwen3", "phi3") and name.endswith("self_attn.k_proj"):
-            hooks.append(module.register_forward_hook(lambda m, i, out: captured.append(out)))
+    batch, seq = input_ids.shape
+    heads, head_dim = geometry.kv_heads, geometry.head_dim
+    take = {  # family -> (module name suffix, output -> (batch, seq, D))
+        "qwen3": ("self_attn.k_norm", lambda out: out.flatten(2)),  # (batch, seq, heads, head_dim)
+        "gemma3": ("self_attn.k_norm", lambda out: out.transpose(1, 2).flatten(2)),  # (batch, heads, seq, head_dim)
+        "phi3": ("qkv_proj", lambda out: out[..., model.config.num_attention_heads * head_dim:][..., :geometry.width]),
+        "gpt_neox": ("attention.query_key_value", lambda out: out.view(batch, seq, heads, 3, head_dim)[..., 1, :].flatten(2)),
+        "gptj": ("attn.k_proj", lambda out: out),
+    }.get(family, ("self_attn.k_proj", lambda out: out))
+    captured = []
+    hooks = [module.register_forward_hook(lambda m, i, out: captured.append(take[1](out)))
+             for name, module in model.named_modules() if name.endswith(take[0])]
     with torch.no_grad():
         model(input_ids=input_ids)
     for hook in hooks:
         hook.remove()
+    assert len(captured) == geometry.num_layers
     return [keys.reshape(-1, geometry.width).double() for keys in captured]
 
 
@@ -60,14 +67,14 @@ def test_incremental_gram_eigenvalues_equal_direct_svd(family, family_models, to
     assert accumulator.token_count.tolist() == [token_batch.numel()] * model.config.num_hidden_layers
 
 
-@pytest.mark.parametrize("family", [f for f in FAMILIES if f != "gpt2"])
+@pytest.mark.parametrize("family", ROPE_FAMILIES)
 def test_pre_rope_gram_equals_gram_of_projection_output(family, family_models, token_batch):
     model = family_models[family]
     accumulator = record(model, token_batch)
     for layer, keys in enumerate(pre_rope_keys(model, family, token_batch)):
         expected = keys.T @ keys
         got = accumulator.grams["key_pre_rope"][layer]
-        assert torch.allclose(got, expected, rtol=1e-4, atol=1e-5 * expected.abs().max().item()), (family, layer)
+        assert ((got - expected).norm() / expected.norm()).item() < 1e-6, (family, layer)
         post = accumulator.grams["key_post_rope"][layer]
         assert not torch.allclose(post, expected, rtol=1e-3), "RoPE should change the Gram"
 
@@ -99,7 +106,7 @@ def test_any_batch_split_gives_the_same_gram(family_models, token_batch):
     model = family_models["qwen2"]
     whole = record(model, token_batch)
     split = GramAccumulator(kv_geometry(model.config))
-    recorder = GramRecorder(split, find_rotary_embedding(model))
+    recorder = GramRecorder(split, RopeTap(model))
     with torch.no_grad():
         for row in token_batch.split(1):
             model.base_model(input_ids=row, cache=recorder, use_cache=True)

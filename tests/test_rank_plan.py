@@ -10,10 +10,14 @@ def test_parse_rank_forms():
     assert parse_rank("8:16:4", 32, 3, "key_rank") == [8, 16, 4]
     assert parse_rank([1, 32], 32, 2, "key_rank") == [1, 32]
     assert parse_rank("0.5", 16, 1, "value_rank") == [8]
+    assert parse_rank("full", 16, 2, "value_rank") == parse_rank("FULL", 16, 2, "value_rank") == [16, 16]
 
 
 @pytest.mark.parametrize("spec,message", [
-    (40, "outside 1..32"), (0, "outside 1..32"), (-3, "outside 1..32"), (1.5, "fraction"), ("8:8", "lists 2 ranks but the model has 3 layers"),
+    (40, "outside 1..32"), (0, "must be positive"), (-3, "must be positive"), (-0.5, "must be positive"), ("-0.25", "must be positive"),
+    (1.5, "fraction"), ("8:8", "lists 2 ranks but the model has 3 layers"),
+    (1, "ambiguous: write key_rank=full"), (1.0, "ambiguous"), ("1", "ambiguous"), ("1.0", "ambiguous"),
+    ("8:x:8", "not a rank: give an int"), ("quarter", "not a rank"),
 ])
 def test_bad_ranks_name_the_fix(spec, message):
     with pytest.raises(ValueError, match=message):
@@ -34,10 +38,23 @@ def test_ner_budget_is_proportional_to_ner():
     assert ranks == [2, 6]
 
 
+@pytest.mark.parametrize("budget", [0.05, 0.13, 0.3, 0.5, 0.77, 1.0])
+def test_ner_budget_meets_the_budget_after_rounding(budget):
+    """Rounding each share separately misses the budget (and clipping at 1 or the width overshoots it)."""
+    widths = [24, 24, 24, 24, 24, 24, 24]
+    ner = [0.02, 0.31, 0.33, 0.34, 0.9, 0.95, 0.97]
+    ranks = budget_ranks([np.ones(w) for w in widths], budget=budget, method="ner", ner=ner)
+    assert sum(ranks) == max(len(widths), round(budget * sum(widths)))
+    assert all(1 <= r <= w for r, w in zip(ranks, widths))
+    assert ranks == sorted(ranks), "a larger NER never gets fewer dimensions"
+
+
 @pytest.mark.parametrize("kwargs,message", [
     ({}, "no truncation asked for"), ({"key_rank": 4, "rank_budget": 0.5}, "both given"),
     ({"rank_budget": 1.5}, r"\(0, 1\]"), ({"key_rank": 4, "key_space": "rope"}, "pre_rope or post_rope"),
     ({"key_rank": 4, "truncate": "all"}, "keys, values or both"), ({"rank_budget": 0.5, "granularity": "head"}, "granularity=layer"),
+    ({"value_rank": 0.5, "truncate": "keys"}, "value_rank=0.5 with truncate=keys truncates nothing"),
+    ({"key_rank": 0.25, "truncate": "values"}, "key_rank=0.25 with truncate=values truncates nothing"),
 ])
 def test_truncation_config_validation(kwargs, message):
     with pytest.raises(ValueError, match=message):

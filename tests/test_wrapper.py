@@ -10,7 +10,7 @@ from lm_eval.models.huggingface import HFLM
 
 from conftest import EXAMPLE_DATA
 from kvcore_eval.artifact import save_calibration
-from kvcore_eval.models import model_identity
+from kvcore_eval.models import model_identity, weights_sample
 from kvcore_eval.wrapper import KVCoreHFLM
 from conftest import calibrate_in_memory
 
@@ -20,7 +20,8 @@ def artifact_dir(llama_dir, family_models, calibration_tokens, tmp_path_factory)
     model = family_models["llama"]
     calibration = calibrate_in_memory(model, calibration_tokens)
     calibration.metadata = {"model": {**model_identity(model, str(llama_dir), None), "has_rope": True},
-                            "dataset": {"spec": "random tokens"}, "tokens": calibration_tokens.numel()}
+                            "dataset": {"spec": "random tokens"}, "tokens": calibration_tokens.numel(), "model_dtype": "float32"}
+    calibration.weights_sample = weights_sample(model)
     out = tmp_path_factory.mktemp("artifact")
     save_calibration(calibration, out)
     return out
@@ -47,7 +48,7 @@ def baseline(llama_dir):
 
 @pytest.mark.parametrize("kind", ["loglikelihood", "loglikelihood_rolling", "generate_until"])
 def test_full_rank_equals_lm_eval_hf(kind, llama_dir, artifact_dir, baseline):
-    full = KVCoreHFLM(pretrained=str(llama_dir), calibration=str(artifact_dir), key_rank=1.0, value_rank=32, batch_size=2, device="cpu")
+    full = KVCoreHFLM(pretrained=str(llama_dir), calibration=str(artifact_dir), key_rank="full", value_rank=32, batch_size=2, device="cpu")
     got, expected = run(full, kind), run(baseline, kind)
     if kind == "generate_until":
         assert got == expected
@@ -67,6 +68,36 @@ def test_low_rank_changes_scores_and_records_ranks(llama_dir, artifact_dir, base
     assert info["cache_bytes_per_token"]["ratio"] < 0.5
 
 
+def test_bfloat16_evaluation_of_a_float32_calibration(llama_dir, artifact_dir, caplog):
+    """Same weights in another dtype pass the weights check; full rank equals hf in bfloat16 too; the rank
+    summary goes to lm-eval's logger, which plain `lm_eval` prints."""
+    import logging
+
+    with caplog.at_level(logging.INFO, logger="lm_eval"):
+        full = KVCoreHFLM(pretrained=str(llama_dir), calibration=str(artifact_dir), key_rank="full", value_rank="full",
+                          dtype="bfloat16", batch_size=2, device="cpu")
+    assert full.model.dtype == torch.bfloat16
+    assert any(r.name == "lm_eval.models.kvcore_hf" and "cache 100.0% of a full cache" in r.getMessage() for r in caplog.records)
+    plain = HFLM(pretrained=str(llama_dir), dtype="bfloat16", batch_size=2, device="cpu")
+    got, expected = run(full, "loglikelihood"), run(plain, "loglikelihood")
+    assert [r[0] for r in got] == pytest.approx([r[0] for r in expected], abs=1e-6)
+    low = KVCoreHFLM(pretrained=str(llama_dir), calibration=str(artifact_dir), key_rank=4, value_rank=4, dtype="bfloat16", batch_size=2, device="cpu")
+    assert all(abs(a[0] - b[0]) > 1e-3 for a, b in zip(run(low, "loglikelihood"), expected))
+
+
+def test_other_weights_are_refused(family_dirs, artifact_dir, tmp_path):
+    """Same architecture and config, other weights: refused, naming both dtypes."""
+    from conftest import build_model, family_configs
+    import shutil
+
+    other = tmp_path / "other-llama"
+    build_model(family_configs()["llama"], seed=1).save_pretrained(other)
+    for name in ("tokenizer.json", "tokenizer_config.json"):
+        shutil.copy(family_dirs["llama"] / name, other / name)
+    with pytest.raises(ValueError, match=r"calibrated on other weights .*torch.float32"):
+        KVCoreHFLM(pretrained=str(other), calibration=str(artifact_dir), key_rank=4, device="cpu")
+
+
 def test_rank_budget_turns_into_per_layer_ranks(llama_dir, artifact_dir):
     lm = KVCoreHFLM(pretrained=str(llama_dir), calibration=str(artifact_dir), rank_budget=0.25, batch_size=1, device="cpu")
     plan = lm.kvcore_plan
@@ -75,7 +106,10 @@ def test_rank_budget_turns_into_per_layer_ranks(llama_dir, artifact_dir):
 
 @pytest.mark.parametrize("kwargs,error,message", [
     ({"key_rank": 64}, ValueError, "outside 1..32"),
-    ({"key_rank": 0}, ValueError, "outside 1..32"),
+    ({"key_rank": 0}, ValueError, "must be positive"),
+    ({"key_rank": 1}, ValueError, "ambiguous: write key_rank=full"),
+    ({"value_rank": 0.5, "truncate": "keys"}, ValueError, "truncates nothing"),
+    ({"key_rank": "8:x"}, ValueError, "not a rank"),
     ({"key_rank": "4:4:4"}, ValueError, "lists 3 ranks"),
     ({"key_rank": 4, "calibration": "/nowhere"}, FileNotFoundError, "kvcore-eval calibrate"),
 ])
