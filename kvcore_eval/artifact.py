@@ -7,7 +7,8 @@ Per space (`key_pre_rope`, `key_post_rope`, `value`), for all layers at once:
   head_eigenvectors  (layers, kv_heads, head_dim, head_dim) float32
 and `token_count` (layers,), and `weights_sample` (parameters, 64): a strided sample of the calibrated
 model's weights, so an evaluation can tell the same weights loaded in another dtype from other weights.
-No pickles: safetensors and JSON only.
+No pickles: safetensors and JSON only. `kvcore.json` records the sha256 of `basis.safetensors`; loading
+verifies it and refuses non-finite values, so a damaged basis is an error, never a number.
 """
 
 from __future__ import annotations
@@ -19,10 +20,11 @@ from typing import Any
 
 import torch
 
+from kvcore_eval import outputs
 from kvcore_eval.gram import SPACES
-from kvcore_eval.models import KVGeometry
+from kvcore_eval.models import KVGeometry, file_sha256
 
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2
 BASIS_FILE = "basis.safetensors"
 METADATA_FILE = "kvcore.json"
 
@@ -69,8 +71,7 @@ def decompose(grams: dict[str, torch.Tensor], token_count: torch.Tensor, geometr
 
 
 def save_calibration(calibration: Calibration, out_dir: str | Path) -> None:
-    from safetensors.torch import save_file
-
+    """basis.safetensors, then kvcore.json with its checksum; each written atomically."""
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     tensors = {"token_count": calibration.token_count.contiguous()}
@@ -81,9 +82,9 @@ def save_calibration(calibration: Calibration, out_dir: str | Path) -> None:
         tensors[f"{space}.eigenvectors"] = calibration.eigenvectors[space].contiguous()
         tensors[f"{space}.head_eigenvalues"] = calibration.head_eigenvalues[space].contiguous()
         tensors[f"{space}.head_eigenvectors"] = calibration.head_eigenvectors[space].contiguous()
-    save_file(tensors, str(out_dir / BASIS_FILE))
-    metadata = {"format_version": FORMAT_VERSION, **calibration.metadata}
-    (out_dir / METADATA_FILE).write_text(json.dumps(metadata, indent=2, sort_keys=True) + "\n")
+    outputs.atomic_save_safetensors(tensors, out_dir / BASIS_FILE)
+    metadata = {**calibration.metadata, "format_version": FORMAT_VERSION, "basis_sha256": file_sha256(str(out_dir / BASIS_FILE))}
+    outputs.atomic_write_json(out_dir / METADATA_FILE, metadata)
 
 
 def read_metadata(path: str | Path) -> dict[str, Any]:
@@ -95,20 +96,31 @@ def read_metadata(path: str | Path) -> dict[str, Any]:
             f"no calibration artifact at {path} (expected {BASIS_FILE} and {METADATA_FILE}); "
             f"create one with `kvcore-eval calibrate --model ... --dataset ... --out {path}`"
         )
-    metadata = json.loads(metadata_path.read_text())
-    if metadata.get("format_version") != FORMAT_VERSION:
+    metadata = outputs.read_json(metadata_path, "calibration metadata")
+    if not isinstance(metadata, dict) or metadata.get("format_version") != FORMAT_VERSION:
+        found = metadata.get("format_version") if isinstance(metadata, dict) else None
         raise ValueError(
-            f"{metadata_path} has format_version {metadata.get('format_version')}, this kvcore-eval reads "
+            f"{metadata_path} has format_version {found}, this kvcore-eval reads "
             f"{FORMAT_VERSION}: re-run `kvcore-eval calibrate` with this version"
         )
     return metadata
 
 
 def load_calibration(path: str | Path) -> Calibration:
+    """Load and verify an artifact: checksum of the basis file, finite values."""
     from safetensors.torch import load_file
 
     metadata = read_metadata(path)
-    tensors = load_file(str(Path(path) / BASIS_FILE))
+    basis_path = Path(path) / BASIS_FILE
+    if file_sha256(str(basis_path)) != metadata.get("basis_sha256"):
+        raise ValueError(f"{basis_path} does not match the checksum in {METADATA_FILE}: the file is damaged or was "
+                         f"replaced; re-run `kvcore-eval calibrate --out {path} --overwrite`")
+    try:
+        tensors = load_file(str(basis_path))
+    except Exception as err:  # safetensors raises its own error type for a truncated header
+        raise ValueError(f"{basis_path} cannot be read ({err}): re-run `kvcore-eval calibrate --out {path} --overwrite`") from err
+    if bad := [key for key, tensor in tensors.items() if tensor.is_floating_point() and not torch.isfinite(tensor).all()]:
+        raise ValueError(f"{basis_path} holds NaN or inf in {', '.join(bad[:3])}: re-run the calibration (try --dtype float32)")
     parts: dict[str, dict[str, torch.Tensor]] = {name: {} for name in ("eigenvalues", "eigenvectors", "head_eigenvalues", "head_eigenvectors")}
     for key, tensor in tensors.items():
         if "." in key:

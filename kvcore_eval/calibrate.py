@@ -3,10 +3,16 @@
 Runs on CPU, one GPU, or several processes under `accelerate launch` (each process takes every
 world_size-th sequence; the Grams are summed across processes and rank 0 writes one artifact).
 Checkpoints every `checkpoint_every` tokens; `--resume` continues and ends bit-identical to an uninterrupted run.
+
+Outputs are safe (`outputs.py`): inputs are validated before any output is touched; `--out` is refused if it
+holds files kvcore-eval did not write; a finished run is replaced (`--overwrite`) by building the new one in
+`<out>.kvcore-staging` and swapping it in at the end, so a failed run leaves the previous artifact intact;
+each checkpoint is one file (Grams, counters and run identity) written and renamed as a unit.
 """
 
 from __future__ import annotations
 
+import itertools
 import json
 import logging
 import shutil
@@ -17,7 +23,7 @@ from typing import Any
 
 import torch
 
-from kvcore_eval import __version__, artifact, data, models
+from kvcore_eval import __version__, artifact, data, models, outputs
 from kvcore_eval.config import CalibrationConfig
 from kvcore_eval.gram import GramAccumulator, GramRecorder
 from kvcore_eval.rope import RopeTap
@@ -26,7 +32,8 @@ from kvcore_eval.selfcheck import check_key_recovery
 logger = logging.getLogger(__name__)
 
 CHECKPOINT_DIR = "checkpoint"
-CONFIG_FILE = "config.json"
+KIND = "calibrate"
+OWN_NAMES = (artifact.BASIS_FILE, artifact.METADATA_FILE, outputs.CONFIG_FILE, CHECKPOINT_DIR, "report.md", "report.json", "ner.png")
 
 
 def _dataset_spec(config: CalibrationConfig) -> dict[str, Any]:
@@ -45,14 +52,28 @@ def _run_identity(config: CalibrationConfig, model_identity: dict[str, Any], wor
     }
 
 
-def _prepare_out_dir(config: CalibrationConfig, out: Path) -> None:
-    if config.overwrite and out.exists():
-        shutil.rmtree(out)
-    if (out / artifact.METADATA_FILE).exists():
-        raise FileExistsError(f"{out} already holds a finished calibration: pass --overwrite to replace it, or choose another --out")
-    if (out / CHECKPOINT_DIR).exists() and not config.resume:
-        raise FileExistsError(f"{out} holds an interrupted calibration: pass --resume to continue it, or --overwrite to start again")
-    out.mkdir(parents=True, exist_ok=True)
+def _work_dir(config: CalibrationConfig, out: Path) -> Path:
+    """Where this run writes: `out`, or `<out>.kvcore-staging` when `out` holds a finished run that this one
+    replaces at the end (--overwrite, or --resume of an interrupted overwrite)."""
+    staging = out.with_name(f"{out.name}.kvcore-staging")
+    if not (out / artifact.METADATA_FILE).exists():
+        return out
+    if config.overwrite or (config.resume and (staging / CHECKPOINT_DIR).is_dir()):
+        return staging
+    raise FileExistsError(f"{out} already holds a finished calibration: pass --overwrite to replace it, or choose another --out")
+
+
+def _prepare_work_dir(config: CalibrationConfig, out: Path, work: Path) -> None:
+    """Check `out` (and the staging folder) hold nothing but our runs; clear what this run replaces."""
+    outputs.check_run_folder(out, KIND, OWN_NAMES)
+    if work != out and not config.resume:
+        outputs.remove_own(work, KIND, OWN_NAMES)
+    outputs.check_run_folder(work, KIND, OWN_NAMES)
+    if (work / CHECKPOINT_DIR).exists() and not config.resume:
+        if not config.overwrite:
+            raise FileExistsError(f"{out} holds an interrupted calibration: pass --resume to continue it, or --overwrite to start again")
+        shutil.rmtree(work / CHECKPOINT_DIR)
+    work.mkdir(parents=True, exist_ok=True)
 
 
 def _batches(sequences: Iterator[list[int]], batch_size: int, rank: int, world_size: int) -> Iterator[list[list[int]]]:
@@ -80,37 +101,38 @@ def _to_tensors(batch: list[list[int]], pad_id: int, device: torch.device) -> tu
     return input_ids.to(device), mask.to(device)
 
 
-def _checkpoint_paths(out: Path, rank: int) -> tuple[Path, Path]:
-    return out / CHECKPOINT_DIR / f"rank{rank}.safetensors", out / CHECKPOINT_DIR / f"rank{rank}.json"
+def _checkpoint_path(work: Path, rank: int) -> Path:
+    return work / CHECKPOINT_DIR / f"rank{rank}.safetensors"
 
 
-def _save_checkpoint(out: Path, rank: int, accumulator: GramAccumulator, batches_done: int, identity: dict[str, Any]) -> None:
-    from safetensors.torch import save_file
-
-    tensor_path, json_path = _checkpoint_paths(out, rank)
-    tensor_path.parent.mkdir(parents=True, exist_ok=True)
-    save_file(accumulator.state_dict(), str(tensor_path.with_suffix(".tmp")))
-    tensor_path.with_suffix(".tmp").replace(tensor_path)
-    json_path.write_text(json.dumps({"batches_done": batches_done, "run": identity}, indent=2, sort_keys=True))
+def _save_checkpoint(work: Path, rank: int, accumulator: GramAccumulator, batches_done: int, identity: dict[str, Any]) -> None:
+    """One file: the Grams, and in its metadata the batches done and the run identity, renamed into place as a unit."""
+    path = _checkpoint_path(work, rank)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    metadata = {"batches_done": str(batches_done), "run": json.dumps(identity, sort_keys=True)}
+    outputs.atomic_save_safetensors(accumulator.state_dict(), path, metadata)
 
 
-def _load_checkpoint(out: Path, rank: int, accumulator: GramAccumulator, identity: dict[str, Any]) -> int:
+def _load_checkpoint(work: Path, rank: int, accumulator: GramAccumulator, identity: dict[str, Any]) -> int:
     """Restore this process's Grams; returns the number of batches already accumulated (0 if none)."""
-    from safetensors.torch import load_file
+    from safetensors import safe_open
 
-    tensor_path, json_path = _checkpoint_paths(out, rank)
-    if not tensor_path.exists() or not json_path.exists():
-        logger.info("no checkpoint for rank %d in %s: starting from the beginning", rank, out)
+    path = _checkpoint_path(work, rank)
+    if not path.exists():
+        logger.info("no checkpoint for rank %d in %s: starting from the beginning", rank, work)
         return 0
-    saved = json.loads(json_path.read_text())
+    with safe_open(str(path), framework="pt") as f:
+        saved = f.metadata()
+        state = {key: f.get_tensor(key) for key in f.keys()}
+    run = json.loads(saved["run"])
     for key in identity:
-        if saved["run"].get(key) != identity[key]:
+        if run.get(key) != identity[key]:
             raise ValueError(
-                f"checkpoint in {out} is from another run: its {key} is {saved['run'].get(key)}, this run's is "
+                f"checkpoint in {work} is from another run: its {key} is {run.get(key)}, this run's is "
                 f"{identity[key]}. Resume with the same settings, or pass --overwrite to start again"
             )
-    accumulator.load_state_dict(load_file(str(tensor_path)))
-    logger.info("resuming rank %d after %d batches", rank, saved["batches_done"])
+    accumulator.load_state_dict(state)
+    logger.info("resuming rank %d after %s batches", rank, saved["batches_done"])
     return int(saved["batches_done"])
 
 
@@ -135,29 +157,36 @@ def calibrate(config: CalibrationConfig, on_checkpoint: Callable[[int], None] | 
     from accelerate import PartialState
     from tqdm.auto import tqdm
 
-    state = PartialState(cpu=config.device == "cpu")
+    # Under torchrun/accelerate on a machine without CUDA, "auto" means CPU processes that shard and all-reduce.
+    state = PartialState(cpu=config.device == "cpu" or (config.device == "auto" and not torch.cuda.is_available()))
     device = state.device if config.device == "auto" else torch.device(config.device)
     out = Path(config.out)
-    if state.is_main_process:
-        _prepare_out_dir(config, out)
-    state.wait_for_everyone()
 
+    # Every input is checked before any output is touched: model, tokenizer, the dataset's first record.
     model_id, gguf_file = models.gguf_location(config.model, config.gguf_file)
     model = models.load_causal_lm(model_id, config.revision, str(device), config.dtype, gguf_file)
     tokenizer = models.load_tokenizer(model_id, config.revision, gguf_file)
     geometry = models.kv_geometry(model.config)
-    identity = models.model_identity(model, model_id, config.revision, gguf_file)
-    run = _run_identity(config, identity, state.num_processes)
-    if state.is_main_process:
-        (out / CONFIG_FILE).write_text(json.dumps(asdict(config), indent=2) + "\n")
-
+    texts = data.iter_texts(config.dataset, config.split, config.prompt_format, config.text_field, config.data_dir)
+    first = next(texts, None)
+    if first is None:
+        raise ValueError(f"dataset {config.dataset} has no records: check the file or split, or pass another --dataset")
     tap = RopeTap(model)
     check_key_recovery(model, tap)  # the pre-RoPE keys below are the model's own, or this raises
+    identity = models.model_identity(model, model_id, config.revision, gguf_file)
+    run = _run_identity(config, identity, state.num_processes)
+
+    work = _work_dir(config, out)
+    state.wait_for_everyone()
+    if state.is_main_process:
+        _prepare_work_dir(config, out, work)
+        outputs.write_config(work, KIND, asdict(config))
+    state.wait_for_everyone()
+
     accumulator = GramAccumulator(geometry, device)
     recorder = GramRecorder(accumulator, tap)
-    batches_done = _load_checkpoint(out, state.process_index, accumulator, run) if config.resume else 0
-    texts = data.iter_texts(config.dataset, config.split, config.prompt_format, config.text_field, config.data_dir)
-    sequences = data.pack_sequences(texts, tokenizer, config.seq_len, config.max_tokens)
+    batches_done = _load_checkpoint(work, state.process_index, accumulator, run) if config.resume else 0
+    sequences = data.pack_sequences(itertools.chain([first], texts), tokenizer, config.seq_len, config.max_tokens)
     batches = _batches(sequences, config.batch_size, state.process_index, state.num_processes)
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
     tokens_since_checkpoint = 0
@@ -170,7 +199,7 @@ def calibrate(config: CalibrationConfig, on_checkpoint: Callable[[int], None] | 
             progress.update(tokens)
             tokens_since_checkpoint += tokens
             if tokens_since_checkpoint >= config.checkpoint_every:
-                _save_checkpoint(out, state.process_index, accumulator, index + 1, run)
+                _save_checkpoint(work, state.process_index, accumulator, index + 1, run)
                 tokens_since_checkpoint = 0
                 if on_checkpoint is not None:
                     on_checkpoint(index + 1)
@@ -179,12 +208,17 @@ def calibrate(config: CalibrationConfig, on_checkpoint: Callable[[int], None] | 
     total_tokens = int(accumulator.token_count[0])
     if total_tokens < config.seq_len:
         raise ValueError(f"{config.dataset} gave {total_tokens} tokens, fewer than one sequence (--seq-len {config.seq_len}): add data or lower --seq-len")
+    if total_tokens < config.max_tokens:
+        logger.warning("%s ran out of data: %d tokens calibrated of the %d asked for (--max-tokens); recorded in kvcore.json",
+                       config.dataset, total_tokens, config.max_tokens)
     if state.is_main_process:
         metadata = _metadata(config, identity, total_tokens, state.num_processes, tap.has_rope)
         calibration = artifact.decompose(accumulator.grams, accumulator.token_count, geometry, metadata)
         calibration.weights_sample = models.weights_sample(model)
-        artifact.save_calibration(calibration, out)
-        shutil.rmtree(out / CHECKPOINT_DIR, ignore_errors=True)
+        artifact.save_calibration(calibration, work)
+        shutil.rmtree(work / CHECKPOINT_DIR, ignore_errors=True)
+        if work != out:
+            outputs.swap_in(work, out, KIND, OWN_NAMES)
         logger.info("wrote %s (%d tokens, %d layers, D=%d)", out, total_tokens, geometry.num_layers, geometry.width)
     state.wait_for_everyone()
     return out
@@ -198,6 +232,7 @@ def _metadata(config: CalibrationConfig, identity: dict[str, Any], tokens: int, 
         "model": {**identity, "has_rope": has_rope},
         "dataset": _dataset_spec(config),
         "tokens": tokens,
+        "tokens_requested": config.max_tokens,
         "seq_len": config.seq_len,
         "batch_size": config.batch_size,
         "processes": world_size,

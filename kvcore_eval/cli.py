@@ -127,8 +127,15 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: Sequence[str] | None = None) -> None:
     args = build_parser().parse_args(argv)
     logging.basicConfig(level=args.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    log = logging.getLogger("kvcore_eval")
     try:
         args.run(args)
+    except KeyboardInterrupt:
+        if args.command == "calibrate":
+            log.error("interrupted: the last checkpoint is kept; continue with the same command plus --resume")
+        else:
+            log.error("interrupted: finished work is kept; run the same command again to continue")
+        sys.exit(130)
     except (ValueError, OSError, KeyError, FloatingPointError, RuntimeError) as err:
-        logging.getLogger("kvcore_eval").error("%s", err)
+        log.error("%s", err)
         sys.exit(2)

@@ -8,6 +8,8 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 
 MODEL_DTYPES = ("float32", "bfloat16", "float16")
+# Shorter sequences put every token near the start of its context: they measure little of a KV cache.
+MIN_SEQ_LEN = 32
 
 
 @dataclass
@@ -36,6 +38,9 @@ class CalibrationConfig:
         for name in ("max_tokens", "seq_len", "batch_size", "checkpoint_every"):
             if getattr(self, name) <= 0:
                 raise ValueError(f"--{name.replace('_', '-')} must be positive, got {getattr(self, name)}")
+        if self.seq_len < MIN_SEQ_LEN:
+            raise ValueError(f"--seq-len {self.seq_len} is below the minimum of {MIN_SEQ_LEN} tokens: such short contexts say "
+                             "little about a KV cache; use 256 or more for real measurements")
         if self.max_tokens < self.seq_len:
             raise ValueError(f"--max-tokens {self.max_tokens} is less than one sequence (--seq-len {self.seq_len}): raise it or lower --seq-len")
         if self.resume and self.overwrite:

@@ -7,6 +7,7 @@ comes from lm-eval's `--metadata '{"data_dir": ...}'` or the `KVCORE_DATA_DIR` e
 
 from __future__ import annotations
 
+import json
 import logging
 import os
 from collections.abc import Iterable, Iterator
@@ -91,14 +92,43 @@ def _local_file(path: Path) -> Path | None:
     return None
 
 
+def read_json_records(path: Path) -> Iterator[dict[str, Any]]:
+    """Records of a local .jsonl (one object per line) or .json (a list of objects); errors name the file and line."""
+    try:
+        with open(path, encoding="utf-8") as f:
+            if path.suffix == ".json":
+                records = json.load(f)
+                if not isinstance(records, list) or not all(isinstance(r, dict) for r in records):
+                    raise ValueError(f"{path} is not a JSON list of objects: write one object per record")
+                yield from records
+                return
+            for number, line in enumerate(f, 1):
+                if not line.strip():
+                    continue
+                try:
+                    record = json.loads(line)
+                except json.JSONDecodeError as err:
+                    raise ValueError(f"{path}, line {number}: not valid JSON ({err.msg}, column {err.colno}): fix or remove that line") from None
+                if not isinstance(record, dict):
+                    raise ValueError(f"{path}, line {number}: a JSON {type(record).__name__}, not an object: write one object per line")
+                yield record
+    except UnicodeDecodeError as err:
+        raise ValueError(f"{path} is not UTF-8 text (byte 0x{err.object[err.start]:02x} cannot be decoded): convert it, "
+                         f"for example `iconv -f latin1 -t utf-8 {path.name}`") from None
+    except json.JSONDecodeError as err:
+        raise ValueError(f"{path}: not valid JSON ({err.msg}, line {err.lineno}): fix the file") from None
+
+
 def load_records(path_or_id: str, split: str = "train", data_dir: str | None = None, streaming: bool = False) -> Iterable[dict[str, Any]]:
-    """Records of a local file (.jsonl/.json/.txt/.parquet/.csv) or of a hub dataset, through `datasets`."""
+    """Records of a local file (.jsonl/.json read here, .txt/.parquet/.csv through `datasets`) or of a hub dataset."""
     import datasets
 
     local = Path(path_or_id)
     if local.suffix in LOCAL_SUFFIXES:
         if not local.is_file():
             raise FileNotFoundError(f"dataset file {local} does not exist")
+        if local.suffix in (".jsonl", ".json"):
+            return read_json_records(local)
         builder = {".jsonl": "json", ".json": "json", ".txt": "text", ".parquet": "parquet", ".csv": "csv"}[local.suffix]
         return datasets.load_dataset(builder, data_files=str(local), split="train", streaming=streaming)
     try:

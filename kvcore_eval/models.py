@@ -14,8 +14,9 @@ if TYPE_CHECKING:
 
 logger = logging.getLogger(__name__)
 
-# Config keys that say nothing about the weights' meaning (paths, versions, runtime choices).
-_VOLATILE_CONFIG_KEYS = {
+# Config keys that say nothing about the architecture (paths, versions, runtime choices, how weights were
+# stored: a loaded GGUF gains a quantization_config its bare config lacks; the weights fingerprint covers weights).
+_VOLATILE_CONFIG_KEYS = {"quantization_config",
     "_name_or_path", "transformers_version", "torch_dtype", "dtype", "_attn_implementation",
     "_attn_implementation_autoset", "_commit_hash", "use_cache", "output_attentions",
     "output_hidden_states", "return_dict", "architectures",
@@ -74,7 +75,7 @@ def weights_sample(model: torch.nn.Module) -> torch.Tensor:
     with torch.no_grad():
         for _, param in sorted(model.named_parameters(), key=lambda item: item[0]):
             flat = param.detach().reshape(-1)
-            index = torch.linspace(0, flat.numel() - 1, WEIGHT_SAMPLE, device=flat.device).long()
+            index = torch.arange(WEIGHT_SAMPLE, device=flat.device) * (flat.numel() - 1) // (WEIGHT_SAMPLE - 1)  # exact in int64
             rows.append(flat[index].float())
     return torch.stack(rows).cpu()
 

@@ -105,8 +105,8 @@ class KVCoreHFLM(HFLM):
         element_size = torch.empty(0, dtype=self.model.dtype).element_size()
         self.kvcore_cache_bytes = cache_bytes_per_token(plan, geometry.kv_heads, geometry.num_layers, element_size, rope_table_bytes)
         self.kvcore_model_cache = compare_with_model_cache(self.kvcore_cache_bytes, sliding_window_layers(self.model.config), geometry.num_layers)
-        logger.info("kvcore_hf: %s key ranks %s, value ranks %s; cache %.1f%% of a full cache (%d vs %d bytes/token)",
-                    plan.key_space, plan.key_rank_per_layer, plan.value_rank_per_layer, 100 * self.kvcore_cache_bytes["ratio"],
+        logger.info("kvcore_hf: %s key ranks %s, value ranks %s of %d; cache %.1f%% of a full cache (%d vs %d bytes/token)",
+                    plan.key_space, _ranks(plan.key_rank_per_layer), _ranks(plan.value_rank_per_layer), plan.width, 100 * self.kvcore_cache_bytes["ratio"],
                     self.kvcore_cache_bytes["low_rank"], self.kvcore_cache_bytes["full"])
         if self.kvcore_model_cache is not None:
             logger.warning("kvcore_hf: %s", self.kvcore_model_cache["note"])
@@ -139,6 +139,12 @@ class KVCoreHFLM(HFLM):
             "model_cache_comparison": self.kvcore_model_cache,
         }
         return info
+
+
+def _ranks(per_layer: list[int] | None) -> str:
+    if per_layer is None:
+        return "full"
+    return f"{per_layer[0]} in all {len(per_layer)} layers" if len(set(per_layer)) == 1 else str(per_layer)
 
 
 def check_cache_kept(cache: LowRankCache, output: torch.Tensor, config) -> None:

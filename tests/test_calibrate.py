@@ -11,6 +11,7 @@ from conftest import EXAMPLE_DATA, REPO
 from kvcore_eval.artifact import BASIS_FILE, load_calibration
 from kvcore_eval.calibrate import CHECKPOINT_DIR, calibrate
 from kvcore_eval.config import CalibrationConfig
+from kvcore_eval.report import write_report
 
 
 def config(model_dir, out, **overrides) -> CalibrationConfig:
@@ -147,3 +148,175 @@ def test_bfloat16_calibration_matches_float32_and_keeps_the_fingerprint(finished
     for space, values in fp32.eigenvalues.items():
         relative = (bf16.eigenvalues[space] - values).norm() / values.norm()
         assert 0 < relative < 2e-2, space
+
+
+def _snapshot(folder):
+    return {path.relative_to(folder): path.read_bytes() for path in sorted(folder.rglob("*")) if path.is_file()}
+
+
+def test_overwrite_never_touches_a_folder_of_the_users(llama_dir, tmp_path):
+    user = tmp_path / "project"
+    (user / "src").mkdir(parents=True)
+    (user / "notes.txt").write_text("my notes")
+    (user / "src" / "main.py").write_text("print('hi')")
+    before = _snapshot(user)
+    with pytest.raises(FileExistsError, match="did not write \\(notes.txt, src\\)"):
+        calibrate(config(llama_dir, user, overwrite=True))
+    assert _snapshot(user) == before
+
+
+def test_a_failed_overwrite_leaves_the_previous_artifact_byte_identical(finished_run, llama_dir, tmp_path):
+    import shutil
+
+    out = tmp_path / "previous"
+    shutil.copytree(finished_run, out)
+    write_report(out)
+    before = _snapshot(out)
+    with pytest.raises(FileNotFoundError, match="does not exist"):  # a missing dataset: refused before any output
+        calibrate(config(llama_dir, out, overwrite=True, dataset=str(tmp_path / "missing.jsonl")))
+    assert _snapshot(out) == before
+
+    def kill(batches_done):
+        raise KeyboardInterrupt("killed mid-run")
+
+    with pytest.raises(KeyboardInterrupt):  # killed mid-run: the new run lives beside the old one
+        calibrate(config(llama_dir, out, overwrite=True, seq_len=32), on_checkpoint=kill)
+    assert _snapshot(out) == before
+    calibrate(config(llama_dir, out, overwrite=True, seq_len=32))  # a finished overwrite swaps in the new run
+    assert load_calibration(out).metadata["seq_len"] == 32
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["previous"], "no staging or old folder is left behind"
+
+
+@pytest.mark.parametrize("step", ["write", "rename"])
+def test_a_kill_at_any_step_of_a_checkpoint_write_resumes_bit_identical(step, finished_run, llama_dir, tmp_path, monkeypatch):
+    """The second checkpoint write is killed while the file is half written, or just before its rename."""
+    import safetensors.torch
+
+    from kvcore_eval import outputs
+
+    out, calls = tmp_path / "killed", {"n": 0}
+    real_save, real_replace = safetensors.torch.save_file, outputs.os.replace
+
+    def save(tensors, path, metadata=None):
+        calls["n"] += 1
+        if step == "write" and calls["n"] == 2:
+            with open(path, "wb") as f:
+                f.write(b"\x00" * 100)  # a torn file
+            raise KeyboardInterrupt
+        real_save(tensors, path, metadata=metadata)
+
+    def replace(source, target):
+        if step == "rename" and calls["n"] == 2 and "checkpoint" in str(target):
+            raise KeyboardInterrupt
+        real_replace(source, target)
+
+    monkeypatch.setattr(safetensors.torch, "save_file", save)
+    monkeypatch.setattr(outputs.os, "replace", replace)
+    with pytest.raises(KeyboardInterrupt):
+        calibrate(config(llama_dir, out))
+    monkeypatch.undo()
+    calibrate(config(llama_dir, out, resume=True))
+    resumed, uninterrupted = load_file(str(out / BASIS_FILE)), load_file(str(finished_run / BASIS_FILE))
+    for key, tensor in uninterrupted.items():
+        assert torch.equal(resumed[key], tensor), key
+
+
+def test_running_out_of_data_is_warned_and_recorded(llama_dir, tmp_path, caplog):
+    import logging
+
+    with caplog.at_level(logging.WARNING, logger="kvcore_eval"):
+        calibration = load_calibration(calibrate(config(llama_dir, tmp_path / "short", max_tokens=20_000)))
+    assert calibration.metadata["tokens_requested"] == 20_000 and calibration.metadata["tokens"] < 5_000
+    assert any("ran out of data" in record.getMessage() for record in caplog.records)
+
+
+def test_a_run_of_another_kind_is_refused(llama_dir, tmp_path):
+    sweep = tmp_path / "sweep"
+    sweep.mkdir()
+    (sweep / "config.json").write_text(json.dumps({"kind": "sweep"}))
+    with pytest.raises(FileExistsError, match="holds a `kvcore-eval sweep` run"):
+        calibrate(config(llama_dir, sweep, overwrite=True))
+
+
+def test_damaged_or_non_finite_bases_are_refused(finished_run, tmp_path):
+    import shutil
+
+    from kvcore_eval.artifact import save_calibration
+
+    damaged = tmp_path / "damaged"
+    shutil.copytree(finished_run, damaged)
+    data = bytearray((damaged / BASIS_FILE).read_bytes())
+    data[-200:-100] = b"\xff" * 100  # the header stays intact, values change
+    (damaged / BASIS_FILE).write_bytes(bytes(data))
+    with pytest.raises(ValueError, match="does not match the checksum"):
+        load_calibration(damaged)
+    calibration = load_calibration(finished_run)
+    calibration.eigenvectors["value"][0, 0, 0] = float("nan")
+    save_calibration(calibration, tmp_path / "nan")
+    with pytest.raises(ValueError, match="NaN or inf in value.eigenvectors"):
+        load_calibration(tmp_path / "nan")
+
+
+@pytest.mark.parametrize("content,message", [
+    (b"", "has no records"),
+    (b'{"instruction": "caf\xe9", "output": "x"}\n', "is not UTF-8 text \\(byte 0xe9"),
+    (b'{"instruction": "a", "output": "b"}\n{"instruction": "a", "output"\n', "bad.jsonl, line 2: not valid JSON"),
+])
+def test_bad_data_files_name_the_file_and_the_fix(content, message, llama_dir, tmp_path):
+    bad = tmp_path / "bad.jsonl"
+    bad.write_bytes(content)
+    with pytest.raises(ValueError, match=message):
+        calibrate(config(llama_dir, tmp_path / "out", dataset=str(bad)))
+    if "line 2" in message:  # found while streaming: the run had started, and wrote no artifact
+        assert not (tmp_path / "out" / "kvcore.json").exists()
+    else:  # the first record is read before any output is touched
+        assert not (tmp_path / "out").exists()
+
+
+def test_too_short_sequences_are_refused(llama_dir, tmp_path):
+    with pytest.raises(ValueError, match="below the minimum of 32 tokens"):
+        config(llama_dir, tmp_path / "x", seq_len=1)
+
+
+def test_cli_errors_are_one_line_that_names_the_fix(finished_run, tmp_path):
+    import shutil
+
+    missing_model = _run_cli([sys.executable, "-m", "kvcore_eval", "calibrate", "--model", str(tmp_path / "no-model"),
+                              "--dataset", str(EXAMPLE_DATA / "alpaca.jsonl"), "--out", str(tmp_path / "o")])
+    assert missing_model.returncode == 2 and "model folder" in missing_model.stderr and "Traceback" not in missing_model.stderr
+    truncated = tmp_path / "truncated"
+    shutil.copytree(finished_run, truncated)
+    (truncated / BASIS_FILE).write_bytes((truncated / BASIS_FILE).read_bytes()[:50])
+    (truncated / "kvcore.json").write_text(json.dumps({**json.loads((finished_run / "kvcore.json").read_text()), "basis_sha256":
+                                                        __import__("kvcore_eval.models", fromlist=["x"]).file_sha256(str(truncated / BASIS_FILE))}))
+    report = _run_cli([sys.executable, "-m", "kvcore_eval", "report", str(truncated)])
+    assert report.returncode == 2 and "cannot be read" in report.stderr and "Traceback" not in report.stderr
+    half = tmp_path / "half"
+    shutil.copytree(finished_run, half)
+    (half / "kvcore.json").write_text((finished_run / "kvcore.json").read_text()[:40])
+    report = _run_cli([sys.executable, "-m", "kvcore_eval", "report", str(half)])
+    assert report.returncode == 2 and f"{half / 'kvcore.json'} is not valid JSON" in report.stderr
+
+
+def test_ctrl_c_during_calibrate_says_how_to_resume(llama_dir, tmp_path):
+    import signal
+    import time
+
+    command = [sys.executable, "-m", "kvcore_eval", "calibrate", "--model", str(llama_dir), "--dataset", str(EXAMPLE_DATA / "alpaca.jsonl"),
+               "--prompt-format", "alpaca", "--max-tokens", "3000", "--seq-len", "64", "--device", "cpu", "--out", str(tmp_path / "c")]
+    process = subprocess.Popen(command, cwd=REPO, stderr=subprocess.PIPE, text=True)
+    deadline = time.time() + 120
+    while not (tmp_path / "c" / "config.json").exists() and time.time() < deadline:  # inputs checked, run started
+        time.sleep(0.05)
+    process.send_signal(signal.SIGINT)
+    _, stderr = process.communicate(timeout=120)
+    assert process.returncode == 130 and "--resume" in stderr and "Traceback" not in stderr
+
+
+def test_torchrun_with_device_auto_shards_on_cpu(finished_run, llama_dir, tmp_path):
+    out = tmp_path / "auto"
+    cli = ["-m", "kvcore_eval", "calibrate", "--model", str(llama_dir), "--dataset", str(EXAMPLE_DATA / "alpaca.jsonl"),
+           "--prompt-format", "alpaca", "--max-tokens", "3000", "--seq-len", "64", "--batch-size", "3", "--out", str(out)]
+    result = _run_cli([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", *cli], OMP_NUM_THREADS="1")
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert load_calibration(out).metadata["processes"] == 2
