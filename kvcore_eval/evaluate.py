@@ -11,16 +11,31 @@ from kvcore_eval.config import EvalConfig
 
 logger = logging.getLogger(__name__)
 
-SOURCE_TASKS_DIR = Path(__file__).resolve().parents[1] / "tasks"
+TASK_MARKER = "_kvcore_perplexity.yaml"
 
 
-def task_manager(data_dir: str | None = None):
-    """lm-eval's TaskManager. Installed, our tasks sit in lm_eval/tasks/kvcore; run from a source checkout
-    (editable install), its tasks/ is included too and takes precedence."""
+def tasks_dir() -> Path:
+    """Where lm-eval finds our tasks: its own copy (regular install), else the source checkout's tasks/."""
+    import lm_eval
+
+    installed = Path(lm_eval.__file__).parent / "tasks" / "kvcore"
+    if (installed / TASK_MARKER).is_file():
+        return installed
+    source = Path(__file__).resolve().parents[1] / "tasks"
+    if (source / TASK_MARKER).is_file():
+        return source
+    raise FileNotFoundError(f"kvcore's lm-eval tasks are neither in {installed} nor in {source}: reinstall kvcore-eval")
+
+
+def task_manager(data_dir: str | None = None, include_path: list[str] | None = None):
+    """lm-eval's TaskManager with exactly one copy of our tasks, plus the user's `include_path` folders."""
     from lm_eval.tasks import TaskManager
 
-    include = str(SOURCE_TASKS_DIR) if SOURCE_TASKS_DIR.is_dir() else None
-    return TaskManager(include_path=include, metadata={"data_dir": data_dir} if data_dir else None)
+    ours = tasks_dir()
+    import lm_eval
+
+    paths = ([] if ours.is_relative_to(Path(lm_eval.__file__).parent) else [str(ours)]) + list(include_path or [])
+    return TaskManager(include_path=paths or None, metadata={"data_dir": data_dir} if data_dir else None)
 
 
 def run_lm_eval(config: EvalConfig, log_samples: bool = False) -> dict[str, Any]:

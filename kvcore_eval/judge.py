@@ -5,7 +5,12 @@ with a versioned prompt, temperature 0 and a seed. Every answer is cached on dis
 (judge model, prompt version, instruction, reference, answer), written as soon as it arrives: a rerun or a
 crash costs no second call. HTTP retries with exponential backoff on 429/5xx/timeouts are the openai
 client's own (`max_retries`). An unparseable reply is asked again once with a stricter reminder, then
-recorded as missing, never as a made-up score. The API key is read from the environment and never written.
+recorded as missing, never as a made-up score, and not cached: the next run asks again. The API key is read
+from the environment and never written.
+
+In lm-eval's `_gen` tasks (`score_for_task`) a judge that is down or not configured never costs the
+generations: the answers are scored as missing, with one loud error, and lm-eval writes them to its samples
+file (`--log_samples`), which `kvcore-eval judge` scores afterwards.
 """
 
 from __future__ import annotations
@@ -17,8 +22,9 @@ import os
 import re
 import sqlite3
 import threading
+import typing
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 from typing import Any
 
@@ -51,18 +57,26 @@ class JudgeConfig:
     def __post_init__(self) -> None:
         if self.max_concurrency < 1 or self.max_retries < 0 or self.timeout <= 0:
             raise ValueError("max_concurrency must be >= 1, max_retries >= 0 and timeout > 0")
+        if self.base_url is not None and not self.base_url.startswith(("http://", "https://")):
+            raise ValueError(f"judge base URL {self.base_url!r} has no scheme: write it as http://{self.base_url} (or https://)")
 
     @classmethod
     def from_env(cls) -> JudgeConfig:
-        """The judge of lm-eval `_gen` tasks: KVCORE_JUDGE_MODEL, KVCORE_JUDGE_BASE_URL, KVCORE_JUDGE_API_KEY_ENV, KVCORE_JUDGE_CACHE."""
-        model = os.environ.get("KVCORE_JUDGE_MODEL")
-        if not model:
-            raise ValueError("GPT-score needs a judge: set KVCORE_JUDGE_MODEL (and KVCORE_JUDGE_BASE_URL for a non-OpenAI server)")
-        settings = {"model": model, "base_url": os.environ.get("KVCORE_JUDGE_BASE_URL") or None}
-        for key, env in (("api_key_env", "KVCORE_JUDGE_API_KEY_ENV"), ("cache_path", "KVCORE_JUDGE_CACHE")):
-            if os.environ.get(env):
-                settings[key] = os.environ[env]
+        """The judge of lm-eval `_gen` tasks: each field from KVCORE_JUDGE_<FIELD> (KVCORE_JUDGE_MODEL, KVCORE_JUDGE_BASE_URL, ...)."""
+        hints = typing.get_type_hints(cls)
+        settings: dict[str, Any] = {}
+        for f in fields(cls):
+            value = os.environ.get(env_name(f.name))
+            if value:
+                kind = next((t for t in typing.get_args(hints[f.name]) if t is not type(None)), hints[f.name])
+                settings[f.name] = kind(value)
+        if "model" not in settings:
+            raise ValueError(f"GPT-score needs a judge: set {env_name('model')} (and {env_name('base_url')} for a non-OpenAI server)")
         return cls(**settings)
+
+
+def env_name(field_name: str) -> str:
+    return f"KVCORE_JUDGE_{field_name.upper()}"
 
 
 @dataclass
@@ -180,10 +194,9 @@ class GPTJudge:
             reply = self._ask(messages)
             score = parse_rating(reply)
         judgement = Judgement(score, reply, cached=False)
-        if score is None:
+        if score is None:  # not cached: the next run asks again
             logger.warning("judge reply unparseable after the reminder, recorded as missing: %r", reply[:200])
-            with self._stats_lock:
-                self.stats.missing += 1
+            return judgement
         self.cache.put(key, judgement, {"model": self.config.model, "prompt_version": PROMPT_VERSION, "instruction": instruction,
                                         "reference": reference, "answer": answer})
         return judgement
@@ -191,7 +204,9 @@ class GPTJudge:
     def score_many(self, items: list[tuple[str, str, str | None]]) -> list[Judgement]:
         """(instruction, answer, reference) triples, at most `max_concurrency` in flight; order kept."""
         with ThreadPoolExecutor(max_workers=self.config.max_concurrency) as pool:
-            return list(pool.map(lambda item: self.score(*item), items))
+            judgements = list(pool.map(lambda item: self.score(*item), items))
+        self.stats.missing += sum(j.score is None for j in judgements)
+        return judgements
 
     def summary(self) -> dict[str, Any]:
         return {"judge_model": self.config.model, "prompt_version": PROMPT_VERSION, **asdict(self.stats)}
@@ -202,11 +217,14 @@ def judge_samples(samples_path: str | Path, config: JudgeConfig, out_path: str |
     samples_path = Path(samples_path)
     if not samples_path.is_file():
         raise FileNotFoundError(f"samples file {samples_path} does not exist (lm-eval writes it with --log_samples)")
-    samples = [json.loads(line) for line in samples_path.read_text().splitlines() if line.strip()]
+    try:
+        samples = [json.loads(line) for line in samples_path.read_text(encoding="utf-8").splitlines() if line.strip()]
+    except (json.JSONDecodeError, UnicodeDecodeError) as err:
+        raise ValueError(f"{samples_path} is not an lm-eval samples file (JSON lines): pass the samples_<task>_*.jsonl "
+                         "that lm-eval writes with --log_samples") from err
     items = []
     for sample in samples:
-        doc = sample.get("doc", {})
-        if "prompt" not in doc or not sample.get("filtered_resps"):
+        if not isinstance(sample, dict) or "prompt" not in (doc := sample.get("doc") or {}) or not sample.get("filtered_resps"):
             raise ValueError(f"{samples_path}: sample {sample.get('doc_id')} has no doc.prompt or filtered_resps: judge a kvcore _gen task's samples")
         answer = sample["filtered_resps"][0]
         items.append((doc["prompt"], answer if isinstance(answer, str) else answer[0], doc.get("response")))
@@ -221,7 +239,10 @@ def judge_samples(samples_path: str | Path, config: JudgeConfig, out_path: str |
 
 
 _shared_judge: GPTJudge | None = None
+_judge_error: str | None = None  # set once the judge failed in this process: later answers are not sent
 _shared_lock = threading.Lock()
+# A child of lm-eval's logger: plain `lm_eval` shows it.
+task_logger = logging.getLogger("lm_eval.tasks.kvcore_judge")
 
 
 def judge_from_env() -> GPTJudge:
@@ -231,3 +252,19 @@ def judge_from_env() -> GPTJudge:
         if _shared_judge is None:
             _shared_judge = GPTJudge(JudgeConfig.from_env())
         return _shared_judge
+
+
+def score_for_task(instruction: str, answer: str, reference: str | None) -> dict[str, float | None]:
+    """process_results of the `_gen` tasks. A judge that is down or not configured costs no generation: the
+    answer is recorded as missing, one error says how to score the samples file later, later answers are not sent."""
+    global _judge_error
+    if _judge_error is None:
+        try:
+            judgement = judge_from_env().score(instruction, answer, reference)
+            return {"gpt_score": judgement.score, "gpt_score_missing": float(judgement.score is None)}
+        except (JudgeUnavailable, ValueError) as err:
+            _judge_error = str(err)
+            task_logger.error("GPT-score not available (%s). The generations are kept: run lm_eval with --log_samples and "
+                              "score them afterwards with `kvcore-eval judge <samples_*.jsonl> --model ...`; every "
+                              "answer of this run is reported as missing", err)
+    return {"gpt_score": None, "gpt_score_missing": 1.0}

@@ -31,11 +31,11 @@ def process_perplexity(doc: dict, results: list) -> dict:
 
 
 def process_gpt_score(doc: dict, results: list) -> dict:
-    """GPT-score of the generated answer (judge from KVCORE_JUDGE_* variables; cached on disk)."""
-    from kvcore_eval.judge import judge_from_env
+    """GPT-score of the generated answer (judge from KVCORE_JUDGE_* variables; cached on disk). A judge that
+    is down never loses the generations: they are reported missing and kept in lm-eval's samples file."""
+    from kvcore_eval.judge import score_for_task
 
-    judgement = judge_from_env().score(doc["prompt"], results[0], doc.get("response"))
-    return {"gpt_score": judgement.score, "gpt_score_missing": float(judgement.score is None)}
+    return score_for_task(doc["prompt"], results[0], doc.get("response"))
 
 
 def mean_of_scores(scores: list) -> float:

@@ -49,8 +49,8 @@ def test_scores_parsed_retried_and_cached(server, judge_config):
     calls_before = sum(server.attempts.values())
     rerun = GPTJudge(judge_config)
     assert [j.score for j in rerun.score_many(items)] == scores
-    assert sum(server.attempts.values()) == calls_before, "a rerun costs no call"
-    assert rerun.summary()["cache_hits"] == len(items)
+    assert sum(server.attempts.values()) == calls_before + 2, "a rerun asks only for the unparsed answer (and its reminder)"
+    assert rerun.summary()["cache_hits"] == len(items) - 1 and rerun.summary()["missing"] == 1
 
 
 def test_reference_is_shown_and_changes_the_cache_key(server, judge_config):
@@ -126,10 +126,61 @@ def test_gen_task_end_to_end_gives_gpt_score_in_results(server, tmp_path, monkey
     monkeypatch.setenv("KVCORE_JUDGE_MODEL", "judge-1")
     monkeypatch.setenv("KVCORE_JUDGE_BASE_URL", server.base_url)
     monkeypatch.setenv("KVCORE_JUDGE_API_KEY_ENV", "KVCORE_TEST_KEY")
-    monkeypatch.setenv("KVCORE_JUDGE_CACHE", str(tmp_path / "judge.sqlite"))
+    monkeypatch.setenv("KVCORE_JUDGE_CACHE_PATH", str(tmp_path / "judge.sqlite"))
     output = tmp_path / "results.json"
     results = run_lm_eval(EvalConfig(model=str(EXAMPLE_MODEL), tasks="kvcore_alpaca_gen", data_dir=str(EXAMPLE_DATA), limit=3, output=str(output)))
     metrics = results["results"]["kvcore_alpaca_gen"]
     assert 1 <= metrics["gpt_score,none"] <= 10 and metrics["gpt_score_missing,none"] == 0
     assert sum(server.attempts.values()) == 3
     assert KEY not in output.read_text() and KEY not in caplog.text
+
+
+def test_an_unparsed_reply_is_asked_again_once_the_judge_behaves(server, judge_config):
+    """An unparseable reply is missing in this run, not cached: the next run asks again and gets a score."""
+    judge = GPTJudge(judge_config)
+    assert judge.score_many([("Q", "x [[garbage-once]]", None)])[0].score is not None  # the reminder fixed it
+    assert server.attempts["x [[garbage-once]]"] == 2
+    first = GPTJudge(judge_config).score_many([("Q", "y [[garbage]]", None)])
+    assert first[0].score is None
+    assert server.attempts["y [[garbage]]"] == 2
+    GPTJudge(judge_config).score_many([("Q", "y [[garbage]]", None)])
+    assert server.attempts["y [[garbage]]"] == 4, "asked again, not served a cached 'missing'"
+
+
+def test_bad_judge_inputs_name_the_fix(judge_config, tmp_path):
+    with pytest.raises(ValueError, match="has no scheme: write it as http://localhost:8000/v1"):
+        JudgeConfig(model="m", base_url="localhost:8000/v1")
+    results = tmp_path / "results.json"
+    results.write_text(json.dumps({"results": {"kvcore_alpaca": {}}}, indent=2))
+    with pytest.raises(ValueError, match="is not an lm-eval samples file"):
+        judge_samples(results, judge_config)
+
+
+def test_gen_run_with_the_judge_down_keeps_every_generation_for_a_later_judge(tmp_path):
+    """lm_eval with a dead judge finishes and writes its samples; `kvcore-eval judge` then scores all of them."""
+    import socket
+
+    with socket.socket() as s:  # a port with nobody listening
+        s.bind(("127.0.0.1", 0))
+        dead = f"http://127.0.0.1:{s.getsockname()[1]}/v1"
+    env = {**os.environ, "KVCORE_TEST_KEY": KEY, "KVCORE_JUDGE_MODEL": "judge-1", "KVCORE_JUDGE_BASE_URL": dead,
+           "KVCORE_JUDGE_API_KEY_ENV": "KVCORE_TEST_KEY", "KVCORE_JUDGE_MAX_RETRIES": "0",
+           "KVCORE_JUDGE_CACHE_PATH": str(tmp_path / "judge.sqlite"), "KVCORE_DATA_DIR": str(EXAMPLE_DATA)}
+    command = [sys.executable, "-m", "lm_eval", "--model", "hf", "--model_args", f"pretrained={EXAMPLE_MODEL}", "--tasks",
+               "kvcore_alpaca_gen", "--limit", "3", "--gen_kwargs", "max_gen_toks=16", "--log_samples", "--output_path", str(tmp_path / "out")]
+    run = subprocess.run(command, env=env, cwd=tmp_path, capture_output=True, text=True, timeout=600)
+    assert run.returncode == 0, run.stderr[-3000:]
+    assert "GPT-score not available" in run.stderr and "kvcore-eval judge" in run.stderr
+    results = json.loads(next((tmp_path / "out").rglob("results_*.json")).read_text())
+    assert results["results"]["kvcore_alpaca_gen"]["gpt_score_missing,none"] == 1.0
+    samples = next((tmp_path / "out").rglob("samples_kvcore_alpaca_gen_*.jsonl"))
+    generations = [json.loads(line)["filtered_resps"][0] for line in samples.read_text().splitlines()]
+    assert len(generations) == 3
+    with JudgeServer() as server:
+        judge = [sys.executable, "-m", "kvcore_eval", "judge", str(samples), "--model", "judge-1", "--base-url", server.base_url,
+                 "--api-key-env", "KVCORE_TEST_KEY", "--cache-path", str(tmp_path / "judge.sqlite")]
+        scored = subprocess.run(judge, env=env, cwd=REPO, capture_output=True, text=True, timeout=120)
+        assert scored.returncode == 0, scored.stderr[-2000:]
+        summary = json.loads(scored.stdout)
+        assert summary["samples"] == 3 and summary["calls"] == 3 and summary["missing"] == 0
+        assert sorted(server.attempts) == sorted(answer.strip() for answer in generations), "the kept generations, not new ones"

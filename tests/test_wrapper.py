@@ -134,7 +134,7 @@ def test_artifact_from_another_model_is_refused_unless_allowed(family_dirs, arti
 
 def test_plain_lm_eval_cli_runs_kvcore_hf_verbatim(llama_dir, artifact_dir, tmp_path):
     """`lm_eval --model kvcore_hf ... --tasks kvcore_alpaca`, as a user types it after `pip install .`."""
-    command = ["lm_eval", "--model", "kvcore_hf", "--model_args", f"pretrained={llama_dir},calibration={artifact_dir},key_rank=0.25",
+    command = [sys.executable, "-m", "lm_eval", "--model", "kvcore_hf", "--model_args", f"pretrained={llama_dir},calibration={artifact_dir},key_rank=0.25",
                "--tasks", "kvcore_alpaca", "--output_path", str(tmp_path / "out"), "--device", "cpu"]
     result = subprocess.run(command, capture_output=True, text=True, timeout=600, cwd=tmp_path,
                             env={**os.environ, "KVCORE_DATA_DIR": str(EXAMPLE_DATA)})
