@@ -24,7 +24,7 @@ from typing import Any
 import torch
 
 from kvcore_eval import __version__, artifact, data, models, outputs
-from kvcore_eval.config import CalibrationConfig
+from kvcore_eval.config import CalibrationConfig, split_paths
 from kvcore_eval.gram import GramAccumulator, GramRecorder
 from kvcore_eval.rope import RopeTap
 from kvcore_eval.selfcheck import check_key_recovery
@@ -37,8 +37,8 @@ OWN_NAMES = (artifact.BASIS_FILE, artifact.METADATA_FILE, outputs.CONFIG_FILE, C
 
 
 def _dataset_spec(config: CalibrationConfig) -> dict[str, Any]:
-    return {"spec": config.dataset, "split": config.split, "text_field": config.text_field,
-            "prompt_format": config.prompt_format, "data_dir": config.data_dir}
+    return {"spec": config.dataset, "split": config.split, "text_field": config.text_field, "prompt_format": config.prompt_format,
+            "data_dir": config.data_dir, "skip_docs": config.skip_docs, "include_path": config.include_path}
 
 
 def _run_identity(config: CalibrationConfig, model_identity: dict[str, Any], world_size: int) -> dict[str, Any]:
@@ -167,7 +167,8 @@ def calibrate(config: CalibrationConfig, on_checkpoint: Callable[[int], None] | 
     model = models.load_causal_lm(model_id, config.revision, str(device), config.dtype, gguf_file)
     tokenizer = models.load_tokenizer(model_id, config.revision, gguf_file)
     geometry = models.kv_geometry(model.config)
-    texts = data.iter_texts(config.dataset, config.split, config.prompt_format, config.text_field, config.data_dir)
+    texts = data.iter_texts(config.dataset, config.split, config.prompt_format, config.text_field, config.data_dir,
+                            config.skip_docs, split_paths(config.include_path))
     first = next(texts, None)
     if first is None:
         raise ValueError(f"dataset {config.dataset} has no records: check the file or split, or pass another --dataset")

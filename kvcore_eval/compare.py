@@ -2,18 +2,19 @@
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 from typing import Any
+
+from kvcore_eval.outputs import read_json
 
 
 def load_results(path: str | Path) -> dict[str, Any]:
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"results file {path} does not exist")
-    results = json.loads(path.read_text())
-    if "results" not in results:
-        raise ValueError(f"{path} is not an lm-eval results file (no 'results' key)")
+    results = read_json(path, "lm-eval results file (pass the results_*.json lm-eval writes, not a samples file)")
+    if not isinstance(results, dict) or "results" not in results:
+        raise ValueError(f"{path} is not an lm-eval results file (no 'results' key): pass the results_*.json lm-eval writes")
     return results
 
 

@@ -17,12 +17,14 @@ class CalibrationConfig:
     """What `kvcore-eval calibrate` runs. Each field's `help` is its --help line."""
 
     model: str = field(metadata={"help": "Hugging Face hub id, local directory, or .gguf file of a causal LM"})
-    dataset: str = field(metadata={"help": "kvcore:<source> (alpaca, medalpaca, ...), a hub dataset id, or a local .jsonl/.json/.txt/.parquet file"})
+    dataset: str = field(metadata={"help": "kvcore:<source>[:<lang>] (alpaca, visr:de, ...), lm_eval:<task> (any lm-eval task's documents), a hub dataset id, or a local .jsonl/.json/.txt/.parquet file"})
     out: str = field(metadata={"help": "output directory of the artifact (basis.safetensors + kvcore.json)"})
     revision: str | None = field(default=None, metadata={"help": "model revision (branch, tag or commit) on the hub"})
     gguf_file: str | None = field(default=None, metadata={"help": "GGUF file inside --model's folder or hub repo (dequantized on load)"})
     split: str = field(default="train", metadata={"help": "dataset split (hub datasets)"})
     data_dir: str | None = field(default=None, metadata={"help": "folder of <source>.jsonl files read instead of the hub for kvcore:<source>"})
+    skip_docs: int = field(default=0, metadata={"help": "lm_eval:<task> only: documents skipped first (those an evaluation with --limit N scores), so calibration and evaluation are disjoint"})
+    include_path: str | None = field(default=None, metadata={"help": "lm_eval:<task> only: extra task folders, comma-separated (lm-eval's --include_path)"})
     text_field: str | None = field(default=None, metadata={"help": "record field holding the text (default: text, or the source's prompt format)"})
     prompt_format: str | None = field(default=None, metadata={"help": "alpaca | functioncall | question | field:NAME (default: the source's)"})
     max_tokens: int = field(default=200_000, metadata={"help": "stop after this many tokens (over all processes)"})
@@ -35,6 +37,8 @@ class CalibrationConfig:
     overwrite: bool = field(default=False, metadata={"help": "replace whatever --out holds"})
 
     def __post_init__(self) -> None:
+        if self.skip_docs < 0:
+            raise ValueError(f"--skip-docs must be >= 0, got {self.skip_docs}")
         for name in ("max_tokens", "seq_len", "batch_size", "checkpoint_every"):
             if getattr(self, name) <= 0:
                 raise ValueError(f"--{name.replace('_', '-')} must be positive, got {getattr(self, name)}")
@@ -47,6 +51,11 @@ class CalibrationConfig:
             raise ValueError("--resume and --overwrite contradict each other: choose one")
         if self.dtype not in MODEL_DTYPES:
             raise ValueError(f"--dtype must be one of {MODEL_DTYPES}, got {self.dtype!r}")
+
+
+def split_paths(paths: str | None) -> list[str]:
+    """Comma-separated folders (--include_path) as a list."""
+    return [p.strip() for p in (paths or "").split(",") if p.strip()]
 
 
 @dataclass

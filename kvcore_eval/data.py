@@ -1,15 +1,23 @@
 """Data sources: one registry for calibration (`--dataset kvcore:alpaca`) and for the lm-eval tasks.
 
-A source names a public Hugging Face dataset and a prompt format; each record becomes (prompt, response).
-Any source can be read from a local JSON/JSONL file instead: `<data_dir>/<source>.jsonl`, where data_dir
-comes from lm-eval's `--metadata '{"data_dir": ...}'` or the `KVCORE_DATA_DIR` environment variable.
+A source names a public dataset and a prompt format; each record becomes (prompt, response). Any source can
+be read from local files instead: `<data_dir>/<source>.jsonl` (VisR-Bench: `<data_dir>/visr/<name>_QA.json`,
+the repository's own layout), where data_dir comes from lm-eval's `--metadata '{"data_dir": ...}'` or the
+`KVCORE_DATA_DIR` environment variable. Calibration can also read any lm-eval task's documents
+(`--dataset lm_eval:<task>`), skipping the ones an evaluation scores.
+
+VisR-Bench: the hub repository holds only page images; the questions are JSON files in the project's GitHub
+repository (`QA/multilingual_QA.json`; English in `QA/{text,table,figure}_QA.json`), read at a pinned commit
+(`VISR_COMMIT`; `KVCORE_VISR_URL` overrides the URL template) and cached under $KVCORE_CACHE_DIR (~/.cache/kvcore-eval).
 """
 
 from __future__ import annotations
 
+import itertools
 import json
 import logging
 import os
+import re
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -18,6 +26,7 @@ from typing import Any
 logger = logging.getLogger(__name__)
 
 DATA_DIR_ENV = "KVCORE_DATA_DIR"
+CACHE_ENV = "KVCORE_CACHE_DIR"  # downloads kvcore-eval keeps (VisR-Bench's QA files); default ~/.cache/kvcore-eval
 LOCAL_SUFFIXES = (".jsonl", ".json", ".txt", ".parquet", ".csv")
 
 
@@ -41,9 +50,15 @@ SOURCES: dict[str, DataSource] = {
         DataSource("codealpaca", "sahil2801/CodeAlpaca-20k", "train", "alpaca", "CodeAlpaca-20k code instructions"),
         DataSource("wizardcoder", "nickrosh/Evol-Instruct-Code-80k-v1", "train", "alpaca", "Evol-Instruct code data (WizardCoder's recipe)"),
         DataSource("functioncall", "glaiveai/glaive-function-calling-v2", "train", "functioncall", "Glaive function-calling conversations"),
-        DataSource("visr", "puar-playground/VisR-Bench", "train", "question", "VisR-Bench multilingual questions (text only)", data_dir="Multilingual"),
+        DataSource("visr", "puar-playground/VisR-Bench", "train", "question", "VisR-Bench questions (text only), from the project's QA files"),
     )
 }
+GENERATION_FORMATS = {"functioncall": "functioncall_turn"}  # a source's prompt format for its _gen task, where it differs
+
+VISR_COMMIT = "3bae27906751be232abfe5b6f4a14aedd5acc298"
+VISR_URL_ENV = "KVCORE_VISR_URL"
+VISR_URL = "https://raw.githubusercontent.com/puar-playground/VisR-Bench/{commit}/QA/{file}"
+VISR_FILES = {"multilingual": ("multilingual_QA.json",), "en": ("text_QA.json", "table_QA.json", "figure_QA.json")}
 
 # VisR-Bench question languages: code -> name as the records spell it.
 VISR_LANGUAGES: dict[str, str] = {
@@ -68,13 +83,28 @@ def format_record(record: dict[str, Any], prompt_format: str, origin: str = "dat
         extra = str(record.get("input") or "")
         body = f"### Instruction:\n{instruction}\n\n" + (f"### Input:\n{extra}\n\n" if extra else "")
         return f"{_ALPACA_HEADER}{body}### Response:\n", response
-    if prompt_format == "functioncall":
-        return _require(record, "system", origin).strip() + "\n\n", _require(record, "chat", origin).strip()
+    if prompt_format == "functioncall":  # the whole conversation, without the literal end-of-text markers
+        return _require(record, "system", origin).strip() + "\n\n", _END_OF_TEXT.sub("", _require(record, "chat", origin)).strip()
+    if prompt_format == "functioncall_turn":  # the system text and the first request; the reference is the first reply
+        turns = chat_turns(_require(record, "chat", origin))
+        user = next((text for role, text in turns if role == "USER"), "")
+        reply = next((text for role, text in turns if role == "ASSISTANT"), "")
+        return f"{_require(record, 'system', origin).strip()}\n\nUSER: {user}\n\n\nASSISTANT:", f" {reply}"
     if prompt_format == "question":
         return "", _require(record, "question", origin)
     if prompt_format.startswith("field:"):
         return "", _require(record, prompt_format.removeprefix("field:"), origin)
-    raise ValueError(f"unknown prompt format {prompt_format!r}: use alpaca, functioncall, question or field:NAME")
+    raise ValueError(f"unknown prompt format {prompt_format!r}: use alpaca, functioncall, functioncall_turn, question or field:NAME")
+
+
+_END_OF_TEXT = re.compile(r"\s*<\|endoftext\|>")
+_TURN = re.compile(r"(USER|ASSISTANT|FUNCTION RESPONSE):\s*")
+
+
+def chat_turns(chat: str) -> list[tuple[str, str]]:
+    """Glaive's `chat` as (role, text) turns, end-of-text markers removed."""
+    parts = _TURN.split(chat)
+    return [(role, _END_OF_TEXT.sub("", text).strip()) for role, text in zip(parts[1::2], parts[2::2])]
 
 
 def resolve_source(name: str) -> DataSource:
@@ -140,6 +170,55 @@ def load_records(path_or_id: str, split: str = "train", data_dir: str | None = N
         ) from err
 
 
+def visr_documents(name: str, data_dir: str | None) -> list[dict[str, Any]]:
+    """One VisR-Bench QA file: `<data_dir>/visr/<name>` when data_dir is set, else the pinned GitHub file (cached)."""
+    if data_dir:
+        path = Path(data_dir) / "visr" / name
+        if not path.is_file():
+            raise FileNotFoundError(f"data_dir {data_dir} has no visr/{name} (VisR-Bench's QA/{name}); add it, or unset "
+                                    f"data_dir/{DATA_DIR_ENV} to read it from GitHub")
+        return list(read_json_records(path))
+    import hashlib
+
+    url = os.environ.get(VISR_URL_ENV, VISR_URL).format(commit=VISR_COMMIT, file=name)
+    cache = Path(os.environ.get(CACHE_ENV, "~/.cache/kvcore-eval")).expanduser() / "visr" / hashlib.sha256(url.encode()).hexdigest()[:16] / name
+    if not cache.is_file():
+        import urllib.request
+
+        from kvcore_eval.outputs import atomic_write_text
+
+        try:
+            with urllib.request.urlopen(url, timeout=120) as response:
+                text = response.read().decode("utf-8")
+        except OSError as err:
+            raise ConnectionError(f"could not download VisR-Bench's {name} from {url} ({err}): set {VISR_URL_ENV} to a reachable "
+                                  f"copy, or {DATA_DIR_ENV} to a folder holding visr/{name}") from err
+        cache.parent.mkdir(parents=True, exist_ok=True)
+        atomic_write_text(cache, text)
+    return list(read_json_records(cache))
+
+
+def flatten_visr(document: dict[str, Any], default_language: str | None) -> Iterator[dict[str, Any]]:
+    """A document's questions as flat records {question, answer, language}: `qa_list` (current layout) or
+    `QA.questions` with `question_in_detected_language` (older files)."""
+    for qa in document.get("qa_list") or []:
+        yield {"question": qa.get("question") or qa.get("question_in_detected_language") or "", "answer": qa.get("answer") or "",
+               "language": qa.get("detected_language") or document.get("detected_language") or default_language}
+    old = document.get("QA")
+    if isinstance(old, dict):
+        for qa in old.get("questions") or []:
+            yield {"question": qa.get("question_in_detected_language") or qa.get("question") or "",
+                   "answer": qa.get("answer_in_detected_language") or "", "language": old.get("detected_language") or default_language}
+
+
+def visr_records(language: str | None, data_dir: str | None) -> Iterator[dict[str, Any]]:
+    """Flat VisR-Bench records: English from the English QA files, every other language from the multilingual one."""
+    english = language == "en"
+    for name in VISR_FILES["en" if english else "multilingual"]:
+        for document in visr_documents(name, data_dir):
+            yield from flatten_visr(document, "English" if english else None)
+
+
 def source_records(source: DataSource, data_dir: str | os.PathLike | None = None, streaming: bool = False) -> Iterable[dict[str, Any]]:
     """Records of a registered source: `<data_dir>/<name>.jsonl` when that file exists, else the hub."""
     data_dir = data_dir or os.environ.get(DATA_DIR_ENV)
@@ -156,9 +235,12 @@ def source_records(source: DataSource, data_dir: str | os.PathLike | None = None
 
 
 def iter_texts(dataset: str, split: str = "train", prompt_format: str | None = None, text_field: str | None = None,
-               data_dir: str | None = None) -> Iterator[str]:
+               data_dir: str | None = None, skip_docs: int = 0, include_path: list[str] | None = None) -> Iterator[str]:
     """Texts for calibration, each prompt + response, from `kvcore:<source>[:<language>]` (the task registry),
-    a local file or a hub id."""
+    `lm_eval:<task>` (an lm-eval task's documents after the first `skip_docs`), a local file or a hub id."""
+    if dataset.startswith("lm_eval:"):
+        yield from lm_eval_task_texts(dataset.removeprefix("lm_eval:"), skip_docs, data_dir, include_path)
+        return
     if dataset.startswith("kvcore:"):
         source_name, _, language = dataset.removeprefix("kvcore:").partition(":")
         prompt_format = prompt_format or (f"field:{text_field}" if text_field else None)
@@ -202,21 +284,65 @@ def source_pairs(source: DataSource, language: str | None = None, data_dir: str 
         raise ValueError(f"unknown language {language!r}; VisR-Bench languages: {', '.join(sorted(VISR_LANGUAGES))}")
     data_dir = data_dir or os.environ.get(DATA_DIR_ENV)
     origin = str(Path(data_dir) / source.name) if data_dir else source.hub_id
-    for record in source_records(source, data_dir=data_dir, streaming=streaming):
-        if language is None or _language_matches(_require(record, "language", origin), language):
-            yield format_record(record, prompt_format or source.prompt_format, origin)
+    if source.name == "visr":
+        records: Iterable[dict[str, Any]] = visr_records(language, data_dir)
+    else:
+        records = source_records(source, data_dir=data_dir, streaming=streaming)
+    found: set[str] = set()
+    for record in records:
+        if language is not None:
+            found.add(str(record.get("language")))
+            if not _language_matches(_require(record, "language", origin), language):
+                continue
+        yield format_record(record, prompt_format or source.prompt_format, origin)
+    if language is not None and not any(_language_matches(name, language) for name in found):
+        raise ValueError(f"{source.name} has no records in language {language!r} ({VISR_LANGUAGES[language]}); languages "
+                         f"present: {', '.join(sorted(found)) or 'none'}")
+
+
+def split_indices(count: int, num_samples: int | None, seed: int) -> list[int]:
+    """A seeded order of `count` records; the first `num_samples` (all when None) are the evaluated subset."""
+    import numpy as np
+
+    order = np.random.default_rng(seed).permutation(count).tolist()
+    return order if num_samples is None else order[:num_samples]
 
 
 def task_dataset(source_name: str, language: str | None = None, data_dir: str | None = None,
-                 num_samples: int | None = None, seed: int = 1234):
-    """A `datasets.Dataset` of {prompt, response} for an lm-eval task; a seeded subset when num_samples is set."""
+                 num_samples: int | None = None, seed: int = 1234, generation: bool = False):
+    """A `datasets.Dataset` of {prompt, response} for an lm-eval task: the records in a seeded order, the first
+    `num_samples` of them when set. `generation` uses the source's _gen prompt format where it has one."""
     import datasets
 
     source = resolve_source(source_name)
-    rows = [{"prompt": prompt, "response": response} for prompt, response in source_pairs(source, language, data_dir)]
+    prompt_format = GENERATION_FORMATS.get(source.prompt_format) if generation else None
+    rows = [{"prompt": prompt, "response": response} for prompt, response in source_pairs(source, language, data_dir, prompt_format=prompt_format)]
     if not rows:
-        raise ValueError(f"{source.name} has no records" + (f" in language {language!r}" if language else ""))
-    dataset = datasets.Dataset.from_list(rows)
-    if num_samples is not None and num_samples < len(dataset):
-        dataset = dataset.shuffle(seed=seed).select(range(num_samples))
-    return dataset
+        raise ValueError(f"{source.name} has no records: check its data (data_dir or the hub)")
+    num_samples = None if num_samples is None else int(num_samples)
+    return datasets.Dataset.from_list([rows[i] for i in split_indices(len(rows), num_samples, seed)])
+
+
+def lm_eval_task_texts(task: str, skip_docs: int = 0, data_dir: str | None = None, include_path: list[str] | None = None) -> Iterator[str]:
+    """Texts of an lm-eval task's documents (doc_to_text + delimiter + doc_to_target), after the first `skip_docs`
+    (the documents an evaluation with --limit skip_docs scores): calibration data disjoint from the evaluation."""
+    from kvcore_eval.evaluate import task_manager
+
+    loaded = task_manager(data_dir, include_path).load_task_or_group([task])
+    tasks = list(_leaf_tasks(loaded))
+    if len(tasks) != 1:
+        raise ValueError(f"lm_eval:{task} names a group of {len(tasks)} tasks: calibrate on one task at a time")
+    instance = tasks[0]
+    delimiter = instance.config.target_delimiter or ""
+    for doc in itertools.islice(instance.eval_docs, skip_docs, None):
+        target = instance.doc_to_target(doc)
+        if isinstance(target, list):
+            target = target[0] if target else ""
+        if isinstance(target, int) and instance.config.doc_to_choice is not None:
+            target = instance.doc_to_choice(doc)[target]
+        yield f"{instance.doc_to_text(doc)}{delimiter}{target}"
+
+
+def _leaf_tasks(loaded) -> Iterator[Any]:
+    for value in loaded.values():
+        yield from _leaf_tasks(value) if isinstance(value, dict) else [value]

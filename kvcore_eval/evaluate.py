@@ -8,6 +8,7 @@ from pathlib import Path
 from typing import Any
 
 from kvcore_eval.config import EvalConfig
+from kvcore_eval.outputs import atomic_write_text
 
 logger = logging.getLogger(__name__)
 
@@ -52,6 +53,6 @@ def run_lm_eval(config: EvalConfig, log_samples: bool = False) -> dict[str, Any]
     )
     if config.output:
         Path(config.output).parent.mkdir(parents=True, exist_ok=True)
-        Path(config.output).write_text(json.dumps(results, indent=2, default=str) + "\n")
+        atomic_write_text(Path(config.output), json.dumps(results, indent=2, default=str) + "\n")
         logger.info("results written to %s", config.output)
     return results

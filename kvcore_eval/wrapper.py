@@ -58,9 +58,12 @@ def _mismatch(message: str, allow_mismatch: bool) -> None:
 class KVCoreHFLM(HFLM):
     """HFLM whose KV cache stores rank-r projections; every `hf` model_arg works, plus TruncationConfig's."""
 
-    def __init__(self, calibration: str, key_rank=None, value_rank=None, rank_budget: float | None = None,
+    def __init__(self, calibration: str | None = None, key_rank=None, value_rank=None, rank_budget: float | None = None,
                  budget_method: str = "energy", key_space: str = "pre_rope", granularity: str = "layer",
                  truncate: str = "both", allow_mismatch: bool = False, **kwargs) -> None:
+        if calibration is None:
+            raise ValueError("kvcore_hf needs calibration=<artifact folder> in --model_args (written by `kvcore-eval calibrate`); "
+                             "for the uncompressed baseline use --model hf")
         self.kvcore_config = TruncationConfig(str(calibration), key_rank, value_rank, rank_budget, budget_method,
                                               key_space, granularity, truncate, bool(allow_mismatch))
         metadata = read_metadata(calibration)

@@ -7,7 +7,8 @@ import re
 
 def load_perplexity_dataset(source: str, language: str | None = None, data_dir: str | None = None,
                             num_samples: int | None = None, seed: int = 1234, **_: object) -> dict:
-    """custom_dataset: lm-eval passes the YAML metadata, `--metadata` and the model args as keywords."""
+    """custom_dataset: lm-eval passes the YAML metadata (num_samples: a seeded subset, 1000 by default; null: every
+    record, in the seeded order), `--metadata` and the model args as keywords."""
     from kvcore_eval.data import task_dataset
 
     return {"test": task_dataset(source, language, data_dir, num_samples, seed)}
@@ -18,7 +19,7 @@ def load_generation_dataset(source: str, language: str | None = None, data_dir: 
     """custom_dataset of the `_gen` tasks: a fixed, seeded subset (100 instructions by default)."""
     from kvcore_eval.data import task_dataset
 
-    return {"test": task_dataset(source, language, data_dir, int(num_samples), int(seed))}
+    return {"test": task_dataset(source, language, data_dir, int(num_samples), int(seed), generation=True)}
 
 
 def process_perplexity(doc: dict, results: list) -> dict:

@@ -320,3 +320,30 @@ def test_torchrun_with_device_auto_shards_on_cpu(finished_run, llama_dir, tmp_pa
     result = _run_cli([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", *cli], OMP_NUM_THREADS="1")
     assert result.returncode == 0, result.stderr[-3000:]
     assert load_calibration(out).metadata["processes"] == 2
+
+
+def test_disk_full_is_one_line_and_keeps_the_previous_artifact(finished_run, llama_dir, tmp_path, monkeypatch, caplog):
+    import errno
+    import shutil
+
+    import safetensors.torch
+
+    from kvcore_eval.cli import main
+
+    out = tmp_path / "full-disk"
+    shutil.copytree(finished_run, out)
+    before = _snapshot(out)
+    real_save = safetensors.torch.save_file
+
+    def save(tensors, path, metadata=None):
+        if "basis" in str(path):
+            raise OSError(errno.ENOSPC, "No space left on device", str(path))
+        real_save(tensors, path, metadata=metadata)
+
+    monkeypatch.setattr(safetensors.torch, "save_file", save)
+    with pytest.raises(SystemExit) as exit_info:
+        main(["calibrate", "--model", str(llama_dir), "--dataset", str(EXAMPLE_DATA / "alpaca.jsonl"), "--prompt-format", "alpaca",
+              "--max-tokens", "1000", "--seq-len", "64", "--device", "cpu", "--out", str(out), "--overwrite"])
+    assert exit_info.value.code == 2
+    assert any("No space left on device" in record.getMessage() for record in caplog.records)
+    assert _snapshot(out) == before

@@ -35,3 +35,23 @@ def test_cli_eval_runs_kvcore_hf_and_writes_results(tmp_path):
     assert "kvcore_medalpaca" in result.stdout and "byte_perplexity" in result.stdout
     plan = json.loads(output.read_text())["config"]["kvcore"]["rank_plan"]
     assert plan["key_rank_per_layer"] == [8, 8, 8, 8] and plan["value_rank_per_layer"] == [16, 16, 8, 8]
+
+
+def test_compare_refuses_files_of_another_kind(tmp_path):
+    from kvcore_eval.compare import compare
+
+    samples = tmp_path / "samples_kvcore_alpaca.jsonl"
+    samples.write_text('{"doc_id": 0}\n{"doc_id": 1}\n')
+    with pytest.raises(ValueError, match="samples_kvcore_alpaca.jsonl is not valid JSON.*results_\\*.json"):
+        compare(samples, samples)
+    config = tmp_path / "config.json"
+    config.write_text('{"kind": "calibrate"}')
+    with pytest.raises(ValueError, match="no 'results' key"):
+        compare(config, config)
+
+
+def test_kvcore_hf_without_calibration_names_the_argument():
+    from kvcore_eval.wrapper import KVCoreHFLM
+
+    with pytest.raises(ValueError, match="kvcore_hf needs calibration=<artifact folder>"):
+        KVCoreHFLM(pretrained=str(EXAMPLE_MODEL), key_rank=0.5)
