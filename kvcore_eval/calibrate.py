@@ -152,10 +152,10 @@ def _accumulate(model, recorder: GramRecorder, batch: list[list[int]], pad_id: i
     return int(attention_mask.sum())
 
 
-def calibrate(config: CalibrationConfig, on_checkpoint: Callable[[int], None] | None = None) -> Path:
-    """Run the calibration; returns the artifact directory. `on_checkpoint(batches_done)` runs after each checkpoint."""
+def calibrate(config: CalibrationConfig, on_checkpoint: Callable[[int], None] | None = None, model=None, tokenizer=None) -> Path:
+    """Run the calibration; returns the artifact directory. `on_checkpoint(batches_done)` runs after each checkpoint.
+    `model` and `tokenizer`, when given, are `config.model` already loaded (the sweep loads it once)."""
     from accelerate import PartialState
-    from tqdm.auto import tqdm
 
     # Under torchrun/accelerate on a machine without CUDA, "auto" means CPU processes that shard and all-reduce.
     state = PartialState(cpu=config.device == "cpu" or (config.device == "auto" and not torch.cuda.is_available()))
@@ -164,15 +164,27 @@ def calibrate(config: CalibrationConfig, on_checkpoint: Callable[[int], None] | 
 
     # Every input is checked before any output is touched: model, tokenizer, the dataset's first record.
     model_id, gguf_file = models.gguf_location(config.model, config.gguf_file)
-    model = models.load_causal_lm(model_id, config.revision, str(device), config.dtype, gguf_file)
-    tokenizer = models.load_tokenizer(model_id, config.revision, gguf_file)
-    geometry = models.kv_geometry(model.config)
+    if model is None:
+        model = models.load_causal_lm(model_id, config.revision, str(device), config.dtype, gguf_file)
+        tokenizer = models.load_tokenizer(model_id, config.revision, gguf_file)
     texts = data.iter_texts(config.dataset, config.split, config.prompt_format, config.text_field, config.data_dir,
                             config.skip_docs, split_paths(config.include_path))
     first = next(texts, None)
     if first is None:
         raise ValueError(f"dataset {config.dataset} has no records: check the file or split, or pass another --dataset")
     tap = RopeTap(model)
+    try:
+        return _run(config, on_checkpoint, state, device, out, model, tokenizer, tap, itertools.chain([first], texts))
+    finally:
+        tap.remove()
+
+
+def _run(config: CalibrationConfig, on_checkpoint, state, device: torch.device, out: Path, model, tokenizer, tap: RopeTap,
+         texts: Iterator[str]) -> Path:
+    from tqdm.auto import tqdm
+
+    model_id, gguf_file = models.gguf_location(config.model, config.gguf_file)
+    geometry = models.kv_geometry(model.config)
     check_key_recovery(model, tap)  # the pre-RoPE keys below are the model's own, or this raises
     identity = models.model_identity(model, model_id, config.revision, gguf_file)
     run = _run_identity(config, identity, state.num_processes)
@@ -187,7 +199,7 @@ def calibrate(config: CalibrationConfig, on_checkpoint: Callable[[int], None] | 
     accumulator = GramAccumulator(geometry, device)
     recorder = GramRecorder(accumulator, tap)
     batches_done = _load_checkpoint(work, state.process_index, accumulator, run) if config.resume else 0
-    sequences = data.pack_sequences(itertools.chain([first], texts), tokenizer, config.seq_len, config.max_tokens)
+    sequences = data.pack_sequences(texts, tokenizer, config.seq_len, config.max_tokens)
     batches = _batches(sequences, config.batch_size, state.process_index, state.num_processes)
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
     tokens_since_checkpoint = 0

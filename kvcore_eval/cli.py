@@ -70,6 +70,8 @@ def _sweep(args: argparse.Namespace) -> None:
     config = config_from_args(SweepConfig, args)
     run_sweep(config)
     print((Path(config.out) / "sweep.md").read_text())
+    if config.per_layer:
+        print((Path(config.out) / "per_layer.md").read_text())
 
 
 def _compare(args: argparse.Namespace) -> None:

@@ -72,6 +72,7 @@ class EvalConfig:
     granularity: str = field(default="layer", metadata={"help": "layer or head"})
     truncate: str = field(default="both", metadata={"help": "keys, values or both"})
     data_dir: str | None = field(default=None, metadata={"help": "folder of <source>.jsonl files read instead of the hub"})
+    include_path: str | None = field(default=None, metadata={"help": "extra lm-eval task folders, comma-separated (lm-eval's --include_path)"})
     limit: int | None = field(default=None, metadata={"help": "documents per task (lm-eval --limit)"})
     batch_size: int = field(default=1, metadata={"help": "lm-eval batch size"})
     device: str = field(default="cpu", metadata={"help": "cpu, cuda, cuda:N"})
@@ -93,22 +94,30 @@ class EvalConfig:
         return args
 
 
+BASIS_DESIGNS = ("per-task", "shared")
+
+
 @dataclass
 class SweepConfig:
-    """What `kvcore-eval sweep` runs: baseline once, then kvcore_hf at each rank; ND-PPL, NER and their correlation."""
+    """What `kvcore-eval sweep` runs: ND-PPL per task and rank, NER per task, their correlation, with one model load."""
 
-    model: str = field(metadata={"help": "Hugging Face hub id or local directory"})
-    calibration: str = field(metadata={"help": "artifact whose bases truncate the cache at every rank"})
-    out: str = field(metadata={"help": "output directory (finished points are reused: an interrupted sweep resumes)"})
-    tasks: str = field(default="kvcore_domains", metadata={"help": "comma-separated kvcore tasks or groups"})
+    model: str = field(metadata={"help": "Hugging Face hub id, local directory, or .gguf file"})
+    out: str = field(metadata={"help": "output directory (finished points and calibrations are reused: an interrupted sweep resumes)"})
+    tasks: str = field(default="kvcore_domains", metadata={"help": "comma-separated lm-eval perplexity tasks or groups (kvcore's or yours, with --include-path)"})
+    basis: str = field(default="per-task", metadata={"help": "per-task: truncate each task with the calibration on its own (held-out) data; shared: with --calibration for every task"})
+    calibration: str | None = field(default=None, metadata={"help": "with --basis shared: the artifact whose bases truncate every task"})
     ranks: str = field(default="1.0,0.75,0.5,0.25,0.125", metadata={"help": "comma-separated fractions of D in (0, 1]"})
     truncate: str = field(default="both", metadata={"help": "keys, values or both"})
     key_space: str = field(default="pre_rope", metadata={"help": "pre_rope or post_rope"})
     metric: str = field(default="byte_perplexity", metadata={"help": "perplexity metric ND-PPL is computed from (byte_perplexity: independent of the tokenizer)"})
-    ner_tokens: int = field(default=20_000, metadata={"help": "tokens of each task's data calibrated for its NER"})
-    seq_len: int = field(default=256, metadata={"help": "sequence length of the NER calibrations"})
+    num_samples: int = field(default=200, metadata={"help": "documents scored per task (the first in each task's order); each task's calibration reads only the documents after them"})
+    calibration_tokens: int = field(default=20_000, metadata={"help": "tokens of each task's held-out documents calibrated (its NER, and its bases with --basis per-task)"})
+    seq_len: int = field(default=256, metadata={"help": "sequence length of the per-task calibrations"})
+    per_layer: bool = field(default=False, metadata={"help": "also measure each layer's ND-PPL with only that layer truncated (keys, then values)"})
+    per_layer_rank: float = field(default=0.25, metadata={"help": "fraction of D kept by the one truncated layer in --per-layer"})
     data_dir: str | None = field(default=None, metadata={"help": "folder of <source>.jsonl files read instead of the hub"})
-    limit: int | None = field(default=None, metadata={"help": "documents per task"})
+    include_path: str | None = field(default=None, metadata={"help": "extra lm-eval task folders, comma-separated (lm-eval's --include_path)"})
+    gguf_file: str | None = field(default=None, metadata={"help": "GGUF file inside --model's folder or hub repo"})
     batch_size: int = field(default=1, metadata={"help": "lm-eval batch size"})
     device: str = field(default="cpu", metadata={"help": "cpu, cuda, cuda:N"})
     dtype: str = field(default="float32", metadata={"help": "model dtype"})
@@ -117,6 +126,18 @@ class SweepConfig:
         self.rank_list()
         if self.dtype not in MODEL_DTYPES:
             raise ValueError(f"--dtype must be one of {MODEL_DTYPES}, got {self.dtype!r}")
+        if self.basis not in BASIS_DESIGNS:
+            raise ValueError(f"--basis {self.basis!r}: use per-task or shared")
+        if self.basis == "shared" and self.calibration is None:
+            raise ValueError("--basis shared truncates every task with one artifact: pass --calibration <artifact folder>")
+        if self.basis == "per-task" and self.calibration is not None:
+            raise ValueError("--calibration is the shared basis: pass --basis shared with it, or drop it to truncate each task with its own calibration")
+        if self.num_samples < 1 or self.calibration_tokens < MIN_SEQ_LEN:
+            raise ValueError(f"--num-samples must be >= 1 and --calibration-tokens >= {MIN_SEQ_LEN}")
+        if self.seq_len < MIN_SEQ_LEN:
+            raise ValueError(f"--seq-len {self.seq_len} is below the minimum of {MIN_SEQ_LEN} tokens")
+        if not 0 < self.per_layer_rank < 1:
+            raise ValueError(f"--per-layer-rank {self.per_layer_rank}: a fraction in (0, 1)")
 
     def rank_list(self) -> list[float]:
         try:

@@ -329,7 +329,7 @@ def lm_eval_task_texts(task: str, skip_docs: int = 0, data_dir: str | None = Non
     from kvcore_eval.evaluate import task_manager
 
     loaded = task_manager(data_dir, include_path).load_task_or_group([task])
-    tasks = list(_leaf_tasks(loaded))
+    tasks = list(leaf_tasks(loaded))
     if len(tasks) != 1:
         raise ValueError(f"lm_eval:{task} names a group of {len(tasks)} tasks: calibrate on one task at a time")
     instance = tasks[0]
@@ -343,6 +343,6 @@ def lm_eval_task_texts(task: str, skip_docs: int = 0, data_dir: str | None = Non
         yield f"{instance.doc_to_text(doc)}{delimiter}{target}"
 
 
-def _leaf_tasks(loaded) -> Iterator[Any]:
+def leaf_tasks(loaded) -> Iterator[Any]:
     for value in loaded.values():
-        yield from _leaf_tasks(value) if isinstance(value, dict) else [value]
+        yield from leaf_tasks(value) if isinstance(value, dict) else [value]

@@ -1,4 +1,4 @@
-"""Spectral and quality metrics: NER, effective rank, energy ranks, ND-PPL, correlations.
+"""Spectral and quality metrics: NER, effective rank, energy ranks, ND-PPL, correlations (scipy.stats).
 
 Plain numpy on 1-D spectra so that a reader can check each line against the method notes.
 """
@@ -54,32 +54,21 @@ def nd_ppl(ppl_truncated: float, ppl_full: float) -> float:
     return (ppl_truncated - ppl_full) / ppl_full
 
 
-def pearson(x: np.ndarray, y: np.ndarray) -> float:
-    """Pearson correlation coefficient; NaN when either input is constant or shorter than 2."""
+def correlation(x, y) -> dict[str, float]:
+    """Pearson r and Spearman ρ with their two-sided p-values (scipy.stats), and n. NaN where they are undefined
+    (fewer than 3 points, or a constant input), never a made-up number."""
+    import warnings
+
+    from scipy import stats
+
     x, y = np.asarray(x, dtype=np.float64), np.asarray(y, dtype=np.float64)
-    if len(x) != len(y):
-        raise ValueError(f"pearson needs equal lengths, got {len(x)} and {len(y)}")
-    if len(x) < 2:
-        return float("nan")
-    dx, dy = x - x.mean(), y - y.mean()
-    denominator = math.sqrt((dx * dx).sum() * (dy * dy).sum())
-    return float((dx * dy).sum() / denominator) if denominator > 0 else float("nan")
-
-
-def _average_ranks(values: np.ndarray) -> np.ndarray:
-    """Ranks 1..n with ties given their average rank (as scipy.stats.rankdata)."""
-    order = np.argsort(values, kind="mergesort")
-    ranks = np.empty(len(values), dtype=np.float64)
-    sorted_values = values[order]
-    start = 0
-    for end in range(1, len(values) + 1):
-        if end == len(values) or sorted_values[end] != sorted_values[start]:
-            ranks[order[start:end]] = (start + end + 1) / 2.0
-            start = end
-    return ranks
-
-
-def spearman(x: np.ndarray, y: np.ndarray) -> float:
-    """Spearman rank correlation: Pearson of the average ranks."""
-    x, y = np.asarray(x, dtype=np.float64), np.asarray(y, dtype=np.float64)
-    return pearson(_average_ranks(x), _average_ranks(y))
+    if x.shape != y.shape:
+        raise ValueError(f"correlation needs equal lengths, got {len(x)} and {len(y)}")
+    undefined = {"pearson": float("nan"), "pearson_p": float("nan"), "spearman": float("nan"), "spearman_p": float("nan"), "n": len(x)}
+    if len(x) < 3 or np.ptp(x) == 0 or np.ptp(y) == 0:
+        return undefined
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # scipy warns on near-constant input; the NaN it returns says it
+        pearson, spearman = stats.pearsonr(x, y), stats.spearmanr(x, y)
+    return {"pearson": float(pearson.statistic), "pearson_p": float(pearson.pvalue), "spearman": float(spearman.statistic),
+            "spearman_p": float(spearman.pvalue), "n": len(x)}

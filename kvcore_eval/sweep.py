@@ -1,160 +1,196 @@
 """`kvcore-eval sweep`: ND-PPL per task and rank, NER per task, and how well NER predicts ND-PPL.
 
-Each point (the baseline, then each rank) is one lm-eval run saved as `points/<name>.json`; a rerun skips
-finished points, so an interrupted sweep resumes. Each task's NER comes from a calibration on that task's
-own data (`ner/<task>/`, reused when present). Outputs: sweep.json, sweep.md, nd_ppl.png, ner_vs_nd_ppl.png.
+One model load: the model is loaded once and shared by every per-task calibration and by one `kvcore_hf`
+whose rank plan is swapped between points (`KVCoreHFLM.set_truncation`).
+
+Per task, lm-eval scores the first `num_samples` documents; the task's calibration reads only the documents
+after them (`lm_eval:<task>`, `skip_docs`), so calibration and evaluation are disjoint, for kvcore's tasks and
+for a user's own (`--include-path`) alike. That calibration gives the task's NER and, with `--basis per-task`
+(the default), the bases that truncate it; `--basis shared` truncates every task with one `--calibration`.
+
+Every finished point (`points/<task>/<name>.json`) and calibration (`calibrations/<task>/`) is reused by a rerun
+after checking the settings that made it; other settings are an error. `--per-layer` adds each layer's ND-PPL
+with only that layer truncated. Outputs: sweep.json/.md, nd_ppl.png, ner_vs_nd_ppl.png (+ per_layer.*).
 """
 
 from __future__ import annotations
 
-import json
 import logging
-from dataclasses import asdict, replace
+from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
-import numpy as np
-
-from kvcore_eval import metrics
-from kvcore_eval.config import CalibrationConfig, EvalConfig, SweepConfig
+from kvcore_eval import metrics, outputs, study
+from kvcore_eval.config import CalibrationConfig, SweepConfig, split_paths
 
 logger = logging.getLogger(__name__)
 
-
-def task_source(task: str) -> str:
-    """The calibration dataset of a kvcore task: kvcore_alpaca -> kvcore:alpaca, kvcore_visr_de -> kvcore:visr:de."""
-    name = task.removeprefix("kvcore_")
-    if name.startswith("visr_"):
-        return f"kvcore:visr:{name.removeprefix('visr_')}"
-    return f"kvcore:{name}"
-
-
-def _point(config: SweepConfig, name: str, eval_config: EvalConfig) -> dict[str, float]:
-    """task -> config.metric at one sweep point; a finished point of the same settings is reused."""
-    path = Path(config.out) / "points" / f"{name}.json"
-    if path.exists():
-        saved = json.loads(path.read_text())
-        if saved["eval_config"] != asdict(eval_config):
-            raise ValueError(f"{path} was run with other settings ({saved['eval_config']}): use another --out, or delete it to rerun")
-        logger.info("sweep point %s already done, reusing %s", name, path)
-    else:
-        from kvcore_eval.evaluate import run_lm_eval
-
-        results = run_lm_eval(eval_config)
-        metrics_by_task = {task: {key.split(",")[0]: value for key, value in values.items() if isinstance(value, (int, float))}
-                           for task, values in results["results"].items() if task not in results.get("groups", {})}
-        saved = {"eval_config": asdict(eval_config), "metrics": metrics_by_task, "kvcore": results["config"].get("kvcore")}
-        path.parent.mkdir(parents=True, exist_ok=True)
-        path.write_text(json.dumps(saved, indent=2) + "\n")
-    values = {task: float(metrics[config.metric]) for task, metrics in saved["metrics"].items() if config.metric in metrics}
-    if not values:
-        raise ValueError(f"tasks {config.tasks} report no {config.metric!r}: sweep kvcore perplexity tasks, or pass another --metric")
-    return values
+KIND = "sweep"
+OWN_NAMES = ("config.json", "calibrations", "points", "sweep.json", "sweep.md", "nd_ppl.png", "ner_vs_nd_ppl.png",
+             "per_layer.json", "per_layer.md", "per_layer.png")
+# Every record of a kvcore task, in its seeded order: the sweep scores the first num_samples (--limit) and
+# calibrates on the rest.
+TASK_METADATA = {"num_samples": None}
 
 
-def _task_ner(config: SweepConfig, task: str) -> dict[str, float]:
-    """Mean-over-layers NER of keys (config.key_space) and values on the task's own data."""
-    from kvcore_eval.artifact import METADATA_FILE, load_calibration
+@dataclass
+class Session:
+    """What one sweep loads once."""
+
+    config: SweepConfig
+    out: Path
+    manager: Any  # lm-eval TaskManager
+    model: Any
+    tokenizer: Any
+    lm: Any = None  # KVCoreHFLM, built on first use
+
+
+def perplexity_tasks(config: SweepConfig, manager) -> list[str]:
+    """The leaf tasks of `config.tasks`; generation tasks are refused before anything runs."""
+    from kvcore_eval.data import leaf_tasks
+
+    names = [t.strip() for t in config.tasks.split(",") if t.strip()]
+    unknown = [name for name in names if name not in manager.all_tasks]
+    if unknown:
+        raise ValueError(f"--tasks {', '.join(unknown)}: not a task or group lm-eval knows; pass its folder with --include-path")
+    tasks = list(leaf_tasks(manager.load_task_or_group(names)))
+    if generating := [t.config.task for t in tasks if t.config.output_type == "generate_until"]:
+        raise ValueError(f"--tasks {', '.join(generating)}: generation tasks have no perplexity; the sweep needs perplexity tasks "
+                         "(kvcore_alpaca, ...). Score generations with lm_eval and `kvcore-eval judge`")
+    return sorted({t.config.task for t in tasks})
+
+
+def task_calibration(session: Session, task: str) -> Path:
+    """The task's own calibration on its held-out documents (reused when made with the same settings)."""
+    from kvcore_eval import artifact
     from kvcore_eval.calibrate import calibrate
-    from kvcore_eval.report import layer_table, mean_ner
 
-    out = Path(config.out) / "ner" / task
-    if not (out / METADATA_FILE).exists():
-        calibrate(CalibrationConfig(model=config.model, dataset=task_source(task), out=str(out), data_dir=config.data_dir,
-                                    max_tokens=config.ner_tokens, seq_len=config.seq_len, device=config.device,
-                                    dtype=config.dtype, resume=(out / "checkpoint").exists()))
-    table = layer_table(load_calibration(out))
-    return {"key": mean_ner(table, f"key_{config.key_space}"), "value": mean_ner(table, "value")}
+    config = session.config
+    wanted = CalibrationConfig(model=config.model, gguf_file=config.gguf_file, dataset=f"lm_eval:{task}", skip_docs=config.num_samples,
+                               include_path=config.include_path, data_dir=config.data_dir, max_tokens=config.calibration_tokens,
+                               seq_len=config.seq_len, device=config.device, dtype=config.dtype,
+                               out=str(session.out / "calibrations" / task))
+    out = Path(wanted.out)
+    if (out / artifact.METADATA_FILE).exists():
+        made = outputs.read_json(out / outputs.CONFIG_FILE, "calibration settings")
+        mismatched = {k: (made.get(k), v) for k, v in asdict(wanted).items() if k not in ("resume", "overwrite") and made.get(k) != v}
+        if mismatched:
+            raise ValueError(f"{out} was calibrated with other settings ({', '.join(f'{k}: {a} != {b}' for k, (a, b) in mismatched.items())}): "
+                             "use another --out, or delete that folder to recalibrate")
+        return out
+    wanted.resume = (out / "checkpoint").exists()
+    return calibrate(wanted, model=session.model, tokenizer=session.tokenizer)
+
+
+def _truncation(session: Session, basis: Path, key_rank: Any, value_rank: Any, truncate: str):
+    from kvcore_eval.rank_plan import TruncationConfig
+
+    return TruncationConfig(calibration=str(basis), key_rank=key_rank, value_rank=value_rank, key_space=session.config.key_space,
+                            truncate=truncate)
+
+
+def evaluate_point(session: Session, task: str, name: str, truncation) -> float:
+    """config.metric of one task under one truncation; a finished point of the same settings is reused."""
+    import lm_eval
+
+    from kvcore_eval.artifact import read_metadata
+    from kvcore_eval.wrapper import KVCoreHFLM
+
+    config = session.config
+    path = session.out / "points" / task / f"{name}.json"
+    settings = {"task": task, "truncation": asdict(truncation), "basis_sha256": read_metadata(truncation.calibration)["basis_sha256"],
+                "num_samples": config.num_samples, "model": config.model, "dtype": config.dtype, "batch_size": config.batch_size}
+    if path.exists():
+        saved = outputs.read_json(path, "sweep point")
+        if saved["settings"] != settings:
+            raise ValueError(f"{path} was run with other settings ({saved['settings']}): use another --out, or delete it to rerun")
+        return saved["value"]
+    if session.lm is None:
+        session.lm = KVCoreHFLM(pretrained=session.model, tokenizer=session.tokenizer, batch_size=config.batch_size, **asdict(truncation))
+    else:
+        session.lm.set_truncation(truncation)
+    results = lm_eval.simple_evaluate(model=session.lm, tasks=[task], limit=config.num_samples, task_manager=session.manager)
+    values = {key.split(",")[0]: value for key, value in results["results"][task].items()}
+    if config.metric not in values:
+        raise ValueError(f"{task} reports no {config.metric!r} (it reports {', '.join(sorted(values))}): pass another --metric")
+    path.parent.mkdir(parents=True, exist_ok=True)
+    outputs.atomic_write_json(path, {"settings": settings, "value": float(values[config.metric]),
+                                     "rank_plan": session.lm.kvcore_plan.to_dict(), "metrics": values})
+    return float(values[config.metric])
+
+
+def open_session(config: SweepConfig) -> Session:
+    """Check everything that needs no model, claim the output folder, then load the model once."""
+    from kvcore_eval import models
+    from kvcore_eval.evaluate import task_manager
+
+    out = Path(config.out)
+    manager = task_manager(config.data_dir, split_paths(config.include_path), TASK_METADATA)
+    perplexity_tasks(config, manager)  # refuses unknown and generation tasks before any output
+    outputs.check_run_folder(out, KIND, OWN_NAMES)
+    out.mkdir(parents=True, exist_ok=True)
+    outputs.write_config(out, KIND, asdict(config))
+    model_id, gguf_file = models.gguf_location(config.model, config.gguf_file)
+    model = models.load_causal_lm(model_id, None, config.device, config.dtype, gguf_file)
+    tokenizer = models.load_tokenizer(model_id, None, gguf_file)
+    return Session(config, out, manager, model, tokenizer)
 
 
 def run_sweep(config: SweepConfig) -> dict[str, Any]:
-    out = Path(config.out)
-    out.mkdir(parents=True, exist_ok=True)
-    (out / "config.json").write_text(json.dumps(asdict(config), indent=2) + "\n")
-    base = EvalConfig(model=config.model, tasks=config.tasks, data_dir=config.data_dir, limit=config.limit,
-                      batch_size=config.batch_size, device=config.device, dtype=config.dtype)
-    baseline = _point(config, "baseline", base)
-    truncated = {}
+    from kvcore_eval.artifact import load_calibration
+    from kvcore_eval.report import layer_table, mean_ner
+
+    session = open_session(config)
+    tasks = perplexity_tasks(config, session.manager)
+    calibrations = {task: task_calibration(session, task) for task in tasks}
+    basis = {task: Path(config.calibration) if config.basis == "shared" else calibrations[task] for task in tasks}
+    baseline = {task: evaluate_point(session, task, "baseline", _truncation(session, basis[task], "full", "full", "both")) for task in tasks}
+    keys, values = config.truncate in ("keys", "both"), config.truncate in ("values", "both")
+    perplexity = {}
     for rank in config.rank_list():
         spec = "full" if rank == 1 else str(rank)
-        keys = spec if config.truncate in ("keys", "both") else None
-        values = spec if config.truncate in ("values", "both") else None
-        point = replace(base, calibration=config.calibration, key_rank=keys, value_rank=values, key_space=config.key_space, truncate=config.truncate)
-        truncated[rank] = _point(config, f"rank_{rank:g}", point)
-    ner = {task: _task_ner(config, task) for task in baseline}
-    summary = summarize(baseline, truncated, ner)
-    (out / "sweep.json").write_text(json.dumps(summary, indent=2) + "\n")
-    (out / "sweep.md").write_text(to_markdown(summary, config))
-    plot(summary, out)
+        perplexity[f"{rank:g}"] = {task: evaluate_point(session, task, f"rank_{rank:g}", _truncation(
+            session, basis[task], spec if keys else None, spec if values else None, config.truncate)) for task in tasks}
+    tables = {task: layer_table(load_calibration(calibrations[task])) for task in tasks}
+    ner = {task: {"key": mean_ner(tables[task], f"key_{config.key_space}"), "value": mean_ner(tables[task], "value")} for task in tasks}
+    design = {**asdict(config), "model_name": Path(config.model).name or config.model,
+              "basis_per_task": {task: str(path) for task, path in basis.items()}}
+    summary = study.summarize(tasks, baseline, perplexity, ner, design)
+    outputs.atomic_write_json(session.out / "sweep.json", summary)
+    outputs.atomic_write_text(session.out / "sweep.md", study.to_markdown(summary))
+    study.plot_nd_ppl(summary, session.out / "nd_ppl.png")
+    study.plot_ner_vs_nd_ppl(summary, session.out / "ner_vs_nd_ppl.png")
+    if config.per_layer:
+        summary["per_layer"] = run_per_layer(session, tasks, basis, baseline, tables)
     return summary
 
 
-def summarize(baseline: dict[str, float], truncated: dict[float, dict[str, float]], ner: dict[str, dict[str, float]]) -> dict[str, Any]:
-    """ND-PPL per task and rank, and Pearson/Spearman of NER against ND-PPL across tasks at each rank."""
-    tasks = sorted(baseline)
-    nd_ppl = {task: {f"{rank:g}": metrics.nd_ppl(truncated[rank][task], baseline[task]) for rank in truncated} for task in tasks}
-    correlation = {}
-    for rank in truncated:
-        deltas = [nd_ppl[task][f"{rank:g}"] for task in tasks]
-        correlation[f"{rank:g}"] = {
-            kind: {"pearson": metrics.pearson([ner[t][kind] for t in tasks], deltas), "spearman": metrics.spearman([ner[t][kind] for t in tasks], deltas)}
-            for kind in ("key", "value")
-        }
-    return {"tasks": tasks, "ranks": [f"{r:g}" for r in truncated], "baseline_perplexity": baseline,
-            "perplexity": {f"{r:g}": v for r, v in truncated.items()}, "nd_ppl": nd_ppl, "ner": ner, "correlation": correlation}
+def run_per_layer(session: Session, tasks: list[str], basis: dict[str, Path], baseline: dict[str, float], tables) -> dict[str, Any]:
+    """Each layer's ND-PPL with only that layer's keys (then values) truncated to `per_layer_rank` of D."""
+    from kvcore_eval.artifact import load_calibration
 
-
-def _cell(value: float) -> str:
-    return "n/a" if value is None or np.isnan(value) else f"{value:+.3f}"
-
-
-def to_markdown(summary: dict[str, Any], config: SweepConfig) -> str:
-    ranks = summary["ranks"]
-    lines = [f"# Rank sweep: {config.model}", "", f"Bases from `{config.calibration}`, truncating {config.truncate} "
-             f"({config.key_space} keys); ND-PPL = (PPL_r - PPL_full) / PPL_full on {config.metric}.", "",
-             "| task | NER K | NER V | PPL full | " + " | ".join(f"ND-PPL r={r}" for r in ranks) + " |",
-             "|---|---:|---:|---:|" + "---:|" * len(ranks)]
-    for task in summary["tasks"]:
-        ner = summary["ner"][task]
-        cells = " | ".join(f"{summary['nd_ppl'][task][r]:.4f}" for r in ranks)
-        lines.append(f"| {task} | {ner['key']:.3f} | {ner['value']:.3f} | {summary['baseline_perplexity'][task]:.3f} | {cells} |")
-    lines += ["", "Correlation of NER with ND-PPL across tasks:", "", "| rank | K Pearson | K Spearman | V Pearson | V Spearman |", "|---:|---:|---:|---:|---:|"]
-    for rank, corr in summary["correlation"].items():
-        lines.append(f"| {rank} | {_cell(corr['key']['pearson'])} | {_cell(corr['key']['spearman'])} | {_cell(corr['value']['pearson'])} | {_cell(corr['value']['spearman'])} |")
-    return "\n".join(lines) + "\n"
-
-
-def plot(summary: dict[str, Any], out: Path) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    ranks = [float(r) for r in summary["ranks"]]
-    fig, ax = plt.subplots(figsize=(6.5, 4), dpi=120)
-    for task in summary["tasks"]:
-        ax.plot(ranks, [summary["nd_ppl"][task][f"{r:g}"] for r in ranks], marker="o", ms=3, label=task)
-    ax.set(xlabel="rank (fraction of D)", ylabel="ND-PPL (symlog)", title="ND-PPL vs rank")
-    ax.set_yscale("symlog", linthresh=0.01)  # ND-PPL spans orders of magnitude as rank falls
-    ax.invert_xaxis()
-    ax.grid(alpha=0.3)
-    ax.legend(frameon=False, fontsize=7)
-    fig.tight_layout()
-    fig.savefig(out / "nd_ppl.png")
-    plt.close(fig)
-
-    fig, ax = plt.subplots(figsize=(6.5, 4), dpi=120)
-    lowest = summary["ranks"][-1]
-    for kind, marker in (("key", "o"), ("value", "s")):
-        xs = [summary["ner"][t][kind] for t in summary["tasks"]]
-        ys = [summary["nd_ppl"][t][lowest] for t in summary["tasks"]]
-        ax.scatter(xs, ys, marker=marker, label=f"{kind} NER")
-        for task, x, y in zip(summary["tasks"], xs, ys):
-            ax.annotate(task.removeprefix("kvcore_"), (x, y), fontsize=6, alpha=0.7)
-    ax.set(xlabel="mean NER over layers", ylabel=f"ND-PPL at rank {lowest} (symlog)", title="NER vs ND-PPL")
-    ax.set_yscale("symlog", linthresh=0.01)
-    ax.grid(alpha=0.3)
-    ax.legend(frameon=False)
-    fig.tight_layout()
-    fig.savefig(out / "ner_vs_nd_ppl.png")
-    plt.close(fig)
+    config = session.config
+    nd_ppl, layer_ner, residual = {}, {}, {}
+    for task in tasks:
+        calibration = load_calibration(basis[task])
+        width, layers = calibration.geometry.width, calibration.geometry.num_layers
+        rank = max(1, round(config.per_layer_rank * width))
+        spaces = {"key": f"key_{config.key_space}", "value": "value"}
+        nd_ppl[task], layer_ner[task], residual[task] = {}, {}, {}
+        for kind, space in spaces.items():
+            values = []
+            for layer in range(layers):
+                ranks = ":".join(str(rank if i == layer else width) for i in range(layers))
+                truncation = _truncation(session, basis[task], ranks if kind == "key" else None, ranks if kind == "value" else None,
+                                         "keys" if kind == "key" else "values")
+                ppl = evaluate_point(session, task, f"layer{layer}_{kind}_{config.per_layer_rank:g}", truncation)
+                values.append(metrics.nd_ppl(ppl, baseline[task]))
+            nd_ppl[task][kind] = values
+            layer_ner[task][kind] = [stats[space].ner for stats in tables[task]]
+            residual[task][kind] = [metrics.residual_energy(calibration.eigenvalues[space][layer].numpy(), rank) for layer in range(layers)]
+    layers_summary = study.summarize_layers(nd_ppl, layer_ner, residual, config.per_layer_rank)
+    layers_summary["key_space"] = config.key_space
+    outputs.atomic_write_json(session.out / "per_layer.json", layers_summary)
+    outputs.atomic_write_text(session.out / "per_layer.md", study.per_layer_markdown(layers_summary))
+    study.plot_per_layer(layers_summary, session.out / "per_layer.png")
+    return layers_summary

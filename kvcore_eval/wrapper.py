@@ -35,6 +35,17 @@ def _model_config(pretrained: Any, revision: str | None, gguf_file: str | None):
     return load_config(pretrained, revision, gguf_file)
 
 
+def _checked_artifact(truncation: TruncationConfig, model_config) -> Calibration:
+    """The artifact of a truncation config, checked against the model's config before use."""
+    metadata = read_metadata(truncation.calibration)
+    check_artifact_matches(metadata, model_config, truncation.allow_mismatch, truncation.calibration)
+    artifact = load_calibration(truncation.calibration)
+    if KEY_SPACES[truncation.key_space] not in artifact.eigenvalues:
+        raise ValueError(f"artifact {truncation.calibration} has no {KEY_SPACES[truncation.key_space]} basis: re-run "
+                         "`kvcore-eval calibrate`, or pick another key_space")
+    return artifact
+
+
 def check_artifact_matches(metadata: dict[str, Any], config, allow_mismatch: bool, artifact_path: str) -> None:
     """Refuse an artifact calibrated on another architecture; another model or revision only with allow_mismatch."""
     recorded = metadata["model"]
@@ -64,20 +75,26 @@ class KVCoreHFLM(HFLM):
         if calibration is None:
             raise ValueError("kvcore_hf needs calibration=<artifact folder> in --model_args (written by `kvcore-eval calibrate`); "
                              "for the uncompressed baseline use --model hf")
-        self.kvcore_config = TruncationConfig(str(calibration), key_rank, value_rank, rank_budget, budget_method,
-                                              key_space, granularity, truncate, bool(allow_mismatch))
-        metadata = read_metadata(calibration)
-        config = _model_config(kwargs.get("pretrained"), kwargs.get("revision"), kwargs.get("gguf_file"))
-        check_artifact_matches(metadata, config, self.kvcore_config.allow_mismatch, str(calibration))
-        artifact = load_calibration(calibration)
-        if KEY_SPACES[key_space] not in artifact.eigenvalues:
-            raise ValueError(f"artifact {calibration} has no {KEY_SPACES[key_space]} basis: re-run `kvcore-eval calibrate`, or pick another key_space")
-        self.kvcore_plan = make_plan(self.kvcore_config, artifact)
+        truncation = TruncationConfig(str(calibration), key_rank, value_rank, rank_budget, budget_method,
+                                      key_space, granularity, truncate, bool(allow_mismatch))
+        artifact = _checked_artifact(truncation, _model_config(kwargs.get("pretrained"), kwargs.get("revision"), kwargs.get("gguf_file")))
+        plan = make_plan(truncation, artifact)
         super().__init__(**kwargs)  # the weights load here, after every check that needs none
-        self._check_weights(artifact, kwargs.get("dtype"))
+        self._tap = RopeTap(self.model)  # stays on the model: records the rotary tables of every forward
+        self._keys_checked = False
+        self._apply(truncation, artifact, plan)
+
+    def set_truncation(self, truncation: TruncationConfig) -> None:
+        """Swap the rank plan (and its artifact) of the loaded model: many sweep points, one model load."""
+        artifact = _checked_artifact(truncation, self.model.config)
+        self._apply(truncation, artifact, make_plan(truncation, artifact))
+
+    def _apply(self, truncation: TruncationConfig, artifact: Calibration, plan) -> None:
+        self.kvcore_config, self.kvcore_plan = truncation, plan
+        self._check_weights(artifact)
         self._setup_cache(artifact)
 
-    def _check_weights(self, artifact: Calibration, dtype: Any) -> None:
+    def _check_weights(self, artifact: Calibration) -> None:
         """Same weights as the calibration, whatever dtype each loaded them in; else refuse (or warn)."""
         recorded = artifact.metadata["model"]
         sample = weights_sample(self.model)
@@ -96,15 +113,15 @@ class KVCoreHFLM(HFLM):
         self._bases = layer_bases(artifact, plan, self.device)
         self._kv_heads = geometry.kv_heads
         truncated_keys = [layer for layer, bases in enumerate(self._bases) if bases.key is not None]
-        self._tap = RopeTap(self.model)
         rope_table_bytes = 0
+        self._cache_tap = None  # only truncated pre-RoPE keys of a RoPE model undo and redo RoPE
         if plan.key_space == "pre_rope" and truncated_keys and self._tap.has_rope:
-            check_key_recovery(self.model, self._tap)  # also leaves this forward's tables in the tap
+            if not self._keys_checked:
+                check_key_recovery(self.model, self._tap)  # also leaves this forward's tables in the tap
+                self._keys_checked = True
+            self._cache_tap = self._tap
             groups = {self._tap.group_of(layer) for layer in truncated_keys}
             rope_table_bytes = sum(2 * self._tap.tables(g).cos.shape[-1] * self._tap.tables(g).cos.element_size() for g in groups)
-        else:
-            self._tap.remove()  # no RoPE to undo: attention runs without our hooks
-            self._tap = None
         element_size = torch.empty(0, dtype=self.model.dtype).element_size()
         self.kvcore_cache_bytes = cache_bytes_per_token(plan, geometry.kv_heads, geometry.num_layers, element_size, rope_table_bytes)
         self.kvcore_model_cache = compare_with_model_cache(self.kvcore_cache_bytes, sliding_window_layers(self.model.config), geometry.num_layers)
@@ -116,7 +133,7 @@ class KVCoreHFLM(HFLM):
 
     def new_cache(self) -> LowRankCache:
         """A fresh, empty low-rank cache sharing this model's bases."""
-        return LowRankCache(self._bases, self._kv_heads, self._tap)
+        return LowRankCache(self._bases, self._kv_heads, self._cache_tap)
 
     def _model_call(self, inps: torch.Tensor, attn_mask: torch.Tensor | None = None, labels: torch.Tensor | None = None) -> torch.Tensor:
         if attn_mask is not None or labels is not None:

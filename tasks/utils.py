@@ -19,7 +19,7 @@ def load_generation_dataset(source: str, language: str | None = None, data_dir: 
     """custom_dataset of the `_gen` tasks: a fixed, seeded subset (100 instructions by default)."""
     from kvcore_eval.data import task_dataset
 
-    return {"test": task_dataset(source, language, data_dir, int(num_samples), int(seed), generation=True)}
+    return {"test": task_dataset(source, language, data_dir, num_samples, int(seed), generation=True)}
 
 
 def process_perplexity(doc: dict, results: list) -> dict:

@@ -302,8 +302,10 @@ def test_ctrl_c_during_calibrate_says_how_to_resume(llama_dir, tmp_path):
     import signal
     import time
 
-    command = [sys.executable, "-m", "kvcore_eval", "calibrate", "--model", str(llama_dir), "--dataset", str(EXAMPLE_DATA / "alpaca.jsonl"),
-               "--prompt-format", "alpaca", "--max-tokens", "3000", "--seq-len", "64", "--device", "cpu", "--out", str(tmp_path / "c")]
+    long = tmp_path / "long.jsonl"  # enough text that the run is still going when Ctrl-C comes
+    long.write_text((EXAMPLE_DATA / "alpaca.jsonl").read_text() * 2000)
+    command = [sys.executable, "-m", "kvcore_eval", "calibrate", "--model", str(llama_dir), "--dataset", str(long),
+               "--prompt-format", "alpaca", "--max-tokens", "5000000", "--seq-len", "64", "--device", "cpu", "--out", str(tmp_path / "c")]
     process = subprocess.Popen(command, cwd=REPO, stderr=subprocess.PIPE, text=True)
     deadline = time.time() + 120
     while not (tmp_path / "c" / "config.json").exists() and time.time() < deadline:  # inputs checked, run started

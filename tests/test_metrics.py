@@ -50,12 +50,14 @@ def test_nd_ppl():
         metrics.nd_ppl(1.0, 0.0)
 
 
-def test_correlations_match_scipy():
+def test_correlation_reports_r_rho_p_and_n():
     rng = np.random.default_rng(3)
     x = rng.normal(size=40)
     y = 0.6 * x + rng.normal(size=40)
-    y_ties = np.round(y)  # ties exercise the average ranks
-    assert metrics.pearson(x, y) == pytest.approx(stats.pearsonr(x, y)[0], abs=1e-12)
-    assert metrics.spearman(x, y) == pytest.approx(stats.spearmanr(x, y)[0], abs=1e-12)
-    assert metrics.spearman(x, y_ties) == pytest.approx(stats.spearmanr(x, y_ties)[0], abs=1e-12)
-    assert np.isnan(metrics.pearson([1.0, 1.0, 1.0], [1.0, 2.0, 3.0]))
+    got = metrics.correlation(x, y)
+    assert got["pearson"] == pytest.approx(stats.pearsonr(x, y)[0]) and got["pearson_p"] == pytest.approx(stats.pearsonr(x, y)[1])
+    assert got["spearman"] == pytest.approx(stats.spearmanr(x, y)[0]) and got["n"] == 40
+    assert 0 < got["pearson_p"] < 0.01
+    for x_bad, y_bad in (([1.0, 1.0, 1.0], [1.0, 2.0, 3.0]), ([1.0, 2.0], [2.0, 1.0])):
+        undefined = metrics.correlation(x_bad, y_bad)
+        assert np.isnan(undefined["pearson"]) and np.isnan(undefined["spearman_p"]) and undefined["n"] == len(x_bad)

@@ -6,32 +6,40 @@ import pytest
 from conftest import EXAMPLE_DATA, EXAMPLE_MODEL
 from kvcore_eval.compare import compare
 from kvcore_eval.config import SweepConfig
-from kvcore_eval.sweep import run_sweep, summarize, task_source
+from kvcore_eval.study import summarize
+from kvcore_eval.sweep import run_sweep
+
+TASKS = "kvcore_alpaca,kvcore_codealpaca"
 
 
 @pytest.mark.parametrize("ranks,message", [("", "empty"), ("1.0,1.5", r"\(0, 1\]"), ("0,0.5", r"\(0, 1\]"), ("half", "fractions")])
 def test_bad_rank_lists_are_refused(ranks, message):
     with pytest.raises(ValueError, match=message):
-        SweepConfig(model="m", calibration="c", out="o", ranks=ranks)
+        SweepConfig(model="m", out="o", ranks=ranks)
 
 
-def test_task_sources():
-    assert task_source("kvcore_alpaca") == "kvcore:alpaca"
-    assert task_source("kvcore_visr_de") == "kvcore:visr:de"
+def test_basis_designs_are_named_and_checked():
+    with pytest.raises(ValueError, match="--basis shared truncates every task with one artifact"):
+        SweepConfig(model="m", out="o", basis="shared")
+    with pytest.raises(ValueError, match="pass --basis shared with it"):
+        SweepConfig(model="m", out="o", calibration="c")
+    with pytest.raises(ValueError, match="per-task or shared"):
+        SweepConfig(model="m", out="o", basis="mine")
 
 
 def test_summary_math():
     baseline = {"a": 10.0, "b": 20.0, "c": 5.0}
-    truncated = {1.0: baseline, 0.5: {"a": 11.0, "b": 26.0, "c": 5.75}}
+    perplexity = {"1": baseline, "0.5": {"a": 11.0, "b": 26.0, "c": 5.75}}
     ner = {"a": {"key": 0.2, "value": 0.5}, "b": {"key": 0.6, "value": 0.7}, "c": {"key": 0.3, "value": 0.1}}
-    summary = summarize(baseline, truncated, ner)
+    summary = summarize(["a", "b", "c"], baseline, perplexity, ner, {"basis": "per-task"})
     assert summary["nd_ppl"]["b"] == {"1": 0.0, "0.5": pytest.approx(0.3)}
-    assert summary["correlation"]["0.5"]["key"]["spearman"] == pytest.approx(1.0)  # ND-PPL 0.1, 0.3, 0.15 rank like key NER 0.2, 0.6, 0.3
-    assert np.isnan(summary["correlation"]["1"]["key"]["pearson"])
+    across = summary["correlation"]["across_tasks"]
+    assert across["0.5"]["key"]["spearman"] == pytest.approx(1.0) and across["0.5"]["key"]["n"] == 3  # 0.1, 0.3, 0.15 rank like 0.2, 0.6, 0.3
+    assert np.isnan(across["1"]["key"]["pearson"]), "ND-PPL is constant at full rank: no correlation to report"
 
 
 @pytest.fixture(scope="module")
-def embedded_artifact(tmp_path_factory):
+def shared_artifact(tmp_path_factory):
     from kvcore_eval.calibrate import calibrate
     from kvcore_eval.config import CalibrationConfig
 
@@ -40,29 +48,129 @@ def embedded_artifact(tmp_path_factory):
                                        max_tokens=4000, seq_len=128, device="cpu"))
 
 
-def test_sweep_on_embedded_default_writes_tables_plots_and_resumes(embedded_artifact, tmp_path):
-    config = SweepConfig(model=str(EXAMPLE_MODEL), calibration=str(embedded_artifact), out=str(tmp_path / "sweep"),
-                         tasks="kvcore_alpaca,kvcore_codealpaca,kvcore_visr_de", ranks="1.0,0.5,0.125", data_dir=str(EXAMPLE_DATA),
-                         limit=4, ner_tokens=1000, seq_len=128)
-    summary = run_sweep(config)
-    out = tmp_path / "sweep"
-    for name in ("sweep.json", "sweep.md", "nd_ppl.png", "ner_vs_nd_ppl.png", "config.json", "points/baseline.json", "points/rank_0.5.json"):
+@pytest.fixture
+def count_loads(monkeypatch):
+    from kvcore_eval import models
+
+    loads, real = [], models.load_causal_lm
+    monkeypatch.setattr(models, "load_causal_lm", lambda *a, **k: loads.append(a) or real(*a, **k))
+    return loads
+
+
+def sweep_config(out, **overrides) -> SweepConfig:
+    settings = dict(model=str(EXAMPLE_MODEL), out=str(out), tasks=TASKS, ranks="1.0,0.5,0.125", data_dir=str(EXAMPLE_DATA),
+                    num_samples=4, calibration_tokens=600, seq_len=64)
+    return SweepConfig(**{**settings, **overrides})
+
+
+def test_per_task_sweep_loads_once_truncates_each_task_with_its_own_held_out_calibration(tmp_path, count_loads):
+    out = tmp_path / "per-task"
+    summary = run_sweep(sweep_config(out))
+    assert len(count_loads) == 1, "one model load for every calibration and every point"
+    for name in ("sweep.json", "sweep.md", "nd_ppl.png", "ner_vs_nd_ppl.png", "config.json"):
         assert (out / name).exists(), name
-    for task in summary["tasks"]:
+    for task in ("kvcore_alpaca", "kvcore_codealpaca"):
+        own = out / "calibrations" / task
+        point = json.loads((out / "points" / task / "rank_0.5.json").read_text())
+        assert point["settings"]["truncation"]["calibration"] == str(own), "each task is truncated with its own calibration"
+        assert summary["design"]["basis_per_task"][task] == str(own)
+        calibrated = json.loads((own / "kvcore.json").read_text())["dataset"]
+        assert (calibrated["spec"], calibrated["skip_docs"]) == (f"lm_eval:{task}", 4), "calibration skips the 4 scored documents"
         deltas = summary["nd_ppl"][task]
         assert abs(deltas["1"]) < 1e-6, "full rank reproduces the baseline"
         assert deltas["0.125"] > deltas["0.5"] > deltas["1"] - 1e-6, f"{task}: ND-PPL grows as rank falls"
-        assert 0 < summary["ner"][task]["key"] < summary["ner"][task]["value"] <= 1
+        assert 0 < summary["ner"][task]["key"] < 1 and 0 < summary["ner"][task]["value"] <= 1
     markdown = (out / "sweep.md").read_text()
-    assert "ND-PPL r=0.125" in markdown and "K Spearman" in markdown
+    assert "--basis per-task" in markdown and "disjoint" in markdown and "across tasks" in markdown and "n=2" in markdown
 
-    point = out / "points" / "rank_0.5.json"  # a finished point is reused, not recomputed
+
+def test_held_out_calibration_never_reads_a_scored_document(tmp_path):
+    """The scored documents (lm-eval's first num_samples) and the calibration texts share no document."""
+    from kvcore_eval.data import iter_texts, leaf_tasks
+    from kvcore_eval.evaluate import task_manager
+    from kvcore_eval.sweep import TASK_METADATA
+
+    manager = task_manager(str(EXAMPLE_DATA), None, TASK_METADATA)
+    (task,) = leaf_tasks(manager.load_task_or_group(["kvcore_codealpaca"]))
+    scored = {task.doc_to_text(doc) + task.doc_to_target(doc) for doc in list(task.eval_docs)[:4]}
+    calibration = set(iter_texts("lm_eval:kvcore_codealpaca", data_dir=str(EXAMPLE_DATA), skip_docs=4))
+    assert scored and calibration and not scored & calibration
+    assert len(scored) + len(calibration) == len(list(task.eval_docs))
+
+
+def test_shared_basis_reproduces_a_plain_kvcore_hf_run(shared_artifact, tmp_path, count_loads):
+    """--basis shared gives the ND-PPL of separate `kvcore-eval eval` runs with that artifact, with one load."""
+    from kvcore_eval.config import EvalConfig
+    from kvcore_eval.evaluate import run_lm_eval
+    from kvcore_eval.sweep import TASK_METADATA
+
+    summary = run_sweep(sweep_config(tmp_path / "shared", basis="shared", calibration=str(shared_artifact), tasks="kvcore_codealpaca"))
+    assert len(count_loads) == 1
+    assert json.loads((tmp_path / "shared" / "points" / "kvcore_codealpaca" / "rank_0.5.json").read_text())["settings"]["truncation"]["calibration"] == str(shared_artifact)
+    separate = {}
+    for name, ranks in (("baseline", {}), ("0.5", {"key_rank": "0.5", "value_rank": "0.5"})):
+        eval_config = EvalConfig(model=str(EXAMPLE_MODEL), tasks="kvcore_codealpaca", data_dir=str(EXAMPLE_DATA), limit=4,
+                                 calibration=str(shared_artifact) if ranks else None, **ranks)
+        separate[name] = run_lm_eval(eval_config, metadata=TASK_METADATA)["results"]["kvcore_codealpaca"]["byte_perplexity,none"]
+    assert summary["baseline_perplexity"]["kvcore_codealpaca"] == pytest.approx(separate["baseline"], rel=1e-6)
+    assert summary["nd_ppl"]["kvcore_codealpaca"]["0.5"] == pytest.approx(separate["0.5"] / separate["baseline"] - 1, rel=1e-6)
+
+
+def test_rerun_reuses_points_and_calibrations_and_refuses_other_settings(tmp_path):
+    out = tmp_path / "resume"
+    first = run_sweep(sweep_config(out, tasks="kvcore_codealpaca", ranks="0.5"))
+    point = out / "points" / "kvcore_codealpaca" / "rank_0.5.json"
     saved = json.loads(point.read_text())
-    saved["metrics"]["kvcore_alpaca"]["byte_perplexity"] = 2 * summary["baseline_perplexity"]["kvcore_alpaca"]
+    saved["value"] = 2 * first["baseline_perplexity"]["kvcore_codealpaca"]  # a reused point is read, not recomputed
     point.write_text(json.dumps(saved))
-    assert run_sweep(config)["nd_ppl"]["kvcore_alpaca"]["0.5"] == pytest.approx(1.0)
+    assert run_sweep(sweep_config(out, tasks="kvcore_codealpaca", ranks="0.5"))["nd_ppl"]["kvcore_codealpaca"]["0.5"] == pytest.approx(1.0)
+    with pytest.raises(ValueError, match="calibrated with other settings.*max_tokens: 600 != 900"):
+        run_sweep(sweep_config(out, tasks="kvcore_codealpaca", ranks="0.5", calibration_tokens=900))
     with pytest.raises(ValueError, match="other settings"):
-        run_sweep(SweepConfig(**{**vars(config), "limit": 3}))
+        run_sweep(sweep_config(out, tasks="kvcore_codealpaca", ranks="0.5", num_samples=3))
+
+
+def test_generation_tasks_and_foreign_folders_are_refused_before_anything_runs(tmp_path, count_loads):
+    with pytest.raises(ValueError, match="kvcore_alpaca_gen: generation tasks have no perplexity"):
+        run_sweep(sweep_config(tmp_path / "gen", tasks="kvcore_alpaca_gen"))
+    calibration_run = tmp_path / "calibration"
+    calibration_run.mkdir()
+    (calibration_run / "config.json").write_text(json.dumps({"kind": "calibrate"}))
+    with pytest.raises(FileExistsError, match="holds a `kvcore-eval calibrate` run"):
+        run_sweep(sweep_config(calibration_run))
+    assert count_loads == [] and not (tmp_path / "gen").exists()
+
+
+def test_a_custom_task_runs_end_to_end_with_include_path(tmp_path):
+    """A user's own task YAML (not a kvcore source): scored, calibrated on its own held-out documents, NER included."""
+    folder = tmp_path / "my_tasks"
+    folder.mkdir()
+    lines = [json.dumps({"text": f"Note {i}: the river rose {i} centimetres overnight and the ferry waited until noon."}) for i in range(24)]
+    (folder / "notes.jsonl").write_text("\n".join(lines) + "\n")
+    (folder / "my_notes.yaml").write_text(
+        f"task: my_notes\ndataset_path: json\ndataset_kwargs:\n  data_files: {folder / 'notes.jsonl'}\ntest_split: train\n"
+        "output_type: loglikelihood_rolling\ndoc_to_text: ''\ndoc_to_target: '{{text}}'\n"
+        "metric_list:\n  - metric: byte_perplexity\n  - metric: word_perplexity\n")
+    summary = run_sweep(sweep_config(tmp_path / "custom", tasks="my_notes", include_path=str(folder), ranks="0.25,0.0625"))
+    nd_ppl = summary["nd_ppl"]["my_notes"]
+    assert summary["tasks"] == ["my_notes"] and nd_ppl["0.25"] != 0 and nd_ppl["0.0625"] > 0.05
+    assert 0 < summary["ner"]["my_notes"]["key"] < 1
+    assert json.loads((tmp_path / "custom" / "calibrations" / "my_notes" / "kvcore.json").read_text())["dataset"]["skip_docs"] == 4
+
+
+def test_per_layer_sensitivity_one_load_a_row_per_layer_and_correlations(tmp_path, count_loads):
+    out = tmp_path / "layers"
+    summary = run_sweep(sweep_config(out, tasks="kvcore_codealpaca", ranks="0.5", per_layer=True, per_layer_rank=0.25))
+    assert len(count_loads) == 1
+    layers = summary["per_layer"]
+    for kind in ("key", "value"):
+        assert len(layers["nd_ppl"]["kvcore_codealpaca"][kind]) == 4  # the embedded default has 4 layers
+        assert max(layers["nd_ppl"]["kvcore_codealpaca"][kind]) > 0
+    scopes = layers["correlation"]["kvcore_codealpaca"]
+    assert scopes["key"]["ner"]["n"] == 4 and scopes["key_and_value"]["residual_energy"]["n"] == 8
+    markdown = (out / "per_layer.md").read_text()
+    assert markdown.count("\n| 3 |") == 1 and "across layers, K and V pooled" in markdown
+    assert (out / "per_layer.png").read_bytes()[:4] == b"\x89PNG"
 
 
 def _results(path, tasks):
