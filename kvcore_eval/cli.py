@@ -1,4 +1,6 @@
-"""`kvcore-eval` command line: a view of the config dataclasses, one subcommand per step of the flow."""
+"""`kvcore-eval` command line: a view of the config dataclasses, one subcommand per step of the flow.
+
+calibrate | report | table | eval | sweep | compare | judge"""
 
 from __future__ import annotations
 
@@ -20,10 +22,12 @@ def _field_type(field: dataclasses.Field, hints: dict) -> type:
     return hint
 
 
-def add_dataclass_arguments(parser: argparse.ArgumentParser, config_class: type) -> None:
+def add_dataclass_arguments(parser: argparse.ArgumentParser, config_class: type, skip: tuple[str, ...] = ()) -> None:
     """One --flag per field; required fields have no default; bools are switches; help is the field's help."""
     hints = typing.get_type_hints(config_class)
     for field in dataclasses.fields(config_class):
+        if field.name in skip:
+            continue
         flag = "--" + field.name.replace("_", "-")
         help_text = field.metadata.get("help", "")
         kind = _field_type(field, hints)
@@ -80,6 +84,13 @@ def _compare(args: argparse.Namespace) -> None:
     print(to_markdown(compare(args.a, args.b), Path(args.a).name, Path(args.b).name))
 
 
+def _table(args: argparse.Namespace) -> None:
+    from kvcore_eval.table import TableConfig, write_table
+
+    for kind, path in write_table(config_from_args(TableConfig, args)).items():
+        print(f"{kind}: {path}")
+
+
 def _judge(args: argparse.Namespace) -> None:
     import json
 
@@ -112,6 +123,13 @@ def build_parser() -> argparse.ArgumentParser:
     sweep = commands.add_parser("sweep", help="ND-PPL per task over ranks, NER per task, and their correlation")
     add_dataclass_arguments(sweep, SweepConfig)
     sweep.set_defaults(run=_sweep)
+
+    from kvcore_eval.table import TableConfig
+
+    table = commands.add_parser("table", help="the paper's models x datasets NER table, and layer x dataset heatmaps, from calibrations")
+    table.add_argument("runs", nargs="+", help="calibration artifact folders (any number of models x datasets)")
+    add_dataclass_arguments(table, TableConfig, skip=("runs",))
+    table.set_defaults(run=_table)
 
     comparison = commands.add_parser("compare", help="two lm-eval results files side by side")
     comparison.add_argument("a", help="lm-eval results JSON")

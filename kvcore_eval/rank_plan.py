@@ -27,11 +27,12 @@ class TruncationConfig:
     key_rank: RankSpec = field(default=None, metadata={"help": "int, fraction of the width, or per-layer list a:b:c"})
     value_rank: RankSpec = field(default=None, metadata={"help": "int, fraction of the width, or per-layer list a:b:c"})
     rank_budget: float | None = field(default=None, metadata={"help": "fraction of the truncated cache memory kept, spread over layers by the calibration"})
-    budget_method: str = field(default="energy", metadata={"help": "energy: keep the largest normalized eigenvalues across layers; ner: ranks proportional to NER"})
+    budget_method: str = field(default="energy", metadata={"help": "energy: keep the largest normalized eigenvalues across layers; ner: ranks proportional to NER; sensitivity: proportional to each layer's measured ND-PPL (needs sensitivity=)"})
     key_space: str = field(default="pre_rope", metadata={"help": "pre_rope (the paper's K = X·W_k) or post_rope (the cached keys)"})
     granularity: str = field(default="layer", metadata={"help": "layer: one basis over all KV heads; head: one basis per head"})
     truncate: str = field(default="both", metadata={"help": "keys, values or both"})
     allow_mismatch: bool = field(default=False, metadata={"help": "use an artifact calibrated on another model or revision (loud warning)"})
+    sensitivity: str | None = field(default=None, metadata={"help": "per_layer.json of `kvcore-eval sweep --per-layer`, read by budget_method=sensitivity"})
 
     def __post_init__(self) -> None:
         if self.key_space not in KEY_SPACES:
@@ -40,8 +41,10 @@ class TruncationConfig:
             raise ValueError(f"granularity={self.granularity!r}: use layer or head")
         if self.truncate not in ("keys", "values", "both"):
             raise ValueError(f"truncate={self.truncate!r}: use keys, values or both")
-        if self.budget_method not in ("energy", "ner"):
-            raise ValueError(f"budget_method={self.budget_method!r}: use energy or ner")
+        if self.budget_method not in ("energy", "ner", "sensitivity"):
+            raise ValueError(f"budget_method={self.budget_method!r}: use energy, ner or sensitivity")
+        if (self.budget_method == "sensitivity") != (self.sensitivity is not None):
+            raise ValueError("budget_method=sensitivity and sensitivity=<per_layer.json of `kvcore-eval sweep --per-layer`> go together")
         given = [name for name in ("key_rank", "value_rank") if getattr(self, name) is not None]
         for name, kind, truncated in (("key_rank", "keys", self.truncates_keys), ("value_rank", "values", self.truncates_values)):
             if getattr(self, name) is not None and not truncated:
@@ -125,15 +128,19 @@ def parse_rank(spec: RankSpec, width: int, num_layers: int, name: str) -> list[i
     return ranks
 
 
-def budget_ranks(eigenvalues: list[np.ndarray], budget: float, method: str, ner: list[float] | None = None) -> list[int]:
+def budget_ranks(eigenvalues: list[np.ndarray], budget: float, method: str, ner: list[float] | None = None,
+                 sensitivity: list[float] | None = None) -> list[int]:
     """Split a budget of round(budget·Σ widths) dimensions over the given spectra (one per layer and kind).
 
     energy: keep the largest trace-normalized eigenvalues across all spectra, which minimizes the sum of the
-    layers' relative reconstruction errors Σ_l Σ_{i>r_l} λ_li / tr_l. ner: ranks proportional to NER."""
+    layers' relative reconstruction errors Σ_l Σ_{i>r_l} λ_li / tr_l. ner: ranks proportional to NER.
+    sensitivity: ranks proportional to each layer's measured ND-PPL when truncated alone (the layers that cost
+    most when truncated keep most)."""
     widths = [len(values) for values in eigenvalues]
     total = max(len(widths), round(budget * sum(widths)))
-    if method == "ner":
-        weights = np.asarray(ner, dtype=np.float64) * np.asarray(widths)
+    if method in ("ner", "sensitivity"):
+        share = np.asarray(ner if method == "ner" else sensitivity, dtype=np.float64)
+        weights = (np.clip(share, 0, None) + 1e-9) * np.asarray(widths)
         return _round_to_total(weights / weights.sum() * total, np.asarray(widths), total)
     normalized = [np.clip(values, 0, None) / max(values.sum(), 1e-300) for values in eigenvalues]
     owners = np.concatenate([np.full(len(values), index) for index, values in enumerate(normalized)])
@@ -163,6 +170,29 @@ def _round_to_total(ideal: np.ndarray, widths: np.ndarray, total: int) -> list[i
     return ranks.tolist()
 
 
+def measured_sensitivity(config: TruncationConfig, spaces: list[str], num_layers: int) -> list[float]:
+    """Per (kind, layer), in the order of `spaces`: ND-PPL with only that layer truncated, averaged over the tasks
+    of a `sweep --per-layer` run."""
+    from pathlib import Path
+
+    from kvcore_eval.outputs import read_json
+
+    table = read_json(Path(config.sensitivity), "per-layer sensitivity table")
+    if not isinstance(table, dict) or "nd_ppl" not in table:
+        raise ValueError(f"sensitivity={config.sensitivity} is not the per_layer.json of `kvcore-eval sweep --per-layer`")
+    if table.get("key_space") != config.key_space:
+        raise ValueError(f"sensitivity={config.sensitivity} was measured on {table.get('key_space')} keys, this plan truncates "
+                         f"{config.key_space} keys: measure with the same --key-space")
+    values = []
+    for space in spaces:
+        kind = "value" if space == "value" else "key"
+        per_task = [task[kind] for task in table["nd_ppl"].values()]
+        if any(len(layers) != num_layers for layers in per_task):
+            raise ValueError(f"sensitivity={config.sensitivity} has {len(per_task[0])} layers, this model {num_layers}: measure this model")
+        values += np.mean(per_task, axis=0).tolist()
+    return values
+
+
 def make_plan(config: TruncationConfig, calibration) -> RankPlan:
     """The per-layer ranks a `TruncationConfig` asks for, against a loaded `Calibration`."""
     from kvcore_eval import metrics
@@ -178,6 +208,7 @@ def make_plan(config: TruncationConfig, calibration) -> RankPlan:
     spaces = ([key_space] if config.truncates_keys else []) + (["value"] if config.truncates_values else [])
     spectra = [calibration.eigenvalues[space][layer].numpy() for space in spaces for layer in layers]
     ner = [metrics.normalized_effective_rank(metrics.singular_values(values)) for values in spectra]
-    ranks = budget_ranks(spectra, float(config.rank_budget), config.budget_method, ner)
+    sensitivity = measured_sensitivity(config, spaces, geometry.num_layers) if config.budget_method == "sensitivity" else None
+    ranks = budget_ranks(spectra, float(config.rank_budget), config.budget_method, ner, sensitivity)
     per_space = {space: ranks[i * geometry.num_layers:(i + 1) * geometry.num_layers] for i, space in enumerate(spaces)}
     return RankPlan(per_space.get(key_space), per_space.get("value"), width, config.granularity, config.key_space)

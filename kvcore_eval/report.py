@@ -2,14 +2,13 @@
 
 from __future__ import annotations
 
-import json
 import logging
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import numpy as np
 
-from kvcore_eval import metrics
+from kvcore_eval import metrics, outputs
 from kvcore_eval.artifact import Calibration, load_calibration
 from kvcore_eval.gram import SPACES
 
@@ -60,7 +59,7 @@ def to_markdown(calibration: Calibration, table: list[dict[str, SpaceStats]]) ->
     lines = [
         f"# KV-CoRE report: {meta['model']['model_id']} on {meta['dataset']['spec']}",
         "",
-        f"{meta['tokens']} tokens, {len(table)} layers, D = {width} (kv_heads x head_dim = "
+        f"{meta['tokens']} tokens (of {meta.get('tokens_requested', meta['tokens'])} asked for), {len(table)} layers, D = {width} (kv_heads x head_dim = "
         f"{calibration.geometry.kv_heads} x {calibration.geometry.head_dim}).",
         "",
         "| layer | NER K pre-RoPE | NER K post-RoPE | NER V | erank K pre | erank V | K pre r90/95/99 | V r90/95/99 |",
@@ -78,14 +77,13 @@ def to_markdown(calibration: Calibration, table: list[dict[str, SpaceStats]]) ->
 
 
 def plot_ner(table: list[dict[str, SpaceStats]], title: str, path: Path) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    """NER per layer for each space, drawn on an explicit Figure (no pyplot state, no backend switch)."""
     import matplotlib.ticker
+    from matplotlib.figure import Figure
 
     layers = np.arange(len(table))
-    fig, ax = plt.subplots(figsize=(7, 3.6), dpi=120)
+    fig = Figure(figsize=(7, 3.6), dpi=120, layout="constrained")
+    ax = fig.subplots()
     styles = {"key_pre_rope": ("K (pre-RoPE)", "tab:blue", "-"), "key_post_rope": ("K (post-RoPE)", "tab:blue", ":"), "value": ("V", "tab:orange", "-")}
     for space, (label, color, line) in styles.items():
         ax.plot(layers, [s[space].ner for s in table], line, marker="o", ms=3, color=color, label=label)
@@ -93,9 +91,7 @@ def plot_ner(table: list[dict[str, SpaceStats]], title: str, path: Path) -> None
     ax.xaxis.set_major_locator(matplotlib.ticker.MaxNLocator(integer=True))
     ax.grid(alpha=0.3)
     ax.legend(frameon=False)
-    fig.tight_layout()
     fig.savefig(path)
-    plt.close(fig)
 
 
 def write_report(artifact_dir: str | Path, out_dir: str | Path | None = None) -> dict[str, Path]:
@@ -105,15 +101,16 @@ def write_report(artifact_dir: str | Path, out_dir: str | Path | None = None) ->
     out.mkdir(parents=True, exist_ok=True)
     table = layer_table(calibration)
     paths = {"markdown": out / "report.md", "json": out / "report.json", "plot": out / "ner.png"}
-    paths["markdown"].write_text(to_markdown(calibration, table))
+    outputs.atomic_write_text(paths["markdown"], to_markdown(calibration, table))
     summary = {
         "model": calibration.metadata["model"]["model_id"],
         "dataset": calibration.metadata["dataset"]["spec"],
         "tokens": calibration.metadata["tokens"],
+        "tokens_requested": calibration.metadata.get("tokens_requested"),
         "mean_ner": {space: mean_ner(table, space) for space in SPACES},
         "layers": [{space: asdict(stats[space]) for space in SPACES} for stats in table],
     }
-    paths["json"].write_text(json.dumps(summary, indent=2) + "\n")
+    outputs.atomic_write_json(paths["json"], summary)
     plot_ner(table, f"{summary['model']} on {summary['dataset']}", paths["plot"])
     logger.info("report written to %s", out)
     return paths

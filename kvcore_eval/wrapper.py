@@ -71,12 +71,12 @@ class KVCoreHFLM(HFLM):
 
     def __init__(self, calibration: str | None = None, key_rank=None, value_rank=None, rank_budget: float | None = None,
                  budget_method: str = "energy", key_space: str = "pre_rope", granularity: str = "layer",
-                 truncate: str = "both", allow_mismatch: bool = False, **kwargs) -> None:
+                 truncate: str = "both", allow_mismatch: bool = False, sensitivity: str | None = None, **kwargs) -> None:
         if calibration is None:
             raise ValueError("kvcore_hf needs calibration=<artifact folder> in --model_args (written by `kvcore-eval calibrate`); "
                              "for the uncompressed baseline use --model hf")
-        truncation = TruncationConfig(str(calibration), key_rank, value_rank, rank_budget, budget_method,
-                                      key_space, granularity, truncate, bool(allow_mismatch))
+        truncation = TruncationConfig(str(calibration), key_rank, value_rank, rank_budget, budget_method, key_space, granularity,
+                                      truncate, str(allow_mismatch).lower() in ("true", "1", "yes"), sensitivity)
         artifact = _checked_artifact(truncation, _model_config(kwargs.get("pretrained"), kwargs.get("revision"), kwargs.get("gguf_file")))
         plan = make_plan(truncation, artifact)
         super().__init__(**kwargs)  # the weights load here, after every check that needs none

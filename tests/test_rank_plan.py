@@ -59,3 +59,24 @@ def test_ner_budget_meets_the_budget_after_rounding(budget):
 def test_truncation_config_validation(kwargs, message):
     with pytest.raises(ValueError, match=message):
         TruncationConfig(calibration="x", **kwargs)
+
+
+def test_sensitivity_budget_meets_the_budget_and_follows_the_measurement(tmp_path, family_models, calibration_tokens):
+    import json
+
+    from conftest import calibrate_in_memory
+    from kvcore_eval.rank_plan import make_plan
+
+    calibration = calibrate_in_memory(family_models["llama"], calibration_tokens)  # 2 layers, D = 32
+    table = {"key_space": "pre_rope", "rank": 0.25,
+             "nd_ppl": {"a": {"key": [0.01, 0.30], "value": [0.02, 0.10]}, "b": {"key": [0.03, 0.50], "value": [0.0, 0.20]}}}
+    (tmp_path / "per_layer.json").write_text(json.dumps(table))
+    config = TruncationConfig(calibration="x", rank_budget=0.4, budget_method="sensitivity", sensitivity=str(tmp_path / "per_layer.json"))
+    plan = make_plan(config, calibration)
+    assert sum(plan.key_rank_per_layer) + sum(plan.value_rank_per_layer) == round(0.4 * 4 * 32)
+    assert plan.key_rank_per_layer[1] > plan.key_rank_per_layer[0] and plan.value_rank_per_layer[1] > plan.value_rank_per_layer[0]
+    assert plan.key_rank_per_layer[1] > plan.value_rank_per_layer[1], "the most sensitive (layer, kind) keeps most"
+    with pytest.raises(ValueError, match="measured on pre_rope keys"):
+        make_plan(TruncationConfig(**{**vars(config), "key_space": "post_rope"}), calibration)
+    with pytest.raises(ValueError, match="go together"):
+        TruncationConfig(calibration="x", rank_budget=0.4, budget_method="sensitivity")
