@@ -5,8 +5,9 @@ right singular vectors P_r and stores the latents K·P_r (r numbers per token in
 the reconstruction K·P_r·P_rᵀ of everything cached to attention. Every attention call goes through
 `update`, so a one-shot scoring forward and each generation step attend to the same rank-r keys and values.
 
-Memory really shrinks (the stored tensors are the latents); compute does not: the reconstruction is a
-matmul per layer per step, with no fused low-rank attention kernel.
+Memory really shrinks (the stored tensors are the latents). With `latent=True` (`kvcore_eval.latent`) the
+update stores the same and returns without reconstructing, and attention reads the latents directly; otherwise
+attention gets the reconstruction, a matmul per layer per step.
 
 pre_rope keys (the paper's K = X·W_k): the cache undoes RoPE on the new keys with the tables the layer
 itself applied (`rope.RopeTap`), projects and stores the latent; on return it reconstructs and re-applies
@@ -96,8 +97,9 @@ def _widen(tables: RotaryTables, batch: int) -> RotaryTables:
 class LowRankLayer(DynamicLayer):
     """Stores latents K·P_r and V·P_r; returns their reconstructions (post-RoPE keys, as attention expects)."""
 
-    def __init__(self, bases: LayerBases, kv_heads: int, layer_idx: int, rope: RopeHistory | None = None):
+    def __init__(self, bases: LayerBases, kv_heads: int, layer_idx: int, rope: RopeHistory | None = None, latent: bool = False):
         super().__init__()
+        self.latent = latent  # attention reads the latents itself: update returns them as stored
         self.bases = bases
         self.kv_heads = kv_heads
         self.layer_idx = layer_idx
@@ -118,6 +120,8 @@ class LowRankLayer(DynamicLayer):
         new_values = value_states if self.bases.value is None else project(value_states, self.bases.value).to(value_states.dtype)
         self.keys = torch.cat([self.keys, new_keys], dim=-2)
         self.values = torch.cat([self.values, new_values], dim=-2)
+        if self.latent:
+            return self.keys, self.values
         return self.read_keys(key_states.dtype), self.read_values(value_states.dtype)
 
     def read_keys(self, dtype: torch.dtype) -> torch.Tensor:
@@ -143,11 +147,13 @@ class LowRankLayer(DynamicLayer):
 class LowRankCache(Cache):
     """One `LowRankLayer` per decoder layer. Pass as `cache=` to a forward or to `generate`.
 
-    `tap` (pre_rope truncation of a RoPE model) supplies the tables each layer applied; the cache keeps them."""
+    `tap` (pre_rope truncation of a RoPE model) supplies the tables each layer applied; the cache keeps them.
+    `latent`: attention reads the latents (`kvcore_eval.latent`), nothing is reconstructed on update."""
 
-    def __init__(self, bases: list[LayerBases], kv_heads: int, tap: RopeTap | None = None):
+    def __init__(self, bases: list[LayerBases], kv_heads: int, tap: RopeTap | None = None, latent: bool = False):
         self.rope = RopeHistory(tap) if tap is not None and tap.has_rope else None
-        super().__init__(layers=[LowRankLayer(layer_bases, kv_heads, idx, self.rope) for idx, layer_bases in enumerate(bases)])
+        self.kv_heads = kv_heads
+        super().__init__(layers=[LowRankLayer(layer_bases, kv_heads, idx, self.rope, latent) for idx, layer_bases in enumerate(bases)])
 
     def stored_bytes(self) -> dict[str, int]:
         """Bytes held: keys and values summed over layers, and the rotary tables of pre-RoPE truncation."""

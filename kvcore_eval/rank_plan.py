@@ -33,6 +33,7 @@ class TruncationConfig:
     truncate: str = field(default="both", metadata={"help": "keys, values or both"})
     allow_mismatch: bool = field(default=False, metadata={"help": "use an artifact calibrated on another model or revision (loud warning)"})
     sensitivity: str | None = field(default=None, metadata={"help": "per_layer.json of `kvcore-eval sweep --per-layer`, read by budget_method=sensitivity"})
+    attention: str = field(default="reconstruct", metadata={"help": "reconstruct: attention gets K·P·Pᵀ; latent: attends over the stored latents (reads r numbers a token, not D)"})
 
     def __post_init__(self) -> None:
         if self.key_space not in KEY_SPACES:
@@ -41,6 +42,8 @@ class TruncationConfig:
             raise ValueError(f"granularity={self.granularity!r}: use layer or head")
         if self.truncate not in ("keys", "values", "both"):
             raise ValueError(f"truncate={self.truncate!r}: use keys, values or both")
+        if self.attention not in ("reconstruct", "latent"):
+            raise ValueError(f"attention={self.attention!r}: use reconstruct or latent")
         if self.budget_method not in ("energy", "ner", "sensitivity"):
             raise ValueError(f"budget_method={self.budget_method!r}: use energy, ner or sensitivity")
         if (self.budget_method == "sensitivity") != (self.sensitivity is not None):

@@ -17,6 +17,7 @@ import torch
 from lm_eval.api.registry import register_model
 from lm_eval.models.huggingface import HFLM
 
+from kvcore_eval import latent
 from kvcore_eval.artifact import Calibration, load_calibration, read_metadata
 from kvcore_eval.cache import LowRankCache, cache_bytes_per_token, compare_with_model_cache, layer_bases, sliding_window_layers
 from kvcore_eval.gram import KEY_SPACES
@@ -71,17 +72,19 @@ class KVCoreHFLM(HFLM):
 
     def __init__(self, calibration: str | None = None, key_rank=None, value_rank=None, rank_budget: float | None = None,
                  budget_method: str = "energy", key_space: str = "pre_rope", granularity: str = "layer",
-                 truncate: str = "both", allow_mismatch: bool = False, sensitivity: str | None = None, **kwargs) -> None:
+                 truncate: str = "both", allow_mismatch: bool = False, sensitivity: str | None = None, attention: str = "reconstruct",
+                 **kwargs) -> None:
         if calibration is None:
             raise ValueError("kvcore_hf needs calibration=<artifact folder> in --model_args (written by `kvcore-eval calibrate`); "
                              "for the uncompressed baseline use --model hf")
         truncation = TruncationConfig(str(calibration), key_rank, value_rank, rank_budget, budget_method, key_space, granularity,
-                                      truncate, str(allow_mismatch).lower() in ("true", "1", "yes"), sensitivity)
+                                      truncate, str(allow_mismatch).lower() in ("true", "1", "yes"), sensitivity, attention)
         artifact = _checked_artifact(truncation, _model_config(kwargs.get("pretrained"), kwargs.get("revision"), kwargs.get("gguf_file")))
         plan = make_plan(truncation, artifact)
         super().__init__(**kwargs)  # the weights load here, after every check that needs none
         self._tap = RopeTap(self.model)  # stays on the model: records the rotary tables of every forward
         self._keys_checked = False
+        self._attention_implementation = self.model.config._attn_implementation  # what the reconstruction path uses
         self._apply(truncation, artifact, plan)
 
     def set_truncation(self, truncation: TruncationConfig) -> None:
@@ -130,21 +133,32 @@ class KVCoreHFLM(HFLM):
                     self.kvcore_cache_bytes["low_rank"], self.kvcore_cache_bytes["full"])
         if self.kvcore_model_cache is not None:
             logger.warning("kvcore_hf: %s", self.kvcore_model_cache["note"])
+        self._latent = self.kvcore_config.attention == "latent"
+        if self._latent:
+            latent.register()
+            error = latent.check_against_reconstruction(self.model, lambda is_latent: self._cache(is_latent), self._attention_implementation)
+            logger.info("kvcore_hf: latent attention (reads the rank-r latents); agrees with reconstruction to %.1e", error)
+        self.model.set_attn_implementation(latent.NAME if self._latent else self._attention_implementation)
+
+    def _cache(self, is_latent: bool) -> LowRankCache:
+        return LowRankCache(self._bases, self._kv_heads, self._cache_tap, latent=is_latent)
 
     def new_cache(self) -> LowRankCache:
         """A fresh, empty low-rank cache sharing this model's bases."""
-        return LowRankCache(self._bases, self._kv_heads, self._cache_tap)
+        return self._cache(self._latent)
 
     def _model_call(self, inps: torch.Tensor, attn_mask: torch.Tensor | None = None, labels: torch.Tensor | None = None) -> torch.Tensor:
         if attn_mask is not None or labels is not None:
             raise NotImplementedError("kvcore_hf supports decoder-only causal LMs")
-        with torch.no_grad(), torch.autocast(device_type=self.device.type, dtype=self.mixed_precision_dtype,
-                                             enabled=self.mixed_precision_dtype is not None):
-            return self.model(inps, cache=self.new_cache(), use_cache=True).logits
+        cache = self.new_cache()
+        with torch.no_grad(), latent.active(cache), torch.autocast(device_type=self.device.type, dtype=self.mixed_precision_dtype,
+                                                                   enabled=self.mixed_precision_dtype is not None):
+            return self.model(inps, cache=cache, use_cache=True).logits
 
     def _model_generate(self, context: torch.Tensor, max_length: int, stop: list[str], **generation_kwargs) -> torch.Tensor:
         cache = self.new_cache()
-        output = super()._model_generate(context, max_length, stop, cache=cache, **generation_kwargs)
+        with latent.active(cache):
+            output = super()._model_generate(context, max_length, stop, cache=cache, **generation_kwargs)
         check_cache_kept(cache, output, self.model.config)
         return output
 
