@@ -1,12 +1,13 @@
-"""Decode speed and cache memory: kvcore's LowRankCache (what `kvcore_hf` runs) vs a full DynamicCache (what
-`hf` runs), side by side in one run, at several context lengths and ranks.
+"""Decode speed and cache memory: kvcore's LowRankCache (what `kvcore_hf` runs), with attention over its
+reconstruction or over its latents (`attention=latent`), vs a full DynamicCache (what `hf` runs), side by side
+in one run, per context length, batch size and rank.
 
-For each context length: prefill, then greedy-decode `--new-tokens` tokens one at a time; report decode
-tokens/s and the bytes the cache holds afterwards. The bases come from a calibration on random tokens
-(speed and memory do not depend on their quality).
+For each setting: prefill, then greedy-decode `--new-tokens` tokens one at a time; report decode tokens/s and
+the bytes the cache holds afterwards. The bases come from a calibration on random tokens (speed and memory do
+not depend on their quality).
 
-    python benchmarks/cache.py                                   # CPU, small Llama config
-    python benchmarks/cache.py --preset 1b --device cuda --dtype bfloat16 --contexts 1024,4096,16384
+    python benchmarks/cache.py --preset smollm2                  # CPU, SmolLM2-135M (real where installed)
+    python benchmarks/cache.py --preset 1b --device cuda --dtype bfloat16 --contexts 4096,16384,32768 --batch-sizes 1,8
 """
 
 from __future__ import annotations
@@ -22,11 +23,24 @@ from kvcore_eval.artifact import decompose
 from kvcore_eval.cache import LowRankCache, layer_bases
 from kvcore_eval.gram import GramAccumulator, GramRecorder
 from kvcore_eval.rank_plan import RankPlan
+from kvcore_eval import latent
 from kvcore_eval.rope import RopeTap
 
 
 def decode(model, cache, context: torch.Tensor, new_tokens: int) -> tuple[float, int]:
-    """Decode tokens/s after prefilling `context`, and the cache's bytes at the end."""
+    """Decode tokens/s after prefilling `context`, and the cache's bytes at the end (latent attention where the
+    cache is latent: the model is switched to it for this run only)."""
+    is_latent = isinstance(cache, LowRankCache) and cache.layers[0].latent
+    original = model.config._attn_implementation
+    model.set_attn_implementation(latent.NAME if is_latent else original)
+    try:
+        with latent.active(cache) if is_latent else torch.no_grad():
+            return _decode(model, cache, context, new_tokens)
+    finally:
+        model.set_attn_implementation(original)
+
+
+def _decode(model, cache, context: torch.Tensor, new_tokens: int) -> tuple[float, int]:
     with torch.no_grad():
         logits = model(input_ids=context, cache=cache, use_cache=True).logits
         token = logits[:, -1:].argmax(-1)
@@ -48,35 +62,39 @@ def decode(model, cache, context: torch.Tensor, new_tokens: int) -> tuple[float,
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     add_model_arguments(parser)
-    parser.add_argument("--contexts", default="256,1024")
+    parser.add_argument("--contexts", default="1024,4096,8192")
     parser.add_argument("--ranks", default="0.5,0.25")
-    parser.add_argument("--batch-size", type=int, default=1)
-    parser.add_argument("--new-tokens", type=int, default=32)
+    parser.add_argument("--batch-sizes", default="1,8")
+    parser.add_argument("--new-tokens", type=int, default=16)
     args = parser.parse_args()
     model, geometry, device = build_model(args, max_positions=32768)
+    latent.register()
     vocab_size = model.config.vocab_size
     accumulator = GramAccumulator(geometry, device)
     tap = RopeTap(model)
     with torch.no_grad():
-        model.base_model(input_ids=torch.randint(0, vocab_size, (2, 512), device=device),
-                         cache=GramRecorder(accumulator, tap), use_cache=True)
+        model.base_model(input_ids=torch.randint(0, vocab_size, (2, 512), device=device), cache=GramRecorder(accumulator, tap), use_cache=True)
     calibration = decompose(accumulator.grams, accumulator.token_count, geometry, {"model": {"geometry": geometry.to_dict()}})
 
-    print(f"{describe(model, geometry, args)}; batch {args.batch_size}, {args.new_tokens} decoded tokens")
-    print("| context | cache | key/value rank | decode tok/s | vs hf | cache MiB | vs hf |")
-    print("|---:|---|---:|---:|---:|---:|---:|")
+    print(f"{describe(model, geometry, args)}; {args.new_tokens} greedy tokens decoded after the context")
+    print("| context | batch | cache | attention | key/value rank | decode tok/s | vs hf | cache MiB | vs hf |")
+    print("|---:|---:|---|---|---:|---:|---:|---:|---:|")
     for context_len in [int(c) for c in args.contexts.split(",")]:
-        context = torch.randint(0, vocab_size, (args.batch_size, context_len), device=device)
-        base_speed, base_bytes = decode(model, DynamicCache(), context, args.new_tokens)
-        print(f"| {context_len} | hf (DynamicCache) | {geometry.width} | {base_speed:,.1f} | 1.00 | {base_bytes / 2**20:,.2f} | 1.00 |")
-        for fraction in [float(r) for r in args.ranks.split(",")]:
-            for key_space in ("post_rope", "pre_rope"):
+        for batch in [int(b) for b in args.batch_sizes.split(",")]:
+            context = torch.randint(0, vocab_size, (batch, context_len), device=device)
+            base_speed, base_bytes = decode(model, DynamicCache(), context, args.new_tokens)
+            print(f"| {context_len} | {batch} | hf (DynamicCache) | {model.config._attn_implementation} | {geometry.width} | {base_speed:,.1f} | 1.00 | "
+                  f"{base_bytes / 2**20:,.1f} | 1.00 |", flush=True)
+            for fraction in [float(r) for r in args.ranks.split(",")]:
                 rank = max(1, round(fraction * geometry.width))
-                plan = RankPlan([rank] * geometry.num_layers, [rank] * geometry.num_layers, geometry.width, "layer", key_space)
-                cache = LowRankCache(layer_bases(calibration, plan, device), geometry.kv_heads, tap if key_space == "pre_rope" else None)
-                speed, nbytes = decode(model, cache, context, args.new_tokens)
-                print(f"| {context_len} | kvcore_hf {key_space} | {rank} | {speed:,.1f} | {speed / base_speed:.2f} | "
-                      f"{nbytes / 2**20:,.2f} | {nbytes / base_bytes:.2f} |")
+                for key_space in ("post_rope", "pre_rope"):
+                    plan = RankPlan([rank] * geometry.num_layers, [rank] * geometry.num_layers, geometry.width, "layer", key_space)
+                    bases = layer_bases(calibration, plan, device)
+                    for is_latent in (False, True):
+                        cache = LowRankCache(bases, geometry.kv_heads, tap if key_space == "pre_rope" else None, latent=is_latent)
+                        speed, nbytes = decode(model, cache, context, args.new_tokens)
+                        print(f"| {context_len} | {batch} | kvcore_hf {key_space} | {'latent' if is_latent else 'reconstruct'} | {rank} | "
+                              f"{speed:,.1f} | {speed / base_speed:.2f} | {nbytes / 2**20:,.1f} | {nbytes / base_bytes:.2f} |", flush=True)
 
 
 if __name__ == "__main__":

@@ -40,10 +40,26 @@ class Calibration:
     head_eigenvectors: dict[str, torch.Tensor]  # space -> (layers, kv_heads, head_dim, head_dim)
     token_count: torch.Tensor = field(default_factory=lambda: torch.zeros(0, dtype=torch.int64))  # (layers,)
     weights_sample: torch.Tensor | None = None  # (parameters, 64) float32, see models.weights_sample
+    path: Path | None = None  # the artifact folder; eigenvectors not held in memory are read from it by `basis`
 
     @property
     def geometry(self) -> KVGeometry:
         return KVGeometry(**self.metadata["model"]["geometry"])
+
+    def basis(self, space: str, layer: int, rank: int, granularity: str) -> torch.Tensor:
+        """The top-`rank` right singular vectors of one layer: (D, rank) for granularity=layer, (kv_heads, head_dim,
+        rank) for head. Read as a slice of basis.safetensors when the eigenvectors were not loaded."""
+        name = "eigenvectors" if granularity == "layer" else "head_eigenvectors"
+        held = getattr(self, name).get(space)
+        if held is not None:
+            return held[layer][..., :rank]
+        from safetensors import safe_open
+
+        with safe_open(str(Path(self.path) / BASIS_FILE), framework="pt") as f:
+            vectors = f.get_slice(f"{space}.{name}")[layer, ..., :rank]
+        if not torch.isfinite(vectors).all():
+            raise ValueError(f"{self.path}/{BASIS_FILE} holds NaN or inf in {space}.{name}[{layer}]: re-run the calibration")
+        return vectors
 
 
 def _eigh_descending(gram: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -106,9 +122,11 @@ def read_metadata(path: str | Path) -> dict[str, Any]:
     return metadata
 
 
-def load_calibration(path: str | Path) -> Calibration:
-    """Load and verify an artifact: checksum of the basis file, finite values."""
-    from safetensors.torch import load_file
+def load_calibration(path: str | Path, eigenvectors: bool = True) -> Calibration:
+    """Load and verify an artifact: checksum of the basis file (streamed), finite values. With `eigenvectors=False`
+    the bases stay on disk (the bulk of the file: L·D² floats per space) and `Calibration.basis` reads the slices
+    a rank plan needs."""
+    from safetensors import safe_open
 
     metadata = read_metadata(path)
     basis_path = Path(path) / BASIS_FILE
@@ -116,7 +134,9 @@ def load_calibration(path: str | Path) -> Calibration:
         raise ValueError(f"{basis_path} does not match the checksum in {METADATA_FILE}: the file is damaged or was "
                          f"replaced; re-run `kvcore-eval calibrate --out {path} --overwrite`")
     try:
-        tensors = load_file(str(basis_path))
+        with safe_open(str(basis_path), framework="pt") as f:
+            wanted = [key for key in f.keys() if eigenvectors or not key.endswith("eigenvectors")]
+            tensors = {key: f.get_tensor(key) for key in wanted}
     except Exception as err:  # safetensors raises its own error type for a truncated header
         raise ValueError(f"{basis_path} cannot be read ({err}): re-run `kvcore-eval calibrate --out {path} --overwrite`") from err
     if bad := [key for key, tensor in tensors.items() if tensor.is_floating_point() and not torch.isfinite(tensor).all()]:
@@ -126,4 +146,4 @@ def load_calibration(path: str | Path) -> Calibration:
         if "." in key:
             space, name = key.split(".", 1)
             parts[name][space] = tensor
-    return Calibration(metadata, token_count=tensors["token_count"], weights_sample=tensors.get("weights_sample"), **parts)
+    return Calibration(metadata, token_count=tensors["token_count"], weights_sample=tensors.get("weights_sample"), path=Path(path), **parts)

@@ -197,9 +197,7 @@ def layer_bases(calibration: Calibration, plan: RankPlan, device: torch.device |
     def basis(space: str, layer: int, rank: int) -> torch.Tensor | None:
         if rank >= plan.width:
             return None
-        if plan.granularity == "layer":
-            return calibration.eigenvectors[space][layer][:, :rank].to(device, torch.float32).contiguous()
-        return calibration.head_eigenvectors[space][layer][:, :, :rank].to(device, torch.float32).contiguous()
+        return calibration.basis(space, layer, rank, plan.granularity).to(device, torch.float32).contiguous()
 
     num_layers = calibration.geometry.num_layers
     key_ranks = plan.key_rank_per_layer or [plan.width] * num_layers

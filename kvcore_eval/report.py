@@ -37,6 +37,12 @@ def space_stats(eigenvalues: np.ndarray, head_eigenvalues: np.ndarray) -> SpaceS
     return SpaceStats(metrics.normalized_effective_rank(singular), metrics.effective_rank(singular), *ranks, head_ner)
 
 
+def model_label(model: dict) -> str:
+    """A model as people name it: the folder or hub id's last part, and the GGUF file where there is one."""
+    name = Path(model["model_id"]).name or model["model_id"]
+    return f"{name} ({model['gguf']['file']})" if model.get("gguf") else name
+
+
 def layer_table(calibration: Calibration) -> list[dict[str, SpaceStats]]:
     """One dict per layer: space -> SpaceStats."""
     return [
@@ -111,6 +117,6 @@ def write_report(artifact_dir: str | Path, out_dir: str | Path | None = None) ->
         "layers": [{space: asdict(stats[space]) for space in SPACES} for stats in table],
     }
     outputs.atomic_write_json(paths["json"], summary)
-    plot_ner(table, f"{summary['model']} on {summary['dataset']}", paths["plot"])
+    plot_ner(table, f"{model_label(calibration.metadata['model'])} on {summary['dataset']}", paths["plot"])
     logger.info("report written to %s", out)
     return paths

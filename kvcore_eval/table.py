@@ -47,14 +47,9 @@ def dataset_label(spec: str) -> str:
     return Path(spec).stem if spec.endswith((".jsonl", ".json", ".txt", ".parquet", ".csv")) else spec
 
 
-def model_label(model: dict[str, Any]) -> str:
-    name = Path(model["model_id"]).name or model["model_id"]
-    return f"{name} ({model['gguf']['file']})" if model.get("gguf") else name
-
-
 def build_table(config: TableConfig) -> dict[str, Any]:
     from kvcore_eval.artifact import load_calibration
-    from kvcore_eval.report import layer_table, mean_ner
+    from kvcore_eval.report import layer_table, mean_ner, model_label
 
     key = f"key_{config.key_space}"
     cells: dict[str, dict[str, dict[str, Any]]] = defaultdict(dict)  # model -> dataset -> cell

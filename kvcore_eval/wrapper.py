@@ -40,7 +40,7 @@ def _checked_artifact(truncation: TruncationConfig, model_config) -> Calibration
     """The artifact of a truncation config, checked against the model's config before use."""
     metadata = read_metadata(truncation.calibration)
     check_artifact_matches(metadata, model_config, truncation.allow_mismatch, truncation.calibration)
-    artifact = load_calibration(truncation.calibration)
+    artifact = load_calibration(truncation.calibration, eigenvectors=False)  # bases are read as the plan's slices
     if KEY_SPACES[truncation.key_space] not in artifact.eigenvalues:
         raise ValueError(f"artifact {truncation.calibration} has no {KEY_SPACES[truncation.key_space]} basis: re-run "
                          "`kvcore-eval calibrate`, or pick another key_space")

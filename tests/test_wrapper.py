@@ -154,3 +154,15 @@ def test_interpreter_start_registers_kvcore_hf_lazily():
     result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120, cwd="/")
     assert result.returncode == 0, result.stderr[-2000:]
     assert result.stdout.split() == ["kvcore_eval.wrapper:KVCoreHFLM", "False"]
+
+
+def test_kvcore_hf_reads_only_the_slices_its_plan_needs(llama_dir, artifact_dir):
+    """The bulk of an artifact (every eigenvector of every space) stays on disk; the plan's slices equal a full load's."""
+    from kvcore_eval.artifact import load_calibration
+
+    lazy, full = load_calibration(artifact_dir, eigenvectors=False), load_calibration(artifact_dir)
+    assert lazy.eigenvectors == {} and lazy.head_eigenvectors == {}
+    assert torch.equal(lazy.basis("value", 1, 5, "layer"), full.eigenvectors["value"][1][:, :5])
+    assert torch.equal(lazy.basis("key_pre_rope", 0, 3, "head"), full.head_eigenvectors["key_pre_rope"][0][..., :3])
+    lm = KVCoreHFLM(pretrained=str(llama_dir), calibration=str(artifact_dir), key_rank=4, value_rank=8, device="cpu")
+    assert [tuple(b.key.shape) for b in lm._bases] == [(32, 4), (32, 4)] and [tuple(b.value.shape) for b in lm._bases] == [(32, 8), (32, 8)]
