@@ -33,7 +33,7 @@ def main() -> None:
 
     from kvcore_eval.calibrate import calibrate
     from kvcore_eval.config import CalibrationConfig
-    from kvcore_eval.evaluate import task_manager
+    from kvcore_eval.lm_tasks import task_manager
     from kvcore_eval.models import gguf_location, load_causal_lm, load_tokenizer
     from kvcore_eval.wrapper import KVCoreHFLM
 

@@ -174,16 +174,17 @@ def calibrate(config: CalibrationConfig, on_checkpoint: Callable[[int], None] | 
         raise ValueError(f"dataset {config.dataset} has no records: check the file or split, or pass another --dataset")
     tap = RopeTap(model)
     try:
-        return _run(config, on_checkpoint, state, device, out, model, tokenizer, tap, itertools.chain([first], texts))
+        return _run(config, on_checkpoint, state, device, out, model, tokenizer, tap, itertools.chain([first], texts), (model_id, gguf_file))
     finally:
         tap.remove()
 
 
 def _run(config: CalibrationConfig, on_checkpoint, state, device: torch.device, out: Path, model, tokenizer, tap: RopeTap,
-         texts: Iterator[str]) -> Path:
+         texts: Iterator[str], location: tuple[str, str | None]) -> Path:
+    """The run proper, once every input has been checked: Grams, checkpoints, artifact."""
     from tqdm.auto import tqdm
 
-    model_id, gguf_file = models.gguf_location(config.model, config.gguf_file)
+    model_id, gguf_file = location
     geometry = models.kv_geometry(model.config)
     check_key_recovery(model, tap)  # the pre-RoPE keys below are the model's own, or this raises
     identity = models.model_identity(model, model_id, config.revision, gguf_file)

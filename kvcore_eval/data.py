@@ -326,7 +326,7 @@ def task_dataset(source_name: str, language: str | None = None, data_dir: str | 
 def lm_eval_task_texts(task: str, skip_docs: int = 0, data_dir: str | None = None, include_path: list[str] | None = None) -> Iterator[str]:
     """Texts of an lm-eval task's documents (doc_to_text + delimiter + doc_to_target), after the first `skip_docs`
     (the documents an evaluation with --limit skip_docs scores): calibration data disjoint from the evaluation."""
-    from kvcore_eval.evaluate import task_manager
+    from kvcore_eval.lm_tasks import task_manager
 
     loaded = task_manager(data_dir, include_path).load_task_or_group([task])
     tasks = list(leaf_tasks(loaded))

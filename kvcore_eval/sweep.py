@@ -42,6 +42,7 @@ class Session:
     manager: Any  # lm-eval TaskManager
     model: Any
     tokenizer: Any
+    tasks: list[str]  # the leaf perplexity tasks of config.tasks
     lm: Any = None  # KVCoreHFLM, built on first use
 
 
@@ -122,18 +123,18 @@ def evaluate_point(session: Session, task: str, name: str, truncation) -> float:
 def open_session(config: SweepConfig) -> Session:
     """Check everything that needs no model, claim the output folder, then load the model once."""
     from kvcore_eval import models
-    from kvcore_eval.evaluate import task_manager
+    from kvcore_eval.lm_tasks import task_manager
 
     out = Path(config.out)
     manager = task_manager(config.data_dir, split_paths(config.include_path), TASK_METADATA)
-    perplexity_tasks(config, manager)  # refuses unknown and generation tasks before any output
+    tasks = perplexity_tasks(config, manager)  # refuses unknown and generation tasks before any output
     outputs.check_run_folder(out, KIND, OWN_NAMES)
     out.mkdir(parents=True, exist_ok=True)
     outputs.write_config(out, KIND, asdict(config))
     model_id, gguf_file = models.gguf_location(config.model, config.gguf_file)
     model = models.load_causal_lm(model_id, None, config.device, config.dtype, gguf_file)
     tokenizer = models.load_tokenizer(model_id, None, gguf_file)
-    return Session(config, out, manager, model, tokenizer)
+    return Session(config, out, manager, model, tokenizer, tasks)
 
 
 def run_sweep(config: SweepConfig) -> dict[str, Any]:
@@ -141,7 +142,7 @@ def run_sweep(config: SweepConfig) -> dict[str, Any]:
     from kvcore_eval.report import layer_table, mean_ner
 
     session = open_session(config)
-    tasks = perplexity_tasks(config, session.manager)
+    tasks = session.tasks
     calibrations = {task: task_calibration(session, task) for task in tasks}
     basis = {task: Path(config.calibration) if config.basis == "shared" else calibrations[task] for task in tasks}
     baseline = {task: evaluate_point(session, task, "baseline", _truncation(session, basis[task], "full", "full", "both")) for task in tasks}

@@ -133,7 +133,7 @@ def test_perplexity_through_lm_eval_grows_as_rank_falls(smollm2, real_artifact):
     import lm_eval
     from lm_eval.models.huggingface import HFLM
 
-    from kvcore_eval.evaluate import task_manager
+    from kvcore_eval.lm_tasks import task_manager
     from kvcore_eval.wrapper import KVCoreHFLM
 
     model, tokenizer = smollm2

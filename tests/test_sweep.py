@@ -87,7 +87,7 @@ def test_per_task_sweep_loads_once_truncates_each_task_with_its_own_held_out_cal
 def test_held_out_calibration_never_reads_a_scored_document(tmp_path):
     """The scored documents (lm-eval's first num_samples) and the calibration texts share no document."""
     from kvcore_eval.data import iter_texts, leaf_tasks
-    from kvcore_eval.evaluate import task_manager
+    from kvcore_eval.lm_tasks import task_manager
     from kvcore_eval.sweep import TASK_METADATA
 
     manager = task_manager(str(EXAMPLE_DATA), None, TASK_METADATA)
