@@ -19,11 +19,11 @@ import torch
 from common import add_model_arguments, build_model, describe
 from transformers import DynamicCache
 
+from kvcore_eval import latent
 from kvcore_eval.artifact import decompose
 from kvcore_eval.cache import LowRankCache, layer_bases
 from kvcore_eval.gram import GramAccumulator, GramRecorder
 from kvcore_eval.rank_plan import RankPlan
-from kvcore_eval import latent
 from kvcore_eval.rope import RopeTap
 
 
@@ -55,7 +55,10 @@ def _decode(model, cache, context: torch.Tensor, new_tokens: int) -> tuple[float
     if isinstance(cache, LowRankCache):
         nbytes = sum(cache.stored_bytes().values())
     else:
-        nbytes = sum(layer.keys.numel() * layer.keys.element_size() + layer.values.numel() * layer.values.element_size() for layer in cache.layers)
+        nbytes = sum(
+            layer.keys.numel() * layer.keys.element_size() + layer.values.numel() * layer.values.element_size()
+            for layer in cache.layers
+        )
     return context.shape[0] * new_tokens / elapsed, nbytes
 
 
@@ -73,8 +76,14 @@ def main() -> None:
     accumulator = GramAccumulator(geometry, device)
     tap = RopeTap(model)
     with torch.no_grad():
-        model.base_model(input_ids=torch.randint(0, vocab_size, (2, 512), device=device), cache=GramRecorder(accumulator, tap), use_cache=True)
-    calibration = decompose(accumulator.grams, accumulator.token_count, geometry, {"model": {"geometry": geometry.to_dict()}})
+        model.base_model(
+            input_ids=torch.randint(0, vocab_size, (2, 512), device=device),
+            cache=GramRecorder(accumulator, tap),
+            use_cache=True,
+        )
+    calibration = decompose(
+        accumulator.grams, accumulator.token_count, geometry, {"model": {"geometry": geometry.to_dict()}}
+    )
 
     print(f"{describe(model, geometry, args)}; {args.new_tokens} greedy tokens decoded after the context")
     print("| context | batch | cache | attention | key/value rank | decode tok/s | vs hf | cache MiB | vs hf |")
@@ -83,18 +92,28 @@ def main() -> None:
         for batch in [int(b) for b in args.batch_sizes.split(",")]:
             context = torch.randint(0, vocab_size, (batch, context_len), device=device)
             base_speed, base_bytes = decode(model, DynamicCache(), context, args.new_tokens)
-            print(f"| {context_len} | {batch} | hf (DynamicCache) | {model.config._attn_implementation} | {geometry.width} | {base_speed:,.1f} | 1.00 | "
-                  f"{base_bytes / 2**20:,.1f} | 1.00 |", flush=True)
+            print(
+                f"| {context_len} | {batch} | hf (DynamicCache) | {model.config._attn_implementation} | {geometry.width} | {base_speed:,.1f} | 1.00 | "
+                f"{base_bytes / 2**20:,.1f} | 1.00 |",
+                flush=True,
+            )
             for fraction in [float(r) for r in args.ranks.split(",")]:
                 rank = max(1, round(fraction * geometry.width))
                 for key_space in ("post_rope", "pre_rope"):
-                    plan = RankPlan([rank] * geometry.num_layers, [rank] * geometry.num_layers, geometry.width, "layer", key_space)
+                    plan = RankPlan(
+                        [rank] * geometry.num_layers, [rank] * geometry.num_layers, geometry.width, "layer", key_space
+                    )
                     bases = layer_bases(calibration, plan, device)
                     for is_latent in (False, True):
-                        cache = LowRankCache(bases, geometry.kv_heads, tap if key_space == "pre_rope" else None, latent=is_latent)
+                        cache = LowRankCache(
+                            bases, geometry.kv_heads, tap if key_space == "pre_rope" else None, latent=is_latent
+                        )
                         speed, nbytes = decode(model, cache, context, args.new_tokens)
-                        print(f"| {context_len} | {batch} | kvcore_hf {key_space} | {'latent' if is_latent else 'reconstruct'} | {rank} | "
-                              f"{speed:,.1f} | {speed / base_speed:.2f} | {nbytes / 2**20:,.1f} | {nbytes / base_bytes:.2f} |", flush=True)
+                        print(
+                            f"| {context_len} | {batch} | kvcore_hf {key_space} | {'latent' if is_latent else 'reconstruct'} | {rank} | "
+                            f"{speed:,.1f} | {speed / base_speed:.2f} | {nbytes / 2**20:,.1f} | {nbytes / base_bytes:.2f} |",
+                            flush=True,
+                        )
 
 
 if __name__ == "__main__":

@@ -46,14 +46,19 @@ def main() -> None:
     parser.add_argument("--seq-len", type=int, default=512)
     args = parser.parse_args()
     model, geometry, device = build_model(args, max_positions=4096)
-    batches = [torch.randint(0, model.config.vocab_size, (args.batch_size, args.seq_len), device=device) for _ in range(args.batches)]
+    batches = [
+        torch.randint(0, model.config.vocab_size, (args.batch_size, args.seq_len), device=device)
+        for _ in range(args.batches)
+    ]
 
     tap = RopeTap(model)
     accumulator = GramAccumulator(geometry, device)
     recorder = GramRecorder(accumulator, tap)
     with torch.no_grad():
         plain = throughput(lambda b: model.base_model(input_ids=b, use_cache=False), batches, device)
-        calibrating = throughput(lambda b: model.base_model(input_ids=b, cache=recorder, use_cache=True), batches, device)
+        calibrating = throughput(
+            lambda b: model.base_model(input_ids=b, cache=recorder, use_cache=True), batches, device
+        )
     # The warm-up recorded batches[0] twice; for the accuracy check, record every batch exactly once.
     exact = GramAccumulator(geometry, device)
     exact_recorder = GramRecorder(exact, tap)
@@ -72,11 +77,17 @@ def main() -> None:
     worst = 0.0
     for space in ("key_post_rope", "value"):
         for layer in range(geometry.num_layers):
-            rows = torch.cat([step[layer].transpose(1, 2).reshape(-1, geometry.width) for step in stacked[space]]).double()
+            rows = torch.cat(
+                [step[layer].transpose(1, 2).reshape(-1, geometry.width) for step in stacked[space]]
+            ).double()
             direct = torch.linalg.svdvals(rows) ** 2
-            worst = max(worst, ((calibration.eigenvalues[space][layer].to(direct) - direct).abs().max() / direct[0]).item())
+            worst = max(
+                worst, ((calibration.eigenvalues[space][layer].to(direct) - direct).abs().max() / direct[0]).item()
+            )
 
-    print(f"{describe(model, geometry, args)}; {tokens} tokens in {args.batches} batches of {args.batch_size}x{args.seq_len}")
+    print(
+        f"{describe(model, geometry, args)}; {tokens} tokens in {args.batches} batches of {args.batch_size}x{args.seq_len}"
+    )
     print("| measure | value |")
     print("|---|---:|")
     print(f"| plain forward tokens/s | {plain:,.0f} |")

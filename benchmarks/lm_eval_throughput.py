@@ -21,7 +21,9 @@ REPO = Path(__file__).resolve().parents[1]
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--model", default=None, help="model folder (default: SmolLM2-135M where installed, else examples/tiny-llama)")
+    parser.add_argument(
+        "--model", default=None, help="model folder (default: SmolLM2-135M where installed, else examples/tiny-llama)"
+    )
     parser.add_argument("--data-dir", default=str(REPO / "examples" / "real-text"))
     parser.add_argument("--task", default="kvcore_alpaca")
     parser.add_argument("--batch-size", type=int, default=4)
@@ -40,20 +42,35 @@ def main() -> None:
     folder = smollm2_folder()
     model_path = args.model or (str(Path(folder) / SMOLLM2_GGUF) if folder else str(REPO / "examples" / "tiny-llama"))
     model_id, gguf_file = gguf_location(model_path, None)
-    model, tokenizer = load_causal_lm(model_id, None, "cpu", "float32", gguf_file), load_tokenizer(model_id, None, gguf_file)
-    artifact = calibrate(CalibrationConfig(model=model_path, dataset=f"kvcore:{args.task.removeprefix('kvcore_')}", data_dir=args.data_dir,
-                                           out=str(Path(tempfile.mkdtemp()) / "artifact"), max_tokens=1024, seq_len=128, device="cpu"),
-                         model=model, tokenizer=tokenizer)
+    model, tokenizer = (
+        load_causal_lm(model_id, None, "cpu", "float32", gguf_file),
+        load_tokenizer(model_id, None, gguf_file),
+    )
+    artifact = calibrate(
+        CalibrationConfig(
+            model=model_path,
+            dataset=f"kvcore:{args.task.removeprefix('kvcore_')}",
+            data_dir=args.data_dir,
+            out=str(Path(tempfile.mkdtemp()) / "artifact"),
+            max_tokens=1024,
+            seq_len=128,
+            device="cpu",
+        ),
+        model=model,
+        tokenizer=tokenizer,
+    )
     common = dict(pretrained=model, tokenizer=tokenizer, batch_size=args.batch_size)
     candidates = {
         "hf": lambda: HFLM(**common),
-        "kvcore_hf full rank": lambda: KVCoreHFLM(calibration=str(artifact), key_rank="full", value_rank="full", **common),
+        "kvcore_hf full rank": lambda: KVCoreHFLM(
+            calibration=str(artifact), key_rank="full", value_rank="full", **common
+        ),
     }
     for key_space in ("pre_rope", "post_rope"):
         for attention in ("reconstruct", "latent"):
-            candidates[f"kvcore_hf 0.25 {key_space}, {attention}"] = (
-                lambda k=key_space, a=attention: KVCoreHFLM(calibration=str(artifact), key_rank=0.25, value_rank=0.25, key_space=k,
-                                                            attention=a, **common))
+            candidates[f"kvcore_hf 0.25 {key_space}, {attention}"] = lambda k=key_space, a=attention: KVCoreHFLM(
+                calibration=str(artifact), key_rank=0.25, value_rank=0.25, key_space=k, attention=a, **common
+            )
     manager = task_manager(args.data_dir)
     rows = []
     for name, build in candidates.items():
@@ -65,7 +82,9 @@ def main() -> None:
             best = min(best, time.perf_counter() - start)
             requests = results["n-samples"][args.task]["effective"]
         rows.append((name, requests / best, results["results"][args.task]["byte_perplexity,none"]))
-    print(f"model: {model_path}; task {args.task} on {args.data_dir}, batch size {args.batch_size}, best of {args.repeats}")
+    print(
+        f"model: {model_path}; task {args.task} on {args.data_dir}, batch size {args.batch_size}, best of {args.repeats}"
+    )
     print("| model | requests/s | vs hf | byte perplexity |")
     print("|---|---:|---:|---:|")
     for name, speed, perplexity in rows:

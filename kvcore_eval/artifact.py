@@ -13,7 +13,6 @@ verifies it and refuses non-finite values, so a damaged basis is an error, never
 
 from __future__ import annotations
 
-import json
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -58,7 +57,9 @@ class Calibration:
         with safe_open(str(Path(self.path) / BASIS_FILE), framework="pt") as f:
             vectors = f.get_slice(f"{space}.{name}")[layer, ..., :rank]
         if not torch.isfinite(vectors).all():
-            raise ValueError(f"{self.path}/{BASIS_FILE} holds NaN or inf in {space}.{name}[{layer}]: re-run the calibration")
+            raise ValueError(
+                f"{self.path}/{BASIS_FILE} holds NaN or inf in {space}.{name}[{layer}]: re-run the calibration"
+            )
         return vectors
 
 
@@ -72,7 +73,9 @@ def _eigh_descending(gram: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     return eigenvalues, eigenvectors * torch.where(signs == 0, 1.0, signs)
 
 
-def decompose(grams: dict[str, torch.Tensor], token_count: torch.Tensor, geometry: KVGeometry, metadata: dict[str, Any]) -> Calibration:
+def decompose(
+    grams: dict[str, torch.Tensor], token_count: torch.Tensor, geometry: KVGeometry, metadata: dict[str, Any]
+) -> Calibration:
     """Eigendecompose each layer's Gram (layers, D, D) and its per-head diagonal blocks."""
     eigenvalues, eigenvectors, head_eigenvalues, head_eigenvectors = {}, {}, {}, {}
     heads, head_dim = geometry.kv_heads, geometry.head_dim
@@ -80,7 +83,9 @@ def decompose(grams: dict[str, torch.Tensor], token_count: torch.Tensor, geometr
         gram = grams[space].to(torch.float64)
         values, vectors = _eigh_descending(gram)
         eigenvalues[space], eigenvectors[space] = values.cpu(), vectors.float().cpu()
-        blocks = torch.stack([gram[:, h * head_dim:(h + 1) * head_dim, h * head_dim:(h + 1) * head_dim] for h in range(heads)], dim=1)
+        blocks = torch.stack(
+            [gram[:, h * head_dim : (h + 1) * head_dim, h * head_dim : (h + 1) * head_dim] for h in range(heads)], dim=1
+        )
         values, vectors = _eigh_descending(blocks)  # (layers, heads, head_dim[, head_dim])
         head_eigenvalues[space], head_eigenvectors[space] = values.cpu(), vectors.float().cpu()
     return Calibration(metadata, eigenvalues, eigenvectors, head_eigenvalues, head_eigenvectors, token_count.cpu())
@@ -99,7 +104,11 @@ def save_calibration(calibration: Calibration, out_dir: str | Path) -> None:
         tensors[f"{space}.head_eigenvalues"] = calibration.head_eigenvalues[space].contiguous()
         tensors[f"{space}.head_eigenvectors"] = calibration.head_eigenvectors[space].contiguous()
     outputs.atomic_save_safetensors(tensors, out_dir / BASIS_FILE)
-    metadata = {**calibration.metadata, "format_version": FORMAT_VERSION, "basis_sha256": file_sha256(str(out_dir / BASIS_FILE))}
+    metadata = {
+        **calibration.metadata,
+        "format_version": FORMAT_VERSION,
+        "basis_sha256": file_sha256(str(out_dir / BASIS_FILE)),
+    }
     outputs.atomic_write_json(out_dir / METADATA_FILE, metadata)
 
 
@@ -131,19 +140,35 @@ def load_calibration(path: str | Path, eigenvectors: bool = True) -> Calibration
     metadata = read_metadata(path)
     basis_path = Path(path) / BASIS_FILE
     if file_sha256(str(basis_path)) != metadata.get("basis_sha256"):
-        raise ValueError(f"{basis_path} does not match the checksum in {METADATA_FILE}: the file is damaged or was "
-                         f"replaced; re-run `kvcore-eval calibrate --out {path} --overwrite`")
+        raise ValueError(
+            f"{basis_path} does not match the checksum in {METADATA_FILE}: the file is damaged or was "
+            f"replaced; re-run `kvcore-eval calibrate --out {path} --overwrite`"
+        )
     try:
         with safe_open(str(basis_path), framework="pt") as f:
             wanted = [key for key in f.keys() if eigenvectors or not key.endswith("eigenvectors")]
             tensors = {key: f.get_tensor(key) for key in wanted}
     except Exception as err:  # safetensors raises its own error type for a truncated header
-        raise ValueError(f"{basis_path} cannot be read ({err}): re-run `kvcore-eval calibrate --out {path} --overwrite`") from err
-    if bad := [key for key, tensor in tensors.items() if tensor.is_floating_point() and not torch.isfinite(tensor).all()]:
-        raise ValueError(f"{basis_path} holds NaN or inf in {', '.join(bad[:3])}: re-run the calibration (try --dtype float32)")
-    parts: dict[str, dict[str, torch.Tensor]] = {name: {} for name in ("eigenvalues", "eigenvectors", "head_eigenvalues", "head_eigenvectors")}
+        raise ValueError(
+            f"{basis_path} cannot be read ({err}): re-run `kvcore-eval calibrate --out {path} --overwrite`"
+        ) from err
+    if bad := [
+        key for key, tensor in tensors.items() if tensor.is_floating_point() and not torch.isfinite(tensor).all()
+    ]:
+        raise ValueError(
+            f"{basis_path} holds NaN or inf in {', '.join(bad[:3])}: re-run the calibration (try --dtype float32)"
+        )
+    parts: dict[str, dict[str, torch.Tensor]] = {
+        name: {} for name in ("eigenvalues", "eigenvectors", "head_eigenvalues", "head_eigenvectors")
+    }
     for key, tensor in tensors.items():
         if "." in key:
             space, name = key.split(".", 1)
             parts[name][space] = tensor
-    return Calibration(metadata, token_count=tensors["token_count"], weights_sample=tensors.get("weights_sample"), path=Path(path), **parts)
+    return Calibration(
+        metadata,
+        token_count=tensors["token_count"],
+        weights_sample=tensors.get("weights_sample"),
+        path=Path(path),
+        **parts,
+    )

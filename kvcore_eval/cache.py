@@ -81,11 +81,17 @@ class RopeHistory:
 
     def edit(self, change: Callable[[torch.Tensor], torch.Tensor], batch_edit: bool = True) -> None:
         """Apply a batch or length edit of the cache to every kept table (a shared batch-1 table needs no batch edit)."""
-        self.groups = {group: t if batch_edit and t.cos.shape[0] == 1 else RotaryTables(change(t.cos), change(t.sin), t.interleaved)
-                       for group, t in self.groups.items()}
+        self.groups = {
+            group: t
+            if batch_edit and t.cos.shape[0] == 1
+            else RotaryTables(change(t.cos), change(t.sin), t.interleaved)
+            for group, t in self.groups.items()
+        }
 
     def stored_bytes(self) -> int:
-        return sum(t.cos.numel() * t.cos.element_size() + t.sin.numel() * t.sin.element_size() for t in self.groups.values())
+        return sum(
+            t.cos.numel() * t.cos.element_size() + t.sin.numel() * t.sin.element_size() for t in self.groups.values()
+        )
 
 
 def _widen(tables: RotaryTables, batch: int) -> RotaryTables:
@@ -97,7 +103,9 @@ def _widen(tables: RotaryTables, batch: int) -> RotaryTables:
 class LowRankLayer(DynamicLayer):
     """Stores latents K·P_r and V·P_r; returns their reconstructions (post-RoPE keys, as attention expects)."""
 
-    def __init__(self, bases: LayerBases, kv_heads: int, layer_idx: int, rope: RopeHistory | None = None, latent: bool = False):
+    def __init__(
+        self, bases: LayerBases, kv_heads: int, layer_idx: int, rope: RopeHistory | None = None, latent: bool = False
+    ):
         super().__init__()
         self.latent = latent  # attention reads the latents itself: update returns them as stored
         self.bases = bases
@@ -107,7 +115,9 @@ class LowRankLayer(DynamicLayer):
         self.rope = rope if bases.key is not None else None
         self.rope_group: int | None = None
 
-    def update(self, key_states: torch.Tensor, value_states: torch.Tensor, *args, **kwargs) -> tuple[torch.Tensor, torch.Tensor]:
+    def update(
+        self, key_states: torch.Tensor, value_states: torch.Tensor, *args, **kwargs
+    ) -> tuple[torch.Tensor, torch.Tensor]:
         # key_states, value_states: (batch, kv_heads, new_seq, head_dim), keys after RoPE
         if not self.is_initialized:
             self.lazy_initialization(key_states, value_states)
@@ -117,7 +127,9 @@ class LowRankLayer(DynamicLayer):
             new_keys = unrotate(key_states.float(), tables)
         if self.bases.key is not None:
             new_keys = project(new_keys, self.bases.key).to(key_states.dtype)
-        new_values = value_states if self.bases.value is None else project(value_states, self.bases.value).to(value_states.dtype)
+        new_values = (
+            value_states if self.bases.value is None else project(value_states, self.bases.value).to(value_states.dtype)
+        )
         self.keys = torch.cat([self.keys, new_keys], dim=-2)
         self.values = torch.cat([self.values, new_values], dim=-2)
         if self.latent:
@@ -141,7 +153,10 @@ class LowRankLayer(DynamicLayer):
     def stored_bytes(self) -> dict[str, int]:
         if not self.is_initialized:
             return {"keys": 0, "values": 0}
-        return {"keys": self.keys.numel() * self.keys.element_size(), "values": self.values.numel() * self.values.element_size()}
+        return {
+            "keys": self.keys.numel() * self.keys.element_size(),
+            "values": self.values.numel() * self.values.element_size(),
+        }
 
 
 class LowRankCache(Cache):
@@ -153,7 +168,11 @@ class LowRankCache(Cache):
     def __init__(self, bases: list[LayerBases], kv_heads: int, tap: RopeTap | None = None, latent: bool = False):
         self.rope = RopeHistory(tap) if tap is not None and tap.has_rope else None
         self.kv_heads = kv_heads
-        super().__init__(layers=[LowRankLayer(layer_bases, kv_heads, idx, self.rope, latent) for idx, layer_bases in enumerate(bases)])
+        super().__init__(
+            layers=[
+                LowRankLayer(layer_bases, kv_heads, idx, self.rope, latent) for idx, layer_bases in enumerate(bases)
+            ]
+        )
 
     def stored_bytes(self) -> dict[str, int]:
         """Bytes held: keys and values summed over layers, and the rotary tables of pre-RoPE truncation."""
@@ -202,10 +221,15 @@ def layer_bases(calibration: Calibration, plan: RankPlan, device: torch.device |
     num_layers = calibration.geometry.num_layers
     key_ranks = plan.key_rank_per_layer or [plan.width] * num_layers
     value_ranks = plan.value_rank_per_layer or [plan.width] * num_layers
-    return [LayerBases(basis(key_space, layer, key_ranks[layer]), basis("value", layer, value_ranks[layer])) for layer in range(num_layers)]
+    return [
+        LayerBases(basis(key_space, layer, key_ranks[layer]), basis("value", layer, value_ranks[layer]))
+        for layer in range(num_layers)
+    ]
 
 
-def cache_bytes_per_token(plan: RankPlan, kv_heads: int, num_layers: int, element_size: int, rope_table_bytes: int = 0) -> dict[str, float]:
+def cache_bytes_per_token(
+    plan: RankPlan, kv_heads: int, num_layers: int, element_size: int, rope_table_bytes: int = 0
+) -> dict[str, float]:
     """Bytes one token costs in the low-rank cache and in a full cache of every layer, and their ratio.
 
     Mirrors `LowRankCache`: a rank below the width stores r numbers per basis, else the full width; truncated
@@ -225,11 +249,17 @@ def cache_bytes_per_token(plan: RankPlan, kv_heads: int, num_layers: int, elemen
 def sliding_window_layers(config) -> dict[int, int]:
     """layer -> window W, for the layers whose own DynamicCache keeps only the last W tokens."""
     own = DynamicCache(config=config)
-    return {idx: int(layer.sliding_window) for idx, layer in enumerate(own.layers) if getattr(layer, "is_sliding", False)}
+    return {
+        idx: int(layer.sliding_window) for idx, layer in enumerate(own.layers) if getattr(layer, "is_sliding", False)
+    }
 
 
-def compare_with_model_cache(per_token: dict[str, float], windows: dict[int, int], num_layers: int,
-                             contexts: tuple[int, ...] = (1024, 4096, 32768)) -> dict | None:
+def compare_with_model_cache(
+    per_token: dict[str, float],
+    windows: dict[int, int],
+    num_layers: int,
+    contexts: tuple[int, ...] = (1024, 4096, 32768),
+) -> dict | None:
     """Where the model's own cache slides, `per_token["ratio"]` (against a full cache) understates what the
     low-rank cache holds: it keeps every token of every layer. Ratios against the model's own cache, by context."""
     if not windows:
@@ -243,5 +273,5 @@ def compare_with_model_cache(per_token: dict[str, float], windows: dict[int, int
         "sliding_window_layers": {str(layer): window for layer, window in windows.items()},
         "ratio_to_model_cache_at_context": {str(c): per_token["low_rank"] * c / own_bytes(c) for c in contexts},
         "note": "the model's own cache keeps only the last W tokens of its sliding-window layers; the low-rank cache "
-                "keeps every token, so against the model's own cache its ratio grows with the context",
+        "keeps every token, so against the model's own cache its ratio grows with the context",
     }

@@ -33,12 +33,27 @@ logger = logging.getLogger(__name__)
 
 CHECKPOINT_DIR = "checkpoint"
 KIND = "calibrate"
-OWN_NAMES = (artifact.BASIS_FILE, artifact.METADATA_FILE, outputs.CONFIG_FILE, CHECKPOINT_DIR, "report.md", "report.json", "ner.png")
+OWN_NAMES = (
+    artifact.BASIS_FILE,
+    artifact.METADATA_FILE,
+    outputs.CONFIG_FILE,
+    CHECKPOINT_DIR,
+    "report.md",
+    "report.json",
+    "ner.png",
+)
 
 
 def _dataset_spec(config: CalibrationConfig) -> dict[str, Any]:
-    return {"spec": config.dataset, "split": config.split, "text_field": config.text_field, "prompt_format": config.prompt_format,
-            "data_dir": config.data_dir, "skip_docs": config.skip_docs, "include_path": config.include_path}
+    return {
+        "spec": config.dataset,
+        "split": config.split,
+        "text_field": config.text_field,
+        "prompt_format": config.prompt_format,
+        "data_dir": config.data_dir,
+        "skip_docs": config.skip_docs,
+        "include_path": config.include_path,
+    }
 
 
 def _run_identity(config: CalibrationConfig, model_identity: dict[str, Any], world_size: int) -> dict[str, Any]:
@@ -60,7 +75,9 @@ def _work_dir(config: CalibrationConfig, out: Path) -> Path:
         return out
     if config.overwrite or (config.resume and (staging / CHECKPOINT_DIR).is_dir()):
         return staging
-    raise FileExistsError(f"{out} already holds a finished calibration: pass --overwrite to replace it, or choose another --out")
+    raise FileExistsError(
+        f"{out} already holds a finished calibration: pass --overwrite to replace it, or choose another --out"
+    )
 
 
 def _prepare_work_dir(config: CalibrationConfig, out: Path, work: Path) -> None:
@@ -71,7 +88,9 @@ def _prepare_work_dir(config: CalibrationConfig, out: Path, work: Path) -> None:
     outputs.check_run_folder(work, KIND, OWN_NAMES)
     if (work / CHECKPOINT_DIR).exists() and not config.resume:
         if not config.overwrite:
-            raise FileExistsError(f"{out} holds an interrupted calibration: pass --resume to continue it, or --overwrite to start again")
+            raise FileExistsError(
+                f"{out} holds an interrupted calibration: pass --resume to continue it, or --overwrite to start again"
+            )
         shutil.rmtree(work / CHECKPOINT_DIR)
     work.mkdir(parents=True, exist_ok=True)
 
@@ -105,7 +124,9 @@ def _checkpoint_path(work: Path, rank: int) -> Path:
     return work / CHECKPOINT_DIR / f"rank{rank}.safetensors"
 
 
-def _save_checkpoint(work: Path, rank: int, accumulator: GramAccumulator, batches_done: int, identity: dict[str, Any]) -> None:
+def _save_checkpoint(
+    work: Path, rank: int, accumulator: GramAccumulator, batches_done: int, identity: dict[str, Any]
+) -> None:
     """One file: the Grams, and in its metadata the batches done and the run identity, renamed into place as a unit."""
     path = _checkpoint_path(work, rank)
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -136,8 +157,15 @@ def _load_checkpoint(work: Path, rank: int, accumulator: GramAccumulator, identi
     return int(saved["batches_done"])
 
 
-def _accumulate(model, recorder: GramRecorder, batch: list[list[int]], pad_id: int, device: torch.device,
-                first: bool, config: CalibrationConfig) -> int:
+def _accumulate(
+    model,
+    recorder: GramRecorder,
+    batch: list[list[int]],
+    pad_id: int,
+    device: torch.device,
+    first: bool,
+    config: CalibrationConfig,
+) -> int:
     """One forward pass whose keys and values enter the Grams; returns the tokens counted."""
     accumulator = recorder.context.accumulator
     input_ids, attention_mask = _to_tensors(batch, pad_id, device)
@@ -145,14 +173,20 @@ def _accumulate(model, recorder: GramRecorder, batch: list[list[int]], pad_id: i
     with torch.no_grad():
         model.base_model(input_ids=input_ids, attention_mask=attention_mask, cache=recorder, use_cache=True)
     if first and (silent := (accumulator.token_count == 0).nonzero().flatten().tolist()):
-        raise ValueError(f"layers {silent} of {config.model} never passed keys and values through transformers' "
-                         "Cache.update: kvcore-eval supports attention layers that do (Llama, Mistral, Qwen2/3, Gemma, Phi-3, GPT-2)")
+        raise ValueError(
+            f"layers {silent} of {config.model} never passed keys and values through transformers' "
+            "Cache.update: kvcore-eval supports attention layers that do (Llama, Mistral, Qwen2/3, Gemma, Phi-3, GPT-2)"
+        )
     if bad := accumulator.nonfinite_layers():
-        raise FloatingPointError(f"NaN/inf in the keys or values of layer(s) {bad}: the model overflows in {config.dtype}; try --dtype float32")
+        raise FloatingPointError(
+            f"NaN/inf in the keys or values of layer(s) {bad}: the model overflows in {config.dtype}; try --dtype float32"
+        )
     return int(attention_mask.sum())
 
 
-def calibrate(config: CalibrationConfig, on_checkpoint: Callable[[int], None] | None = None, model=None, tokenizer=None) -> Path:
+def calibrate(
+    config: CalibrationConfig, on_checkpoint: Callable[[int], None] | None = None, model=None, tokenizer=None
+) -> Path:
     """Run the calibration; returns the artifact directory. `on_checkpoint(batches_done)` runs after each checkpoint.
     `model` and `tokenizer`, when given, are `config.model` already loaded (the sweep loads it once)."""
     from accelerate import PartialState
@@ -167,20 +201,48 @@ def calibrate(config: CalibrationConfig, on_checkpoint: Callable[[int], None] | 
     if model is None:
         model = models.load_causal_lm(model_id, config.revision, str(device), config.dtype, gguf_file)
         tokenizer = models.load_tokenizer(model_id, config.revision, gguf_file)
-    texts = data.iter_texts(config.dataset, config.split, config.prompt_format, config.text_field, config.data_dir,
-                            config.skip_docs, split_paths(config.include_path))
+    texts = data.iter_texts(
+        config.dataset,
+        config.split,
+        config.prompt_format,
+        config.text_field,
+        config.data_dir,
+        config.skip_docs,
+        split_paths(config.include_path),
+    )
     first = next(texts, None)
     if first is None:
         raise ValueError(f"dataset {config.dataset} has no records: check the file or split, or pass another --dataset")
     tap = RopeTap(model)
     try:
-        return _run(config, on_checkpoint, state, device, out, model, tokenizer, tap, itertools.chain([first], texts), (model_id, gguf_file))
+        return _run(
+            config,
+            on_checkpoint,
+            state,
+            device,
+            out,
+            model,
+            tokenizer,
+            tap,
+            itertools.chain([first], texts),
+            (model_id, gguf_file),
+        )
     finally:
         tap.remove()
 
 
-def _run(config: CalibrationConfig, on_checkpoint, state, device: torch.device, out: Path, model, tokenizer, tap: RopeTap,
-         texts: Iterator[str], location: tuple[str, str | None]) -> Path:
+def _run(
+    config: CalibrationConfig,
+    on_checkpoint,
+    state,
+    device: torch.device,
+    out: Path,
+    model,
+    tokenizer,
+    tap: RopeTap,
+    texts: Iterator[str],
+    location: tuple[str, str | None],
+) -> Path:
     """The run proper, once every input has been checked: Grams, checkpoints, artifact."""
     from tqdm.auto import tqdm
 
@@ -204,8 +266,13 @@ def _run(config: CalibrationConfig, on_checkpoint, state, device: torch.device, 
     batches = _batches(sequences, config.batch_size, state.process_index, state.num_processes)
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
     tokens_since_checkpoint = 0
-    with tqdm(total=config.max_tokens // state.num_processes, initial=int(accumulator.token_count[0]), unit="tok",
-              desc="calibrate", disable=not state.is_local_main_process) as progress:
+    with tqdm(
+        total=config.max_tokens // state.num_processes,
+        initial=int(accumulator.token_count[0]),
+        unit="tok",
+        desc="calibrate",
+        disable=not state.is_local_main_process,
+    ) as progress:
         for index, batch in enumerate(batches):
             if index < batches_done:
                 continue
@@ -221,10 +288,16 @@ def _run(config: CalibrationConfig, on_checkpoint, state, device: torch.device, 
         accumulator.all_reduce()
     total_tokens = int(accumulator.token_count[0])
     if total_tokens < config.seq_len:
-        raise ValueError(f"{config.dataset} gave {total_tokens} tokens, fewer than one sequence (--seq-len {config.seq_len}): add data or lower --seq-len")
+        raise ValueError(
+            f"{config.dataset} gave {total_tokens} tokens, fewer than one sequence (--seq-len {config.seq_len}): add data or lower --seq-len"
+        )
     if total_tokens < config.max_tokens:
-        logger.warning("%s ran out of data: %d tokens calibrated of the %d asked for (--max-tokens); recorded in kvcore.json",
-                       config.dataset, total_tokens, config.max_tokens)
+        logger.warning(
+            "%s ran out of data: %d tokens calibrated of the %d asked for (--max-tokens); recorded in kvcore.json",
+            config.dataset,
+            total_tokens,
+            config.max_tokens,
+        )
     if state.is_main_process:
         metadata = _metadata(config, identity, total_tokens, state.num_processes, tap.has_rope)
         calibration = artifact.decompose(accumulator.grams, accumulator.token_count, geometry, metadata)
@@ -238,7 +311,9 @@ def _run(config: CalibrationConfig, on_checkpoint, state, device: torch.device, 
     return out
 
 
-def _metadata(config: CalibrationConfig, identity: dict[str, Any], tokens: int, world_size: int, has_rope: bool) -> dict[str, Any]:
+def _metadata(
+    config: CalibrationConfig, identity: dict[str, Any], tokens: int, world_size: int, has_rope: bool
+) -> dict[str, Any]:
     import accelerate
     import transformers
 
@@ -252,5 +327,10 @@ def _metadata(config: CalibrationConfig, identity: dict[str, Any], tokens: int, 
         "processes": world_size,
         "model_dtype": config.dtype,
         "gram_dtype": "float64",
-        "versions": {"torch": torch.__version__, "transformers": transformers.__version__, "accelerate": accelerate.__version__, "kvcore_eval": __version__},
+        "versions": {
+            "torch": torch.__version__,
+            "transformers": transformers.__version__,
+            "accelerate": accelerate.__version__,
+            "kvcore_eval": __version__,
+        },
     }

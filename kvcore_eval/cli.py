@@ -36,8 +36,14 @@ def add_dataclass_arguments(parser: argparse.ArgumentParser, config_class: type,
             parser.add_argument(flag, dest=field.name, action="store_true", help=help_text)
         else:
             default = None if required else field.default
-            parser.add_argument(flag, dest=field.name, type=kind, required=required, default=default,
-                                help=help_text + ("" if required else f" (default: {default})"))
+            parser.add_argument(
+                flag,
+                dest=field.name,
+                type=kind,
+                required=required,
+                default=default,
+                help=help_text + ("" if required else f" (default: {default})"),
+            )
 
 
 def config_from_args(config_class: type, args: argparse.Namespace):
@@ -59,10 +65,10 @@ def _report(args: argparse.Namespace) -> None:
 
 
 def _eval(args: argparse.Namespace) -> None:
+    from lm_eval.utils import make_table
+
     from kvcore_eval.config import EvalConfig
     from kvcore_eval.evaluate import run_lm_eval
-
-    from lm_eval.utils import make_table
 
     print(make_table(run_lm_eval(config_from_args(EvalConfig, args))))
 
@@ -107,16 +113,22 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--log-level", default="INFO", help="logging level (default: INFO)")
     commands = parser.add_subparsers(dest="command", required=True)
 
-    calibrate = commands.add_parser("calibrate", help="accumulate per-layer K/V Grams over a dataset and write the artifact")
+    calibrate = commands.add_parser(
+        "calibrate", help="accumulate per-layer K/V Grams over a dataset and write the artifact"
+    )
     add_dataclass_arguments(calibrate, CalibrationConfig)
     calibrate.set_defaults(run=_calibrate)
 
     report = commands.add_parser("report", help="per-layer NER, effective rank and energy ranks of an artifact")
     report.add_argument("artifact", help="artifact directory written by calibrate")
-    report.add_argument("--out", default=None, help="where to write report.md/.json/ner.png (default: the artifact directory)")
+    report.add_argument(
+        "--out", default=None, help="where to write report.md/.json/ner.png (default: the artifact directory)"
+    )
     report.set_defaults(run=_report)
 
-    evaluate = commands.add_parser("eval", help="one lm-eval run with kvcore_hf (or the hf baseline without --calibration)")
+    evaluate = commands.add_parser(
+        "eval", help="one lm-eval run with kvcore_hf (or the hf baseline without --calibration)"
+    )
     add_dataclass_arguments(evaluate, EvalConfig)
     evaluate.set_defaults(run=_eval)
 
@@ -126,7 +138,9 @@ def build_parser() -> argparse.ArgumentParser:
 
     from kvcore_eval.table import TableConfig
 
-    table = commands.add_parser("table", help="the paper's models x datasets NER table, and layer x dataset heatmaps, from calibrations")
+    table = commands.add_parser(
+        "table", help="the paper's models x datasets NER table, and layer x dataset heatmaps, from calibrations"
+    )
     table.add_argument("runs", nargs="+", help="calibration artifact folders (any number of models x datasets)")
     add_dataclass_arguments(table, TableConfig, skip=("runs",))
     table.set_defaults(run=_table)
@@ -136,7 +150,9 @@ def build_parser() -> argparse.ArgumentParser:
     comparison.add_argument("b", help="lm-eval results JSON of the same tasks")
     comparison.set_defaults(run=_compare)
 
-    judge = commands.add_parser("judge", help="GPT-score an lm-eval samples file of a _gen task through an OpenAI-compatible judge")
+    judge = commands.add_parser(
+        "judge", help="GPT-score an lm-eval samples file of a _gen task through an OpenAI-compatible judge"
+    )
     judge.add_argument("samples", help="lm-eval samples .jsonl (written with --log_samples)")
     judge.add_argument("--out", default=None, help="judged samples .jsonl (default: <samples>.judged.jsonl)")
     add_dataclass_arguments(judge, JudgeConfig)

@@ -14,7 +14,9 @@ def load_results(path: str | Path) -> dict[str, Any]:
         raise FileNotFoundError(f"results file {path} does not exist")
     results = read_json(path, "lm-eval results file (pass the results_*.json lm-eval writes, not a samples file)")
     if not isinstance(results, dict) or "results" not in results:
-        raise ValueError(f"{path} is not an lm-eval results file (no 'results' key): pass the results_*.json lm-eval writes")
+        raise ValueError(
+            f"{path} is not an lm-eval results file (no 'results' key): pass the results_*.json lm-eval writes"
+        )
     return results
 
 
@@ -22,8 +24,10 @@ def compare(path_a: str | Path, path_b: str | Path) -> list[dict[str, Any]]:
     """One row per (task, metric) present in both: a, b, b - a and (b - a) / a."""
     a, b = load_results(path_a), load_results(path_b)
     if set(a["results"]) != set(b["results"]):
-        raise ValueError(f"{path_a} and {path_b} cover different tasks ({sorted(a['results'])} vs {sorted(b['results'])}): "
-                         "compare runs of the same task set")
+        raise ValueError(
+            f"{path_a} and {path_b} cover different tasks ({sorted(a['results'])} vs {sorted(b['results'])}): "
+            "compare runs of the same task set"
+        )
     rows = []
     for task in sorted(a["results"]):
         for key, value_a in sorted(a["results"][task].items()):
@@ -31,12 +35,23 @@ def compare(path_a: str | Path, path_b: str | Path) -> list[dict[str, Any]]:
             if "stderr" in key or not isinstance(value_a, (int, float)) or not isinstance(value_b, (int, float)):
                 continue
             delta = value_b - value_a
-            rows.append({"task": task, "metric": key.split(",")[0], "a": value_a, "b": value_b, "delta": delta,
-                         "relative": delta / value_a if value_a else float("nan")})
+            rows.append(
+                {
+                    "task": task,
+                    "metric": key.split(",")[0],
+                    "a": value_a,
+                    "b": value_b,
+                    "delta": delta,
+                    "relative": delta / value_a if value_a else float("nan"),
+                }
+            )
     return rows
 
 
 def to_markdown(rows: list[dict[str, Any]], label_a: str, label_b: str) -> str:
     lines = [f"| task | metric | {label_a} | {label_b} | delta | relative |", "|---|---|---:|---:|---:|---:|"]
-    lines += [f"| {r['task']} | {r['metric']} | {r['a']:.4f} | {r['b']:.4f} | {r['delta']:+.4f} | {r['relative']:+.2%} |" for r in rows]
+    lines += [
+        f"| {r['task']} | {r['metric']} | {r['a']:.4f} | {r['b']:.4f} | {r['delta']:+.4f} | {r['relative']:+.2%} |"
+        for r in rows
+    ]
     return "\n".join(lines) + "\n"

@@ -46,14 +46,40 @@ SOURCES: dict[str, DataSource] = {
     source.name: source
     for source in (
         DataSource("alpaca", "tatsu-lab/alpaca", "train", "alpaca", "Stanford Alpaca, 52K general instructions"),
-        DataSource("medalpaca", "medalpaca/medical_meadow_medical_flashcards", "train", "alpaca", "MedAlpaca medical flashcards, 34K Q/A"),
+        DataSource(
+            "medalpaca",
+            "medalpaca/medical_meadow_medical_flashcards",
+            "train",
+            "alpaca",
+            "MedAlpaca medical flashcards, 34K Q/A",
+        ),
         DataSource("codealpaca", "sahil2801/CodeAlpaca-20k", "train", "alpaca", "CodeAlpaca-20k code instructions"),
-        DataSource("wizardcoder", "nickrosh/Evol-Instruct-Code-80k-v1", "train", "alpaca", "Evol-Instruct code data (WizardCoder's recipe)"),
-        DataSource("functioncall", "glaiveai/glaive-function-calling-v2", "train", "functioncall", "Glaive function-calling conversations"),
-        DataSource("visr", "puar-playground/VisR-Bench", "train", "question", "VisR-Bench questions (text only), from the project's QA files"),
+        DataSource(
+            "wizardcoder",
+            "nickrosh/Evol-Instruct-Code-80k-v1",
+            "train",
+            "alpaca",
+            "Evol-Instruct code data (WizardCoder's recipe)",
+        ),
+        DataSource(
+            "functioncall",
+            "glaiveai/glaive-function-calling-v2",
+            "train",
+            "functioncall",
+            "Glaive function-calling conversations",
+        ),
+        DataSource(
+            "visr",
+            "puar-playground/VisR-Bench",
+            "train",
+            "question",
+            "VisR-Bench questions (text only), from the project's QA files",
+        ),
     )
 }
-GENERATION_FORMATS = {"functioncall": "functioncall_turn"}  # a source's prompt format for its _gen task, where it differs
+GENERATION_FORMATS = {
+    "functioncall": "functioncall_turn"
+}  # a source's prompt format for its _gen task, where it differs
 
 VISR_COMMIT = "3bae27906751be232abfe5b6f4a14aedd5acc298"
 VISR_URL_ENV = "KVCORE_VISR_URL"
@@ -62,12 +88,27 @@ VISR_FILES = {"multilingual": ("multilingual_QA.json",), "en": ("text_QA.json", 
 
 # VisR-Bench question languages: code -> name as the records spell it.
 VISR_LANGUAGES: dict[str, str] = {
-    "en": "English", "de": "German", "it": "Italian", "sv": "Swedish", "es": "Spanish", "ja": "Japanese",
-    "ar": "Arabic", "fr": "French", "nl": "Dutch", "pt": "Portuguese", "fi": "Finnish", "da": "Danish",
-    "cs": "Czech", "hu": "Hungarian", "sl": "Slovenian", "hr": "Croatian",
+    "en": "English",
+    "de": "German",
+    "it": "Italian",
+    "sv": "Swedish",
+    "es": "Spanish",
+    "ja": "Japanese",
+    "ar": "Arabic",
+    "fr": "French",
+    "nl": "Dutch",
+    "pt": "Portuguese",
+    "fi": "Finnish",
+    "da": "Danish",
+    "cs": "Czech",
+    "hu": "Hungarian",
+    "sl": "Slovenian",
+    "hr": "Croatian",
 }
 
-_ALPACA_HEADER = "Below is an instruction that describes a task. Write a response that appropriately completes the request.\n\n"
+_ALPACA_HEADER = (
+    "Below is an instruction that describes a task. Write a response that appropriately completes the request.\n\n"
+)
 
 
 def _require(record: dict[str, Any], field: str, origin: str) -> str:
@@ -84,7 +125,9 @@ def format_record(record: dict[str, Any], prompt_format: str, origin: str = "dat
         body = f"### Instruction:\n{instruction}\n\n" + (f"### Input:\n{extra}\n\n" if extra else "")
         return f"{_ALPACA_HEADER}{body}### Response:\n", response
     if prompt_format == "functioncall":  # the whole conversation, without the literal end-of-text markers
-        return _require(record, "system", origin).strip() + "\n\n", _END_OF_TEXT.sub("", _require(record, "chat", origin)).strip()
+        return _require(record, "system", origin).strip() + "\n\n", _END_OF_TEXT.sub(
+            "", _require(record, "chat", origin)
+        ).strip()
     if prompt_format == "functioncall_turn":  # the system text and the first request; the reference is the first reply
         turns = chat_turns(_require(record, "chat", origin))
         user = next((text for role, text in turns if role == "USER"), "")
@@ -94,7 +137,9 @@ def format_record(record: dict[str, Any], prompt_format: str, origin: str = "dat
         return "", _require(record, "question", origin)
     if prompt_format.startswith("field:"):
         return "", _require(record, prompt_format.removeprefix("field:"), origin)
-    raise ValueError(f"unknown prompt format {prompt_format!r}: use alpaca, functioncall, functioncall_turn, question or field:NAME")
+    raise ValueError(
+        f"unknown prompt format {prompt_format!r}: use alpaca, functioncall, functioncall_turn, question or field:NAME"
+    )
 
 
 _END_OF_TEXT = re.compile(r"\s*<\|endoftext\|>")
@@ -138,18 +183,26 @@ def read_json_records(path: Path) -> Iterator[dict[str, Any]]:
                 try:
                     record = json.loads(line)
                 except json.JSONDecodeError as err:
-                    raise ValueError(f"{path}, line {number}: not valid JSON ({err.msg}, column {err.colno}): fix or remove that line") from None
+                    raise ValueError(
+                        f"{path}, line {number}: not valid JSON ({err.msg}, column {err.colno}): fix or remove that line"
+                    ) from None
                 if not isinstance(record, dict):
-                    raise ValueError(f"{path}, line {number}: a JSON {type(record).__name__}, not an object: write one object per line")
+                    raise ValueError(
+                        f"{path}, line {number}: a JSON {type(record).__name__}, not an object: write one object per line"
+                    )
                 yield record
     except UnicodeDecodeError as err:
-        raise ValueError(f"{path} is not UTF-8 text (byte 0x{err.object[err.start]:02x} cannot be decoded): convert it, "
-                         f"for example `iconv -f latin1 -t utf-8 {path.name}`") from None
+        raise ValueError(
+            f"{path} is not UTF-8 text (byte 0x{err.object[err.start]:02x} cannot be decoded): convert it, "
+            f"for example `iconv -f latin1 -t utf-8 {path.name}`"
+        ) from None
     except json.JSONDecodeError as err:
         raise ValueError(f"{path}: not valid JSON ({err.msg}, line {err.lineno}): fix the file") from None
 
 
-def load_records(path_or_id: str, split: str = "train", data_dir: str | None = None, streaming: bool = False) -> Iterable[dict[str, Any]]:
+def load_records(
+    path_or_id: str, split: str = "train", data_dir: str | None = None, streaming: bool = False
+) -> Iterable[dict[str, Any]]:
     """Records of a local file (.jsonl/.json read here, .txt/.parquet/.csv through `datasets`) or of a hub dataset."""
     import datasets
 
@@ -159,7 +212,9 @@ def load_records(path_or_id: str, split: str = "train", data_dir: str | None = N
             raise FileNotFoundError(f"dataset file {local} does not exist")
         if local.suffix in (".jsonl", ".json"):
             return read_json_records(local)
-        builder = {".jsonl": "json", ".json": "json", ".txt": "text", ".parquet": "parquet", ".csv": "csv"}[local.suffix]
+        builder = {".jsonl": "json", ".json": "json", ".txt": "text", ".parquet": "parquet", ".csv": "csv"}[
+            local.suffix
+        ]
         return datasets.load_dataset(builder, data_files=str(local), split="train", streaming=streaming)
     try:
         return datasets.load_dataset(path_or_id, data_dir=data_dir, split=split, streaming=streaming)
@@ -175,13 +230,20 @@ def visr_documents(name: str, data_dir: str | None) -> list[dict[str, Any]]:
     if data_dir:
         path = Path(data_dir) / "visr" / name
         if not path.is_file():
-            raise FileNotFoundError(f"data_dir {data_dir} has no visr/{name} (VisR-Bench's QA/{name}); add it, or unset "
-                                    f"data_dir/{DATA_DIR_ENV} to read it from GitHub")
+            raise FileNotFoundError(
+                f"data_dir {data_dir} has no visr/{name} (VisR-Bench's QA/{name}); add it, or unset "
+                f"data_dir/{DATA_DIR_ENV} to read it from GitHub"
+            )
         return list(read_json_records(path))
     import hashlib
 
     url = os.environ.get(VISR_URL_ENV, VISR_URL).format(commit=VISR_COMMIT, file=name)
-    cache = Path(os.environ.get(CACHE_ENV, "~/.cache/kvcore-eval")).expanduser() / "visr" / hashlib.sha256(url.encode()).hexdigest()[:16] / name
+    cache = (
+        Path(os.environ.get(CACHE_ENV, "~/.cache/kvcore-eval")).expanduser()
+        / "visr"
+        / hashlib.sha256(url.encode()).hexdigest()[:16]
+        / name
+    )
     if not cache.is_file():
         import urllib.request
 
@@ -191,8 +253,10 @@ def visr_documents(name: str, data_dir: str | None) -> list[dict[str, Any]]:
             with urllib.request.urlopen(url, timeout=120) as response:
                 text = response.read().decode("utf-8")
         except OSError as err:
-            raise ConnectionError(f"could not download VisR-Bench's {name} from {url} ({err}): set {VISR_URL_ENV} to a reachable "
-                                  f"copy, or {DATA_DIR_ENV} to a folder holding visr/{name}") from err
+            raise ConnectionError(
+                f"could not download VisR-Bench's {name} from {url} ({err}): set {VISR_URL_ENV} to a reachable "
+                f"copy, or {DATA_DIR_ENV} to a folder holding visr/{name}"
+            ) from err
         cache.parent.mkdir(parents=True, exist_ok=True)
         atomic_write_text(cache, text)
     return list(read_json_records(cache))
@@ -202,13 +266,19 @@ def flatten_visr(document: dict[str, Any], default_language: str | None) -> Iter
     """A document's questions as flat records {question, answer, language}: `qa_list` (current layout) or
     `QA.questions` with `question_in_detected_language` (older files)."""
     for qa in document.get("qa_list") or []:
-        yield {"question": qa.get("question") or qa.get("question_in_detected_language") or "", "answer": qa.get("answer") or "",
-               "language": qa.get("detected_language") or document.get("detected_language") or default_language}
+        yield {
+            "question": qa.get("question") or qa.get("question_in_detected_language") or "",
+            "answer": qa.get("answer") or "",
+            "language": qa.get("detected_language") or document.get("detected_language") or default_language,
+        }
     old = document.get("QA")
     if isinstance(old, dict):
         for qa in old.get("questions") or []:
-            yield {"question": qa.get("question_in_detected_language") or qa.get("question") or "",
-                   "answer": qa.get("answer_in_detected_language") or "", "language": old.get("detected_language") or default_language}
+            yield {
+                "question": qa.get("question_in_detected_language") or qa.get("question") or "",
+                "answer": qa.get("answer_in_detected_language") or "",
+                "language": old.get("detected_language") or default_language,
+            }
 
 
 def visr_records(language: str | None, data_dir: str | None) -> Iterator[dict[str, Any]]:
@@ -219,7 +289,9 @@ def visr_records(language: str | None, data_dir: str | None) -> Iterator[dict[st
             yield from flatten_visr(document, "English" if english else None)
 
 
-def source_records(source: DataSource, data_dir: str | os.PathLike | None = None, streaming: bool = False) -> Iterable[dict[str, Any]]:
+def source_records(
+    source: DataSource, data_dir: str | os.PathLike | None = None, streaming: bool = False
+) -> Iterable[dict[str, Any]]:
     """Records of a registered source: `<data_dir>/<name>.jsonl` when that file exists, else the hub."""
     data_dir = data_dir or os.environ.get(DATA_DIR_ENV)
     if data_dir:
@@ -234,8 +306,15 @@ def source_records(source: DataSource, data_dir: str | os.PathLike | None = None
     return load_records(source.hub_id, source.split, source.data_dir, streaming=streaming)
 
 
-def iter_texts(dataset: str, split: str = "train", prompt_format: str | None = None, text_field: str | None = None,
-               data_dir: str | None = None, skip_docs: int = 0, include_path: list[str] | None = None) -> Iterator[str]:
+def iter_texts(
+    dataset: str,
+    split: str = "train",
+    prompt_format: str | None = None,
+    text_field: str | None = None,
+    data_dir: str | None = None,
+    skip_docs: int = 0,
+    include_path: list[str] | None = None,
+) -> Iterator[str]:
     """Texts for calibration, each prompt + response, from `kvcore:<source>[:<language>]` (the task registry),
     `lm_eval:<task>` (an lm-eval task's documents after the first `skip_docs`), a local file or a hub id."""
     if dataset.startswith("lm_eval:"):
@@ -244,10 +323,14 @@ def iter_texts(dataset: str, split: str = "train", prompt_format: str | None = N
     if dataset.startswith("kvcore:"):
         source_name, _, language = dataset.removeprefix("kvcore:").partition(":")
         prompt_format = prompt_format or (f"field:{text_field}" if text_field else None)
-        pairs = source_pairs(resolve_source(source_name), language or None, data_dir, streaming=True, prompt_format=prompt_format)
+        pairs = source_pairs(
+            resolve_source(source_name), language or None, data_dir, streaming=True, prompt_format=prompt_format
+        )
     else:
         prompt_format = prompt_format or f"field:{text_field or 'text'}"
-        pairs = (format_record(record, prompt_format, dataset) for record in load_records(dataset, split, streaming=True))
+        pairs = (
+            format_record(record, prompt_format, dataset) for record in load_records(dataset, split, streaming=True)
+        )
     for prompt, response in pairs:
         yield prompt + response
 
@@ -276,8 +359,13 @@ def _language_matches(record_language: str, language: str) -> bool:
     return str(record_language).strip().lower() in wanted
 
 
-def source_pairs(source: DataSource, language: str | None = None, data_dir: str | None = None,
-                 streaming: bool = False, prompt_format: str | None = None) -> Iterator[tuple[str, str]]:
+def source_pairs(
+    source: DataSource,
+    language: str | None = None,
+    data_dir: str | None = None,
+    streaming: bool = False,
+    prompt_format: str | None = None,
+) -> Iterator[tuple[str, str]]:
     """(prompt, response) of a registered source's records in its prompt format (or `prompt_format`),
     only those in `language` when given (VisR-Bench)."""
     if language is not None and language not in VISR_LANGUAGES:
@@ -296,8 +384,10 @@ def source_pairs(source: DataSource, language: str | None = None, data_dir: str 
                 continue
         yield format_record(record, prompt_format or source.prompt_format, origin)
     if language is not None and not any(_language_matches(name, language) for name in found):
-        raise ValueError(f"{source.name} has no records in language {language!r} ({VISR_LANGUAGES[language]}); languages "
-                         f"present: {', '.join(sorted(found)) or 'none'}")
+        raise ValueError(
+            f"{source.name} has no records in language {language!r} ({VISR_LANGUAGES[language]}); languages "
+            f"present: {', '.join(sorted(found)) or 'none'}"
+        )
 
 
 def split_indices(count: int, num_samples: int | None, seed: int) -> list[int]:
@@ -308,22 +398,33 @@ def split_indices(count: int, num_samples: int | None, seed: int) -> list[int]:
     return order if num_samples is None else order[:num_samples]
 
 
-def task_dataset(source_name: str, language: str | None = None, data_dir: str | None = None,
-                 num_samples: int | None = None, seed: int = 1234, generation: bool = False):
+def task_dataset(
+    source_name: str,
+    language: str | None = None,
+    data_dir: str | None = None,
+    num_samples: int | None = None,
+    seed: int = 1234,
+    generation: bool = False,
+):
     """A `datasets.Dataset` of {prompt, response} for an lm-eval task: the records in a seeded order, the first
     `num_samples` of them when set. `generation` uses the source's _gen prompt format where it has one."""
     import datasets
 
     source = resolve_source(source_name)
     prompt_format = GENERATION_FORMATS.get(source.prompt_format) if generation else None
-    rows = [{"prompt": prompt, "response": response} for prompt, response in source_pairs(source, language, data_dir, prompt_format=prompt_format)]
+    rows = [
+        {"prompt": prompt, "response": response}
+        for prompt, response in source_pairs(source, language, data_dir, prompt_format=prompt_format)
+    ]
     if not rows:
         raise ValueError(f"{source.name} has no records: check its data (data_dir or the hub)")
     num_samples = None if num_samples is None else int(num_samples)
     return datasets.Dataset.from_list([rows[i] for i in split_indices(len(rows), num_samples, seed)])
 
 
-def lm_eval_task_texts(task: str, skip_docs: int = 0, data_dir: str | None = None, include_path: list[str] | None = None) -> Iterator[str]:
+def lm_eval_task_texts(
+    task: str, skip_docs: int = 0, data_dir: str | None = None, include_path: list[str] | None = None
+) -> Iterator[str]:
     """Texts of an lm-eval task's documents (doc_to_text + delimiter + doc_to_target), after the first `skip_docs`
     (the documents an evaluation with --limit skip_docs scores): calibration data disjoint from the evaluation."""
     from kvcore_eval.lm_tasks import task_manager

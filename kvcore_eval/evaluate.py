@@ -13,7 +13,10 @@ from kvcore_eval.outputs import atomic_write_text
 
 logger = logging.getLogger(__name__)
 
-def run_lm_eval(config: EvalConfig, log_samples: bool = False, metadata: dict[str, Any] | None = None) -> dict[str, Any]:
+
+def run_lm_eval(
+    config: EvalConfig, log_samples: bool = False, metadata: dict[str, Any] | None = None
+) -> dict[str, Any]:
     """Run lm-eval once; returns its results dict (and writes it to config.output when set). `metadata` reaches the
     tasks as lm-eval's --metadata does."""
     import lm_eval
@@ -22,8 +25,13 @@ def run_lm_eval(config: EvalConfig, log_samples: bool = False, metadata: dict[st
 
     model = "kvcore_hf" if config.calibration is not None else "hf"
     results = lm_eval.simple_evaluate(
-        model=model, model_args=config.model_args(), tasks=[t.strip() for t in config.tasks.split(",") if t.strip()],
-        batch_size=config.batch_size, device=config.device, limit=config.limit, log_samples=log_samples,
+        model=model,
+        model_args=config.model_args(),
+        tasks=[t.strip() for t in config.tasks.split(",") if t.strip()],
+        batch_size=config.batch_size,
+        device=config.device,
+        limit=config.limit,
+        log_samples=log_samples,
         task_manager=task_manager(config.data_dir, split_paths(config.include_path), metadata),
     )
     if config.output:

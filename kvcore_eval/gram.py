@@ -30,7 +30,10 @@ class GramAccumulator:
     def __init__(self, geometry: KVGeometry, device: torch.device | str = "cpu"):
         self.geometry = geometry
         width = geometry.width
-        self.grams = {space: torch.zeros(geometry.num_layers, width, width, dtype=torch.float64, device=device) for space in SPACES}
+        self.grams = {
+            space: torch.zeros(geometry.num_layers, width, width, dtype=torch.float64, device=device)
+            for space in SPACES
+        }
         self.token_count = torch.zeros(geometry.num_layers, dtype=torch.int64, device=device)  # (layers,)
 
     def add(self, layer_idx: int, space: str, activations: torch.Tensor) -> None:
@@ -40,7 +43,9 @@ class GramAccumulator:
 
     def nonfinite_layers(self) -> list[int]:
         """Layers whose Gram holds NaN or inf (one device sync for all layers and spaces)."""
-        traces = torch.stack([gram.diagonal(dim1=1, dim2=2).sum(-1) for gram in self.grams.values()])  # (spaces, layers)
+        traces = torch.stack(
+            [gram.diagonal(dim1=1, dim2=2).sum(-1) for gram in self.grams.values()]
+        )  # (spaces, layers)
         bad = ~torch.isfinite(traces).all(dim=0)
         return bad.nonzero().flatten().tolist()
 
@@ -78,7 +83,9 @@ class _RecordingLayer(DynamicLayer):
         self.context = context
         self.layer_idx = layer_idx
 
-    def update(self, key_states: torch.Tensor, value_states: torch.Tensor, *args, **kwargs) -> tuple[torch.Tensor, torch.Tensor]:
+    def update(
+        self, key_states: torch.Tensor, value_states: torch.Tensor, *args, **kwargs
+    ) -> tuple[torch.Tensor, torch.Tensor]:
         # key_states, value_states: (batch, kv_heads, seq, head_dim)
         batch, kv_heads, seq, head_dim = key_states.shape
         geometry = self.context.accumulator.geometry
@@ -94,7 +101,9 @@ class _RecordingLayer(DynamicLayer):
         add(self.layer_idx, "key_post_rope", key_rows)
         add(self.layer_idx, "value", _token_rows(value_states, weights))
         tap = self.context.tap
-        pre_rope = key_rows if not tap.has_rope else _token_rows(pre_rope_keys(key_states, self.layer_idx, tap), weights)
+        pre_rope = (
+            key_rows if not tap.has_rope else _token_rows(pre_rope_keys(key_states, self.layer_idx, tap), weights)
+        )
         add(self.layer_idx, "key_pre_rope", pre_rope)
         self.context.accumulator.token_count[self.layer_idx] += mask.sum() if mask is not None else batch * seq
         return key_states, value_states

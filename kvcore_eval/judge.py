@@ -37,7 +37,9 @@ USER_TEMPLATE = (
     "1 (useless) to 10 (excellent).{reference_note}\n\n[Instruction]\n{instruction}\n\n{reference_block}"
     "[Assistant's answer]\n{answer}\n\nReply with one line, exactly: Rating: N"
 )
-STRICT_REMINDER = "Your reply could not be read. Reply with exactly `Rating: N`, N an integer from 1 to 10, and nothing else."
+STRICT_REMINDER = (
+    "Your reply could not be read. Reply with exactly `Rating: N`, N an integer from 1 to 10, and nothing else."
+)
 _RATING = re.compile(r"rating\s*[:=]\s*\[*\s*(\d+(?:\.\d+)?)", re.IGNORECASE)
 
 
@@ -46,11 +48,17 @@ class JudgeConfig:
     """Where the judge lives and how hard to try. Each field's `help` is its --help line."""
 
     model: str = field(metadata={"help": "judge model name on the server, e.g. gpt-4o-mini"})
-    base_url: str | None = field(default=None, metadata={"help": "OpenAI-compatible endpoint, e.g. http://localhost:8000/v1 (default: OpenAI)"})
+    base_url: str | None = field(
+        default=None, metadata={"help": "OpenAI-compatible endpoint, e.g. http://localhost:8000/v1 (default: OpenAI)"}
+    )
     api_key_env: str = field(default="OPENAI_API_KEY", metadata={"help": "environment variable holding the API key"})
-    cache_path: str = field(default="~/.cache/kvcore-eval/judge.sqlite", metadata={"help": "sqlite file caching every judgement"})
+    cache_path: str = field(
+        default="~/.cache/kvcore-eval/judge.sqlite", metadata={"help": "sqlite file caching every judgement"}
+    )
     max_concurrency: int = field(default=4, metadata={"help": "requests in flight at once"})
-    max_retries: int = field(default=5, metadata={"help": "HTTP retries (exponential backoff) on 429, 5xx and timeouts"})
+    max_retries: int = field(
+        default=5, metadata={"help": "HTTP retries (exponential backoff) on 429, 5xx and timeouts"}
+    )
     timeout: float = field(default=60.0, metadata={"help": "seconds per request"})
     seed: int | None = field(default=0, metadata={"help": "sampling seed sent to servers that take one"})
 
@@ -58,7 +66,9 @@ class JudgeConfig:
         if self.max_concurrency < 1 or self.max_retries < 0 or self.timeout <= 0:
             raise ValueError("max_concurrency must be >= 1, max_retries >= 0 and timeout > 0")
         if self.base_url is not None and not self.base_url.startswith(("http://", "https://")):
-            raise ValueError(f"judge base URL {self.base_url!r} has no scheme: write it as http://{self.base_url} (or https://)")
+            raise ValueError(
+                f"judge base URL {self.base_url!r} has no scheme: write it as http://{self.base_url} (or https://)"
+            )
 
     @classmethod
     def from_env(cls) -> JudgeConfig:
@@ -71,7 +81,9 @@ class JudgeConfig:
                 kind = next((t for t in typing.get_args(hints[f.name]) if t is not type(None)), hints[f.name])
                 settings[f.name] = kind(value)
         if "model" not in settings:
-            raise ValueError(f"GPT-score needs a judge: set {env_name('model')} (and {env_name('base_url')} for a non-OpenAI server)")
+            raise ValueError(
+                f"GPT-score needs a judge: set {env_name('model')} (and {env_name('base_url')} for a non-OpenAI server)"
+            )
         return cls(**settings)
 
 
@@ -101,7 +113,8 @@ def parse_rating(reply: str) -> float | None:
 def render_prompt(instruction: str, answer: str, reference: str | None) -> str:
     has_reference = bool(reference and reference.strip())
     return USER_TEMPLATE.format(
-        instruction=instruction.strip(), answer=answer.strip(),
+        instruction=instruction.strip(),
+        answer=answer.strip(),
         reference_note=" A reference answer is shown for comparison." if has_reference else "",
         reference_block=f"[Reference answer]\n{reference.strip()}\n\n" if has_reference else "",
     )
@@ -115,7 +128,9 @@ class JudgeCache:
         self.path.parent.mkdir(parents=True, exist_ok=True)
         self._lock = threading.Lock()
         self._db = sqlite3.connect(self.path, check_same_thread=False)
-        self._db.execute("CREATE TABLE IF NOT EXISTS judgements (key TEXT PRIMARY KEY, score REAL, raw TEXT, record TEXT)")
+        self._db.execute(
+            "CREATE TABLE IF NOT EXISTS judgements (key TEXT PRIMARY KEY, score REAL, raw TEXT, record TEXT)"
+        )
         self._db.commit()
 
     @staticmethod
@@ -130,7 +145,10 @@ class JudgeCache:
 
     def put(self, key: str, judgement: Judgement, record: dict[str, Any]) -> None:
         with self._lock:
-            self._db.execute("INSERT OR REPLACE INTO judgements VALUES (?, ?, ?, ?)", (key, judgement.score, judgement.raw, json.dumps(record)))
+            self._db.execute(
+                "INSERT OR REPLACE INTO judgements VALUES (?, ?, ?, ?)",
+                (key, judgement.score, judgement.raw, json.dumps(record)),
+            )
             self._db.commit()
 
 
@@ -151,10 +169,14 @@ class GPTJudge:
 
         api_key = os.environ.get(config.api_key_env)
         if not api_key:
-            raise ValueError(f"no API key for the judge: set the environment variable {config.api_key_env} "
-                             "(any non-empty value for a local server that checks none)")
+            raise ValueError(
+                f"no API key for the judge: set the environment variable {config.api_key_env} "
+                "(any non-empty value for a local server that checks none)"
+            )
         self.config = config
-        self.client = openai.OpenAI(base_url=config.base_url, api_key=api_key, max_retries=config.max_retries, timeout=config.timeout)
+        self.client = openai.OpenAI(
+            base_url=config.base_url, api_key=api_key, max_retries=config.max_retries, timeout=config.timeout
+        )
         self.cache = JudgeCache(config.cache_path)
         self.stats = JudgeStats()
         self._stats_lock = threading.Lock()
@@ -164,11 +186,20 @@ class GPTJudge:
 
         extra = {"seed": self.config.seed} if self.config.seed is not None else {}
         try:
-            response = self.client.chat.completions.create(model=self.config.model, messages=messages, temperature=0, max_tokens=32, **extra)
+            response = self.client.chat.completions.create(
+                model=self.config.model, messages=messages, temperature=0, max_tokens=32, **extra
+            )
         except (openai.AuthenticationError, openai.PermissionDeniedError) as err:
-            raise JudgeUnavailable(f"judge at {self.config.base_url or 'api.openai.com'} refused the key in {self.config.api_key_env}: "
-                                   "set it to a valid key") from err
-        except (openai.APIConnectionError, openai.APITimeoutError, openai.RateLimitError, openai.InternalServerError) as err:
+            raise JudgeUnavailable(
+                f"judge at {self.config.base_url or 'api.openai.com'} refused the key in {self.config.api_key_env}: "
+                "set it to a valid key"
+            ) from err
+        except (
+            openai.APIConnectionError,
+            openai.APITimeoutError,
+            openai.RateLimitError,
+            openai.InternalServerError,
+        ) as err:
             raise JudgeUnavailable(
                 f"judge {self.config.model} at {self.config.base_url or 'api.openai.com'} did not answer after "
                 f"{self.config.max_retries} retries ({type(err).__name__}); every score obtained so far is kept in "
@@ -187,7 +218,10 @@ class GPTJudge:
             with self._stats_lock:
                 self.stats.cache_hits += 1
             return cached
-        messages = [{"role": "system", "content": SYSTEM_PROMPT}, {"role": "user", "content": render_prompt(instruction, answer, reference)}]
+        messages = [
+            {"role": "system", "content": SYSTEM_PROMPT},
+            {"role": "user", "content": render_prompt(instruction, answer, reference)},
+        ]
         reply = self._ask(messages)
         if (score := parse_rating(reply)) is None:
             messages += [{"role": "assistant", "content": reply}, {"role": "user", "content": STRICT_REMINDER}]
@@ -197,8 +231,17 @@ class GPTJudge:
         if score is None:  # not cached: the next run asks again
             logger.warning("judge reply unparseable after the reminder, recorded as missing: %r", reply[:200])
             return judgement
-        self.cache.put(key, judgement, {"model": self.config.model, "prompt_version": PROMPT_VERSION, "instruction": instruction,
-                                        "reference": reference, "answer": answer})
+        self.cache.put(
+            key,
+            judgement,
+            {
+                "model": self.config.model,
+                "prompt_version": PROMPT_VERSION,
+                "instruction": instruction,
+                "reference": reference,
+                "answer": answer,
+            },
+        )
         return judgement
 
     def score_many(self, items: list[tuple[str, str, str | None]]) -> list[Judgement]:
@@ -220,12 +263,20 @@ def judge_samples(samples_path: str | Path, config: JudgeConfig, out_path: str |
     try:
         samples = [json.loads(line) for line in samples_path.read_text(encoding="utf-8").splitlines() if line.strip()]
     except (json.JSONDecodeError, UnicodeDecodeError) as err:
-        raise ValueError(f"{samples_path} is not an lm-eval samples file (JSON lines): pass the samples_<task>_*.jsonl "
-                         "that lm-eval writes with --log_samples") from err
+        raise ValueError(
+            f"{samples_path} is not an lm-eval samples file (JSON lines): pass the samples_<task>_*.jsonl "
+            "that lm-eval writes with --log_samples"
+        ) from err
     items = []
     for sample in samples:
-        if not isinstance(sample, dict) or "prompt" not in (doc := sample.get("doc") or {}) or not sample.get("filtered_resps"):
-            raise ValueError(f"{samples_path}: sample {sample.get('doc_id')} has no doc.prompt or filtered_resps: judge a kvcore _gen task's samples")
+        if (
+            not isinstance(sample, dict)
+            or "prompt" not in (doc := sample.get("doc") or {})
+            or not sample.get("filtered_resps")
+        ):
+            raise ValueError(
+                f"{samples_path}: sample {sample.get('doc_id')} has no doc.prompt or filtered_resps: judge a kvcore _gen task's samples"
+            )
         answer = sample["filtered_resps"][0]
         items.append((doc["prompt"], answer if isinstance(answer, str) else answer[0], doc.get("response")))
     judge = GPTJudge(config)
@@ -233,9 +284,17 @@ def judge_samples(samples_path: str | Path, config: JudgeConfig, out_path: str |
     out_path = Path(out_path or samples_path.with_suffix(".judged.jsonl"))
     with out_path.open("w") as f:
         for sample, judgement in zip(samples, judgements):
-            f.write(json.dumps({"doc_id": sample.get("doc_id"), "gpt_score": judgement.score, "judge_raw": judgement.raw}) + "\n")
+            f.write(
+                json.dumps({"doc_id": sample.get("doc_id"), "gpt_score": judgement.score, "judge_raw": judgement.raw})
+                + "\n"
+            )
     scores = [j.score for j in judgements if j.score is not None]
-    return {"samples": len(samples), "gpt_score": sum(scores) / len(scores) if scores else None, "output": str(out_path), **judge.summary()}
+    return {
+        "samples": len(samples),
+        "gpt_score": sum(scores) / len(scores) if scores else None,
+        "output": str(out_path),
+        **judge.summary(),
+    }
 
 
 _shared_judge: GPTJudge | None = None
@@ -264,7 +323,10 @@ def score_for_task(instruction: str, answer: str, reference: str | None) -> dict
             return {"gpt_score": judgement.score, "gpt_score_missing": float(judgement.score is None)}
         except (JudgeUnavailable, ValueError) as err:
             _judge_error = str(err)
-            task_logger.error("GPT-score not available (%s). The generations are kept: run lm_eval with --log_samples and "
-                              "score them afterwards with `kvcore-eval judge <samples_*.jsonl> --model ...`; every "
-                              "answer of this run is reported as missing", err)
+            task_logger.error(
+                "GPT-score not available (%s). The generations are kept: run lm_eval with --log_samples and "
+                "score them afterwards with `kvcore-eval judge <samples_*.jsonl> --model ...`; every "
+                "answer of this run is reported as missing",
+                err,
+            )
     return {"gpt_score": None, "gpt_score_missing": 1.0}

@@ -60,7 +60,9 @@ def _scores(query: torch.Tensor, layer: LowRankLayer, kv_heads: int) -> torch.Te
     heads = query.shape[1]
     basis = layer.bases.key
     if basis is None or layer.rope is not None:  # stored in full, or pre-RoPE (its rotation depends on the position)
-        keys = layer.read_keys(query.dtype).repeat_interleave(heads // kv_heads, dim=1)  # (batch, heads, kv_len, head_dim)
+        keys = layer.read_keys(query.dtype).repeat_interleave(
+            heads // kv_heads, dim=1
+        )  # (batch, heads, kv_len, head_dim)
         return query @ keys.transpose(-1, -2)
     projected = torch.einsum("bhqd,hdr->bhqr", query, _per_query_head(basis, kv_heads, heads).to(query.dtype))
     latents = layer.keys.to(query.dtype)
@@ -83,17 +85,30 @@ def _context(probs: torch.Tensor, layer: LowRankLayer, kv_heads: int) -> torch.T
     return torch.einsum("bhqr,hdr->bhqd", mixed, _per_query_head(basis, kv_heads, heads).to(probs.dtype))
 
 
-def latent_attention(module: nn.Module, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
-                     attention_mask: torch.Tensor | None, scaling: float | None = None, dropout: float = 0.0,
-                     **kwargs) -> tuple[torch.Tensor, None]:
+def latent_attention(
+    module: nn.Module,
+    query: torch.Tensor,
+    key: torch.Tensor,
+    value: torch.Tensor,
+    attention_mask: torch.Tensor | None,
+    scaling: float | None = None,
+    dropout: float = 0.0,
+    **kwargs,
+) -> tuple[torch.Tensor, None]:
     """An AttentionInterface function. query: (batch, heads, q_len, head_dim); `key`/`value` (what the cache's
     update returned) are not read: the active cache's latents are. Returns (batch, q_len, heads, head_dim)."""
     cache = _ACTIVE.get()
     if cache is None:
-        raise RuntimeError("kvcore_latent attention ran outside `latent.active(cache)`: only kvcore_hf's forwards can use it")
-    unsupported = [name for name in ("softcap", "s_aux", "sinks") if kwargs.get(name) is not None] + (["dropout"] if dropout else [])
+        raise RuntimeError(
+            "kvcore_latent attention ran outside `latent.active(cache)`: only kvcore_hf's forwards can use it"
+        )
+    unsupported = [name for name in ("softcap", "s_aux", "sinks") if kwargs.get(name) is not None] + (
+        ["dropout"] if dropout else []
+    )
     if unsupported:
-        raise ValueError(f"kvcore_latent attention does not implement {', '.join(unsupported)} (used by this model): use attention=reconstruct")
+        raise ValueError(
+            f"kvcore_latent attention does not implement {', '.join(unsupported)} (used by this model): use attention=reconstruct"
+        )
     layer = cache.layers[module.layer_idx]
     scaling = scaling if scaling is not None else query.shape[-1] ** -0.5
     scores = _scores(query, layer, cache.kv_heads).float() * scaling
@@ -108,18 +123,31 @@ def check_against_reconstruction(model: nn.Module, new_cache, reconstruct_implem
     each cache); returns the relative error, or raises where they disagree beyond float round-off."""
     from kvcore_eval.selfcheck import TOLERANCE, probe_batch
 
-    input_ids, attention_mask, position_ids = probe_batch(model.config.get_text_config(decoder=True).vocab_size, model.device)
+    input_ids, attention_mask, position_ids = probe_batch(
+        model.config.get_text_config(decoder=True).vocab_size, model.device
+    )
     logits = {}
     for is_latent in (False, True):
         model.set_attn_implementation(NAME if is_latent else reconstruct_implementation)
         cache = new_cache(is_latent)
         with torch.no_grad(), active(cache):
-            logits[is_latent] = model(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids, cache=cache,
-                                      use_cache=True).logits[attention_mask.bool()].float()
+            logits[is_latent] = (
+                model(
+                    input_ids=input_ids,
+                    attention_mask=attention_mask,
+                    position_ids=position_ids,
+                    cache=cache,
+                    use_cache=True,
+                )
+                .logits[attention_mask.bool()]
+                .float()
+            )
     error = float((logits[True] - logits[False]).norm() / logits[False].norm())
     tolerance = TOLERANCE.get(model.dtype, 3e-2)
     if error > tolerance:
         model.set_attn_implementation(reconstruct_implementation)
-        raise ValueError(f"{model.config.model_type}: latent attention differs from the reconstruction path by {error:.2%} "
-                         f"(tolerance {tolerance:.0e}): this family's attention is not supported latent; use attention=reconstruct")
+        raise ValueError(
+            f"{model.config.model_type}: latent attention differs from the reconstruction path by {error:.2%} "
+            f"(tolerance {tolerance:.0e}): this family's attention is not supported latent; use attention=reconstruct"
+        )
     return error

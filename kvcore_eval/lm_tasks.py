@@ -24,7 +24,9 @@ def tasks_dir() -> Path:
     raise FileNotFoundError(f"kvcore's lm-eval tasks are neither in {installed} nor in {source}: reinstall kvcore-eval")
 
 
-def task_manager(data_dir: str | None = None, include_path: list[str] | None = None, metadata: dict[str, Any] | None = None):
+def task_manager(
+    data_dir: str | None = None, include_path: list[str] | None = None, metadata: dict[str, Any] | None = None
+):
     """lm-eval's TaskManager with exactly one copy of our tasks, plus the user's `include_path` folders; `metadata`
     (and data_dir) reach every task's custom_dataset, as lm-eval's --metadata does. Building one indexes every
     task lm-eval ships (seconds), so a process keeps one per set of arguments."""

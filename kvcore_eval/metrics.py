@@ -64,11 +64,22 @@ def correlation(x, y) -> dict[str, float]:
     x, y = np.asarray(x, dtype=np.float64), np.asarray(y, dtype=np.float64)
     if x.shape != y.shape:
         raise ValueError(f"correlation needs equal lengths, got {len(x)} and {len(y)}")
-    undefined = {"pearson": float("nan"), "pearson_p": float("nan"), "spearman": float("nan"), "spearman_p": float("nan"), "n": len(x)}
+    undefined = {
+        "pearson": float("nan"),
+        "pearson_p": float("nan"),
+        "spearman": float("nan"),
+        "spearman_p": float("nan"),
+        "n": len(x),
+    }
     if len(x) < 3 or np.ptp(x) == 0 or np.ptp(y) == 0:
         return undefined
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")  # scipy warns on near-constant input; the NaN it returns says it
         pearson, spearman = stats.pearsonr(x, y), stats.spearmanr(x, y)
-    return {"pearson": float(pearson.statistic), "pearson_p": float(pearson.pvalue), "spearman": float(spearman.statistic),
-            "spearman_p": float(spearman.pvalue), "n": len(x)}
+    return {
+        "pearson": float(pearson.statistic),
+        "pearson_p": float(pearson.pvalue),
+        "spearman": float(spearman.statistic),
+        "spearman_p": float(spearman.pvalue),
+        "n": len(x),
+    }

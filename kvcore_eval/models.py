@@ -16,10 +16,20 @@ logger = logging.getLogger(__name__)
 
 # Config keys that say nothing about the architecture (paths, versions, runtime choices, how weights were
 # stored: a loaded GGUF gains a quantization_config its bare config lacks; the weights fingerprint covers weights).
-_VOLATILE_CONFIG_KEYS = {"quantization_config",
-    "_name_or_path", "transformers_version", "torch_dtype", "dtype", "_attn_implementation",
-    "_attn_implementation_autoset", "_commit_hash", "use_cache", "output_attentions",
-    "output_hidden_states", "return_dict", "architectures",
+_VOLATILE_CONFIG_KEYS = {
+    "quantization_config",
+    "_name_or_path",
+    "transformers_version",
+    "torch_dtype",
+    "dtype",
+    "_attn_implementation",
+    "_attn_implementation_autoset",
+    "_commit_hash",
+    "use_cache",
+    "output_attentions",
+    "output_hidden_states",
+    "return_dict",
+    "architectures",
 }
 
 
@@ -75,7 +85,9 @@ def weights_sample(model: torch.nn.Module) -> torch.Tensor:
     with torch.no_grad():
         for _, param in sorted(model.named_parameters(), key=lambda item: item[0]):
             flat = param.detach().reshape(-1)
-            index = torch.arange(WEIGHT_SAMPLE, device=flat.device) * (flat.numel() - 1) // (WEIGHT_SAMPLE - 1)  # exact in int64
+            index = (
+                torch.arange(WEIGHT_SAMPLE, device=flat.device) * (flat.numel() - 1) // (WEIGHT_SAMPLE - 1)
+            )  # exact in int64
             rows.append(flat[index].float())
     return torch.stack(rows).cpu()
 
@@ -120,7 +132,9 @@ def file_sha256(path: str) -> str:
     return digest.hexdigest()
 
 
-def model_identity(model: PreTrainedModel, model_id: str, revision: str | None, gguf_file: str | None = None) -> dict[str, Any]:
+def model_identity(
+    model: PreTrainedModel, model_id: str, revision: str | None, gguf_file: str | None = None
+) -> dict[str, Any]:
     """What the artifact records about the model: id, revision, geometry, fingerprints and the GGUF file."""
     from pathlib import Path
 
@@ -156,14 +170,17 @@ def load_config(model_id: str, revision: str | None, gguf_file: str | None = Non
 
     local = Path(model_id)
     if (local.is_absolute() or model_id.startswith(".") or local.exists()) and not local.is_dir():
-        raise FileNotFoundError(f"model folder {model_id} does not exist: pass a folder holding config.json, a .gguf file, or a hub id")
+        raise FileNotFoundError(
+            f"model folder {model_id} does not exist: pass a folder holding config.json, a .gguf file, or a hub id"
+        )
     return AutoConfig.from_pretrained(model_id, revision=revision, gguf_file=gguf_file)
 
 
-def load_causal_lm(model_id: str, revision: str | None, device: str, dtype: str, gguf_file: str | None = None) -> PreTrainedModel:
+def load_causal_lm(
+    model_id: str, revision: str | None, device: str, dtype: str, gguf_file: str | None = None
+) -> PreTrainedModel:
     """Load a causal LM by hub id, local directory or GGUF file (dequantized), in eval mode on `device`."""
     from transformers import AutoModelForCausalLM
-
     from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING_NAMES
 
     config = load_config(model_id, revision, gguf_file)
@@ -173,7 +190,9 @@ def load_causal_lm(model_id: str, revision: str | None, device: str, dtype: str,
             "AutoModelForCausalLM: pass a decoder-only LM (Llama, Mistral, Qwen2/3, Gemma, Phi-3, GPT-2, ...)"
         )
     kv_geometry(config)
-    model = AutoModelForCausalLM.from_pretrained(model_id, revision=revision, dtype=resolve_dtype(dtype), gguf_file=gguf_file)
+    model = AutoModelForCausalLM.from_pretrained(
+        model_id, revision=revision, dtype=resolve_dtype(dtype), gguf_file=gguf_file
+    )
     return model.to(device).eval()
 
 

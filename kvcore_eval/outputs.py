@@ -52,7 +52,9 @@ def read_json(path: Path, what: str) -> Any:
     try:
         return json.loads(path.read_text(encoding="utf-8"))
     except (json.JSONDecodeError, UnicodeDecodeError) as err:
-        raise ValueError(f"{path} is not valid JSON ({err}): the {what} is damaged or half-written; run it again") from err
+        raise ValueError(
+            f"{path} is not valid JSON ({err}): the {what} is damaged or half-written; run it again"
+        ) from err
 
 
 def run_kind(folder: Path) -> str | None:
@@ -74,12 +76,16 @@ def check_run_folder(folder: Path, kind: str, own_names: Iterable[str]) -> None:
         return
     recorded = run_kind(folder)
     if recorded is not None and recorded != kind:
-        raise FileExistsError(f"{folder} holds a `kvcore-eval {recorded}` run, not a {kind} run: choose another output folder")
+        raise FileExistsError(
+            f"{folder} holds a `kvcore-eval {recorded}` run, not a {kind} run: choose another output folder"
+        )
     foreign = sorted(entry.name for entry in folder.iterdir() if entry.name not in set(own_names))
     if foreign or recorded is None:
         listed = ", ".join(foreign[:5]) + (", ..." if len(foreign) > 5 else "")
-        raise FileExistsError(f"{folder} holds files kvcore-eval did not write ({listed or CONFIG_FILE + ' without a run kind'}): it never "
-                              "writes into or deletes such a folder; choose another output folder")
+        raise FileExistsError(
+            f"{folder} holds files kvcore-eval did not write ({listed or CONFIG_FILE + ' without a run kind'}): it never "
+            "writes into or deletes such a folder; choose another output folder"
+        )
 
 
 def write_config(folder: Path, kind: str, settings: dict[str, Any]) -> None:

@@ -47,7 +47,9 @@ def layer_table(calibration: Calibration) -> list[dict[str, SpaceStats]]:
     """One dict per layer: space -> SpaceStats."""
     return [
         {
-            space: space_stats(calibration.eigenvalues[space][layer].numpy(), calibration.head_eigenvalues[space][layer].numpy())
+            space: space_stats(
+                calibration.eigenvalues[space][layer].numpy(), calibration.head_eigenvalues[space][layer].numpy()
+            )
             for space in SPACES
         }
         for layer in range(calibration.geometry.num_layers)
@@ -78,7 +80,9 @@ def to_markdown(calibration: Calibration, table: list[dict[str, SpaceStats]]) ->
             f"| {k.rank_90}/{k.rank_95}/{k.rank_99} | {v.rank_90}/{v.rank_95}/{v.rank_99} |"
         )
     means = {space: mean_ner(table, space) for space in SPACES}
-    lines.append(f"| **mean** | **{means['key_pre_rope']:.3f}** | **{means['key_post_rope']:.3f}** | **{means['value']:.3f}** | | | | |")
+    lines.append(
+        f"| **mean** | **{means['key_pre_rope']:.3f}** | **{means['key_post_rope']:.3f}** | **{means['value']:.3f}** | | | | |"
+    )
     return "\n".join(lines) + "\n"
 
 
@@ -90,7 +94,11 @@ def plot_ner(table: list[dict[str, SpaceStats]], title: str, path: Path) -> None
     layers = np.arange(len(table))
     fig = Figure(figsize=(7, 3.6), dpi=120, layout="constrained")
     ax = fig.subplots()
-    styles = {"key_pre_rope": ("K (pre-RoPE)", "tab:blue", "-"), "key_post_rope": ("K (post-RoPE)", "tab:blue", ":"), "value": ("V", "tab:orange", "-")}
+    styles = {
+        "key_pre_rope": ("K (pre-RoPE)", "tab:blue", "-"),
+        "key_post_rope": ("K (post-RoPE)", "tab:blue", ":"),
+        "value": ("V", "tab:orange", "-"),
+    }
     for space, (label, color, line) in styles.items():
         ax.plot(layers, [s[space].ner for s in table], line, marker="o", ms=3, color=color, label=label)
     ax.set(xlabel="layer", ylabel="normalized effective rank", ylim=(0, 1.02), title=title)

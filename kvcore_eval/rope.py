@@ -88,6 +88,7 @@ class RopeTap:
             tables = kwargs.get("position_embeddings", args[position] if len(args) > position else None)
             if tables is not None:
                 self._tables[layer_idx] = self._normalize(tables)
+
         return record
 
     def _normalize(self, tables: tuple[torch.Tensor, torch.Tensor]) -> RotaryTables:
@@ -100,8 +101,10 @@ class RopeTap:
     def tables(self, layer_idx: int) -> RotaryTables:
         """The tables layer `layer_idx` used in the current forward."""
         if layer_idx not in self._tables:
-            raise RuntimeError(f"layer {layer_idx} reached the cache without rotary tables: its attention module was not "
-                               "called with position_embeddings, so kvcore-eval cannot undo its RoPE")
+            raise RuntimeError(
+                f"layer {layer_idx} reached the cache without rotary tables: its attention module was not "
+                "called with position_embeddings, so kvcore-eval cannot undo its RoPE"
+            )
         return self._tables[layer_idx]
 
     def group_of(self, layer_idx: int) -> int:
@@ -128,7 +131,10 @@ def _rotate_pairs(x: torch.Tensor, interleaved: bool) -> torch.Tensor:
 
 
 def _apply(keys: torch.Tensor, tables: RotaryTables, inverse: bool) -> torch.Tensor:
-    cos, sin = tables.cos.unsqueeze(1).to(keys.dtype), tables.sin.unsqueeze(1).to(keys.dtype)  # (batch, 1, seq, rotary_dim)
+    cos, sin = (
+        tables.cos.unsqueeze(1).to(keys.dtype),
+        tables.sin.unsqueeze(1).to(keys.dtype),
+    )  # (batch, 1, seq, rotary_dim)
     rotary_dim = cos.shape[-1]
     k_rot, k_pass = keys[..., :rotary_dim], keys[..., rotary_dim:]
     turned = _rotate_pairs(k_rot, tables.interleaved)

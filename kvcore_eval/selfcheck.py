@@ -59,13 +59,16 @@ def _key_source(attention: nn.Module, config, kv_heads: int, width: int) -> KeyS
         return KeySource("k_proj", attention.k_proj, tokens_first)
     if isinstance(getattr(attention, "qkv_proj", None), nn.Module):  # Phi-3: [q | k | v]
         q_size = text.num_attention_heads * (width // kv_heads)
-        return KeySource("qkv_proj", attention.qkv_proj, lambda out, b, s: out[..., q_size:q_size + width])
+        return KeySource("qkv_proj", attention.qkv_proj, lambda out, b, s: out[..., q_size : q_size + width])
     if isinstance(getattr(attention, "query_key_value", None), nn.Module):  # GPT-NeoX: per head [q | k | v]
         head_dim = width // kv_heads
-        return KeySource("query_key_value", attention.query_key_value,
-                         lambda out, b, s: out.view(b, s, kv_heads, 3 * head_dim)[..., head_dim:2 * head_dim].reshape(b, s, width))
+        return KeySource(
+            "query_key_value",
+            attention.query_key_value,
+            lambda out, b, s: out.view(b, s, kv_heads, 3 * head_dim)[..., head_dim : 2 * head_dim].reshape(b, s, width),
+        )
     if isinstance(getattr(attention, "c_attn", None), nn.Module):  # GPT-2: [q | k | v]
-        return KeySource("c_attn", attention.c_attn, lambda out, b, s: out[..., width:2 * width])
+        return KeySource("c_attn", attention.c_attn, lambda out, b, s: out[..., width : 2 * width])
     return None
 
 
@@ -98,20 +101,34 @@ def check_key_recovery(model: nn.Module, tap: RopeTap) -> dict[int, float]:
     config = model.config
     family = getattr(config, "model_type", type(model).__name__)
     geometry = kv_geometry(config)
-    sources = {layer: _key_source(attention, config, geometry.kv_heads, geometry.width) for layer, attention in tap.layers.items()}
+    sources = {
+        layer: _key_source(attention, config, geometry.kv_heads, geometry.width)
+        for layer, attention in tap.layers.items()
+    }
     if missing := [layer for layer, source in sources.items() if source is None]:
-        raise ValueError(f"{family}: kvcore-eval cannot find the module that computes the pre-RoPE key of layers {missing} "
-                         "(none of k_norm, k_proj, qkv_proj, query_key_value, c_attn), so it cannot verify its keys: "
-                         "this family is not supported")
+        raise ValueError(
+            f"{family}: kvcore-eval cannot find the module that computes the pre-RoPE key of layers {missing} "
+            "(none of k_norm, k_proj, qkv_proj, query_key_value, c_attn), so it cannot verify its keys: "
+            "this family is not supported"
+        )
     input_ids, attention_mask, position_ids = probe_batch(config.get_text_config(decoder=True).vocab_size, model.device)
     batch, seq = input_ids.shape
     truth: dict[int, torch.Tensor] = {}
     derived: dict[int, torch.Tensor] = {}
-    hooks = [source.module.register_forward_hook(_keep(truth, layer, source, batch, seq)) for layer, source in sources.items()]
+    hooks = [
+        source.module.register_forward_hook(_keep(truth, layer, source, batch, seq))
+        for layer, source in sources.items()
+    ]
     probe = Cache(layers=[_ProbeLayer(derived, layer, tap) for layer in range(geometry.num_layers)])
     try:
         with torch.no_grad():
-            model.base_model(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids, cache=probe, use_cache=True)
+            model.base_model(
+                input_ids=input_ids,
+                attention_mask=attention_mask,
+                position_ids=position_ids,
+                cache=probe,
+                use_cache=True,
+            )
     finally:
         for hook in hooks:
             hook.remove()
@@ -119,25 +136,36 @@ def check_key_recovery(model: nn.Module, tap: RopeTap) -> dict[int, float]:
     errors = {}
     for layer, source in sources.items():
         if layer not in derived:
-            raise ValueError(f"{family}: layer {layer} never passed its keys through transformers' Cache.update: not supported")
+            raise ValueError(
+                f"{family}: layer {layer} never passed its keys through transformers' Cache.update: not supported"
+            )
         got = derived[layer].transpose(1, 2).reshape(batch, seq, -1)  # (batch, seq, D)
         expected = truth[layer].float()
         errors[layer] = float((got - expected).norm() / expected.norm().clamp_min(1e-30))
     worst = max(errors, key=errors.get)
     if errors[worst] > tolerance:
-        what = f"RoPE undone with the {'interleaved' if tap.convention.interleaved else 'rotate-half'} convention" if tap.has_rope \
+        what = (
+            f"RoPE undone with the {'interleaved' if tap.convention.interleaved else 'rotate-half'} convention"
+            if tap.has_rope
             else "the cached key taken as the pre-RoPE key (no attention module takes position_embeddings)"
+        )
         raise ValueError(
             f"{family}: the pre-RoPE key kvcore-eval derives ({what}) differs from the model's own "
             f"{sources[worst].name} output by {errors[worst]:.2%} at layer {worst} (tolerance {tolerance:.0e}): this "
             f"family's RoPE is not supported, and its pre-RoPE numbers would be wrong. Use key_space=post_rope for "
             "evaluation, or report the family"
         )
-    logger.info("self-check: pre-RoPE keys of %s recovered in %d layers (max relative error %.1e)", family, len(errors), errors[worst])
+    logger.info(
+        "self-check: pre-RoPE keys of %s recovered in %d layers (max relative error %.1e)",
+        family,
+        len(errors),
+        errors[worst],
+    )
     return errors
 
 
 def _keep(truth: dict[int, torch.Tensor], layer: int, source: KeySource, batch: int, seq: int):
     def hook(module, args, output) -> None:
         truth[layer] = source.extract(output, batch, seq).detach()
+
     return hook

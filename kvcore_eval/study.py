@@ -18,28 +18,56 @@ from kvcore_eval import metrics
 KINDS = ("key", "value")
 
 
-def summarize(tasks: list[str], baseline: dict[str, float], perplexity: dict[str, dict[str, float]],
-              ner: dict[str, dict[str, float]], design: dict[str, Any]) -> dict[str, Any]:
+def summarize(
+    tasks: list[str],
+    baseline: dict[str, float],
+    perplexity: dict[str, dict[str, float]],
+    ner: dict[str, dict[str, float]],
+    design: dict[str, Any],
+) -> dict[str, Any]:
     """ND-PPL per task and rank (ranks as strings), and NER↔ND-PPL across tasks at each rank."""
     ranks = list(perplexity)
     nd_ppl = {task: {rank: metrics.nd_ppl(perplexity[rank][task], baseline[task]) for rank in ranks} for task in tasks}
-    across_tasks = {rank: {kind: metrics.correlation([ner[t][kind] for t in tasks], [nd_ppl[t][rank] for t in tasks]) for kind in KINDS}
-                    for rank in ranks}
-    return {"design": design, "tasks": tasks, "ranks": ranks, "baseline_perplexity": baseline, "perplexity": perplexity,
-            "nd_ppl": nd_ppl, "ner": ner, "correlation": {"across_tasks": across_tasks}}
+    across_tasks = {
+        rank: {
+            kind: metrics.correlation([ner[t][kind] for t in tasks], [nd_ppl[t][rank] for t in tasks]) for kind in KINDS
+        }
+        for rank in ranks
+    }
+    return {
+        "design": design,
+        "tasks": tasks,
+        "ranks": ranks,
+        "baseline_perplexity": baseline,
+        "perplexity": perplexity,
+        "nd_ppl": nd_ppl,
+        "ner": ner,
+        "correlation": {"across_tasks": across_tasks},
+    }
 
 
-def summarize_layers(nd_ppl: dict[str, dict[str, list[float]]], layer_ner: dict[str, dict[str, list[float]]],
-                     residual: dict[str, dict[str, list[float]]], rank: float) -> dict[str, Any]:
+def summarize_layers(
+    nd_ppl: dict[str, dict[str, list[float]]],
+    layer_ner: dict[str, dict[str, list[float]]],
+    residual: dict[str, dict[str, list[float]]],
+    rank: float,
+) -> dict[str, Any]:
     """Per task: each layer's ND-PPL when only it is truncated, and its correlation with the layer's NER and with
     its residual energy at that rank, across layers (K, V) and across layers with K and V pooled."""
     correlations = {}
     for task in nd_ppl:
-        scopes = {kind: {"ner": metrics.correlation(layer_ner[task][kind], nd_ppl[task][kind]),
-                         "residual_energy": metrics.correlation(residual[task][kind], nd_ppl[task][kind])} for kind in KINDS}
+        scopes = {
+            kind: {
+                "ner": metrics.correlation(layer_ner[task][kind], nd_ppl[task][kind]),
+                "residual_energy": metrics.correlation(residual[task][kind], nd_ppl[task][kind]),
+            }
+            for kind in KINDS
+        }
         pooled = lambda table: table[task]["key"] + table[task]["value"]  # noqa: E731
-        scopes["key_and_value"] = {"ner": metrics.correlation(pooled(layer_ner), pooled(nd_ppl)),
-                                   "residual_energy": metrics.correlation(pooled(residual), pooled(nd_ppl))}
+        scopes["key_and_value"] = {
+            "ner": metrics.correlation(pooled(layer_ner), pooled(nd_ppl)),
+            "residual_energy": metrics.correlation(pooled(residual), pooled(nd_ppl)),
+        }
         correlations[task] = scopes
     return {"rank": rank, "nd_ppl": nd_ppl, "ner": layer_ner, "residual_energy": residual, "correlation": correlations}
 
@@ -47,45 +75,88 @@ def summarize_layers(nd_ppl: dict[str, dict[str, list[float]]], layer_ner: dict[
 def _stat(c: dict[str, float]) -> str:
     if np.isnan(c["pearson"]):
         return f"n/a (n={c['n']})"
-    return f"r={c['pearson']:+.2f} (p={c['pearson_p']:.2g}), ρ={c['spearman']:+.2f} (p={c['spearman_p']:.2g}), n={c['n']}"
+    return (
+        f"r={c['pearson']:+.2f} (p={c['pearson_p']:.2g}), ρ={c['spearman']:+.2f} (p={c['spearman_p']:.2g}), n={c['n']}"
+    )
 
 
 def to_markdown(summary: dict[str, Any]) -> str:
     design = summary["design"]
     ranks = summary["ranks"]
-    lines = [f"# Rank sweep: {design['model']}", "", design_sentence(design), "",
-             "| task | NER K | NER V | PPL full | " + " | ".join(f"ND-PPL r={r}" for r in ranks) + " |",
-             "|---|---:|---:|---:|" + "---:|" * len(ranks)]
+    lines = [
+        f"# Rank sweep: {design['model']}",
+        "",
+        design_sentence(design),
+        "",
+        "| task | NER K | NER V | PPL full | " + " | ".join(f"ND-PPL r={r}" for r in ranks) + " |",
+        "|---|---:|---:|---:|" + "---:|" * len(ranks),
+    ]
     for task in summary["tasks"]:
         ner = summary["ner"][task]
         cells = " | ".join(f"{summary['nd_ppl'][task][r]:.4f}" for r in ranks)
-        lines.append(f"| {task} | {ner['key']:.3f} | {ner['value']:.3f} | {summary['baseline_perplexity'][task]:.3f} | {cells} |")
-    lines += ["", "Correlation of mean NER with ND-PPL, **across tasks** (one point per task):", "",
-              "| rank | keys | values |", "|---:|---|---|"]
-    lines += [f"| {rank} | {_stat(c['key'])} | {_stat(c['value'])} |" for rank, c in summary["correlation"]["across_tasks"].items()]
+        lines.append(
+            f"| {task} | {ner['key']:.3f} | {ner['value']:.3f} | {summary['baseline_perplexity'][task]:.3f} | {cells} |"
+        )
+    lines += [
+        "",
+        "Correlation of mean NER with ND-PPL, **across tasks** (one point per task):",
+        "",
+        "| rank | keys | values |",
+        "|---:|---|---|",
+    ]
+    lines += [
+        f"| {rank} | {_stat(c['key'])} | {_stat(c['value'])} |"
+        for rank, c in summary["correlation"]["across_tasks"].items()
+    ]
     return "\n".join(lines) + "\n"
 
 
 def design_sentence(design: dict[str, Any]) -> str:
-    basis = ("each task truncated with the bases of its own calibration (`--basis per-task`)" if design["basis"] == "per-task"
-             else f"every task truncated with the bases of `{design['calibration']}` (`--basis shared`)")
-    return (f"{basis}, truncating {design['truncate']} ({design['key_space']} keys); ND-PPL = (PPL_r − PPL_full) / PPL_full on "
-            f"{design['metric']}, over the first {design['num_samples']} documents of each task. NER from each task's calibration "
-            f"on {design['calibration_tokens']} tokens of its documents after those: calibration and evaluation documents are disjoint"
-            + ("." if design["basis"] == "per-task" else "; the shared artifact's own data is whatever it was calibrated on."))
+    basis = (
+        "each task truncated with the bases of its own calibration (`--basis per-task`)"
+        if design["basis"] == "per-task"
+        else f"every task truncated with the bases of `{design['calibration']}` (`--basis shared`)"
+    )
+    return (
+        f"{basis}, truncating {design['truncate']} ({design['key_space']} keys); ND-PPL = (PPL_r − PPL_full) / PPL_full on "
+        f"{design['metric']}, over the first {design['num_samples']} documents of each task. NER from each task's calibration "
+        f"on {design['calibration_tokens']} tokens of its documents after those: calibration and evaluation documents are disjoint"
+        + (
+            "."
+            if design["basis"] == "per-task"
+            else "; the shared artifact's own data is whatever it was calibrated on."
+        )
+    )
 
 
 def per_layer_markdown(layers: dict[str, Any]) -> str:
     lines = [f"# Per-layer sensitivity: one layer truncated to rank {layers['rank']:g} of D, the rest full", ""]
     for task, table in layers["nd_ppl"].items():
-        lines += [f"## {task}", "", "| layer | ND-PPL K | ND-PPL V | NER K | NER V | residual energy K | residual energy V |",
-                  "|---:|---:|---:|---:|---:|---:|---:|"]
+        lines += [
+            f"## {task}",
+            "",
+            "| layer | ND-PPL K | ND-PPL V | NER K | NER V | residual energy K | residual energy V |",
+            "|---:|---:|---:|---:|---:|---:|---:|",
+        ]
         for layer in range(len(table["key"])):
-            row = [table[k][layer] for k in KINDS] + [layers["ner"][task][k][layer] for k in KINDS] + [layers["residual_energy"][task][k][layer] for k in KINDS]
+            row = (
+                [table[k][layer] for k in KINDS]
+                + [layers["ner"][task][k][layer] for k in KINDS]
+                + [layers["residual_energy"][task][k][layer] for k in KINDS]
+            )
             lines.append(f"| {layer} | " + " | ".join(f"{v:.4f}" for v in row) + " |")
-        lines += ["", "Correlation of a layer's ND-PPL with its NER and with its residual energy:", "",
-                  "| scope | with NER | with residual energy |", "|---|---|---|"]
-        names = {"key": "across layers, keys", "value": "across layers, values", "key_and_value": "across layers, K and V pooled"}
+        lines += [
+            "",
+            "Correlation of a layer's ND-PPL with its NER and with its residual energy:",
+            "",
+            "| scope | with NER | with residual energy |",
+            "|---|---|---|",
+        ]
+        names = {
+            "key": "across layers, keys",
+            "value": "across layers, values",
+            "key_and_value": "across layers, K and V pooled",
+        }
         for scope, name in names.items():
             c = layers["correlation"][task][scope]
             lines.append(f"| {name} | {_stat(c['ner'])} | {_stat(c['residual_energy'])} |")
@@ -104,8 +175,18 @@ def plot_nd_ppl(summary: dict[str, Any], path: Path) -> None:
     figure, (ax,) = _figure(6.5, 4.2)
     ranks = [float(r) for r in summary["ranks"]]
     for task in summary["tasks"]:
-        ax.plot(ranks, [summary["nd_ppl"][task][r] for r in summary["ranks"]], marker="o", ms=4, label=task.removeprefix("kvcore_"))
-    ax.set(xlabel="rank kept (fraction of D)", ylabel="ND-PPL (symlog)", title=f"ND-PPL vs rank: {summary['design']['model_name']}")
+        ax.plot(
+            ranks,
+            [summary["nd_ppl"][task][r] for r in summary["ranks"]],
+            marker="o",
+            ms=4,
+            label=task.removeprefix("kvcore_"),
+        )
+    ax.set(
+        xlabel="rank kept (fraction of D)",
+        ylabel="ND-PPL (symlog)",
+        title=f"ND-PPL vs rank: {summary['design']['model_name']}",
+    )
     ax.set_yscale("symlog", linthresh=0.01)  # ND-PPL spans orders of magnitude as rank falls
     ax.invert_xaxis()
     ax.grid(alpha=0.3)
@@ -120,16 +201,34 @@ def plot_ner_vs_nd_ppl(summary: dict[str, Any], path: Path) -> None:
     colors = {task: f"C{i % 10}" for i, task in enumerate(summary["tasks"])}
     for ax, kind in zip(axes, KINDS):
         for task in summary["tasks"]:
-            ax.scatter(summary["ner"][task][kind], summary["nd_ppl"][task][rank], s=40, color=colors[task], label=task.removeprefix("kvcore_"))
+            ax.scatter(
+                summary["ner"][task][kind],
+                summary["nd_ppl"][task][rank],
+                s=40,
+                color=colors[task],
+                label=task.removeprefix("kvcore_"),
+            )
         c = summary["correlation"]["across_tasks"][rank][kind]
-        ax.text(0.03, 0.97, _stat(c).replace(", ρ", "\nρ").replace(", n", "\nn"), transform=ax.transAxes, va="top", fontsize=9,
-                bbox={"facecolor": "white", "alpha": 0.8, "edgecolor": "0.8"})
-        ax.set(xlabel=f"mean NER of {'keys' if kind == 'key' else 'values'} over layers", ylabel=f"ND-PPL at rank {rank}",
-               title=f"{'Keys' if kind == 'key' else 'Values'}")
+        ax.text(
+            0.03,
+            0.97,
+            _stat(c).replace(", ρ", "\nρ").replace(", n", "\nn"),
+            transform=ax.transAxes,
+            va="top",
+            fontsize=9,
+            bbox={"facecolor": "white", "alpha": 0.8, "edgecolor": "0.8"},
+        )
+        ax.set(
+            xlabel=f"mean NER of {'keys' if kind == 'key' else 'values'} over layers",
+            ylabel=f"ND-PPL at rank {rank}",
+            title=f"{'Keys' if kind == 'key' else 'Values'}",
+        )
         ax.grid(alpha=0.3)
         ax.margins(0.15)
     axes[1].legend(frameon=False, fontsize=8, loc="lower right")
-    figure.suptitle(f"NER vs ND-PPL across tasks: {summary['design']['model_name']}, rank {rank} of D, {summary['design']['basis']} bases")
+    figure.suptitle(
+        f"NER vs ND-PPL across tasks: {summary['design']['model_name']}, rank {rank} of D, {summary['design']['basis']} bases"
+    )
     figure.savefig(path)
 
 
@@ -140,8 +239,17 @@ def plot_per_layer(layers: dict[str, Any], path: Path) -> None:
         count = len(layers["nd_ppl"][task]["key"])
         offsets = {"key": -0.2, "value": 0.2}
         for kind in KINDS:
-            ax.bar(np.arange(count) + offsets[kind], layers["nd_ppl"][task][kind], width=0.4, label="keys" if kind == "key" else "values")
-        ax.set(xlabel="layer truncated alone", ylabel="ND-PPL (symlog)", title=f"{task}: one layer at rank {layers['rank']:g} of D")
+            ax.bar(
+                np.arange(count) + offsets[kind],
+                layers["nd_ppl"][task][kind],
+                width=0.4,
+                label="keys" if kind == "key" else "values",
+            )
+        ax.set(
+            xlabel="layer truncated alone",
+            ylabel="ND-PPL (symlog)",
+            title=f"{task}: one layer at rank {layers['rank']:g} of D",
+        )
         ax.set_yscale("symlog", linthresh=0.001)
         ax.grid(alpha=0.3, axis="y")
         ax.legend(frameon=False, fontsize=8)

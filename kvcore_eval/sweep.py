@@ -26,8 +26,18 @@ from kvcore_eval.config import CalibrationConfig, SweepConfig, split_paths
 logger = logging.getLogger(__name__)
 
 KIND = "sweep"
-OWN_NAMES = ("config.json", "calibrations", "points", "sweep.json", "sweep.md", "nd_ppl.png", "ner_vs_nd_ppl.png",
-             "per_layer.json", "per_layer.md", "per_layer.png")
+OWN_NAMES = (
+    "config.json",
+    "calibrations",
+    "points",
+    "sweep.json",
+    "sweep.md",
+    "nd_ppl.png",
+    "ner_vs_nd_ppl.png",
+    "per_layer.json",
+    "per_layer.md",
+    "per_layer.png",
+)
 # Every record of a kvcore task, in its seeded order: the sweep scores the first num_samples (--limit) and
 # calibrates on the rest.
 TASK_METADATA = {"num_samples": None}
@@ -53,11 +63,15 @@ def perplexity_tasks(config: SweepConfig, manager) -> list[str]:
     names = [t.strip() for t in config.tasks.split(",") if t.strip()]
     unknown = [name for name in names if name not in manager.all_tasks]
     if unknown:
-        raise ValueError(f"--tasks {', '.join(unknown)}: not a task or group lm-eval knows; pass its folder with --include-path")
+        raise ValueError(
+            f"--tasks {', '.join(unknown)}: not a task or group lm-eval knows; pass its folder with --include-path"
+        )
     tasks = list(leaf_tasks(manager.load_task_or_group(names)))
     if generating := [t.config.task for t in tasks if t.config.output_type == "generate_until"]:
-        raise ValueError(f"--tasks {', '.join(generating)}: generation tasks have no perplexity; the sweep needs perplexity tasks "
-                         "(kvcore_alpaca, ...). Score generations with lm_eval and `kvcore-eval judge`")
+        raise ValueError(
+            f"--tasks {', '.join(generating)}: generation tasks have no perplexity; the sweep needs perplexity tasks "
+            "(kvcore_alpaca, ...). Score generations with lm_eval and `kvcore-eval judge`"
+        )
     return sorted({t.config.task for t in tasks})
 
 
@@ -67,17 +81,32 @@ def task_calibration(session: Session, task: str) -> Path:
     from kvcore_eval.calibrate import calibrate
 
     config = session.config
-    wanted = CalibrationConfig(model=config.model, gguf_file=config.gguf_file, dataset=f"lm_eval:{task}", skip_docs=config.num_samples,
-                               include_path=config.include_path, data_dir=config.data_dir, max_tokens=config.calibration_tokens,
-                               seq_len=config.seq_len, device=config.device, dtype=config.dtype,
-                               out=str(session.out / "calibrations" / task))
+    wanted = CalibrationConfig(
+        model=config.model,
+        gguf_file=config.gguf_file,
+        dataset=f"lm_eval:{task}",
+        skip_docs=config.num_samples,
+        include_path=config.include_path,
+        data_dir=config.data_dir,
+        max_tokens=config.calibration_tokens,
+        seq_len=config.seq_len,
+        device=config.device,
+        dtype=config.dtype,
+        out=str(session.out / "calibrations" / task),
+    )
     out = Path(wanted.out)
     if (out / artifact.METADATA_FILE).exists():
         made = outputs.read_json(out / outputs.CONFIG_FILE, "calibration settings")
-        mismatched = {k: (made.get(k), v) for k, v in asdict(wanted).items() if k not in ("resume", "overwrite") and made.get(k) != v}
+        mismatched = {
+            k: (made.get(k), v)
+            for k, v in asdict(wanted).items()
+            if k not in ("resume", "overwrite") and made.get(k) != v
+        }
         if mismatched:
-            raise ValueError(f"{out} was calibrated with other settings ({', '.join(f'{k}: {a} != {b}' for k, (a, b) in mismatched.items())}): "
-                             "use another --out, or delete that folder to recalibrate")
+            raise ValueError(
+                f"{out} was calibrated with other settings ({', '.join(f'{k}: {a} != {b}' for k, (a, b) in mismatched.items())}): "
+                "use another --out, or delete that folder to recalibrate"
+            )
         return out
     wanted.resume = (out / "checkpoint").exists()
     return calibrate(wanted, model=session.model, tokenizer=session.tokenizer)
@@ -86,8 +115,13 @@ def task_calibration(session: Session, task: str) -> Path:
 def _truncation(session: Session, basis: Path, key_rank: Any, value_rank: Any, truncate: str):
     from kvcore_eval.rank_plan import TruncationConfig
 
-    return TruncationConfig(calibration=str(basis), key_rank=key_rank, value_rank=value_rank, key_space=session.config.key_space,
-                            truncate=truncate)
+    return TruncationConfig(
+        calibration=str(basis),
+        key_rank=key_rank,
+        value_rank=value_rank,
+        key_space=session.config.key_space,
+        truncate=truncate,
+    )
 
 
 def evaluate_point(session: Session, task: str, name: str, truncation) -> float:
@@ -99,24 +133,46 @@ def evaluate_point(session: Session, task: str, name: str, truncation) -> float:
 
     config = session.config
     path = session.out / "points" / task / f"{name}.json"
-    settings = {"task": task, "truncation": asdict(truncation), "basis_sha256": read_metadata(truncation.calibration)["basis_sha256"],
-                "num_samples": config.num_samples, "model": config.model, "dtype": config.dtype, "batch_size": config.batch_size}
+    settings = {
+        "task": task,
+        "truncation": asdict(truncation),
+        "basis_sha256": read_metadata(truncation.calibration)["basis_sha256"],
+        "num_samples": config.num_samples,
+        "model": config.model,
+        "dtype": config.dtype,
+        "batch_size": config.batch_size,
+    }
     if path.exists():
         saved = outputs.read_json(path, "sweep point")
         if saved["settings"] != settings:
-            raise ValueError(f"{path} was run with other settings ({saved['settings']}): use another --out, or delete it to rerun")
+            raise ValueError(
+                f"{path} was run with other settings ({saved['settings']}): use another --out, or delete it to rerun"
+            )
         return saved["value"]
     if session.lm is None:
-        session.lm = KVCoreHFLM(pretrained=session.model, tokenizer=session.tokenizer, batch_size=config.batch_size, **asdict(truncation))
+        session.lm = KVCoreHFLM(
+            pretrained=session.model, tokenizer=session.tokenizer, batch_size=config.batch_size, **asdict(truncation)
+        )
     else:
         session.lm.set_truncation(truncation)
-    results = lm_eval.simple_evaluate(model=session.lm, tasks=[task], limit=config.num_samples, task_manager=session.manager)
+    results = lm_eval.simple_evaluate(
+        model=session.lm, tasks=[task], limit=config.num_samples, task_manager=session.manager
+    )
     values = {key.split(",")[0]: value for key, value in results["results"][task].items()}
     if config.metric not in values:
-        raise ValueError(f"{task} reports no {config.metric!r} (it reports {', '.join(sorted(values))}): pass another --metric")
+        raise ValueError(
+            f"{task} reports no {config.metric!r} (it reports {', '.join(sorted(values))}): pass another --metric"
+        )
     path.parent.mkdir(parents=True, exist_ok=True)
-    outputs.atomic_write_json(path, {"settings": settings, "value": float(values[config.metric]),
-                                     "rank_plan": session.lm.kvcore_plan.to_dict(), "metrics": values})
+    outputs.atomic_write_json(
+        path,
+        {
+            "settings": settings,
+            "value": float(values[config.metric]),
+            "rank_plan": session.lm.kvcore_plan.to_dict(),
+            "metrics": values,
+        },
+    )
     return float(values[config.metric])
 
 
@@ -145,17 +201,33 @@ def run_sweep(config: SweepConfig) -> dict[str, Any]:
     tasks = session.tasks
     calibrations = {task: task_calibration(session, task) for task in tasks}
     basis = {task: Path(config.calibration) if config.basis == "shared" else calibrations[task] for task in tasks}
-    baseline = {task: evaluate_point(session, task, "baseline", _truncation(session, basis[task], "full", "full", "both")) for task in tasks}
+    baseline = {
+        task: evaluate_point(session, task, "baseline", _truncation(session, basis[task], "full", "full", "both"))
+        for task in tasks
+    }
     keys, values = config.truncate in ("keys", "both"), config.truncate in ("values", "both")
     perplexity = {}
     for rank in config.rank_list():
         spec = "full" if rank == 1 else str(rank)
-        perplexity[f"{rank:g}"] = {task: evaluate_point(session, task, f"rank_{rank:g}", _truncation(
-            session, basis[task], spec if keys else None, spec if values else None, config.truncate)) for task in tasks}
+        perplexity[f"{rank:g}"] = {
+            task: evaluate_point(
+                session,
+                task,
+                f"rank_{rank:g}",
+                _truncation(session, basis[task], spec if keys else None, spec if values else None, config.truncate),
+            )
+            for task in tasks
+        }
     tables = {task: layer_table(load_calibration(calibrations[task])) for task in tasks}
-    ner = {task: {"key": mean_ner(tables[task], f"key_{config.key_space}"), "value": mean_ner(tables[task], "value")} for task in tasks}
-    design = {**asdict(config), "model_name": Path(config.model).name or config.model,
-              "basis_per_task": {task: str(path) for task, path in basis.items()}}
+    ner = {
+        task: {"key": mean_ner(tables[task], f"key_{config.key_space}"), "value": mean_ner(tables[task], "value")}
+        for task in tasks
+    }
+    design = {
+        **asdict(config),
+        "model_name": Path(config.model).name or config.model,
+        "basis_per_task": {task: str(path) for task, path in basis.items()},
+    }
     summary = study.summarize(tasks, baseline, perplexity, ner, design)
     outputs.atomic_write_json(session.out / "sweep.json", summary)
     outputs.atomic_write_text(session.out / "sweep.md", study.to_markdown(summary))
@@ -166,7 +238,9 @@ def run_sweep(config: SweepConfig) -> dict[str, Any]:
     return summary
 
 
-def run_per_layer(session: Session, tasks: list[str], basis: dict[str, Path], baseline: dict[str, float], tables) -> dict[str, Any]:
+def run_per_layer(
+    session: Session, tasks: list[str], basis: dict[str, Path], baseline: dict[str, float], tables
+) -> dict[str, Any]:
     """Each layer's ND-PPL with only that layer's keys (then values) truncated to `per_layer_rank` of D."""
     from kvcore_eval.artifact import load_calibration
 
@@ -182,13 +256,20 @@ def run_per_layer(session: Session, tasks: list[str], basis: dict[str, Path], ba
             values = []
             for layer in range(layers):
                 ranks = ":".join(str(rank if i == layer else width) for i in range(layers))
-                truncation = _truncation(session, basis[task], ranks if kind == "key" else None, ranks if kind == "value" else None,
-                                         "keys" if kind == "key" else "values")
+                truncation = _truncation(
+                    session,
+                    basis[task],
+                    ranks if kind == "key" else None,
+                    ranks if kind == "value" else None,
+                    "keys" if kind == "key" else "values",
+                )
                 ppl = evaluate_point(session, task, f"layer{layer}_{kind}_{config.per_layer_rank:g}", truncation)
                 values.append(metrics.nd_ppl(ppl, baseline[task]))
             nd_ppl[task][kind] = values
             layer_ner[task][kind] = [stats[space].ner for stats in tables[task]]
-            residual[task][kind] = [metrics.residual_energy(calibration.eigenvalues[space][layer].numpy(), rank) for layer in range(layers)]
+            residual[task][kind] = [
+                metrics.residual_energy(calibration.eigenvalues[space][layer].numpy(), rank) for layer in range(layers)
+            ]
     layers_summary = study.summarize_layers(nd_ppl, layer_ner, residual, config.per_layer_rank)
     layers_summary["key_space"] = config.key_space
     outputs.atomic_write_json(session.out / "per_layer.json", layers_summary)

@@ -30,7 +30,9 @@ class TableConfig:
     runs: list[str] = field(metadata={"help": "calibration artifact folders (any number of models x datasets)"})
     out: str = field(default="table", metadata={"help": "output folder: table.md, table.json, heatmaps/<model>.png"})
     key_space: str = field(default="pre_rope", metadata={"help": "pre_rope (the paper's) or post_rope keys"})
-    allow_mixed: bool = field(default=False, metadata={"help": "keep artifacts of one model calibrated differently, and list the differences"})
+    allow_mixed: bool = field(
+        default=False, metadata={"help": "keep artifacts of one model calibrated differently, and list the differences"}
+    )
 
     def __post_init__(self) -> None:
         if not self.runs:
@@ -58,14 +60,27 @@ def build_table(config: TableConfig) -> dict[str, Any]:
         meta = calibration.metadata
         model, dataset = model_label(meta["model"]), dataset_label(meta["dataset"]["spec"])
         if dataset in cells[model]:
-            raise ValueError(f"{run} and {cells[model][dataset]['run']} are both {model} on {dataset}: pass one of them")
+            raise ValueError(
+                f"{run} and {cells[model][dataset]['run']} are both {model} on {dataset}: pass one of them"
+            )
         table = layer_table(calibration)
-        cells[model][dataset] = {"run": str(run), "key": mean_ner(table, key), "value": mean_ner(table, "value"),
-                                 "layers_key": [s[key].ner for s in table], "layers_value": [s["value"].ner for s in table],
-                                 **{name: meta.get(name) for name in ALIKE}}
+        cells[model][dataset] = {
+            "run": str(run),
+            "key": mean_ner(table, key),
+            "value": mean_ner(table, "value"),
+            "layers_key": [s[key].ner for s in table],
+            "layers_value": [s["value"].ner for s in table],
+            **{name: meta.get(name) for name in ALIKE},
+        }
     notes = _check_alike(cells, config.allow_mixed)
     datasets = sorted({d for per_model in cells.values() for d in per_model})
-    return {"key_space": config.key_space, "models": sorted(cells), "datasets": datasets, "cells": cells, "notes": notes}
+    return {
+        "key_space": config.key_space,
+        "models": sorted(cells),
+        "datasets": datasets,
+        "cells": cells,
+        "notes": notes,
+    }
 
 
 def _check_alike(cells: dict[str, dict[str, dict[str, Any]]], allow_mixed: bool) -> list[str]:
@@ -77,15 +92,22 @@ def _check_alike(cells: dict[str, dict[str, dict[str, Any]]], allow_mixed: bool)
                 detail = ", ".join(f"{dataset}: {cell[name]}" for dataset, cell in sorted(per_dataset.items()))
                 message = f"{model}: calibrations differ in {name} ({detail})"
                 if not allow_mixed:
-                    raise ValueError(message + ": recalibrate alike, or pass --allow-mixed to keep them and list this under the table")
+                    raise ValueError(
+                        message
+                        + ": recalibrate alike, or pass --allow-mixed to keep them and list this under the table"
+                    )
                 notes.append(message)
     return notes
 
 
 def to_markdown(table: dict[str, Any]) -> str:
     space = "pre-RoPE" if table["key_space"] == "pre_rope" else "post-RoPE"
-    lines = [f"# Average NER over layers, keys ({space}) / values", "",
-             "| data | " + " | ".join(table["models"]) + " |", "|---|" + "---|" * len(table["models"])]
+    lines = [
+        f"# Average NER over layers, keys ({space}) / values",
+        "",
+        "| data | " + " | ".join(table["models"]) + " |",
+        "|---|" + "---|" * len(table["models"]),
+    ]
     for dataset in table["datasets"]:
         row = []
         for model in table["models"]:
@@ -94,7 +116,9 @@ def to_markdown(table: dict[str, Any]) -> str:
         lines.append(f"| {dataset} | " + " | ".join(row) + " |")
     lines += ["", "Each cell: one calibration (`kvcore-eval calibrate`); per-layer NER in table.json and heatmaps/."]
     if table["notes"]:
-        lines += ["", "**Mixed calibrations (kept with --allow-mixed):**", ""] + [f"- {note}" for note in table["notes"]]
+        lines += ["", "**Mixed calibrations (kept with --allow-mixed):**", ""] + [
+            f"- {note}" for note in table["notes"]
+        ]
     return "\n".join(lines) + "\n"
 
 
@@ -104,7 +128,9 @@ def plot_heatmap(model: str, per_dataset: dict[str, dict[str, Any]], path: Path)
 
     datasets = sorted(per_dataset)
     layers = len(next(iter(per_dataset.values()))["layers_key"])
-    figure = Figure(figsize=(max(6.0, 1.1 * len(datasets) * 2 + 2), max(3.0, 0.22 * layers + 1.5)), dpi=130, layout="constrained")
+    figure = Figure(
+        figsize=(max(6.0, 1.1 * len(datasets) * 2 + 2), max(3.0, 0.22 * layers + 1.5)), dpi=130, layout="constrained"
+    )
     axes = figure.subplots(1, 2, sharey=True)
     for ax, kind, title in zip(axes, ("layers_key", "layers_value"), ("keys", "values")):
         grid = np.array([per_dataset[d][kind] for d in datasets]).T  # (layers, datasets)

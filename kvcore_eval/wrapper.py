@@ -19,9 +19,22 @@ from lm_eval.models.huggingface import HFLM
 
 from kvcore_eval import latent
 from kvcore_eval.artifact import Calibration, load_calibration, read_metadata
-from kvcore_eval.cache import LowRankCache, cache_bytes_per_token, compare_with_model_cache, layer_bases, sliding_window_layers
+from kvcore_eval.cache import (
+    LowRankCache,
+    cache_bytes_per_token,
+    compare_with_model_cache,
+    layer_bases,
+    sliding_window_layers,
+)
 from kvcore_eval.gram import KEY_SPACES
-from kvcore_eval.models import config_fingerprint, kv_geometry, load_config, same_weights, weights_fingerprint, weights_sample
+from kvcore_eval.models import (
+    config_fingerprint,
+    kv_geometry,
+    load_config,
+    same_weights,
+    weights_fingerprint,
+    weights_sample,
+)
 from kvcore_eval.rank_plan import TruncationConfig, make_plan
 from kvcore_eval.rope import RopeTap
 from kvcore_eval.selfcheck import check_key_recovery
@@ -42,8 +55,10 @@ def _checked_artifact(truncation: TruncationConfig, model_config) -> Calibration
     check_artifact_matches(metadata, model_config, truncation.allow_mismatch, truncation.calibration)
     artifact = load_calibration(truncation.calibration, eigenvectors=False)  # bases are read as the plan's slices
     if KEY_SPACES[truncation.key_space] not in artifact.eigenvalues:
-        raise ValueError(f"artifact {truncation.calibration} has no {KEY_SPACES[truncation.key_space]} basis: re-run "
-                         "`kvcore-eval calibrate`, or pick another key_space")
+        raise ValueError(
+            f"artifact {truncation.calibration} has no {KEY_SPACES[truncation.key_space]} basis: re-run "
+            "`kvcore-eval calibrate`, or pick another key_space"
+        )
     return artifact
 
 
@@ -56,8 +71,11 @@ def check_artifact_matches(metadata: dict[str, Any], config, allow_mismatch: boo
             f"this model has {kv_geometry(config).to_dict()}: calibrate this model with `kvcore-eval calibrate`"
         )
     if recorded["config_fingerprint"] != config_fingerprint(config):
-        _mismatch(f"artifact {artifact_path} was calibrated on {recorded['model_id']} (config {recorded['config_fingerprint']}), "
-                  f"not on this model's config ({config_fingerprint(config)})", allow_mismatch)
+        _mismatch(
+            f"artifact {artifact_path} was calibrated on {recorded['model_id']} (config {recorded['config_fingerprint']}), "
+            f"not on this model's config ({config_fingerprint(config)})",
+            allow_mismatch,
+        )
 
 
 def _mismatch(message: str, allow_mismatch: bool) -> None:
@@ -70,16 +88,42 @@ def _mismatch(message: str, allow_mismatch: bool) -> None:
 class KVCoreHFLM(HFLM):
     """HFLM whose KV cache stores rank-r projections; every `hf` model_arg works, plus TruncationConfig's."""
 
-    def __init__(self, calibration: str | None = None, key_rank=None, value_rank=None, rank_budget: float | None = None,
-                 budget_method: str = "energy", key_space: str = "pre_rope", granularity: str = "layer",
-                 truncate: str = "both", allow_mismatch: bool = False, sensitivity: str | None = None, attention: str = "reconstruct",
-                 **kwargs) -> None:
+    def __init__(
+        self,
+        calibration: str | None = None,
+        key_rank=None,
+        value_rank=None,
+        rank_budget: float | None = None,
+        budget_method: str = "energy",
+        key_space: str = "pre_rope",
+        granularity: str = "layer",
+        truncate: str = "both",
+        allow_mismatch: bool = False,
+        sensitivity: str | None = None,
+        attention: str = "reconstruct",
+        **kwargs,
+    ) -> None:
         if calibration is None:
-            raise ValueError("kvcore_hf needs calibration=<artifact folder> in --model_args (written by `kvcore-eval calibrate`); "
-                             "for the uncompressed baseline use --model hf")
-        truncation = TruncationConfig(str(calibration), key_rank, value_rank, rank_budget, budget_method, key_space, granularity,
-                                      truncate, str(allow_mismatch).lower() in ("true", "1", "yes"), sensitivity, attention)
-        artifact = _checked_artifact(truncation, _model_config(kwargs.get("pretrained"), kwargs.get("revision"), kwargs.get("gguf_file")))
+            raise ValueError(
+                "kvcore_hf needs calibration=<artifact folder> in --model_args (written by `kvcore-eval calibrate`); "
+                "for the uncompressed baseline use --model hf"
+            )
+        truncation = TruncationConfig(
+            str(calibration),
+            key_rank,
+            value_rank,
+            rank_budget,
+            budget_method,
+            key_space,
+            granularity,
+            truncate,
+            str(allow_mismatch).lower() in ("true", "1", "yes"),
+            sensitivity,
+            attention,
+        )
+        artifact = _checked_artifact(
+            truncation, _model_config(kwargs.get("pretrained"), kwargs.get("revision"), kwargs.get("gguf_file"))
+        )
         plan = make_plan(truncation, artifact)
         super().__init__(**kwargs)  # the weights load here, after every check that needs none
         self._tap = RopeTap(self.model)  # stays on the model: records the rotary tables of every forward
@@ -104,11 +148,17 @@ class KVCoreHFLM(HFLM):
         if recorded["weights_fingerprint"] == weights_fingerprint(self.model, sample):
             return
         if artifact.weights_sample is not None and same_weights(artifact.weights_sample, sample):
-            logger.info("kvcore_hf: same weights as the calibration, loaded as %s (calibrated as %s)",
-                        self.model.dtype, artifact.metadata.get("model_dtype"))
+            logger.info(
+                "kvcore_hf: same weights as the calibration, loaded as %s (calibrated as %s)",
+                self.model.dtype,
+                artifact.metadata.get("model_dtype"),
+            )
             return
-        _mismatch(f"artifact {self.kvcore_config.calibration} was calibrated on other weights ({recorded['model_id']}, "
-                  f"{artifact.metadata.get('model_dtype')}) than this model ({self.model.dtype})", self.kvcore_config.allow_mismatch)
+        _mismatch(
+            f"artifact {self.kvcore_config.calibration} was calibrated on other weights ({recorded['model_id']}, "
+            f"{artifact.metadata.get('model_dtype')}) than this model ({self.model.dtype})",
+            self.kvcore_config.allow_mismatch,
+        )
 
     def _setup_cache(self, artifact: Calibration) -> None:
         geometry = artifact.geometry
@@ -124,20 +174,37 @@ class KVCoreHFLM(HFLM):
                 self._keys_checked = True
             self._cache_tap = self._tap
             groups = {self._tap.group_of(layer) for layer in truncated_keys}
-            rope_table_bytes = sum(2 * self._tap.tables(g).cos.shape[-1] * self._tap.tables(g).cos.element_size() for g in groups)
+            rope_table_bytes = sum(
+                2 * self._tap.tables(g).cos.shape[-1] * self._tap.tables(g).cos.element_size() for g in groups
+            )
         element_size = torch.empty(0, dtype=self.model.dtype).element_size()
-        self.kvcore_cache_bytes = cache_bytes_per_token(plan, geometry.kv_heads, geometry.num_layers, element_size, rope_table_bytes)
-        self.kvcore_model_cache = compare_with_model_cache(self.kvcore_cache_bytes, sliding_window_layers(self.model.config), geometry.num_layers)
-        logger.info("kvcore_hf: %s key ranks %s, value ranks %s of %d; cache %.1f%% of a full cache (%d vs %d bytes/token)",
-                    plan.key_space, _ranks(plan.key_rank_per_layer), _ranks(plan.value_rank_per_layer), plan.width, 100 * self.kvcore_cache_bytes["ratio"],
-                    self.kvcore_cache_bytes["low_rank"], self.kvcore_cache_bytes["full"])
+        self.kvcore_cache_bytes = cache_bytes_per_token(
+            plan, geometry.kv_heads, geometry.num_layers, element_size, rope_table_bytes
+        )
+        self.kvcore_model_cache = compare_with_model_cache(
+            self.kvcore_cache_bytes, sliding_window_layers(self.model.config), geometry.num_layers
+        )
+        logger.info(
+            "kvcore_hf: %s key ranks %s, value ranks %s of %d; cache %.1f%% of a full cache (%d vs %d bytes/token)",
+            plan.key_space,
+            _ranks(plan.key_rank_per_layer),
+            _ranks(plan.value_rank_per_layer),
+            plan.width,
+            100 * self.kvcore_cache_bytes["ratio"],
+            self.kvcore_cache_bytes["low_rank"],
+            self.kvcore_cache_bytes["full"],
+        )
         if self.kvcore_model_cache is not None:
             logger.warning("kvcore_hf: %s", self.kvcore_model_cache["note"])
         self._latent = self.kvcore_config.attention == "latent"
         if self._latent:
             latent.register()
-            error = latent.check_against_reconstruction(self.model, lambda is_latent: self._cache(is_latent), self._attention_implementation)
-            logger.info("kvcore_hf: latent attention (reads the rank-r latents); agrees with reconstruction to %.1e", error)
+            error = latent.check_against_reconstruction(
+                self.model, lambda is_latent: self._cache(is_latent), self._attention_implementation
+            )
+            logger.info(
+                "kvcore_hf: latent attention (reads the rank-r latents); agrees with reconstruction to %.1e", error
+            )
         self.model.set_attn_implementation(latent.NAME if self._latent else self._attention_implementation)
 
     def _cache(self, is_latent: bool) -> LowRankCache:
@@ -147,15 +214,26 @@ class KVCoreHFLM(HFLM):
         """A fresh, empty low-rank cache sharing this model's bases."""
         return self._cache(self._latent)
 
-    def _model_call(self, inps: torch.Tensor, attn_mask: torch.Tensor | None = None, labels: torch.Tensor | None = None) -> torch.Tensor:
+    def _model_call(
+        self, inps: torch.Tensor, attn_mask: torch.Tensor | None = None, labels: torch.Tensor | None = None
+    ) -> torch.Tensor:
         if attn_mask is not None or labels is not None:
             raise NotImplementedError("kvcore_hf supports decoder-only causal LMs")
         cache = self.new_cache()
-        with torch.no_grad(), latent.active(cache), torch.autocast(device_type=self.device.type, dtype=self.mixed_precision_dtype,
-                                                                   enabled=self.mixed_precision_dtype is not None):
+        with (
+            torch.no_grad(),
+            latent.active(cache),
+            torch.autocast(
+                device_type=self.device.type,
+                dtype=self.mixed_precision_dtype,
+                enabled=self.mixed_precision_dtype is not None,
+            ),
+        ):
             return self.model(inps, cache=cache, use_cache=True).logits
 
-    def _model_generate(self, context: torch.Tensor, max_length: int, stop: list[str], **generation_kwargs) -> torch.Tensor:
+    def _model_generate(
+        self, context: torch.Tensor, max_length: int, stop: list[str], **generation_kwargs
+    ) -> torch.Tensor:
         cache = self.new_cache()
         with latent.active(cache):
             output = super()._model_generate(context, max_length, stop, cache=cache, **generation_kwargs)
@@ -187,7 +265,11 @@ def check_cache_kept(cache: LowRankCache, output: torch.Tensor, config) -> None:
     held, expected = cache.get_seq_length(), output.shape[1] - 1
     if held != expected:
         switch = getattr(config, "original_max_position_embeddings", None)
-        reason = f" ({config.model_type} swaps the cache once the input reaches original_max_position_embeddings + 1 = {switch + 1} tokens)" if switch else ""
+        reason = (
+            f" ({config.model_type} swaps the cache once the input reaches original_max_position_embeddings + 1 = {switch + 1} tokens)"
+            if switch
+            else ""
+        )
         raise RuntimeError(
             f"generate replaced kvcore's low-rank cache: it holds {held} of the {expected} tokens fed{reason}, so the rest of the "
             "generation ran with a full cache and its scores would be silently wrong. Keep prompt + max_gen_toks below that length"

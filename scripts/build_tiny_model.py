@@ -54,9 +54,19 @@ def main() -> None:
 
     tokenizer = byte_level_tokenizer()
     config = LlamaConfig(
-        vocab_size=len(tokenizer), hidden_size=64, intermediate_size=176, num_hidden_layers=4, num_attention_heads=4,
-        num_key_value_heads=2, head_dim=16, max_position_embeddings=1024, rope_theta=10000.0, tie_word_embeddings=True,
-        pad_token_id=tokenizer.pad_token_id, bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id,
+        vocab_size=len(tokenizer),
+        hidden_size=64,
+        intermediate_size=176,
+        num_hidden_layers=4,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        head_dim=16,
+        max_position_embeddings=1024,
+        rope_theta=10000.0,
+        tie_word_embeddings=True,
+        pad_token_id=tokenizer.pad_token_id,
+        bos_token_id=tokenizer.bos_token_id,
+        eos_token_id=tokenizer.eos_token_id,
     )
     model = LlamaForCausalLM(config)
     ids = torch.tensor(tokenizer(corpus(Path(args.data_dir)))["input_ids"])
@@ -64,7 +74,7 @@ def main() -> None:
     model.train()
     for step in range(args.steps):
         starts = torch.randint(0, len(ids) - args.seq_len - 1, (16,))
-        batch = torch.stack([ids[s: s + args.seq_len] for s in starts])
+        batch = torch.stack([ids[s : s + args.seq_len] for s in starts])
         loss = model(input_ids=batch, labels=batch).loss
         optimizer.zero_grad()
         loss.backward()
@@ -74,7 +84,13 @@ def main() -> None:
     out = Path(args.out)
     model.eval().save_pretrained(out)
     tokenizer.save_pretrained(out)
-    (out / "TRAINING.json").write_text(json.dumps({"steps": args.steps, "seq_len": args.seq_len, "final_loss": loss.item(), "corpus_tokens": len(ids)}, indent=2) + "\n")
+    (out / "TRAINING.json").write_text(
+        json.dumps(
+            {"steps": args.steps, "seq_len": args.seq_len, "final_loss": loss.item(), "corpus_tokens": len(ids)},
+            indent=2,
+        )
+        + "\n"
+    )
     logger.info("saved %s (%d parameters)", out, sum(p.numel() for p in model.parameters()))
 
 

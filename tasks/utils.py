@@ -5,8 +5,14 @@ from __future__ import annotations
 import re
 
 
-def load_perplexity_dataset(source: str, language: str | None = None, data_dir: str | None = None,
-                            num_samples: int | None = None, seed: int = 1234, **_: object) -> dict:
+def load_perplexity_dataset(
+    source: str,
+    language: str | None = None,
+    data_dir: str | None = None,
+    num_samples: int | None = None,
+    seed: int = 1234,
+    **_: object,
+) -> dict:
     """custom_dataset: lm-eval passes the YAML metadata (num_samples: a seeded subset, 1000 by default; null: every
     record, in the seeded order), `--metadata` and the model args as keywords."""
     from kvcore_eval.data import task_dataset
@@ -14,8 +20,14 @@ def load_perplexity_dataset(source: str, language: str | None = None, data_dir: 
     return {"test": task_dataset(source, language, data_dir, num_samples, seed)}
 
 
-def load_generation_dataset(source: str, language: str | None = None, data_dir: str | None = None,
-                            num_samples: int = 100, seed: int = 1234, **_: object) -> dict:
+def load_generation_dataset(
+    source: str,
+    language: str | None = None,
+    data_dir: str | None = None,
+    num_samples: int = 100,
+    seed: int = 1234,
+    **_: object,
+) -> dict:
     """custom_dataset of the `_gen` tasks: a fixed, seeded subset (100 instructions by default)."""
     from kvcore_eval.data import task_dataset
 
@@ -27,8 +39,11 @@ def process_perplexity(doc: dict, results: list) -> dict:
     loglikelihood = results[0][0]
     words = len(re.split(r"\s+", doc["response"].strip())) or 1
     num_bytes = len(doc["response"].encode("utf-8")) or 1
-    return {"word_perplexity": (loglikelihood, words), "byte_perplexity": (loglikelihood, num_bytes),
-            "bits_per_byte": (loglikelihood, num_bytes)}
+    return {
+        "word_perplexity": (loglikelihood, words),
+        "byte_perplexity": (loglikelihood, num_bytes),
+        "bits_per_byte": (loglikelihood, num_bytes),
+    }
 
 
 def process_gpt_score(doc: dict, results: list) -> dict:

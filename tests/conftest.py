@@ -15,8 +15,17 @@ EXAMPLE_DATA = REPO / "examples" / "data"
 VOCAB = 259  # the shipped byte-level tokenizer: 256 bytes + pad/bos/eos
 
 PHI3_SWITCH = 32  # Phi-3's original_max_position_embeddings: longrope switches, and generate swaps the cache, past it
-_COMMON = dict(vocab_size=VOCAB, hidden_size=64, intermediate_size=96, num_hidden_layers=2, num_attention_heads=4,
-               max_position_embeddings=512, pad_token_id=0, bos_token_id=1, eos_token_id=2)
+_COMMON = dict(
+    vocab_size=VOCAB,
+    hidden_size=64,
+    intermediate_size=96,
+    num_hidden_layers=2,
+    num_attention_heads=4,
+    max_position_embeddings=512,
+    pad_token_id=0,
+    bos_token_id=1,
+    eos_token_id=2,
+)
 
 
 def family_configs() -> dict:
@@ -26,24 +35,69 @@ def family_configs() -> dict:
 
     rope = lambda kind, **extra: {"rope_type": kind, "rope_theta": 10000.0, **extra}  # noqa: E731
     return {
-        "llama": T.LlamaConfig(**_COMMON, num_key_value_heads=2, head_dim=16, rope_parameters=rope(
-            "llama3", factor=8.0, low_freq_factor=1.0, high_freq_factor=4.0, original_max_position_embeddings=64)),
+        "llama": T.LlamaConfig(
+            **_COMMON,
+            num_key_value_heads=2,
+            head_dim=16,
+            rope_parameters=rope(
+                "llama3", factor=8.0, low_freq_factor=1.0, high_freq_factor=4.0, original_max_position_embeddings=64
+            ),
+        ),
         "mistral": T.MistralConfig(**_COMMON, num_key_value_heads=2, head_dim=16, sliding_window=16),
-        "qwen2": T.Qwen2Config(**_COMMON, num_key_value_heads=2, rope_parameters=rope("yarn", factor=8.0, original_max_position_embeddings=64)),
+        "qwen2": T.Qwen2Config(
+            **_COMMON,
+            num_key_value_heads=2,
+            rope_parameters=rope("yarn", factor=8.0, original_max_position_embeddings=64),
+        ),
         "qwen3": T.Qwen3Config(**_COMMON, num_key_value_heads=2, head_dim=16),
         "gemma": T.GemmaConfig(**_COMMON, num_key_value_heads=1, head_dim=16),
         "gemma2": T.Gemma2Config(**_COMMON, num_key_value_heads=2, head_dim=16, sliding_window=16),
-        "gemma3": T.Gemma3TextConfig(**_COMMON, num_key_value_heads=2, head_dim=16, sliding_window=16,
-                                     layer_types=["sliding_attention", "full_attention"]),
-        "phi3": T.Phi3Config(**_COMMON, num_key_value_heads=2, original_max_position_embeddings=PHI3_SWITCH, rope_parameters=rope(
-            "longrope", partial_rotary_factor=0.5, short_factor=[1.0] * 4, long_factor=[3.0] * 4, original_max_position_embeddings=PHI3_SWITCH)),
-        "gpt_neox": T.GPTNeoXConfig(vocab_size=VOCAB, hidden_size=64, intermediate_size=96, num_hidden_layers=2, num_attention_heads=4,
-                                    max_position_embeddings=512, rope_parameters=rope("default", partial_rotary_factor=0.25),
-                                    pad_token_id=0, bos_token_id=1, eos_token_id=2),
-        "gptj": T.GPTJConfig(vocab_size=VOCAB, n_embd=64, n_layer=2, n_head=4, n_positions=512, rotary_dim=8, pad_token_id=0,
-                             bos_token_id=1, eos_token_id=2),
+        "gemma3": T.Gemma3TextConfig(
+            **_COMMON,
+            num_key_value_heads=2,
+            head_dim=16,
+            sliding_window=16,
+            layer_types=["sliding_attention", "full_attention"],
+        ),
+        "phi3": T.Phi3Config(
+            **_COMMON,
+            num_key_value_heads=2,
+            original_max_position_embeddings=PHI3_SWITCH,
+            rope_parameters=rope(
+                "longrope",
+                partial_rotary_factor=0.5,
+                short_factor=[1.0] * 4,
+                long_factor=[3.0] * 4,
+                original_max_position_embeddings=PHI3_SWITCH,
+            ),
+        ),
+        "gpt_neox": T.GPTNeoXConfig(
+            vocab_size=VOCAB,
+            hidden_size=64,
+            intermediate_size=96,
+            num_hidden_layers=2,
+            num_attention_heads=4,
+            max_position_embeddings=512,
+            rope_parameters=rope("default", partial_rotary_factor=0.25),
+            pad_token_id=0,
+            bos_token_id=1,
+            eos_token_id=2,
+        ),
+        "gptj": T.GPTJConfig(
+            vocab_size=VOCAB,
+            n_embd=64,
+            n_layer=2,
+            n_head=4,
+            n_positions=512,
+            rotary_dim=8,
+            pad_token_id=0,
+            bos_token_id=1,
+            eos_token_id=2,
+        ),
         "cohere": T.CohereConfig(**_COMMON, num_key_value_heads=2),
-        "gpt2": T.GPT2Config(vocab_size=VOCAB, n_embd=64, n_layer=2, n_head=4, n_positions=512, bos_token_id=1, eos_token_id=2),
+        "gpt2": T.GPT2Config(
+            vocab_size=VOCAB, n_embd=64, n_layer=2, n_head=4, n_positions=512, bos_token_id=1, eos_token_id=2
+        ),
     }
 
 
@@ -80,7 +134,10 @@ def family_dirs(tmp_path_factory) -> dict[str, Path]:
 def family_models(family_dirs) -> dict:
     from transformers import AutoModelForCausalLM
 
-    return {family: AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32).eval() for family, path in family_dirs.items()}
+    return {
+        family: AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32).eval()
+        for family, path in family_dirs.items()
+    }
 
 
 @pytest.fixture(scope="session")

@@ -76,9 +76,19 @@ class JudgeServer:
                 else:
                     m = re.search(r"score=(\d+)", answer)
                     content = f"Rating: {m.group(1) if m else len(answer) % 10 + 1}"
-                self._send(200, {"id": "x", "object": "chat.completion", "created": 0, "model": request["model"],
-                                 "choices": [{"index": 0, "finish_reason": "stop", "message": {"role": "assistant", "content": content}}],
-                                 "usage": {"prompt_tokens": 50, "completion_tokens": 3, "total_tokens": 53}})
+                self._send(
+                    200,
+                    {
+                        "id": "x",
+                        "object": "chat.completion",
+                        "created": 0,
+                        "model": request["model"],
+                        "choices": [
+                            {"index": 0, "finish_reason": "stop", "message": {"role": "assistant", "content": content}}
+                        ],
+                        "usage": {"prompt_tokens": 50, "completion_tokens": 3, "total_tokens": 53},
+                    },
+                )
 
         return Handler
 

@@ -1,8 +1,8 @@
 import pytest
 import torch
+from conftest import FAMILIES, calibrate_in_memory
 from transformers import DynamicCache
 
-from conftest import FAMILIES, calibrate_in_memory
 from kvcore_eval.cache import LayerBases, LowRankCache, cache_bytes_per_token, layer_bases
 from kvcore_eval.rank_plan import RankPlan
 from kvcore_eval.rope import RopeTap
@@ -17,15 +17,24 @@ def tap_of(model) -> RopeTap:
     return _TAPS[id(model)]
 
 
-def low_rank_cache(model, calibration, key_rank, value_rank, key_space="pre_rope", granularity="layer", full_basis=False):
+def low_rank_cache(
+    model, calibration, key_rank, value_rank, key_space="pre_rope", granularity="layer", full_basis=False
+):
     geometry = calibration.geometry
     width = geometry.width if granularity == "layer" else geometry.head_dim
-    plan = RankPlan([key_rank] * geometry.num_layers if key_rank else None, [value_rank] * geometry.num_layers if value_rank else None,
-                    width, granularity, key_space)
+    plan = RankPlan(
+        [key_rank] * geometry.num_layers if key_rank else None,
+        [value_rank] * geometry.num_layers if value_rank else None,
+        width,
+        granularity,
+        key_space,
+    )
     bases = layer_bases(calibration, plan)
     if full_basis:  # rank D as an explicit orthonormal basis, so the projection code runs (layer_bases skips it)
         space = "key_pre_rope" if key_space == "pre_rope" else "key_post_rope"
-        full = lambda s, l: calibration.eigenvectors[s][l] if granularity == "layer" else calibration.head_eigenvectors[s][l]  # noqa: E731
+        full = lambda s, l: (
+            calibration.eigenvectors[s][l] if granularity == "layer" else calibration.head_eigenvectors[s][l]
+        )  # noqa: E731
         bases = [LayerBases(full(space, l), full("value", l)) for l in range(geometry.num_layers)]
     return LowRankCache(bases, geometry.kv_heads, tap_of(model) if key_space == "pre_rope" else None)
 
@@ -42,7 +51,9 @@ def calibrations(family_models, calibration_tokens):
 
 @pytest.mark.parametrize("family", FAMILIES)
 @pytest.mark.parametrize("key_space,granularity", [("pre_rope", "layer"), ("post_rope", "layer"), ("pre_rope", "head")])
-def test_full_rank_basis_reproduces_baseline_logits(family, key_space, granularity, family_models, calibrations, token_batch):
+def test_full_rank_basis_reproduces_baseline_logits(
+    family, key_space, granularity, family_models, calibrations, token_batch
+):
     model, calibration = family_models[family], calibrations[family]
     cache = low_rank_cache(model, calibration, 1, 1, key_space, granularity, full_basis=True)
     assert torch.allclose(logits(model, token_batch, cache), logits(model, token_batch), atol=1e-5)
@@ -70,7 +81,7 @@ def test_prefill_plus_decode_equals_one_shot(family, family_models, calibrations
     cache = low_rank_cache(model, calibration, width // 4, width // 2)
     steps = [logits(model, token_batch[:, :16], cache)]
     for position in range(16, token_batch.shape[1]):
-        steps.append(logits(model, token_batch[:, position:position + 1], cache))
+        steps.append(logits(model, token_batch[:, position : position + 1], cache))
     assert torch.allclose(torch.cat(steps, dim=1), one_shot, atol=1e-5)
 
 
@@ -124,9 +135,13 @@ def test_pre_rope_cache_keeps_rotary_tables_once_per_group(family, groups, famil
     assert cache.layers[0].keys.shape == (3, 24, 4)
     geometry = calibration.geometry
     plan = RankPlan([4] * 2, None, geometry.width, "layer", "pre_rope")
-    per_token = cache_bytes_per_token(plan, geometry.kv_heads, geometry.num_layers, 4, rope_table_bytes=groups * table_bytes)
+    per_token = cache_bytes_per_token(
+        plan, geometry.kv_heads, geometry.num_layers, 4, rope_table_bytes=groups * table_bytes
+    )
     stored = cache.stored_bytes()
-    assert per_token["low_rank"] == (stored["keys"] + stored["values"]) / token_batch.numel() + groups * table_bytes  # per row: an upper bound
+    assert (
+        per_token["low_rank"] == (stored["keys"] + stored["values"]) / token_batch.numel() + groups * table_bytes
+    )  # per row: an upper bound
 
 
 def test_sliding_window_layers_are_compared_with_the_models_own_cache(family_models):
@@ -148,7 +163,9 @@ def test_generate_with_low_rank_cache_matches_one_shot_greedy(family_models, cal
     model, calibration = family_models["llama"], calibrations["llama"]
     prompt = token_batch[:1, :10]
     with torch.no_grad():
-        generated = model.generate(prompt, max_new_tokens=8, do_sample=False, cache=low_rank_cache(model, calibration, 8, 16), pad_token_id=0)
+        generated = model.generate(
+            prompt, max_new_tokens=8, do_sample=False, cache=low_rank_cache(model, calibration, 8, 16), pad_token_id=0
+        )
     one_shot = logits(model, generated, low_rank_cache(model, calibration, 8, 16))
     assert torch.equal(one_shot[0, 9:-1].argmax(-1), generated[0, 10:])
 
@@ -163,8 +180,17 @@ def left_padded_prompts() -> tuple[torch.Tensor, torch.Tensor]:
 
 def generate(model, input_ids, attention_mask, cache, max_new_tokens=8):
     with torch.no_grad():
-        return model.generate(input_ids, attention_mask=attention_mask, max_new_tokens=max_new_tokens, min_new_tokens=max_new_tokens,
-                              do_sample=False, cache=cache, pad_token_id=0, output_scores=True, return_dict_in_generate=True)
+        return model.generate(
+            input_ids,
+            attention_mask=attention_mask,
+            max_new_tokens=max_new_tokens,
+            min_new_tokens=max_new_tokens,
+            do_sample=False,
+            cache=cache,
+            pad_token_id=0,
+            output_scores=True,
+            return_dict_in_generate=True,
+        )
 
 
 @pytest.mark.parametrize("family", FAMILIES)
@@ -176,7 +202,10 @@ def test_full_rank_cache_equals_plain_model_in_batched_left_padded_generation(fa
     model, calibration = family_models[family], calibrations[family]
     input_ids, attention_mask = left_padded_prompts()
     cache = low_rank_cache(model, calibration, 1, 1, "pre_rope", full_basis=True)
-    ours, plain = generate(model, input_ids, attention_mask, cache), generate(model, input_ids, attention_mask, DynamicCache())
+    ours, plain = (
+        generate(model, input_ids, attention_mask, cache),
+        generate(model, input_ids, attention_mask, DynamicCache()),
+    )
     assert torch.equal(ours.sequences, plain.sequences)
     assert torch.allclose(torch.stack(ours.scores), torch.stack(plain.scores), atol=1e-4)
     check_cache_kept(cache, ours.sequences, model.config)
@@ -187,6 +216,7 @@ def test_phi3_longrope_generation_past_the_switch_is_refused(family_models, cali
     """Phi-3 replaces the cache once the input reaches original_max_position_embeddings + 1 tokens: the rest
     would run uncompressed, so the check after generate refuses it."""
     from conftest import PHI3_SWITCH
+
     from kvcore_eval.wrapper import check_cache_kept
 
     model, calibration = family_models["phi3"], calibrations["phi3"]
@@ -198,12 +228,15 @@ def test_phi3_longrope_generation_past_the_switch_is_refused(family_models, cali
 
 
 def _dynamic_llama():
+    from conftest import _COMMON, build_model
     from transformers import LlamaConfig
 
-    from conftest import _COMMON, build_model
-
-    config = LlamaConfig(**{**_COMMON, "max_position_embeddings": 16}, num_key_value_heads=2, head_dim=16,
-                         rope_parameters={"rope_type": "dynamic", "rope_theta": 10000.0, "factor": 2.0})
+    config = LlamaConfig(
+        **{**_COMMON, "max_position_embeddings": 16},
+        num_key_value_heads=2,
+        head_dim=16,
+        rope_parameters={"rope_type": "dynamic", "rope_theta": 10000.0, "factor": 2.0},
+    )
     return build_model(config)
 
 
@@ -219,8 +252,11 @@ def test_full_rank_cache_equals_models_own_cache_past_the_original_length(family
 
     def stepwise(cache):
         steps = [logits(model, tokens[:, :12], cache)]
-        steps += [logits(model, tokens[:, i:i + 1], cache) for i in range(12, tokens.shape[1])]
+        steps += [logits(model, tokens[:, i : i + 1], cache) for i in range(12, tokens.shape[1])]
         return torch.cat(steps, dim=1)
 
-    ours, plain = stepwise(low_rank_cache(model, calibration, 1, 1, "pre_rope", full_basis=True)), stepwise(DynamicCache())
+    ours, plain = (
+        stepwise(low_rank_cache(model, calibration, 1, 1, "pre_rope", full_basis=True)),
+        stepwise(DynamicCache()),
+    )
     assert torch.allclose(ours, plain, atol=1e-5)

@@ -5,9 +5,9 @@ import sys
 
 import pytest
 import torch
+from conftest import EXAMPLE_DATA, REPO
 from safetensors.torch import load_file
 
-from conftest import EXAMPLE_DATA, REPO
 from kvcore_eval.artifact import BASIS_FILE, load_calibration
 from kvcore_eval.calibrate import CHECKPOINT_DIR, calibrate
 from kvcore_eval.config import CalibrationConfig
@@ -15,8 +15,17 @@ from kvcore_eval.report import write_report
 
 
 def config(model_dir, out, **overrides) -> CalibrationConfig:
-    settings = dict(model=str(model_dir), dataset=str(EXAMPLE_DATA / "alpaca.jsonl"), out=str(out), prompt_format="alpaca",
-                    max_tokens=3000, seq_len=64, batch_size=3, device="cpu", checkpoint_every=400)
+    settings = dict(
+        model=str(model_dir),
+        dataset=str(EXAMPLE_DATA / "alpaca.jsonl"),
+        out=str(out),
+        prompt_format="alpaca",
+        max_tokens=3000,
+        seq_len=64,
+        batch_size=3,
+        device="cpu",
+        checkpoint_every=400,
+    )
     return CalibrationConfig(**{**settings, **overrides})
 
 
@@ -81,7 +90,11 @@ def test_bad_input_gets_errors_that_name_the_fix(llama_dir, tmp_path):
     with pytest.raises(KeyError, match="no field 'text'"):
         calibrate(config(llama_dir, tmp_path / "a", prompt_format=None))
     with pytest.raises(ValueError, match="fewer than one sequence"):
-        calibrate(config(llama_dir, tmp_path / "b", dataset=str(EXAMPLE_DATA / "medalpaca.jsonl"), seq_len=4000, max_tokens=5000))
+        calibrate(
+            config(
+                llama_dir, tmp_path / "b", dataset=str(EXAMPLE_DATA / "medalpaca.jsonl"), seq_len=4000, max_tokens=5000
+            )
+        )
     with pytest.raises(ValueError, match="less than one sequence"):
         config(llama_dir, tmp_path / "c", seq_len=512, max_tokens=100)
     with pytest.raises(FileNotFoundError, match="does not exist"):
@@ -93,7 +106,9 @@ def test_bad_input_gets_errors_that_name_the_fix(llama_dir, tmp_path):
 def test_not_a_causal_lm_is_refused(tmp_path):
     from transformers import ViTConfig
 
-    ViTConfig(hidden_size=32, num_hidden_layers=1, num_attention_heads=2, intermediate_size=32).save_pretrained(tmp_path / "vit")
+    ViTConfig(hidden_size=32, num_hidden_layers=1, num_attention_heads=2, intermediate_size=32).save_pretrained(
+        tmp_path / "vit"
+    )
     with pytest.raises(ValueError, match="not a causal LM"):
         calibrate(config(tmp_path / "vit", tmp_path / "out"))
 
@@ -113,9 +128,30 @@ def _run_cli(args, **env):
 def test_two_processes_sum_to_the_single_process_grams(finished_run, llama_dir, tmp_path):
     """torchrun starts 2 CPU processes (gloo); accelerate's PartialState picks them up, as under `accelerate launch`."""
     out = tmp_path / "two"
-    cli = ["-m", "kvcore_eval", "calibrate", "--model", str(llama_dir), "--dataset", str(EXAMPLE_DATA / "alpaca.jsonl"),
-           "--prompt-format", "alpaca", "--max-tokens", "3000", "--seq-len", "64", "--batch-size", "3", "--device", "cpu", "--out", str(out)]
-    result = _run_cli([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", *cli], OMP_NUM_THREADS="1")
+    cli = [
+        "-m",
+        "kvcore_eval",
+        "calibrate",
+        "--model",
+        str(llama_dir),
+        "--dataset",
+        str(EXAMPLE_DATA / "alpaca.jsonl"),
+        "--prompt-format",
+        "alpaca",
+        "--max-tokens",
+        "3000",
+        "--seq-len",
+        "64",
+        "--batch-size",
+        "3",
+        "--device",
+        "cpu",
+        "--out",
+        str(out),
+    ]
+    result = _run_cli(
+        [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", *cli], OMP_NUM_THREADS="1"
+    )
     assert result.returncode == 0, result.stderr[-3000:]
     two, one = load_calibration(out), load_calibration(finished_run)
     assert two.metadata["processes"] == 2 and two.metadata["tokens"] == one.metadata["tokens"]
@@ -125,8 +161,27 @@ def test_two_processes_sum_to_the_single_process_grams(finished_run, llama_dir, 
 
 def test_cli_calibrate_and_report(llama_dir, tmp_path):
     out = tmp_path / "cli"
-    result = _run_cli([sys.executable, "-m", "kvcore_eval", "calibrate", "--model", str(llama_dir), "--dataset", "kvcore:codealpaca",
-                       "--max-tokens", "1000", "--seq-len", "64", "--device", "cpu", "--out", str(out)], KVCORE_DATA_DIR=str(EXAMPLE_DATA))
+    result = _run_cli(
+        [
+            sys.executable,
+            "-m",
+            "kvcore_eval",
+            "calibrate",
+            "--model",
+            str(llama_dir),
+            "--dataset",
+            "kvcore:codealpaca",
+            "--max-tokens",
+            "1000",
+            "--seq-len",
+            "64",
+            "--device",
+            "cpu",
+            "--out",
+            str(out),
+        ],
+        KVCORE_DATA_DIR=str(EXAMPLE_DATA),
+    )
     assert result.returncode == 0, result.stderr[-3000:]
     result = _run_cli([sys.executable, "-m", "kvcore_eval", "report", str(out)])
     assert result.returncode == 0, result.stderr[-3000:]
@@ -188,7 +243,9 @@ def test_a_failed_overwrite_leaves_the_previous_artifact_byte_identical(finished
 
 
 @pytest.mark.parametrize("step", ["write", "rename"])
-def test_a_kill_at_any_step_of_a_checkpoint_write_resumes_bit_identical(step, finished_run, llama_dir, tmp_path, monkeypatch):
+def test_a_kill_at_any_step_of_a_checkpoint_write_resumes_bit_identical(
+    step, finished_run, llama_dir, tmp_path, monkeypatch
+):
     """The second checkpoint write is killed while the file is half written, or just before its rename."""
     import safetensors.torch
 
@@ -257,11 +314,14 @@ def test_damaged_or_non_finite_bases_are_refused(finished_run, tmp_path):
         load_calibration(tmp_path / "nan")
 
 
-@pytest.mark.parametrize("content,message", [
-    (b"", "has no records"),
-    (b'{"instruction": "caf\xe9", "output": "x"}\n', "is not UTF-8 text \\(byte 0xe9"),
-    (b'{"instruction": "a", "output": "b"}\n{"instruction": "a", "output"\n', "bad.jsonl, line 2: not valid JSON"),
-])
+@pytest.mark.parametrize(
+    "content,message",
+    [
+        (b"", "has no records"),
+        (b'{"instruction": "caf\xe9", "output": "x"}\n', "is not UTF-8 text \\(byte 0xe9"),
+        (b'{"instruction": "a", "output": "b"}\n{"instruction": "a", "output"\n', "bad.jsonl, line 2: not valid JSON"),
+    ],
+)
 def test_bad_data_files_name_the_file_and_the_fix(content, message, llama_dir, tmp_path):
     bad = tmp_path / "bad.jsonl"
     bad.write_bytes(content)
@@ -281,14 +341,38 @@ def test_too_short_sequences_are_refused(llama_dir, tmp_path):
 def test_cli_errors_are_one_line_that_names_the_fix(finished_run, tmp_path):
     import shutil
 
-    missing_model = _run_cli([sys.executable, "-m", "kvcore_eval", "calibrate", "--model", str(tmp_path / "no-model"),
-                              "--dataset", str(EXAMPLE_DATA / "alpaca.jsonl"), "--out", str(tmp_path / "o")])
-    assert missing_model.returncode == 2 and "model folder" in missing_model.stderr and "Traceback" not in missing_model.stderr
+    missing_model = _run_cli(
+        [
+            sys.executable,
+            "-m",
+            "kvcore_eval",
+            "calibrate",
+            "--model",
+            str(tmp_path / "no-model"),
+            "--dataset",
+            str(EXAMPLE_DATA / "alpaca.jsonl"),
+            "--out",
+            str(tmp_path / "o"),
+        ]
+    )
+    assert (
+        missing_model.returncode == 2
+        and "model folder" in missing_model.stderr
+        and "Traceback" not in missing_model.stderr
+    )
     truncated = tmp_path / "truncated"
     shutil.copytree(finished_run, truncated)
     (truncated / BASIS_FILE).write_bytes((truncated / BASIS_FILE).read_bytes()[:50])
-    (truncated / "kvcore.json").write_text(json.dumps({**json.loads((finished_run / "kvcore.json").read_text()), "basis_sha256":
-                                                        __import__("kvcore_eval.models", fromlist=["x"]).file_sha256(str(truncated / BASIS_FILE))}))
+    (truncated / "kvcore.json").write_text(
+        json.dumps(
+            {
+                **json.loads((finished_run / "kvcore.json").read_text()),
+                "basis_sha256": __import__("kvcore_eval.models", fromlist=["x"]).file_sha256(
+                    str(truncated / BASIS_FILE)
+                ),
+            }
+        )
+    )
     report = _run_cli([sys.executable, "-m", "kvcore_eval", "report", str(truncated)])
     assert report.returncode == 2 and "cannot be read" in report.stderr and "Traceback" not in report.stderr
     half = tmp_path / "half"
@@ -304,8 +388,26 @@ def test_ctrl_c_during_calibrate_says_how_to_resume(llama_dir, tmp_path):
 
     long = tmp_path / "long.jsonl"  # enough text that the run is still going when Ctrl-C comes
     long.write_text((EXAMPLE_DATA / "alpaca.jsonl").read_text() * 2000)
-    command = [sys.executable, "-m", "kvcore_eval", "calibrate", "--model", str(llama_dir), "--dataset", str(long),
-               "--prompt-format", "alpaca", "--max-tokens", "5000000", "--seq-len", "64", "--device", "cpu", "--out", str(tmp_path / "c")]
+    command = [
+        sys.executable,
+        "-m",
+        "kvcore_eval",
+        "calibrate",
+        "--model",
+        str(llama_dir),
+        "--dataset",
+        str(long),
+        "--prompt-format",
+        "alpaca",
+        "--max-tokens",
+        "5000000",
+        "--seq-len",
+        "64",
+        "--device",
+        "cpu",
+        "--out",
+        str(tmp_path / "c"),
+    ]
     process = subprocess.Popen(command, cwd=REPO, stderr=subprocess.PIPE, text=True)
     deadline = time.time() + 120
     while not (tmp_path / "c" / "config.json").exists() and time.time() < deadline:  # inputs checked, run started
@@ -317,9 +419,28 @@ def test_ctrl_c_during_calibrate_says_how_to_resume(llama_dir, tmp_path):
 
 def test_torchrun_with_device_auto_shards_on_cpu(finished_run, llama_dir, tmp_path):
     out = tmp_path / "auto"
-    cli = ["-m", "kvcore_eval", "calibrate", "--model", str(llama_dir), "--dataset", str(EXAMPLE_DATA / "alpaca.jsonl"),
-           "--prompt-format", "alpaca", "--max-tokens", "3000", "--seq-len", "64", "--batch-size", "3", "--out", str(out)]
-    result = _run_cli([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", *cli], OMP_NUM_THREADS="1")
+    cli = [
+        "-m",
+        "kvcore_eval",
+        "calibrate",
+        "--model",
+        str(llama_dir),
+        "--dataset",
+        str(EXAMPLE_DATA / "alpaca.jsonl"),
+        "--prompt-format",
+        "alpaca",
+        "--max-tokens",
+        "3000",
+        "--seq-len",
+        "64",
+        "--batch-size",
+        "3",
+        "--out",
+        str(out),
+    ]
+    result = _run_cli(
+        [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", *cli], OMP_NUM_THREADS="1"
+    )
     assert result.returncode == 0, result.stderr[-3000:]
     assert load_calibration(out).metadata["processes"] == 2
 
@@ -344,8 +465,26 @@ def test_disk_full_is_one_line_and_keeps_the_previous_artifact(finished_run, lla
 
     monkeypatch.setattr(safetensors.torch, "save_file", save)
     with pytest.raises(SystemExit) as exit_info:
-        main(["calibrate", "--model", str(llama_dir), "--dataset", str(EXAMPLE_DATA / "alpaca.jsonl"), "--prompt-format", "alpaca",
-              "--max-tokens", "1000", "--seq-len", "64", "--device", "cpu", "--out", str(out), "--overwrite"])
+        main(
+            [
+                "calibrate",
+                "--model",
+                str(llama_dir),
+                "--dataset",
+                str(EXAMPLE_DATA / "alpaca.jsonl"),
+                "--prompt-format",
+                "alpaca",
+                "--max-tokens",
+                "1000",
+                "--seq-len",
+                "64",
+                "--device",
+                "cpu",
+                "--out",
+                str(out),
+                "--overwrite",
+            ]
+        )
     assert exit_info.value.code == 2
     assert any("No space left on device" in record.getMessage() for record in caplog.records)
     assert _snapshot(out) == before

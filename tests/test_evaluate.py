@@ -4,8 +4,8 @@ import subprocess
 import sys
 
 import pytest
-
 from conftest import EXAMPLE_DATA, EXAMPLE_MODEL, REPO
+
 from kvcore_eval.config import EvalConfig
 
 
@@ -16,21 +16,74 @@ def test_ranks_without_calibration_are_refused():
 
 def test_model_args_view():
     args = EvalConfig(model="m", tasks="t", calibration="c", key_rank="8:4", rank_budget=None).model_args()
-    assert args == {"pretrained": "m", "dtype": "float32", "calibration": "c", "key_space": "pre_rope", "granularity": "layer",
-                    "truncate": "both", "key_rank": "8:4"}
+    assert args == {
+        "pretrained": "m",
+        "dtype": "float32",
+        "calibration": "c",
+        "key_space": "pre_rope",
+        "granularity": "layer",
+        "truncate": "both",
+        "key_rank": "8:4",
+    }
     assert EvalConfig(model="m", tasks="t").model_args() == {"pretrained": "m", "dtype": "float32"}
 
 
 def test_cli_eval_runs_kvcore_hf_and_writes_results(tmp_path):
-    calibrate = subprocess.run([sys.executable, "-m", "kvcore_eval", "calibrate", "--model", str(EXAMPLE_MODEL), "--dataset", "kvcore:medalpaca",
-                                "--data-dir", str(EXAMPLE_DATA), "--max-tokens", "2000", "--seq-len", "128", "--out", str(tmp_path / "art")],
-                               capture_output=True, text=True, timeout=300, cwd=REPO)
+    calibrate = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "kvcore_eval",
+            "calibrate",
+            "--model",
+            str(EXAMPLE_MODEL),
+            "--dataset",
+            "kvcore:medalpaca",
+            "--data-dir",
+            str(EXAMPLE_DATA),
+            "--max-tokens",
+            "2000",
+            "--seq-len",
+            "128",
+            "--out",
+            str(tmp_path / "art"),
+        ],
+        capture_output=True,
+        text=True,
+        timeout=300,
+        cwd=REPO,
+    )
     assert calibrate.returncode == 0, calibrate.stderr[-2000:]
     output = tmp_path / "results.json"
-    result = subprocess.run([sys.executable, "-m", "kvcore_eval", "eval", "--model", str(EXAMPLE_MODEL), "--tasks", "kvcore_medalpaca",
-                             "--calibration", str(tmp_path / "art"), "--key-rank", "0.25", "--value-rank", "16:16:8:8",
-                             "--data-dir", str(EXAMPLE_DATA), "--limit", "4", "--output", str(output)],
-                            capture_output=True, text=True, timeout=300, cwd=REPO, env={**os.environ})
+    result = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "kvcore_eval",
+            "eval",
+            "--model",
+            str(EXAMPLE_MODEL),
+            "--tasks",
+            "kvcore_medalpaca",
+            "--calibration",
+            str(tmp_path / "art"),
+            "--key-rank",
+            "0.25",
+            "--value-rank",
+            "16:16:8:8",
+            "--data-dir",
+            str(EXAMPLE_DATA),
+            "--limit",
+            "4",
+            "--output",
+            str(output),
+        ],
+        capture_output=True,
+        text=True,
+        timeout=300,
+        cwd=REPO,
+        env={**os.environ},
+    )
     assert result.returncode == 0, result.stderr[-2000:]
     assert "kvcore_medalpaca" in result.stdout and "byte_perplexity" in result.stdout
     plan = json.loads(output.read_text())["config"]["kvcore"]["rank_plan"]

@@ -1,8 +1,8 @@
 import pytest
 import torch
+from conftest import FAMILIES
 from transformers import DynamicCache
 
-from conftest import FAMILIES
 from kvcore_eval.artifact import decompose
 from kvcore_eval.gram import GramAccumulator, GramRecorder
 from kvcore_eval.models import kv_geometry
@@ -39,13 +39,22 @@ def pre_rope_keys(model, family, input_ids) -> list[torch.Tensor]:
     take = {  # family -> (module name suffix, output -> (batch, seq, D))
         "qwen3": ("self_attn.k_norm", lambda out: out.flatten(2)),  # (batch, seq, heads, head_dim)
         "gemma3": ("self_attn.k_norm", lambda out: out.transpose(1, 2).flatten(2)),  # (batch, heads, seq, head_dim)
-        "phi3": ("qkv_proj", lambda out: out[..., model.config.num_attention_heads * head_dim:][..., :geometry.width]),
-        "gpt_neox": ("attention.query_key_value", lambda out: out.view(batch, seq, heads, 3, head_dim)[..., 1, :].flatten(2)),
+        "phi3": (
+            "qkv_proj",
+            lambda out: out[..., model.config.num_attention_heads * head_dim :][..., : geometry.width],
+        ),
+        "gpt_neox": (
+            "attention.query_key_value",
+            lambda out: out.view(batch, seq, heads, 3, head_dim)[..., 1, :].flatten(2),
+        ),
         "gptj": ("attn.k_proj", lambda out: out),
     }.get(family, ("self_attn.k_proj", lambda out: out))
     captured = []
-    hooks = [module.register_forward_hook(lambda m, i, out: captured.append(take[1](out)))
-             for name, module in model.named_modules() if name.endswith(take[0])]
+    hooks = [
+        module.register_forward_hook(lambda m, i, out: captured.append(take[1](out)))
+        for name, module in model.named_modules()
+        if name.endswith(take[0])
+    ]
     with torch.no_grad():
         model(input_ids=input_ids)
     for hook in hooks:
@@ -83,8 +92,10 @@ def test_pre_rope_gram_equals_wk_xtx_wk(family_models, token_batch):
     """The paper's K = X·W_k: the pre-RoPE Gram equals W_kᵀ(XᵀX)W_k of the attention inputs (Llama, no bias)."""
     model = family_models["llama"]
     inputs = []
-    hooks = [layer.self_attn.register_forward_pre_hook(lambda m, a, kw: inputs.append(kw["hidden_states"]), with_kwargs=True)
-             for layer in model.model.layers]
+    hooks = [
+        layer.self_attn.register_forward_pre_hook(lambda m, a, kw: inputs.append(kw["hidden_states"]), with_kwargs=True)
+        for layer in model.model.layers
+    ]
     with torch.no_grad():
         model(input_ids=token_batch)
     for hook in hooks:
@@ -94,7 +105,9 @@ def test_pre_rope_gram_equals_wk_xtx_wk(family_models, token_batch):
         x = hidden.reshape(-1, hidden.shape[-1]).double()
         w_k = model.model.layers[layer].self_attn.k_proj.weight.double().T  # (hidden, D)
         expected = w_k.T @ (x.T @ x) @ w_k
-        assert torch.allclose(accumulator.grams["key_pre_rope"][layer], expected, rtol=1e-4, atol=1e-5 * expected.abs().max().item())
+        assert torch.allclose(
+            accumulator.grams["key_pre_rope"][layer], expected, rtol=1e-4, atol=1e-5 * expected.abs().max().item()
+        )
 
 
 def test_gpt2_pre_rope_space_equals_post_rope(family_models, token_batch):

@@ -8,11 +8,9 @@ from __future__ import annotations
 import json
 import shutil
 import subprocess
-import sys
 import venv
 
 import pytest
-
 from conftest import EXAMPLE_DATA, EXAMPLE_MODEL, REPO
 
 
@@ -27,8 +25,17 @@ def tiny_artifact(tmp_path_factory):
     from kvcore_eval.calibrate import calibrate
     from kvcore_eval.config import CalibrationConfig
 
-    return calibrate(CalibrationConfig(model=str(EXAMPLE_MODEL), dataset="kvcore:alpaca", data_dir=str(EXAMPLE_DATA),
-                                       out=str(tmp_path_factory.mktemp("install") / "tiny"), max_tokens=2000, seq_len=128, device="cpu"))
+    return calibrate(
+        CalibrationConfig(
+            model=str(EXAMPLE_MODEL),
+            dataset="kvcore:alpaca",
+            data_dir=str(EXAMPLE_DATA),
+            out=str(tmp_path_factory.mktemp("install") / "tiny"),
+            max_tokens=2000,
+            seq_len=128,
+            device="cpu",
+        )
+    )
 
 
 @pytest.mark.parametrize("editable", [False, True], ids=["pip install .", "pip install -e ."])
@@ -49,16 +56,41 @@ def test_plain_lm_eval_runs_kvcore_hf_after_install(editable, tiny_artifact, tmp
     _run([*pip, *(["-e"] if editable else []), str(checkout)])
     if editable:  # a task added after the install is seen without reinstalling
         (checkout / "tasks" / "domains" / "kvcore_probe_edit.yaml").write_text(
-            "include: ../_kvcore_perplexity.yaml\ntask: kvcore_probe_edit\nmetadata:\n  version: 1.0\n  source: codealpaca\n")
+            "include: ../_kvcore_perplexity.yaml\ntask: kvcore_probe_edit\nmetadata:\n  version: 1.0\n  source: codealpaca\n"
+        )
     task = "kvcore_probe_edit" if editable else "kvcore_alpaca"
     out = tmp_path / "out"
-    _run([python, "-m", "lm_eval", "--model", "kvcore_hf", "--model_args",
-          f"pretrained={EXAMPLE_MODEL},calibration={tiny_artifact},key_rank=0.25", "--tasks", task, "--limit", "2",
-          "--metadata", json.dumps({"data_dir": str(EXAMPLE_DATA)}), "--output_path", str(out)], cwd=tmp_path)
+    _run(
+        [
+            python,
+            "-m",
+            "lm_eval",
+            "--model",
+            "kvcore_hf",
+            "--model_args",
+            f"pretrained={EXAMPLE_MODEL},calibration={tiny_artifact},key_rank=0.25",
+            "--tasks",
+            task,
+            "--limit",
+            "2",
+            "--metadata",
+            json.dumps({"data_dir": str(EXAMPLE_DATA)}),
+            "--output_path",
+            str(out),
+        ],
+        cwd=tmp_path,
+    )
     results = json.loads(next(out.rglob("results_*.json")).read_text())
     assert results["results"][task]["byte_perplexity,none"] > 1
     assert results["config"]["kvcore"]["rank_plan"]["key_rank_per_layer"]
-    where = _run([python, "-c", "import lm_eval, kvcore_eval, pathlib; print(pathlib.Path(kvcore_eval.__file__).parent);"
-                  "print((pathlib.Path(lm_eval.__file__).parent / 'tasks' / 'kvcore').exists())"], cwd=tmp_path).stdout.split()
+    where = _run(
+        [
+            python,
+            "-c",
+            "import lm_eval, kvcore_eval, pathlib; print(pathlib.Path(kvcore_eval.__file__).parent);"
+            "print((pathlib.Path(lm_eval.__file__).parent / 'tasks' / 'kvcore').exists())",
+        ],
+        cwd=tmp_path,
+    ).stdout.split()
     assert where[0].startswith(str(checkout if editable else env_dir)), where
     assert where[1] == str(not editable), "a regular install copies the tasks into lm-eval; an editable one does not"

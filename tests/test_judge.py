@@ -7,9 +7,9 @@ import sys
 import time
 
 import pytest
-
 from conftest import EXAMPLE_DATA, EXAMPLE_MODEL, REPO
 from judge_server import JudgeServer
+
 from kvcore_eval.judge import GPTJudge, JudgeConfig, JudgeUnavailable, judge_samples, parse_rating
 
 KEY = "sk-test-SECRET-0123456789"
@@ -24,8 +24,15 @@ def server():
 @pytest.fixture
 def judge_config(server, tmp_path, monkeypatch):
     monkeypatch.setenv("KVCORE_TEST_KEY", KEY)
-    return JudgeConfig(model="judge-1", base_url=server.base_url, api_key_env="KVCORE_TEST_KEY", cache_path=str(tmp_path / "judge.sqlite"),
-                       max_retries=3, timeout=1.0, max_concurrency=3)
+    return JudgeConfig(
+        model="judge-1",
+        base_url=server.base_url,
+        api_key_env="KVCORE_TEST_KEY",
+        cache_path=str(tmp_path / "judge.sqlite"),
+        max_retries=3,
+        timeout=1.0,
+        max_concurrency=3,
+    )
 
 
 def test_parse_rating():
@@ -36,8 +43,14 @@ def test_parse_rating():
 
 def test_scores_parsed_retried_and_cached(server, judge_config):
     judge = GPTJudge(judge_config)
-    items = [("Say hi", "hello score=9", None), ("Add", "2 [[429x2]] score=4", "4"), ("Q", "a [[500]] score=6", None),
-             ("Q", "b [[slow]] score=3", None), ("Q", "c [[garbage-once]] score=5", None), ("Q", "d [[garbage]]", None)]
+    items = [
+        ("Say hi", "hello score=9", None),
+        ("Add", "2 [[429x2]] score=4", "4"),
+        ("Q", "a [[500]] score=6", None),
+        ("Q", "b [[slow]] score=3", None),
+        ("Q", "c [[garbage-once]] score=5", None),
+        ("Q", "d [[garbage]]", None),
+    ]
     scores = [j.score for j in judge.score_many(items)]
     assert scores == [9.0, 4.0, 6.0, 3.0, 5.0, None], "garbage is missing, never made up"
     assert server.attempts["2 [[429x2]] score=4"] == 3 and server.attempts["a [[500]] score=6"] == 2
@@ -49,7 +62,9 @@ def test_scores_parsed_retried_and_cached(server, judge_config):
     calls_before = sum(server.attempts.values())
     rerun = GPTJudge(judge_config)
     assert [j.score for j in rerun.score_many(items)] == scores
-    assert sum(server.attempts.values()) == calls_before + 2, "a rerun asks only for the unparsed answer (and its reminder)"
+    assert sum(server.attempts.values()) == calls_before + 2, (
+        "a rerun asks only for the unparsed answer (and its reminder)"
+    )
     assert rerun.summary()["cache_hits"] == len(items) - 1 and rerun.summary()["missing"] == 1
 
 
@@ -83,19 +98,41 @@ def test_missing_key_names_the_variable(judge_config, monkeypatch):
 def _samples(path, answers):
     with open(path, "w") as f:
         for i, answer in enumerate(answers):
-            f.write(json.dumps({"doc_id": i, "doc": {"prompt": f"instruction {i}", "response": "ref"}, "filtered_resps": [answer]}) + "\n")
+            f.write(
+                json.dumps(
+                    {"doc_id": i, "doc": {"prompt": f"instruction {i}", "response": "ref"}, "filtered_resps": [answer]}
+                )
+                + "\n"
+            )
     return path
 
 
 def test_kill_mid_run_loses_nothing(tmp_path):
     """A judging subprocess is killed after some judgements; the rerun asks only for the rest."""
-    with subprocess.Popen([sys.executable, str(REPO / "tests" / "judge_server.py"), "0.3"], stdout=subprocess.PIPE, text=True) as srv:
+    with subprocess.Popen(
+        [sys.executable, str(REPO / "tests" / "judge_server.py"), "0.3"], stdout=subprocess.PIPE, text=True
+    ) as srv:
         base_url = srv.stdout.readline().strip()
         samples = _samples(tmp_path / "samples.jsonl", [f"answer {i} score={i % 9 + 1}" for i in range(12)])
         cache = tmp_path / "cache.sqlite"
         env = {**os.environ, "KVCORE_TEST_KEY": KEY}
-        command = [sys.executable, "-m", "kvcore_eval", "judge", str(samples), "--model", "judge-1", "--base-url", base_url,
-                   "--api-key-env", "KVCORE_TEST_KEY", "--cache-path", str(cache), "--max-concurrency", "1"]
+        command = [
+            sys.executable,
+            "-m",
+            "kvcore_eval",
+            "judge",
+            str(samples),
+            "--model",
+            "judge-1",
+            "--base-url",
+            base_url,
+            "--api-key-env",
+            "KVCORE_TEST_KEY",
+            "--cache-path",
+            str(cache),
+            "--max-concurrency",
+            "1",
+        ]
         run = subprocess.Popen(command, env=env, cwd=REPO)
         deadline = time.time() + 60
         while time.time() < deadline:
@@ -128,7 +165,11 @@ def test_gen_task_end_to_end_gives_gpt_score_in_results(server, tmp_path, monkey
     monkeypatch.setenv("KVCORE_JUDGE_API_KEY_ENV", "KVCORE_TEST_KEY")
     monkeypatch.setenv("KVCORE_JUDGE_CACHE_PATH", str(tmp_path / "judge.sqlite"))
     output = tmp_path / "results.json"
-    results = run_lm_eval(EvalConfig(model=str(EXAMPLE_MODEL), tasks="kvcore_alpaca_gen", data_dir=str(EXAMPLE_DATA), limit=3, output=str(output)))
+    results = run_lm_eval(
+        EvalConfig(
+            model=str(EXAMPLE_MODEL), tasks="kvcore_alpaca_gen", data_dir=str(EXAMPLE_DATA), limit=3, output=str(output)
+        )
+    )
     metrics = results["results"]["kvcore_alpaca_gen"]
     assert 1 <= metrics["gpt_score,none"] <= 10 and metrics["gpt_score_missing,none"] == 0
     assert sum(server.attempts.values()) == 3
@@ -163,11 +204,34 @@ def test_gen_run_with_the_judge_down_keeps_every_generation_for_a_later_judge(tm
     with socket.socket() as s:  # a port with nobody listening
         s.bind(("127.0.0.1", 0))
         dead = f"http://127.0.0.1:{s.getsockname()[1]}/v1"
-    env = {**os.environ, "KVCORE_TEST_KEY": KEY, "KVCORE_JUDGE_MODEL": "judge-1", "KVCORE_JUDGE_BASE_URL": dead,
-           "KVCORE_JUDGE_API_KEY_ENV": "KVCORE_TEST_KEY", "KVCORE_JUDGE_MAX_RETRIES": "0",
-           "KVCORE_JUDGE_CACHE_PATH": str(tmp_path / "judge.sqlite"), "KVCORE_DATA_DIR": str(EXAMPLE_DATA)}
-    command = [sys.executable, "-m", "lm_eval", "--model", "hf", "--model_args", f"pretrained={EXAMPLE_MODEL}", "--tasks",
-               "kvcore_alpaca_gen", "--limit", "3", "--gen_kwargs", "max_gen_toks=16", "--log_samples", "--output_path", str(tmp_path / "out")]
+    env = {
+        **os.environ,
+        "KVCORE_TEST_KEY": KEY,
+        "KVCORE_JUDGE_MODEL": "judge-1",
+        "KVCORE_JUDGE_BASE_URL": dead,
+        "KVCORE_JUDGE_API_KEY_ENV": "KVCORE_TEST_KEY",
+        "KVCORE_JUDGE_MAX_RETRIES": "0",
+        "KVCORE_JUDGE_CACHE_PATH": str(tmp_path / "judge.sqlite"),
+        "KVCORE_DATA_DIR": str(EXAMPLE_DATA),
+    }
+    command = [
+        sys.executable,
+        "-m",
+        "lm_eval",
+        "--model",
+        "hf",
+        "--model_args",
+        f"pretrained={EXAMPLE_MODEL}",
+        "--tasks",
+        "kvcore_alpaca_gen",
+        "--limit",
+        "3",
+        "--gen_kwargs",
+        "max_gen_toks=16",
+        "--log_samples",
+        "--output_path",
+        str(tmp_path / "out"),
+    ]
     run = subprocess.run(command, env=env, cwd=tmp_path, capture_output=True, text=True, timeout=600)
     assert run.returncode == 0, run.stderr[-3000:]
     assert "GPT-score not available" in run.stderr and "kvcore-eval judge" in run.stderr
@@ -177,10 +241,25 @@ def test_gen_run_with_the_judge_down_keeps_every_generation_for_a_later_judge(tm
     generations = [json.loads(line)["filtered_resps"][0] for line in samples.read_text().splitlines()]
     assert len(generations) == 3
     with JudgeServer() as server:
-        judge = [sys.executable, "-m", "kvcore_eval", "judge", str(samples), "--model", "judge-1", "--base-url", server.base_url,
-                 "--api-key-env", "KVCORE_TEST_KEY", "--cache-path", str(tmp_path / "judge.sqlite")]
+        judge = [
+            sys.executable,
+            "-m",
+            "kvcore_eval",
+            "judge",
+            str(samples),
+            "--model",
+            "judge-1",
+            "--base-url",
+            server.base_url,
+            "--api-key-env",
+            "KVCORE_TEST_KEY",
+            "--cache-path",
+            str(tmp_path / "judge.sqlite"),
+        ]
         scored = subprocess.run(judge, env=env, cwd=REPO, capture_output=True, text=True, timeout=120)
         assert scored.returncode == 0, scored.stderr[-2000:]
         summary = json.loads(scored.stdout)
         assert summary["samples"] == 3 and summary["calls"] == 3 and summary["missing"] == 0
-        assert sorted(server.attempts) == sorted(answer.strip() for answer in generations), "the kept generations, not new ones"
+        assert sorted(server.attempts) == sorted(answer.strip() for answer in generations), (
+            "the kept generations, not new ones"
+        )

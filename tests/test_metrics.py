@@ -55,7 +55,9 @@ def test_correlation_reports_r_rho_p_and_n():
     x = rng.normal(size=40)
     y = 0.6 * x + rng.normal(size=40)
     got = metrics.correlation(x, y)
-    assert got["pearson"] == pytest.approx(stats.pearsonr(x, y)[0]) and got["pearson_p"] == pytest.approx(stats.pearsonr(x, y)[1])
+    assert got["pearson"] == pytest.approx(stats.pearsonr(x, y)[0]) and got["pearson_p"] == pytest.approx(
+        stats.pearsonr(x, y)[1]
+    )
     assert got["spearman"] == pytest.approx(stats.spearmanr(x, y)[0]) and got["n"] == 40
     assert 0 < got["pearson_p"] < 0.01
     for x_bad, y_bad in (([1.0, 1.0, 1.0], [1.0, 2.0, 3.0]), ([1.0, 2.0], [2.0, 1.0])):

@@ -13,12 +13,24 @@ def test_parse_rank_forms():
     assert parse_rank("full", 16, 2, "value_rank") == parse_rank("FULL", 16, 2, "value_rank") == [16, 16]
 
 
-@pytest.mark.parametrize("spec,message", [
-    (40, "outside 1..32"), (0, "must be positive"), (-3, "must be positive"), (-0.5, "must be positive"), ("-0.25", "must be positive"),
-    (1.5, "fraction"), ("8:8", "lists 2 ranks but the model has 3 layers"),
-    (1, "ambiguous: write key_rank=full"), (1.0, "ambiguous"), ("1", "ambiguous"), ("1.0", "ambiguous"),
-    ("8:x:8", "not a rank: give an int"), ("quarter", "not a rank"),
-])
+@pytest.mark.parametrize(
+    "spec,message",
+    [
+        (40, "outside 1..32"),
+        (0, "must be positive"),
+        (-3, "must be positive"),
+        (-0.5, "must be positive"),
+        ("-0.25", "must be positive"),
+        (1.5, "fraction"),
+        ("8:8", "lists 2 ranks but the model has 3 layers"),
+        (1, "ambiguous: write key_rank=full"),
+        (1.0, "ambiguous"),
+        ("1", "ambiguous"),
+        ("1.0", "ambiguous"),
+        ("8:x:8", "not a rank: give an int"),
+        ("quarter", "not a rank"),
+    ],
+)
 def test_bad_ranks_name_the_fix(spec, message):
     with pytest.raises(ValueError, match=message):
         parse_rank(spec, 32, 3, "key_rank")
@@ -49,13 +61,19 @@ def test_ner_budget_meets_the_budget_after_rounding(budget):
     assert ranks == sorted(ranks), "a larger NER never gets fewer dimensions"
 
 
-@pytest.mark.parametrize("kwargs,message", [
-    ({}, "no truncation asked for"), ({"key_rank": 4, "rank_budget": 0.5}, "both given"),
-    ({"rank_budget": 1.5}, r"\(0, 1\]"), ({"key_rank": 4, "key_space": "rope"}, "pre_rope or post_rope"),
-    ({"key_rank": 4, "truncate": "all"}, "keys, values or both"), ({"rank_budget": 0.5, "granularity": "head"}, "granularity=layer"),
-    ({"value_rank": 0.5, "truncate": "keys"}, "value_rank=0.5 with truncate=keys truncates nothing"),
-    ({"key_rank": 0.25, "truncate": "values"}, "key_rank=0.25 with truncate=values truncates nothing"),
-])
+@pytest.mark.parametrize(
+    "kwargs,message",
+    [
+        ({}, "no truncation asked for"),
+        ({"key_rank": 4, "rank_budget": 0.5}, "both given"),
+        ({"rank_budget": 1.5}, r"\(0, 1\]"),
+        ({"key_rank": 4, "key_space": "rope"}, "pre_rope or post_rope"),
+        ({"key_rank": 4, "truncate": "all"}, "keys, values or both"),
+        ({"rank_budget": 0.5, "granularity": "head"}, "granularity=layer"),
+        ({"value_rank": 0.5, "truncate": "keys"}, "value_rank=0.5 with truncate=keys truncates nothing"),
+        ({"key_rank": 0.25, "truncate": "values"}, "key_rank=0.25 with truncate=values truncates nothing"),
+    ],
+)
 def test_truncation_config_validation(kwargs, message):
     with pytest.raises(ValueError, match=message):
         TruncationConfig(calibration="x", **kwargs)
@@ -65,16 +83,25 @@ def test_sensitivity_budget_meets_the_budget_and_follows_the_measurement(tmp_pat
     import json
 
     from conftest import calibrate_in_memory
+
     from kvcore_eval.rank_plan import make_plan
 
     calibration = calibrate_in_memory(family_models["llama"], calibration_tokens)  # 2 layers, D = 32
-    table = {"key_space": "pre_rope", "rank": 0.25,
-             "nd_ppl": {"a": {"key": [0.01, 0.30], "value": [0.02, 0.10]}, "b": {"key": [0.03, 0.50], "value": [0.0, 0.20]}}}
+    table = {
+        "key_space": "pre_rope",
+        "rank": 0.25,
+        "nd_ppl": {"a": {"key": [0.01, 0.30], "value": [0.02, 0.10]}, "b": {"key": [0.03, 0.50], "value": [0.0, 0.20]}},
+    }
     (tmp_path / "per_layer.json").write_text(json.dumps(table))
-    config = TruncationConfig(calibration="x", rank_budget=0.4, budget_method="sensitivity", sensitivity=str(tmp_path / "per_layer.json"))
+    config = TruncationConfig(
+        calibration="x", rank_budget=0.4, budget_method="sensitivity", sensitivity=str(tmp_path / "per_layer.json")
+    )
     plan = make_plan(config, calibration)
     assert sum(plan.key_rank_per_layer) + sum(plan.value_rank_per_layer) == round(0.4 * 4 * 32)
-    assert plan.key_rank_per_layer[1] > plan.key_rank_per_layer[0] and plan.value_rank_per_layer[1] > plan.value_rank_per_layer[0]
+    assert (
+        plan.key_rank_per_layer[1] > plan.key_rank_per_layer[0]
+        and plan.value_rank_per_layer[1] > plan.value_rank_per_layer[0]
+    )
     assert plan.key_rank_per_layer[1] > plan.value_rank_per_layer[1], "the most sensitive (layer, kind) keeps most"
     with pytest.raises(ValueError, match="measured on pre_rope keys"):
         make_plan(TruncationConfig(**{**vars(config), "key_space": "post_rope"}), calibration)

@@ -10,7 +10,6 @@ from pathlib import Path
 
 import pytest
 import torch
-
 from conftest import REPO
 
 REAL_TEXT = REPO / "examples" / "real-text"
@@ -56,8 +55,18 @@ def real_artifact(smollm2, tmp_path_factory) -> Path:
     from kvcore_eval.config import CalibrationConfig
 
     out = tmp_path_factory.mktemp("smollm2") / "alpaca"
-    return calibrate(CalibrationConfig(model=str(smollm2_dir() / GGUF_NAME), dataset="kvcore:alpaca", data_dir=str(REAL_TEXT),
-                                       out=str(out), max_tokens=1600, seq_len=128, batch_size=4, device="cpu"))
+    return calibrate(
+        CalibrationConfig(
+            model=str(smollm2_dir() / GGUF_NAME),
+            dataset="kvcore:alpaca",
+            data_dir=str(REAL_TEXT),
+            out=str(out),
+            max_tokens=1600,
+            seq_len=128,
+            batch_size=4,
+            device="cpu",
+        )
+    )
 
 
 def test_smollm2_answers_like_a_trained_model(smollm2):
@@ -65,7 +74,7 @@ def test_smollm2_answers_like_a_trained_model(smollm2):
     inputs = tokenizer("The capital of Italy is", return_tensors="pt")
     with torch.no_grad():
         output = model.generate(**inputs, max_new_tokens=3, do_sample=False, pad_token_id=tokenizer.pad_token_id)
-    assert "Rome" in tokenizer.decode(output[0, inputs["input_ids"].shape[1]:])
+    assert "Rome" in tokenizer.decode(output[0, inputs["input_ids"].shape[1] :])
 
 
 def test_pre_rope_and_value_grams_equal_the_hook_grams(smollm2, real_tokens):
@@ -76,8 +85,11 @@ def test_pre_rope_and_value_grams_equal_the_hook_grams(smollm2, real_tokens):
 
     model, _ = smollm2
     captured: dict[str, list[torch.Tensor]] = {"k_proj": [], "v_proj": []}
-    hooks = [module.register_forward_hook(lambda m, i, out, kind=name.rsplit(".", 1)[-1]: captured[kind].append(out))
-             for name, module in model.named_modules() if name.endswith(("self_attn.k_proj", "self_attn.v_proj"))]
+    hooks = [
+        module.register_forward_hook(lambda m, i, out, kind=name.rsplit(".", 1)[-1]: captured[kind].append(out))
+        for name, module in model.named_modules()
+        if name.endswith(("self_attn.k_proj", "self_attn.v_proj"))
+    ]
     with torch.no_grad():
         model(input_ids=real_tokens)
     for hook in hooks:
@@ -97,8 +109,8 @@ def test_pre_rope_and_value_grams_equal_the_hook_grams(smollm2, real_tokens):
 
 def test_calibration_of_the_gguf_file_records_it_and_keys_are_more_compressible(real_artifact):
     from kvcore_eval.artifact import load_calibration
-    from kvcore_eval.report import layer_table, mean_ner
     from kvcore_eval.models import file_sha256
+    from kvcore_eval.report import layer_table, mean_ner
 
     calibration = load_calibration(real_artifact)
     model = calibration.metadata["model"]
@@ -119,7 +131,9 @@ def test_full_basis_cache_reproduces_real_logits(smollm2, real_artifact, real_to
 
     model, _ = smollm2
     calibration = load_calibration(real_artifact)
-    bases = [LayerBases(calibration.eigenvectors["key_pre_rope"][l], calibration.eigenvectors["value"][l]) for l in range(30)]
+    bases = [
+        LayerBases(calibration.eigenvectors["key_pre_rope"][l], calibration.eigenvectors["value"][l]) for l in range(30)
+    ]
     tap = RopeTap(model)
     with torch.no_grad():
         ours = model(input_ids=real_tokens, cache=LowRankCache(bases, 3, tap), use_cache=True).logits
@@ -145,7 +159,9 @@ def test_perplexity_through_lm_eval_grows_as_rank_falls(smollm2, real_artifact):
 
     common = dict(pretrained=model, tokenizer=tokenizer, batch_size=4)
     baseline = byte_perplexity(HFLM(**common))
-    perplexity = {rank: byte_perplexity(KVCoreHFLM(calibration=str(real_artifact), key_rank=rank, value_rank=rank, **common))
-                  for rank in ("full", "0.5", "0.25")}
+    perplexity = {
+        rank: byte_perplexity(KVCoreHFLM(calibration=str(real_artifact), key_rank=rank, value_rank=rank, **common))
+        for rank in ("full", "0.5", "0.25")
+    }
     assert perplexity["full"] == pytest.approx(baseline, rel=1e-5)
     assert perplexity["0.25"] > perplexity["0.5"] > perplexity["full"] * 1.001, perplexity

@@ -1,7 +1,7 @@
 import pytest
 import torch
-
 from conftest import FAMILIES
+
 from kvcore_eval.rope import Convention, RopeTap
 from kvcore_eval.selfcheck import check_key_recovery
 
@@ -15,8 +15,14 @@ def test_every_family_passes_its_self_check(family, family_models):
     assert tap.has_rope == (family != "gpt2")
 
 
-@pytest.mark.parametrize("family,wrong", [("cohere", Convention()), ("llama", Convention(interleaved=True)),
-                                          ("gptj", Convention(interleaved=True, sin_first=False, half_width=True))])
+@pytest.mark.parametrize(
+    "family,wrong",
+    [
+        ("cohere", Convention()),
+        ("llama", Convention(interleaved=True)),
+        ("gptj", Convention(interleaved=True, sin_first=False, half_width=True)),
+    ],
+)
 def test_a_wrong_rotary_convention_is_refused(family, wrong, family_models):
     tap = RopeTap(family_models[family])
     tap.convention = wrong

@@ -2,8 +2,8 @@ import json
 
 import numpy as np
 import pytest
-
 from conftest import EXAMPLE_DATA, EXAMPLE_MODEL
+
 from kvcore_eval.compare import compare
 from kvcore_eval.config import SweepConfig
 from kvcore_eval.study import summarize
@@ -12,7 +12,9 @@ from kvcore_eval.sweep import run_sweep
 TASKS = "kvcore_alpaca,kvcore_codealpaca"
 
 
-@pytest.mark.parametrize("ranks,message", [("", "empty"), ("1.0,1.5", r"\(0, 1\]"), ("0,0.5", r"\(0, 1\]"), ("half", "fractions")])
+@pytest.mark.parametrize(
+    "ranks,message", [("", "empty"), ("1.0,1.5", r"\(0, 1\]"), ("0,0.5", r"\(0, 1\]"), ("half", "fractions")]
+)
 def test_bad_rank_lists_are_refused(ranks, message):
     with pytest.raises(ValueError, match=message):
         SweepConfig(model="m", out="o", ranks=ranks)
@@ -34,7 +36,9 @@ def test_summary_math():
     summary = summarize(["a", "b", "c"], baseline, perplexity, ner, {"basis": "per-task"})
     assert summary["nd_ppl"]["b"] == {"1": 0.0, "0.5": pytest.approx(0.3)}
     across = summary["correlation"]["across_tasks"]
-    assert across["0.5"]["key"]["spearman"] == pytest.approx(1.0) and across["0.5"]["key"]["n"] == 3  # 0.1, 0.3, 0.15 rank like 0.2, 0.6, 0.3
+    assert (
+        across["0.5"]["key"]["spearman"] == pytest.approx(1.0) and across["0.5"]["key"]["n"] == 3
+    )  # 0.1, 0.3, 0.15 rank like 0.2, 0.6, 0.3
     assert np.isnan(across["1"]["key"]["pearson"]), "ND-PPL is constant at full rank: no correlation to report"
 
 
@@ -44,8 +48,17 @@ def shared_artifact(tmp_path_factory):
     from kvcore_eval.config import CalibrationConfig
 
     out = tmp_path_factory.mktemp("sweep") / "artifact"
-    return calibrate(CalibrationConfig(model=str(EXAMPLE_MODEL), dataset="kvcore:alpaca", data_dir=str(EXAMPLE_DATA), out=str(out),
-                                       max_tokens=4000, seq_len=128, device="cpu"))
+    return calibrate(
+        CalibrationConfig(
+            model=str(EXAMPLE_MODEL),
+            dataset="kvcore:alpaca",
+            data_dir=str(EXAMPLE_DATA),
+            out=str(out),
+            max_tokens=4000,
+            seq_len=128,
+            device="cpu",
+        )
+    )
 
 
 @pytest.fixture
@@ -58,8 +71,16 @@ def count_loads(monkeypatch):
 
 
 def sweep_config(out, **overrides) -> SweepConfig:
-    settings = dict(model=str(EXAMPLE_MODEL), out=str(out), tasks=TASKS, ranks="1.0,0.5,0.125", data_dir=str(EXAMPLE_DATA),
-                    num_samples=4, calibration_tokens=600, seq_len=64)
+    settings = dict(
+        model=str(EXAMPLE_MODEL),
+        out=str(out),
+        tasks=TASKS,
+        ranks="1.0,0.5,0.125",
+        data_dir=str(EXAMPLE_DATA),
+        num_samples=4,
+        calibration_tokens=600,
+        seq_len=64,
+    )
     return SweepConfig(**{**settings, **overrides})
 
 
@@ -72,16 +93,22 @@ def test_per_task_sweep_loads_once_truncates_each_task_with_its_own_held_out_cal
     for task in ("kvcore_alpaca", "kvcore_codealpaca"):
         own = out / "calibrations" / task
         point = json.loads((out / "points" / task / "rank_0.5.json").read_text())
-        assert point["settings"]["truncation"]["calibration"] == str(own), "each task is truncated with its own calibration"
+        assert point["settings"]["truncation"]["calibration"] == str(own), (
+            "each task is truncated with its own calibration"
+        )
         assert summary["design"]["basis_per_task"][task] == str(own)
         calibrated = json.loads((own / "kvcore.json").read_text())["dataset"]
-        assert (calibrated["spec"], calibrated["skip_docs"]) == (f"lm_eval:{task}", 4), "calibration skips the 4 scored documents"
+        assert (calibrated["spec"], calibrated["skip_docs"]) == (f"lm_eval:{task}", 4), (
+            "calibration skips the 4 scored documents"
+        )
         deltas = summary["nd_ppl"][task]
         assert abs(deltas["1"]) < 1e-6, "full rank reproduces the baseline"
         assert deltas["0.125"] > deltas["0.5"] > deltas["1"] - 1e-6, f"{task}: ND-PPL grows as rank falls"
         assert 0 < summary["ner"][task]["key"] < 1 and 0 < summary["ner"][task]["value"] <= 1
     markdown = (out / "sweep.md").read_text()
-    assert "--basis per-task" in markdown and "disjoint" in markdown and "across tasks" in markdown and "n=2" in markdown
+    assert (
+        "--basis per-task" in markdown and "disjoint" in markdown and "across tasks" in markdown and "n=2" in markdown
+    )
 
 
 def test_held_out_calibration_never_reads_a_scored_document(tmp_path):
@@ -104,16 +131,30 @@ def test_shared_basis_reproduces_a_plain_kvcore_hf_run(shared_artifact, tmp_path
     from kvcore_eval.evaluate import run_lm_eval
     from kvcore_eval.sweep import TASK_METADATA
 
-    summary = run_sweep(sweep_config(tmp_path / "shared", basis="shared", calibration=str(shared_artifact), tasks="kvcore_codealpaca"))
+    summary = run_sweep(
+        sweep_config(tmp_path / "shared", basis="shared", calibration=str(shared_artifact), tasks="kvcore_codealpaca")
+    )
     assert len(count_loads) == 1
-    assert json.loads((tmp_path / "shared" / "points" / "kvcore_codealpaca" / "rank_0.5.json").read_text())["settings"]["truncation"]["calibration"] == str(shared_artifact)
+    assert json.loads((tmp_path / "shared" / "points" / "kvcore_codealpaca" / "rank_0.5.json").read_text())["settings"][
+        "truncation"
+    ]["calibration"] == str(shared_artifact)
     separate = {}
     for name, ranks in (("baseline", {}), ("0.5", {"key_rank": "0.5", "value_rank": "0.5"})):
-        eval_config = EvalConfig(model=str(EXAMPLE_MODEL), tasks="kvcore_codealpaca", data_dir=str(EXAMPLE_DATA), limit=4,
-                                 calibration=str(shared_artifact) if ranks else None, **ranks)
-        separate[name] = run_lm_eval(eval_config, metadata=TASK_METADATA)["results"]["kvcore_codealpaca"]["byte_perplexity,none"]
+        eval_config = EvalConfig(
+            model=str(EXAMPLE_MODEL),
+            tasks="kvcore_codealpaca",
+            data_dir=str(EXAMPLE_DATA),
+            limit=4,
+            calibration=str(shared_artifact) if ranks else None,
+            **ranks,
+        )
+        separate[name] = run_lm_eval(eval_config, metadata=TASK_METADATA)["results"]["kvcore_codealpaca"][
+            "byte_perplexity,none"
+        ]
     assert summary["baseline_perplexity"]["kvcore_codealpaca"] == pytest.approx(separate["baseline"], rel=1e-6)
-    assert summary["nd_ppl"]["kvcore_codealpaca"]["0.5"] == pytest.approx(separate["0.5"] / separate["baseline"] - 1, rel=1e-6)
+    assert summary["nd_ppl"]["kvcore_codealpaca"]["0.5"] == pytest.approx(
+        separate["0.5"] / separate["baseline"] - 1, rel=1e-6
+    )
 
 
 def test_rerun_reuses_points_and_calibrations_and_refuses_other_settings(tmp_path):
@@ -123,7 +164,9 @@ def test_rerun_reuses_points_and_calibrations_and_refuses_other_settings(tmp_pat
     saved = json.loads(point.read_text())
     saved["value"] = 2 * first["baseline_perplexity"]["kvcore_codealpaca"]  # a reused point is read, not recomputed
     point.write_text(json.dumps(saved))
-    assert run_sweep(sweep_config(out, tasks="kvcore_codealpaca", ranks="0.5"))["nd_ppl"]["kvcore_codealpaca"]["0.5"] == pytest.approx(1.0)
+    assert run_sweep(sweep_config(out, tasks="kvcore_codealpaca", ranks="0.5"))["nd_ppl"]["kvcore_codealpaca"][
+        "0.5"
+    ] == pytest.approx(1.0)
     with pytest.raises(ValueError, match="calibrated with other settings.*max_tokens: 600 != 900"):
         run_sweep(sweep_config(out, tasks="kvcore_codealpaca", ranks="0.5", calibration_tokens=900))
     with pytest.raises(ValueError, match="other settings"):
@@ -145,17 +188,28 @@ def test_a_custom_task_runs_end_to_end_with_include_path(tmp_path):
     """A user's own task YAML (not a kvcore source): scored, calibrated on its own held-out documents, NER included."""
     folder = tmp_path / "my_tasks"
     folder.mkdir()
-    lines = [json.dumps({"text": f"Note {i}: the river rose {i} centimetres overnight and the ferry waited until noon."}) for i in range(24)]
+    lines = [
+        json.dumps({"text": f"Note {i}: the river rose {i} centimetres overnight and the ferry waited until noon."})
+        for i in range(24)
+    ]
     (folder / "notes.jsonl").write_text("\n".join(lines) + "\n")
     (folder / "my_notes.yaml").write_text(
         f"task: my_notes\ndataset_path: json\ndataset_kwargs:\n  data_files: {folder / 'notes.jsonl'}\ntest_split: train\n"
         "output_type: loglikelihood_rolling\ndoc_to_text: ''\ndoc_to_target: '{{text}}'\n"
-        "metric_list:\n  - metric: byte_perplexity\n  - metric: word_perplexity\n")
-    summary = run_sweep(sweep_config(tmp_path / "custom", tasks="my_notes", include_path=str(folder), ranks="0.25,0.0625"))
+        "metric_list:\n  - metric: byte_perplexity\n  - metric: word_perplexity\n"
+    )
+    summary = run_sweep(
+        sweep_config(tmp_path / "custom", tasks="my_notes", include_path=str(folder), ranks="0.25,0.0625")
+    )
     nd_ppl = summary["nd_ppl"]["my_notes"]
     assert summary["tasks"] == ["my_notes"] and nd_ppl["0.25"] != 0 and nd_ppl["0.0625"] > 0.05
     assert 0 < summary["ner"]["my_notes"]["key"] < 1
-    assert json.loads((tmp_path / "custom" / "calibrations" / "my_notes" / "kvcore.json").read_text())["dataset"]["skip_docs"] == 4
+    assert (
+        json.loads((tmp_path / "custom" / "calibrations" / "my_notes" / "kvcore.json").read_text())["dataset"][
+            "skip_docs"
+        ]
+        == 4
+    )
 
 
 def test_per_layer_sensitivity_one_load_a_row_per_layer_and_correlations(tmp_path, count_loads):
@@ -174,8 +228,16 @@ def test_per_layer_sensitivity_one_load_a_row_per_layer_and_correlations(tmp_pat
 
 
 def _results(path, tasks):
-    path.write_text(json.dumps({"results": {task: {"alias": task, "byte_perplexity,none": value, "byte_perplexity_stderr,none": "N/A"}
-                                            for task, value in tasks.items()}}))
+    path.write_text(
+        json.dumps(
+            {
+                "results": {
+                    task: {"alias": task, "byte_perplexity,none": value, "byte_perplexity_stderr,none": "N/A"}
+                    for task, value in tasks.items()
+                }
+            }
+        )
+    )
     return path
 
 
@@ -183,7 +245,10 @@ def test_compare(tmp_path):
     a = _results(tmp_path / "a.json", {"kvcore_alpaca": 2.0, "kvcore_medalpaca": 4.0})
     b = _results(tmp_path / "b.json", {"kvcore_alpaca": 3.0, "kvcore_medalpaca": 4.0})
     rows = compare(a, b)
-    assert [(r["task"], r["delta"], r["relative"]) for r in rows] == [("kvcore_alpaca", 1.0, 0.5), ("kvcore_medalpaca", 0.0, 0.0)]
+    assert [(r["task"], r["delta"], r["relative"]) for r in rows] == [
+        ("kvcore_alpaca", 1.0, 0.5),
+        ("kvcore_medalpaca", 0.0, 0.0),
+    ]
     other = _results(tmp_path / "c.json", {"kvcore_alpaca": 3.0})
     with pytest.raises(ValueError, match="different tasks"):
         compare(a, other)

@@ -1,8 +1,8 @@
 import json
 
 import pytest
-
 from conftest import EXAMPLE_DATA, EXAMPLE_MODEL
+
 from kvcore_eval.table import TableConfig, dataset_label, write_table
 
 
@@ -13,9 +13,20 @@ def three_sources(tmp_path_factory):
     from kvcore_eval.config import CalibrationConfig
 
     root = tmp_path_factory.mktemp("table")
-    return [calibrate(CalibrationConfig(model=str(EXAMPLE_MODEL), dataset=f"kvcore:{source}", data_dir=str(EXAMPLE_DATA),
-                                        out=str(root / source.replace(":", "-")), max_tokens=256, seq_len=64, device="cpu"))
-            for source in ("alpaca", "codealpaca", "visr:de")]
+    return [
+        calibrate(
+            CalibrationConfig(
+                model=str(EXAMPLE_MODEL),
+                dataset=f"kvcore:{source}",
+                data_dir=str(EXAMPLE_DATA),
+                out=str(root / source.replace(":", "-")),
+                max_tokens=256,
+                seq_len=64,
+                device="cpu",
+            )
+        )
+        for source in ("alpaca", "codealpaca", "visr:de")
+    ]
 
 
 def test_table_of_three_calibrations_writes_markdown_json_and_heatmap(three_sources, tmp_path):
@@ -30,15 +41,26 @@ def test_table_of_three_calibrations_writes_markdown_json_and_heatmap(three_sour
     markdown = paths["markdown"].read_text()
     assert "| visr:de | " in markdown and f"{expected:.3f} / " in markdown
     assert paths["heatmap tiny-llama"].read_bytes()[:4] == b"\x89PNG"
-    write_table(TableConfig(runs=[str(r) for r in three_sources], out=str(tmp_path / "table")))  # a rerun rewrites its own folder
+    write_table(
+        TableConfig(runs=[str(r) for r in three_sources], out=str(tmp_path / "table"))
+    )  # a rerun rewrites its own folder
 
 
 def test_calibrations_made_differently_are_refused_or_listed(three_sources, tmp_path):
     from kvcore_eval.calibrate import calibrate
     from kvcore_eval.config import CalibrationConfig
 
-    longer = calibrate(CalibrationConfig(model=str(EXAMPLE_MODEL), dataset="kvcore:medalpaca", data_dir=str(EXAMPLE_DATA),
-                                         out=str(tmp_path / "medalpaca"), max_tokens=384, seq_len=64, device="cpu"))
+    longer = calibrate(
+        CalibrationConfig(
+            model=str(EXAMPLE_MODEL),
+            dataset="kvcore:medalpaca",
+            data_dir=str(EXAMPLE_DATA),
+            out=str(tmp_path / "medalpaca"),
+            max_tokens=384,
+            seq_len=64,
+            device="cpu",
+        )
+    )
     runs = [str(r) for r in three_sources] + [str(longer)]
     with pytest.raises(ValueError, match="calibrations differ in tokens .*--allow-mixed"):
         write_table(TableConfig(runs=runs, out=str(tmp_path / "mixed")))

@@ -2,8 +2,8 @@ import json
 import shutil
 
 import pytest
-
 from conftest import EXAMPLE_DATA, REPO
+
 from kvcore_eval.data import VISR_LANGUAGES, iter_texts, task_dataset
 
 DOMAINS = ["alpaca", "medalpaca", "codealpaca", "wizardcoder", "functioncall"]
@@ -23,7 +23,9 @@ def data_dir(tmp_path_factory):
 def manager(data_dir, **metadata):
     from lm_eval.tasks import TaskManager
 
-    return TaskManager(include_path=str(REPO / "tasks"), include_defaults=False, metadata={"data_dir": str(data_dir), **metadata})
+    return TaskManager(
+        include_path=str(REPO / "tasks"), include_defaults=False, metadata={"data_dir": str(data_dir), **metadata}
+    )
 
 
 @pytest.fixture(scope="module")
@@ -72,15 +74,32 @@ def test_visr_languages_come_from_the_nested_files(data_dir):
 
 def test_visr_older_layout_is_read(tmp_path):
     (tmp_path / "visr").mkdir()
-    older = [{"file_name": "d", "page": 1, "QA": {"detected_language": "Italian", "questions": [
-        {"question_in_english": "Who?", "question_in_detected_language": "Chi ha firmato?", "answer_in_detected_language": "Lei."}]}}]
+    older = [
+        {
+            "file_name": "d",
+            "page": 1,
+            "QA": {
+                "detected_language": "Italian",
+                "questions": [
+                    {
+                        "question_in_english": "Who?",
+                        "question_in_detected_language": "Chi ha firmato?",
+                        "answer_in_detected_language": "Lei.",
+                    }
+                ],
+            },
+        }
+    ]
     (tmp_path / "visr" / "multilingual_QA.json").write_text(json.dumps(older))
     assert task_dataset("visr", language="it", data_dir=str(tmp_path))["response"] == ["Chi ha firmato?"]
 
 
 def test_a_language_absent_from_the_data_lists_those_present(tmp_path):
     (tmp_path / "visr").mkdir()
-    document = {"file_name": "d", "qa_list": [{"question": "Qui?", "answer": "", "page_index": 0, "detected_language": "French"}]}
+    document = {
+        "file_name": "d",
+        "qa_list": [{"question": "Qui?", "answer": "", "page_index": 0, "detected_language": "French"}],
+    }
     (tmp_path / "visr" / "multilingual_QA.json").write_text(json.dumps([document]))
     with pytest.raises(ValueError, match="no records in language 'cs' \\(Czech\\); languages present: French"):
         task_dataset("visr", language="cs", data_dir=str(tmp_path))
@@ -102,7 +121,9 @@ def test_visr_is_downloaded_from_the_pinned_url_and_cached(tmp_path, monkeypatch
         def log_message(self, *args):
             served.append(self.path)
 
-    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), functools.partial(Handler, directory=str(EXAMPLE_DATA / "visr")))
+    server = http.server.ThreadingHTTPServer(
+        ("127.0.0.1", 0), functools.partial(Handler, directory=str(EXAMPLE_DATA / "visr"))
+    )
     threading.Thread(target=server.serve_forever, daemon=True).start()
     monkeypatch.setenv(data.VISR_URL_ENV, f"http://127.0.0.1:{server.server_address[1]}/{{commit}}/../{{file}}")
     monkeypatch.setenv(data.CACHE_ENV, str(tmp_path / "cache"))
@@ -110,7 +131,9 @@ def test_visr_is_downloaded_from_the_pinned_url_and_cached(tmp_path, monkeypatch
     try:
         first = task_dataset("visr", language="ja")["response"]
         assert len(first) == 6 and len(served) == 1
-        assert task_dataset("visr", language="ja")["response"] == first and len(served) == 1, "the second read is cached"
+        assert task_dataset("visr", language="ja")["response"] == first and len(served) == 1, (
+            "the second read is cached"
+        )
     finally:
         server.shutdown()
 

@@ -5,22 +5,25 @@ import sys
 
 import pytest
 import torch
+from conftest import EXAMPLE_DATA, calibrate_in_memory
 from lm_eval.api.instance import Instance
 from lm_eval.models.huggingface import HFLM
 
-from conftest import EXAMPLE_DATA
 from kvcore_eval.artifact import save_calibration
 from kvcore_eval.models import model_identity, weights_sample
 from kvcore_eval.wrapper import KVCoreHFLM
-from conftest import calibrate_in_memory
 
 
 @pytest.fixture(scope="module")
 def artifact_dir(llama_dir, family_models, calibration_tokens, tmp_path_factory):
     model = family_models["llama"]
     calibration = calibrate_in_memory(model, calibration_tokens)
-    calibration.metadata = {"model": {**model_identity(model, str(llama_dir), None), "has_rope": True},
-                            "dataset": {"spec": "random tokens"}, "tokens": calibration_tokens.numel(), "model_dtype": "float32"}
+    calibration.metadata = {
+        "model": {**model_identity(model, str(llama_dir), None), "has_rope": True},
+        "dataset": {"spec": "random tokens"},
+        "tokens": calibration_tokens.numel(),
+        "model_dtype": "float32",
+    }
     calibration.weights_sample = weights_sample(model)
     out = tmp_path_factory.mktemp("artifact")
     save_calibration(calibration, out)
@@ -48,7 +51,14 @@ def baseline(llama_dir):
 
 @pytest.mark.parametrize("kind", ["loglikelihood", "loglikelihood_rolling", "generate_until"])
 def test_full_rank_equals_lm_eval_hf(kind, llama_dir, artifact_dir, baseline):
-    full = KVCoreHFLM(pretrained=str(llama_dir), calibration=str(artifact_dir), key_rank="full", value_rank=32, batch_size=2, device="cpu")
+    full = KVCoreHFLM(
+        pretrained=str(llama_dir),
+        calibration=str(artifact_dir),
+        key_rank="full",
+        value_rank=32,
+        batch_size=2,
+        device="cpu",
+    )
     got, expected = run(full, kind), run(baseline, kind)
     if kind == "generate_until":
         assert got == expected
@@ -59,7 +69,14 @@ def test_full_rank_equals_lm_eval_hf(kind, llama_dir, artifact_dir, baseline):
 
 
 def test_low_rank_changes_scores_and_records_ranks(llama_dir, artifact_dir, baseline):
-    low = KVCoreHFLM(pretrained=str(llama_dir), calibration=str(artifact_dir), key_rank=4, value_rank="8:4", batch_size=2, device="cpu")
+    low = KVCoreHFLM(
+        pretrained=str(llama_dir),
+        calibration=str(artifact_dir),
+        key_rank=4,
+        value_rank="8:4",
+        batch_size=2,
+        device="cpu",
+    )
     got = [r[0] for r in run(low, "loglikelihood")]
     expected = [r[0] for r in run(baseline, "loglikelihood")]
     assert all(abs(a - b) > 1e-3 for a, b in zip(got, expected))
@@ -74,21 +91,40 @@ def test_bfloat16_evaluation_of_a_float32_calibration(llama_dir, artifact_dir, c
     import logging
 
     with caplog.at_level(logging.INFO, logger="lm_eval"):
-        full = KVCoreHFLM(pretrained=str(llama_dir), calibration=str(artifact_dir), key_rank="full", value_rank="full",
-                          dtype="bfloat16", batch_size=2, device="cpu")
+        full = KVCoreHFLM(
+            pretrained=str(llama_dir),
+            calibration=str(artifact_dir),
+            key_rank="full",
+            value_rank="full",
+            dtype="bfloat16",
+            batch_size=2,
+            device="cpu",
+        )
     assert full.model.dtype == torch.bfloat16
-    assert any(r.name == "lm_eval.models.kvcore_hf" and "cache 100.0% of a full cache" in r.getMessage() for r in caplog.records)
+    assert any(
+        r.name == "lm_eval.models.kvcore_hf" and "cache 100.0% of a full cache" in r.getMessage()
+        for r in caplog.records
+    )
     plain = HFLM(pretrained=str(llama_dir), dtype="bfloat16", batch_size=2, device="cpu")
     got, expected = run(full, "loglikelihood"), run(plain, "loglikelihood")
     assert [r[0] for r in got] == pytest.approx([r[0] for r in expected], abs=1e-6)
-    low = KVCoreHFLM(pretrained=str(llama_dir), calibration=str(artifact_dir), key_rank=4, value_rank=4, dtype="bfloat16", batch_size=2, device="cpu")
+    low = KVCoreHFLM(
+        pretrained=str(llama_dir),
+        calibration=str(artifact_dir),
+        key_rank=4,
+        value_rank=4,
+        dtype="bfloat16",
+        batch_size=2,
+        device="cpu",
+    )
     assert all(abs(a[0] - b[0]) > 1e-3 for a, b in zip(run(low, "loglikelihood"), expected))
 
 
 def test_other_weights_are_refused(family_dirs, artifact_dir, tmp_path):
     """Same architecture and config, other weights: refused, naming both dtypes."""
-    from conftest import build_model, family_configs
     import shutil
+
+    from conftest import build_model, family_configs
 
     other = tmp_path / "other-llama"
     build_model(family_configs()["llama"], seed=1).save_pretrained(other)
@@ -99,20 +135,25 @@ def test_other_weights_are_refused(family_dirs, artifact_dir, tmp_path):
 
 
 def test_rank_budget_turns_into_per_layer_ranks(llama_dir, artifact_dir):
-    lm = KVCoreHFLM(pretrained=str(llama_dir), calibration=str(artifact_dir), rank_budget=0.25, batch_size=1, device="cpu")
+    lm = KVCoreHFLM(
+        pretrained=str(llama_dir), calibration=str(artifact_dir), rank_budget=0.25, batch_size=1, device="cpu"
+    )
     plan = lm.kvcore_plan
     assert sum(plan.key_rank_per_layer) + sum(plan.value_rank_per_layer) == round(0.25 * 4 * 32)
 
 
-@pytest.mark.parametrize("kwargs,error,message", [
-    ({"key_rank": 64}, ValueError, "outside 1..32"),
-    ({"key_rank": 0}, ValueError, "must be positive"),
-    ({"key_rank": 1}, ValueError, "ambiguous: write key_rank=full"),
-    ({"value_rank": 0.5, "truncate": "keys"}, ValueError, "truncates nothing"),
-    ({"key_rank": "8:x"}, ValueError, "not a rank"),
-    ({"key_rank": "4:4:4"}, ValueError, "lists 3 ranks"),
-    ({"key_rank": 4, "calibration": "/nowhere"}, FileNotFoundError, "kvcore-eval calibrate"),
-])
+@pytest.mark.parametrize(
+    "kwargs,error,message",
+    [
+        ({"key_rank": 64}, ValueError, "outside 1..32"),
+        ({"key_rank": 0}, ValueError, "must be positive"),
+        ({"key_rank": 1}, ValueError, "ambiguous: write key_rank=full"),
+        ({"value_rank": 0.5, "truncate": "keys"}, ValueError, "truncates nothing"),
+        ({"key_rank": "8:x"}, ValueError, "not a rank"),
+        ({"key_rank": "4:4:4"}, ValueError, "lists 3 ranks"),
+        ({"key_rank": 4, "calibration": "/nowhere"}, FileNotFoundError, "kvcore-eval calibrate"),
+    ],
+)
 def test_bad_input_fails_before_weights_load(kwargs, error, message, llama_dir, artifact_dir, monkeypatch):
     def no_weights(*args, **kw):
         raise AssertionError("weights loaded before the check")
@@ -129,15 +170,40 @@ def test_artifact_from_another_model_is_refused_unless_allowed(family_dirs, arti
     lm = KVCoreHFLM(pretrained=mistral, calibration=str(artifact_dir), key_rank=4, allow_mismatch=True, device="cpu")
     assert lm.kvcore_plan.key_rank_per_layer == [4, 4]
     with pytest.raises(ValueError, match="KV geometry"):
-        KVCoreHFLM(pretrained=str(family_dirs["gpt2"]), calibration=str(artifact_dir), key_rank=4, allow_mismatch=True, device="cpu")
+        KVCoreHFLM(
+            pretrained=str(family_dirs["gpt2"]),
+            calibration=str(artifact_dir),
+            key_rank=4,
+            allow_mismatch=True,
+            device="cpu",
+        )
 
 
 def test_plain_lm_eval_cli_runs_kvcore_hf_verbatim(llama_dir, artifact_dir, tmp_path):
     """`lm_eval --model kvcore_hf ... --tasks kvcore_alpaca`, as a user types it after `pip install .`."""
-    command = [sys.executable, "-m", "lm_eval", "--model", "kvcore_hf", "--model_args", f"pretrained={llama_dir},calibration={artifact_dir},key_rank=0.25",
-               "--tasks", "kvcore_alpaca", "--output_path", str(tmp_path / "out"), "--device", "cpu"]
-    result = subprocess.run(command, capture_output=True, text=True, timeout=600, cwd=tmp_path,
-                            env={**os.environ, "KVCORE_DATA_DIR": str(EXAMPLE_DATA)})
+    command = [
+        sys.executable,
+        "-m",
+        "lm_eval",
+        "--model",
+        "kvcore_hf",
+        "--model_args",
+        f"pretrained={llama_dir},calibration={artifact_dir},key_rank=0.25",
+        "--tasks",
+        "kvcore_alpaca",
+        "--output_path",
+        str(tmp_path / "out"),
+        "--device",
+        "cpu",
+    ]
+    result = subprocess.run(
+        command,
+        capture_output=True,
+        text=True,
+        timeout=600,
+        cwd=tmp_path,
+        env={**os.environ, "KVCORE_DATA_DIR": str(EXAMPLE_DATA)},
+    )
     assert result.returncode == 0, result.stderr[-3000:]
     results_file = next((tmp_path / "out").rglob("results_*.json"))
     results = json.loads(results_file.read_text())
@@ -148,9 +214,11 @@ def test_plain_lm_eval_cli_runs_kvcore_hf_verbatim(llama_dir, artifact_dir, tmp_
 
 def test_interpreter_start_registers_kvcore_hf_lazily():
     """The installed .pth hook: after `import lm_eval.models`, kvcore_hf is a lazy target, nothing heavy imported."""
-    code = ("import sys; import kvcore_eval_lm_eval; assert 'kvcore_eval' not in sys.modules; "
-            "import lm_eval.models; from lm_eval.api.registry import model_registry; "
-            "print(model_registry._objs['kvcore_hf'], 'kvcore_eval.wrapper' in sys.modules)")
+    code = (
+        "import sys; import kvcore_eval_lm_eval; assert 'kvcore_eval' not in sys.modules; "
+        "import lm_eval.models; from lm_eval.api.registry import model_registry; "
+        "print(model_registry._objs['kvcore_hf'], 'kvcore_eval.wrapper' in sys.modules)"
+    )
     result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120, cwd="/")
     assert result.returncode == 0, result.stderr[-2000:]
     assert result.stdout.split() == ["kvcore_eval.wrapper:KVCoreHFLM", "False"]
@@ -165,4 +233,6 @@ def test_kvcore_hf_reads_only_the_slices_its_plan_needs(llama_dir, artifact_dir)
     assert torch.equal(lazy.basis("value", 1, 5, "layer"), full.eigenvectors["value"][1][:, :5])
     assert torch.equal(lazy.basis("key_pre_rope", 0, 3, "head"), full.head_eigenvectors["key_pre_rope"][0][..., :3])
     lm = KVCoreHFLM(pretrained=str(llama_dir), calibration=str(artifact_dir), key_rank=4, value_rank=8, device="cpu")
-    assert [tuple(b.key.shape) for b in lm._bases] == [(32, 4), (32, 4)] and [tuple(b.value.shape) for b in lm._bases] == [(32, 8), (32, 8)]
+    assert [tuple(b.key.shape) for b in lm._bases] == [(32, 4), (32, 4)] and [
+        tuple(b.value.shape) for b in lm._bases
+    ] == [(32, 8), (32, 8)]

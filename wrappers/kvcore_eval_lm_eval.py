@@ -38,7 +38,11 @@ def register(module=None) -> None:
 def source_tasks_dir() -> Path | None:
     """The checkout's tasks/ when kvcore_eval is installed editable and lm-eval holds no copy of our tasks."""
     lm_eval = importlib.util.find_spec("lm_eval")
-    if lm_eval is not None and lm_eval.origin and (Path(lm_eval.origin).parent / "tasks" / "kvcore" / TASK_MARKER).is_file():
+    if (
+        lm_eval is not None
+        and lm_eval.origin
+        and (Path(lm_eval.origin).parent / "tasks" / "kvcore" / TASK_MARKER).is_file()
+    ):
         return None  # a regular install: lm-eval indexes its copy
     spec = importlib.util.find_spec("kvcore_eval")
     if spec is None or spec.origin is None:
