@@ -5,8 +5,10 @@ Per space (`key_pre_rope`, `key_post_rope`, `value`), for all layers at once:
   eigenvectors       (layers, D, D)                float32, column i = right singular vector i
   head_eigenvalues   (layers, kv_heads, head_dim)  float64, spectra of each head's diagonal Gram block
   head_eigenvectors  (layers, kv_heads, head_dim, head_dim) float32
-and `token_count` (layers,), and `weights_sample` (parameters, 64): a strided sample of the calibrated
-model's weights, so an evaluation can tell the same weights loaded in another dtype from other weights.
+and `token_count` (layers,), `weights_sample` (parameters, 64): a strided sample of the calibrated
+model's weights, so an evaluation can tell the same weights loaded in another dtype from other weights, and
+`document_digests` (documents, 2) int64: a digest of each calibrated document's text and prompt (overlap.py), so
+an evaluation can tell whether it scores documents the calibration saw.
 No pickles: safetensors and JSON only. `kvcore.json` records the sha256 of `basis.safetensors`; loading
 verifies it and refuses non-finite values, so a damaged basis is an error, never a number.
 """
@@ -39,6 +41,7 @@ class Calibration:
     head_eigenvectors: dict[str, torch.Tensor]  # space -> (layers, kv_heads, head_dim, head_dim)
     token_count: torch.Tensor = field(default_factory=lambda: torch.zeros(0, dtype=torch.int64))  # (layers,)
     weights_sample: torch.Tensor | None = None  # (parameters, 64) float32, see models.weights_sample
+    document_digests: torch.Tensor | None = None  # (documents, 2) int64: text, prompt digests (overlap.py)
     path: Path | None = None  # the artifact folder; eigenvectors not held in memory are read from it by `basis`
 
     @property
@@ -98,6 +101,8 @@ def save_calibration(calibration: Calibration, out_dir: str | Path) -> None:
     tensors = {"token_count": calibration.token_count.contiguous()}
     if calibration.weights_sample is not None:
         tensors["weights_sample"] = calibration.weights_sample.contiguous()
+    if calibration.document_digests is not None:
+        tensors["document_digests"] = calibration.document_digests.contiguous()
     for space in SPACES:
         tensors[f"{space}.eigenvalues"] = calibration.eigenvalues[space].contiguous()
         tensors[f"{space}.eigenvectors"] = calibration.eigenvectors[space].contiguous()
@@ -169,6 +174,7 @@ def load_calibration(path: str | Path, eigenvectors: bool = True) -> Calibration
         metadata,
         token_count=tensors["token_count"],
         weights_sample=tensors.get("weights_sample"),
+        document_digests=tensors.get("document_digests"),
         path=Path(path),
         **parts,
     )

@@ -23,7 +23,7 @@ from typing import Any
 
 import torch
 
-from kvcore_eval import __version__, artifact, data, models, outputs
+from kvcore_eval import __version__, artifact, data, models, outputs, overlap
 from kvcore_eval.config import CalibrationConfig, split_paths
 from kvcore_eval.gram import GramAccumulator, GramRecorder
 from kvcore_eval.rope import RopeTap
@@ -57,10 +57,12 @@ def _dataset_spec(config: CalibrationConfig) -> dict[str, Any]:
 
 
 def _run_identity(config: CalibrationConfig, model_identity: dict[str, Any], world_size: int) -> dict[str, Any]:
-    """What must match for a checkpoint to be resumed (max_tokens may grow: packing is prefix-stable)."""
+    """What must match for a checkpoint to be resumed (max_tokens may grow: packing is prefix-stable, and only full
+    batches are checkpointed). The data's content is checked separately, by the digest of the documents read."""
     return {
         "model": model_identity,
         "dataset": _dataset_spec(config),
+        "dtype": config.dtype,
         "seq_len": config.seq_len,
         "batch_size": config.batch_size,
         "world_size": world_size,
@@ -125,23 +127,46 @@ def _checkpoint_path(work: Path, rank: int) -> Path:
 
 
 def _save_checkpoint(
-    work: Path, rank: int, accumulator: GramAccumulator, batches_done: int, identity: dict[str, Any]
+    work: Path,
+    rank: int,
+    accumulator: GramAccumulator,
+    batches_done: int,
+    identity: dict[str, Any],
+    documents: overlap.DocumentLog,
 ) -> None:
-    """One file: the Grams, and in its metadata the batches done and the run identity, renamed into place as a unit."""
+    """One file: the Grams, and in its metadata the batches done, the run identity and the digest of the documents
+    read so far, renamed into place as a unit."""
     path = _checkpoint_path(work, rank)
     path.parent.mkdir(parents=True, exist_ok=True)
-    metadata = {"batches_done": str(batches_done), "run": json.dumps(identity, sort_keys=True)}
+    metadata = {
+        "batches_done": str(batches_done),
+        "run": json.dumps(identity, sort_keys=True),
+        "documents_read": str(len(documents.rows)),
+        "documents_digest": documents.fingerprint(),
+    }
     outputs.atomic_save_safetensors(accumulator.state_dict(), path, metadata)
 
 
-def _load_checkpoint(work: Path, rank: int, accumulator: GramAccumulator, identity: dict[str, Any]) -> int:
-    """Restore this process's Grams; returns the number of batches already accumulated (0 if none)."""
+def _check_same_data(work: Path, saved: dict[str, str], documents: overlap.DocumentLog, dataset: str) -> None:
+    """The documents read again up to the checkpoint must be the ones the checkpoint's Grams hold."""
+    if (str(len(documents.rows)), documents.fingerprint()) != (saved["documents_read"], saved["documents_digest"]):
+        raise ValueError(
+            f"the data of {dataset} changed since the checkpoint in {work} was written (its first "
+            f"{saved['documents_read']} documents differ): pass --overwrite to calibrate on the data as it is now"
+        )
+
+
+def _load_checkpoint(
+    work: Path, rank: int, accumulator: GramAccumulator, identity: dict[str, Any]
+) -> tuple[int, dict[str, str]]:
+    """Restore this process's Grams; returns the number of batches already accumulated (0 if none) and the
+    checkpoint's metadata."""
     from safetensors import safe_open
 
     path = _checkpoint_path(work, rank)
     if not path.exists():
         logger.info("no checkpoint for rank %d in %s: starting from the beginning", rank, work)
-        return 0
+        return 0, {}
     with safe_open(str(path), framework="pt") as f:
         saved = f.metadata()
         state = {key: f.get_tensor(key) for key in f.keys()}
@@ -153,8 +178,13 @@ def _load_checkpoint(work: Path, rank: int, accumulator: GramAccumulator, identi
                 f"{identity[key]}. Resume with the same settings, or pass --overwrite to start again"
             )
     accumulator.load_state_dict(state)
+    if "documents_digest" not in saved:
+        raise ValueError(
+            f"checkpoint in {work} was written by an older kvcore-eval that did not record the data it read: "
+            "pass --overwrite to start again"
+        )
     logger.info("resuming rank %d after %s batches", rank, saved["batches_done"])
-    return int(saved["batches_done"])
+    return int(saved["batches_done"]), saved
 
 
 def _accumulate(
@@ -201,7 +231,7 @@ def calibrate(
     if model is None:
         model = models.load_causal_lm(model_id, config.revision, str(device), config.dtype, gguf_file)
         tokenizer = models.load_tokenizer(model_id, config.revision, gguf_file)
-    texts = data.iter_texts(
+    documents = data.iter_documents(
         config.dataset,
         config.split,
         config.prompt_format,
@@ -210,7 +240,7 @@ def calibrate(
         config.skip_docs,
         split_paths(config.include_path),
     )
-    first = next(texts, None)
+    first = next(documents, None)
     if first is None:
         raise ValueError(f"dataset {config.dataset} has no records: check the file or split, or pass another --dataset")
     tap = RopeTap(model)
@@ -224,7 +254,7 @@ def calibrate(
             model,
             tokenizer,
             tap,
-            itertools.chain([first], texts),
+            itertools.chain([first], documents),
             (model_id, gguf_file),
         )
     finally:
@@ -240,7 +270,7 @@ def _run(
     model,
     tokenizer,
     tap: RopeTap,
-    texts: Iterator[str],
+    documents: Iterator[tuple[str, str]],
     location: tuple[str, str | None],
 ) -> Path:
     """The run proper, once every input has been checked: Grams, checkpoints, artifact."""
@@ -261,8 +291,9 @@ def _run(
 
     accumulator = GramAccumulator(geometry, device)
     recorder = GramRecorder(accumulator, tap)
-    batches_done = _load_checkpoint(work, state.process_index, accumulator, run) if config.resume else 0
-    sequences = data.pack_sequences(texts, tokenizer, config.seq_len, config.max_tokens)
+    batches_done, saved = _load_checkpoint(work, state.process_index, accumulator, run) if config.resume else (0, {})
+    log = overlap.DocumentLog()
+    sequences = data.pack_sequences(log.texts(documents), tokenizer, config.seq_len, config.max_tokens)
     batches = _batches(sequences, config.batch_size, state.process_index, state.num_processes)
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
     tokens_since_checkpoint = 0
@@ -273,17 +304,28 @@ def _run(
         desc="calibrate",
         disable=not state.is_local_main_process,
     ) as progress:
+        index = -1
         for index, batch in enumerate(batches):
             if index < batches_done:
+                if index == batches_done - 1:
+                    _check_same_data(work, saved, log, config.dataset)
                 continue
             tokens = _accumulate(model, recorder, batch, pad_id, device, first=index == batches_done, config=config)
             progress.update(tokens)
             tokens_since_checkpoint += tokens
-            if tokens_since_checkpoint >= config.checkpoint_every:
-                _save_checkpoint(work, state.process_index, accumulator, index + 1, run)
+            # Only a full batch is the same in a longer run (a larger --max-tokens on --resume): the last, short
+            # one is never checkpointed.
+            full = len(batch) == config.batch_size and all(len(s) == config.seq_len for s in batch)
+            if tokens_since_checkpoint >= config.checkpoint_every and full:
+                _save_checkpoint(work, state.process_index, accumulator, index + 1, run, log)
                 tokens_since_checkpoint = 0
                 if on_checkpoint is not None:
                     on_checkpoint(index + 1)
+    if index < batches_done - 1:
+        raise ValueError(
+            f"the data of {config.dataset} changed since the checkpoint in {work} was written (it now holds fewer "
+            "documents than the checkpoint read): pass --overwrite to calibrate on the data as it is now"
+        )
     if state.num_processes > 1:
         accumulator.all_reduce()
     total_tokens = int(accumulator.token_count[0])
@@ -300,8 +342,14 @@ def _run(
         )
     if state.is_main_process:
         metadata = _metadata(config, identity, total_tokens, state.num_processes, tap.has_rope)
+        metadata["documents"] = {
+            "count": len(log.rows),
+            "digest": log.fingerprint(),
+            "normalization": overlap.NORMALIZATION,
+        }
         calibration = artifact.decompose(accumulator.grams, accumulator.token_count, geometry, metadata)
         calibration.weights_sample = models.weights_sample(model)
+        calibration.document_digests = log.tensor()
         artifact.save_calibration(calibration, work)
         shutil.rmtree(work / CHECKPOINT_DIR, ignore_errors=True)
         if work != out:

@@ -114,6 +114,13 @@ class EvalConfig:
     device: str = field(default="cpu", metadata={"help": "cpu, cuda, cuda:N"})
     dtype: str = field(default="float32", metadata={"help": "model dtype"})
     output: str | None = field(default=None, metadata={"help": "write lm-eval's results JSON here"})
+    allow_overlap: bool = field(
+        default=False,
+        metadata={
+            "help": "score documents the calibration saw (in-sample: optimistic ND-PPL); refused by default, and the "
+            "fraction is always in the results (config.kvcore.calibration_overlap)"
+        },
+    )
 
     def __post_init__(self) -> None:
         if self.dtype not in MODEL_DTYPES:
@@ -130,6 +137,7 @@ class EvalConfig:
                 key_space=self.key_space,
                 granularity=self.granularity,
                 truncate=self.truncate,
+                overlap="warn" if self.allow_overlap else "refuse",
             )
             args.update(
                 {
@@ -210,6 +218,12 @@ class SweepConfig:
     batch_size: int = field(default=1, metadata={"help": "lm-eval batch size"})
     device: str = field(default="cpu", metadata={"help": "cpu, cuda, cuda:N"})
     dtype: str = field(default="float32", metadata={"help": "model dtype"})
+    allow_overlap: bool = field(
+        default=False,
+        metadata={
+            "help": "with --basis shared: score documents the shared calibration saw (in-sample: optimistic ND-PPL)"
+        },
+    )
 
     def __post_init__(self) -> None:
         self.rank_list()

@@ -306,7 +306,7 @@ def source_records(
     return load_records(source.hub_id, source.split, source.data_dir, streaming=streaming)
 
 
-def iter_texts(
+def iter_documents(
     dataset: str,
     split: str = "train",
     prompt_format: str | None = None,
@@ -314,31 +314,37 @@ def iter_texts(
     data_dir: str | None = None,
     skip_docs: int = 0,
     include_path: list[str] | None = None,
-) -> Iterator[str]:
-    """Texts for calibration, each prompt + response, from `kvcore:<source>[:<language>]` (the task registry),
-    `lm_eval:<task>` (an lm-eval task's documents after the first `skip_docs`), a local file or a hub id."""
+) -> Iterator[tuple[str, str]]:
+    """(prompt, response) documents for calibration from `kvcore:<source>[:<language>]` (the task registry),
+    `lm_eval:<task>` (an lm-eval task's documents after the first `skip_docs`), a local file or a hub id.
+    The prompt is empty where the data does not separate one."""
     if dataset.startswith("lm_eval:"):
-        yield from lm_eval_task_texts(dataset.removeprefix("lm_eval:"), skip_docs, data_dir, include_path)
+        yield from lm_eval_task_documents(dataset.removeprefix("lm_eval:"), skip_docs, data_dir, include_path)
         return
     if dataset.startswith("kvcore:"):
         source_name, _, language = dataset.removeprefix("kvcore:").partition(":")
         prompt_format = prompt_format or (f"field:{text_field}" if text_field else None)
-        pairs = source_pairs(
+        yield from source_pairs(
             resolve_source(source_name), language or None, data_dir, streaming=True, prompt_format=prompt_format
         )
-    else:
-        prompt_format = prompt_format or f"field:{text_field or 'text'}"
-        pairs = (
-            format_record(record, prompt_format, dataset) for record in load_records(dataset, split, streaming=True)
-        )
-    for prompt, response in pairs:
+        return
+    prompt_format = prompt_format or f"field:{text_field or 'text'}"
+    for record in load_records(dataset, split, streaming=True):
+        yield format_record(record, prompt_format, dataset)
+
+
+def iter_texts(*args, **kwargs) -> Iterator[str]:
+    """Each document of `iter_documents` as one text, prompt + response."""
+    for prompt, response in iter_documents(*args, **kwargs):
         yield prompt + response
 
 
 def pack_sequences(texts: Iterable[str], tokenizer, seq_len: int, max_tokens: int) -> Iterator[list[int]]:
     """Tokenize texts, join them with EOS, and cut the stream into sequences of `seq_len` tokens.
 
-    Stops after `max_tokens` tokens; the last sequence may be shorter (it is never padded)."""
+    Stops after `max_tokens` tokens; the last sequence may be shorter (it is never padded). A text is read only
+    while the tokens so far fall short of `max_tokens`, so the full sequences are a prefix of those of any larger
+    `max_tokens`, and a run ends short of `max_tokens` only when the texts ran out."""
     separator = [tokenizer.eos_token_id] if tokenizer.eos_token_id is not None else []
     buffer: list[int] = []
     emitted = 0
@@ -347,7 +353,7 @@ def pack_sequences(texts: Iterable[str], tokenizer, seq_len: int, max_tokens: in
         while len(buffer) >= seq_len and emitted + seq_len <= max_tokens:
             yield buffer[:seq_len]
             buffer, emitted = buffer[seq_len:], emitted + seq_len
-        if emitted + seq_len > max_tokens:
+        if emitted + len(buffer) >= max_tokens:
             break
     tail = buffer[: max(0, min(len(buffer), max_tokens - emitted, seq_len))]
     if tail:
@@ -422,14 +428,20 @@ def task_dataset(
     return datasets.Dataset.from_list([rows[i] for i in split_indices(len(rows), num_samples, seed)])
 
 
-def lm_eval_task_texts(
+ALL_RECORDS = {"num_samples": None}  # lm-eval metadata: a kvcore task's every record, in its seeded order
+
+
+def lm_eval_task_documents(
     task: str, skip_docs: int = 0, data_dir: str | None = None, include_path: list[str] | None = None
-) -> Iterator[str]:
-    """Texts of an lm-eval task's documents (doc_to_text + delimiter + doc_to_target), after the first `skip_docs`
-    (the documents an evaluation with --limit skip_docs scores): calibration data disjoint from the evaluation."""
+) -> Iterator[tuple[str, str]]:
+    """An lm-eval task's documents as lm-eval scores them, (doc_to_text, delimiter + doc_to_target), after the first
+    `skip_docs` (the documents an evaluation with --limit skip_docs scores): calibration data disjoint from the
+    evaluation."""
     from kvcore_eval.lm_tasks import task_manager
 
-    loaded = task_manager(data_dir, include_path).load_task_or_group([task])
+    # Every record of a kvcore task, in its seeded order (the YAML's num_samples would cap the pool that lies
+    # beyond the scored documents); the first N are those `--limit N` scores, with or without the cap.
+    loaded = task_manager(data_dir, include_path, ALL_RECORDS).load_task_or_group([task])
     tasks = list(leaf_tasks(loaded))
     if len(tasks) != 1:
         raise ValueError(f"lm_eval:{task} names a group of {len(tasks)} tasks: calibrate on one task at a time")
@@ -441,7 +453,7 @@ def lm_eval_task_texts(
             target = target[0] if target else ""
         if isinstance(target, int) and instance.config.doc_to_choice is not None:
             target = instance.doc_to_choice(doc)[target]
-        yield f"{instance.doc_to_text(doc)}{delimiter}{target}"
+        yield str(instance.doc_to_text(doc)), f"{delimiter}{target}"
 
 
 def leaf_tasks(loaded) -> Iterator[Any]:

@@ -40,7 +40,7 @@ OWN_NAMES = (
 )
 # Every record of a kvcore task, in its seeded order: the sweep scores the first num_samples (--limit) and
 # calibrates on the rest.
-TASK_METADATA = {"num_samples": None}
+TASK_METADATA = {"num_samples": None}  # the same as data.ALL_RECORDS, which the held-out calibrations read
 
 
 @dataclass
@@ -151,7 +151,11 @@ def evaluate_point(session: Session, task: str, name: str, truncation) -> float:
         return saved["value"]
     if session.lm is None:
         session.lm = KVCoreHFLM(
-            pretrained=session.model, tokenizer=session.tokenizer, batch_size=config.batch_size, **asdict(truncation)
+            pretrained=session.model,
+            tokenizer=session.tokenizer,
+            batch_size=config.batch_size,
+            overlap="warn" if config.allow_overlap else "refuse",
+            **asdict(truncation),
         )
     else:
         session.lm.set_truncation(truncation)
@@ -171,6 +175,7 @@ def evaluate_point(session: Session, task: str, name: str, truncation) -> float:
             "value": float(values[config.metric]),
             "rank_plan": session.lm.kvcore_plan.to_dict(),
             "metrics": values,
+            "calibration_overlap": session.lm.get_model_info()["kvcore"]["calibration_overlap"].get(task),
         },
     )
     return float(values[config.metric])
@@ -184,6 +189,8 @@ def open_session(config: SweepConfig) -> Session:
     out = Path(config.out)
     manager = task_manager(config.data_dir, split_paths(config.include_path), TASK_METADATA)
     tasks = perplexity_tasks(config, manager)  # refuses unknown and generation tasks before any output
+    if config.basis == "shared" and not config.allow_overlap:
+        check_shared_overlap(config, tasks)
     outputs.check_run_folder(out, KIND, OWN_NAMES)
     out.mkdir(parents=True, exist_ok=True)
     outputs.write_config(out, KIND, asdict(config))
@@ -191,6 +198,30 @@ def open_session(config: SweepConfig) -> Session:
     model = models.load_causal_lm(model_id, None, config.device, config.dtype, gguf_file)
     tokenizer = models.load_tokenizer(model_id, None, gguf_file)
     return Session(config, out, manager, model, tokenizer, tasks)
+
+
+def check_shared_overlap(config: SweepConfig, tasks: list[str]) -> None:
+    """Before any model loads: refuse a shared calibration that saw documents the sweep scores."""
+    import itertools
+
+    from kvcore_eval import data, overlap
+    from kvcore_eval.artifact import load_calibration
+
+    digests = load_calibration(config.calibration, eigenvectors=False).document_digests
+    if digests is None:
+        logger.warning(
+            "%s records no document digests: its overlap with the scored documents is unknown", config.calibration
+        )
+        return
+    for task in tasks:
+        scored = data.lm_eval_task_documents(task, 0, config.data_dir, split_paths(config.include_path))
+        seen, count = overlap.documents_seen(digests, itertools.islice(scored, config.num_samples))
+        if seen:
+            raise ValueError(
+                f"--calibration {config.calibration} saw {seen} of the {count} documents of {task} the sweep scores: "
+                "its ND-PPL would be in-sample (optimistic). Use --basis per-task, calibrate the shared basis on other "
+                "documents, or pass --allow-overlap"
+            )
 
 
 def run_sweep(config: SweepConfig) -> dict[str, Any]:

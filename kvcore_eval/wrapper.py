@@ -35,12 +35,14 @@ from kvcore_eval.models import (
     weights_fingerprint,
     weights_sample,
 )
+from kvcore_eval.overlap import OverlapCounter
 from kvcore_eval.rank_plan import TruncationConfig, make_plan
 from kvcore_eval.rope import RopeTap
 from kvcore_eval.selfcheck import check_key_recovery
 
 # A child of lm-eval's logger: plain `lm_eval` shows it.
 logger = logging.getLogger("lm_eval.models.kvcore_hf")
+OVERLAP_POLICIES = ("warn", "refuse")
 
 
 def _model_config(pretrained: Any, revision: str | None, gguf_file: str | None):
@@ -101,6 +103,7 @@ class KVCoreHFLM(HFLM):
         allow_mismatch: bool = False,
         sensitivity: str | None = None,
         attention: str = "reconstruct",
+        overlap: str = "warn",
         **kwargs,
     ) -> None:
         if calibration is None:
@@ -108,6 +111,9 @@ class KVCoreHFLM(HFLM):
                 "kvcore_hf needs calibration=<artifact folder> in --model_args (written by `kvcore-eval calibrate`); "
                 "for the uncompressed baseline use --model hf"
             )
+        if overlap not in OVERLAP_POLICIES:
+            raise ValueError(f"overlap={overlap!r}: use warn (log loudly and go on) or refuse")
+        self.kvcore_overlap_policy = overlap
         truncation = TruncationConfig(
             str(calibration),
             key_rank,
@@ -138,6 +144,7 @@ class KVCoreHFLM(HFLM):
 
     def _apply(self, truncation: TruncationConfig, artifact: Calibration, plan) -> None:
         self.kvcore_config, self.kvcore_plan = truncation, plan
+        self._overlap = OverlapCounter(artifact.document_digests)
         self._check_weights(artifact)
         self._setup_cache(artifact)
 
@@ -214,6 +221,41 @@ class KVCoreHFLM(HFLM):
         """A fresh, empty low-rank cache sharing this model's bases."""
         return self._cache(self._latent)
 
+    def _count_overlap(self, requests) -> None:
+        """Before any request runs: the fraction of each task's scored documents the calibration saw; a loud
+        warning above 0, or a refusal with overlap=refuse."""
+        for task, counts in self._overlap.add(requests).items():
+            if counts["fraction"] is None:
+                logger.warning(
+                    "kvcore_hf: %s records no document digests (calibrated by an older kvcore-eval): overlap with "
+                    "%s unknown",
+                    self.kvcore_config.calibration,
+                    task,
+                )
+            elif counts["fraction"] > 0:
+                message = (
+                    f"{counts['seen']} of the {counts['scored']} documents of {task} scored so far were in the "
+                    f"calibration {self.kvcore_config.calibration}: its ND-PPL is in-sample (optimistic)"
+                )
+                if self.kvcore_overlap_policy == "refuse":
+                    raise ValueError(
+                        message + ". Calibrate on documents the task does not score (e.g. --dataset "
+                        f"lm_eval:{task} --skip-docs N with --limit N), or pass --allow-overlap"
+                    )
+                logger.warning("!" * 20 + " kvcore_hf: %s " + "!" * 20, message)
+
+    def loglikelihood(self, requests, disable_tqdm: bool = False):
+        self._count_overlap(requests)
+        return super().loglikelihood(requests, disable_tqdm=disable_tqdm)
+
+    def loglikelihood_rolling(self, requests, disable_tqdm: bool = False):
+        self._count_overlap(requests)
+        return super().loglikelihood_rolling(requests, disable_tqdm=disable_tqdm)
+
+    def generate_until(self, requests, disable_tqdm: bool = False):
+        self._count_overlap(requests)
+        return super().generate_until(requests, disable_tqdm=disable_tqdm)
+
     def _model_call(
         self, inps: torch.Tensor, attn_mask: torch.Tensor | None = None, labels: torch.Tensor | None = None
     ) -> torch.Tensor:
@@ -249,6 +291,7 @@ class KVCoreHFLM(HFLM):
             "rank_plan": self.kvcore_plan.to_dict(),
             "cache_bytes_per_token": self.kvcore_cache_bytes,
             "model_cache_comparison": self.kvcore_model_cache,
+            "calibration_overlap": self._overlap.summary(),
         }
         return info
 

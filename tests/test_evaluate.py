@@ -23,6 +23,7 @@ def test_model_args_view():
         "key_space": "pre_rope",
         "granularity": "layer",
         "truncate": "both",
+        "overlap": "refuse",
         "key_rank": "8:4",
     }
     assert EvalConfig(model="m", tasks="t").model_args() == {"pretrained": "m", "dtype": "float32"}
@@ -38,7 +39,9 @@ def test_cli_eval_runs_kvcore_hf_and_writes_results(tmp_path):
             "--model",
             str(EXAMPLE_MODEL),
             "--dataset",
-            "kvcore:medalpaca",
+            "lm_eval:kvcore_medalpaca",
+            "--skip-docs",
+            "4",
             "--data-dir",
             str(EXAMPLE_DATA),
             "--max-tokens",
