@@ -22,8 +22,8 @@ from typing import Any
 import torch
 
 from kvcore_eval import outputs
-from kvcore_eval.gram import SPACES
 from kvcore_eval.models import KVGeometry, file_sha256
+from kvcore_eval.spaces import SPACES
 
 FORMAT_VERSION = 2
 BASIS_FILE = "basis.safetensors"

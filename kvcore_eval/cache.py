@@ -26,9 +26,9 @@ import torch
 from transformers.cache_utils import Cache, DynamicCache, DynamicLayer
 
 from kvcore_eval.artifact import Calibration
-from kvcore_eval.gram import KEY_SPACES
 from kvcore_eval.rank_plan import RankPlan
 from kvcore_eval.rope import RopeTap, RotaryTables, rotate, unrotate
+from kvcore_eval.spaces import KEY_SPACES
 
 
 @dataclass(frozen=True)

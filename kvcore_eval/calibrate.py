@@ -24,7 +24,7 @@ from typing import Any
 import torch
 
 from kvcore_eval import __version__, artifact, data, models, outputs, overlap
-from kvcore_eval.config import CalibrationConfig, split_paths
+from kvcore_eval.config import CalibrationConfig, identity, identity_differences, split_paths
 from kvcore_eval.gram import GramAccumulator, GramRecorder
 from kvcore_eval.rope import RopeTap
 from kvcore_eval.selfcheck import check_key_recovery
@@ -56,17 +56,15 @@ def _dataset_spec(config: CalibrationConfig) -> dict[str, Any]:
     }
 
 
+# A resumed run may ask for more tokens than the interrupted one: packing is prefix-stable.
+RESUMABLE = ("max_tokens",)
+
+
 def _run_identity(config: CalibrationConfig, model_identity: dict[str, Any], world_size: int) -> dict[str, Any]:
-    """What must match for a checkpoint to be resumed (max_tokens may grow: packing is prefix-stable, and only full
-    batches are checkpointed). The data's content is checked separately, by the digest of the documents read."""
-    return {
-        "model": model_identity,
-        "dataset": _dataset_spec(config),
-        "dtype": config.dtype,
-        "seq_len": config.seq_len,
-        "batch_size": config.batch_size,
-        "world_size": world_size,
-    }
+    """What must match for a checkpoint to be resumed: the whole configuration's identity (but max_tokens, which
+    may grow: packing is prefix-stable, and only full batches are checkpointed), the model's, and the number of
+    processes. The data's content is checked separately, by the digest of the documents read."""
+    return {"config": identity(config, exclude=RESUMABLE), "model": model_identity, "world_size": world_size}
 
 
 def _work_dir(config: CalibrationConfig, out: Path) -> Path:
@@ -131,7 +129,7 @@ def _save_checkpoint(
     rank: int,
     accumulator: GramAccumulator,
     batches_done: int,
-    identity: dict[str, Any],
+    run_identity: dict[str, Any],
     documents: overlap.DocumentLog,
 ) -> None:
     """One file: the Grams, and in its metadata the batches done, the run identity and the digest of the documents
@@ -140,7 +138,7 @@ def _save_checkpoint(
     path.parent.mkdir(parents=True, exist_ok=True)
     metadata = {
         "batches_done": str(batches_done),
-        "run": json.dumps(identity, sort_keys=True),
+        "run": json.dumps(run_identity, sort_keys=True),
         "documents_read": str(len(documents.rows)),
         "documents_digest": documents.fingerprint(),
     }
@@ -157,7 +155,7 @@ def _check_same_data(work: Path, saved: dict[str, str], documents: overlap.Docum
 
 
 def _load_checkpoint(
-    work: Path, rank: int, accumulator: GramAccumulator, identity: dict[str, Any]
+    work: Path, rank: int, accumulator: GramAccumulator, run_identity: dict[str, Any]
 ) -> tuple[int, dict[str, str]]:
     """Restore this process's Grams; returns the number of batches already accumulated (0 if none) and the
     checkpoint's metadata."""
@@ -170,13 +168,11 @@ def _load_checkpoint(
     with safe_open(str(path), framework="pt") as f:
         saved = f.metadata()
         state = {key: f.get_tensor(key) for key in f.keys()}
-    run = json.loads(saved["run"])
-    for key in identity:
-        if run.get(key) != identity[key]:
-            raise ValueError(
-                f"checkpoint in {work} is from another run: its {key} is {run.get(key)}, this run's is "
-                f"{identity[key]}. Resume with the same settings, or pass --overwrite to start again"
-            )
+    if differences := identity_differences(json.loads(saved["run"]), run_identity):
+        raise ValueError(
+            f"checkpoint in {work} is from another run ({'; '.join(differences)}): "
+            "resume with the same settings, or pass --overwrite to start again"
+        )
     accumulator.load_state_dict(state)
     if "documents_digest" not in saved:
         raise ValueError(
@@ -279,8 +275,8 @@ def _run(
     model_id, gguf_file = location
     geometry = models.kv_geometry(model.config)
     check_key_recovery(model, tap)  # the pre-RoPE keys below are the model's own, or this raises
-    identity = models.model_identity(model, model_id, config.revision, gguf_file)
-    run = _run_identity(config, identity, state.num_processes)
+    model_identity = models.model_identity(model, model_id, config.revision, gguf_file)
+    run = _run_identity(config, model_identity, state.num_processes)
 
     work = _work_dir(config, out)
     state.wait_for_everyone()
@@ -341,7 +337,7 @@ def _run(
             config.max_tokens,
         )
     if state.is_main_process:
-        metadata = _metadata(config, identity, total_tokens, state.num_processes, tap.has_rope)
+        metadata = _metadata(config, model_identity, total_tokens, state.num_processes, tap.has_rope)
         metadata["documents"] = {
             "count": len(log.rows),
             "digest": log.fingerprint(),
@@ -360,13 +356,13 @@ def _run(
 
 
 def _metadata(
-    config: CalibrationConfig, identity: dict[str, Any], tokens: int, world_size: int, has_rope: bool
+    config: CalibrationConfig, model_identity: dict[str, Any], tokens: int, world_size: int, has_rope: bool
 ) -> dict[str, Any]:
     import accelerate
     import transformers
 
     return {
-        "model": {**identity, "has_rope": has_rope},
+        "model": {**model_identity, "has_rope": has_rope},
         "dataset": _dataset_spec(config),
         "tokens": tokens,
         "tokens_requested": config.max_tokens,

@@ -8,46 +8,55 @@ import argparse
 import dataclasses
 import logging
 import sys
-import types
-import typing
 from collections.abc import Sequence
 from pathlib import Path
 
 
-def _field_type(field: dataclasses.Field, hints: dict) -> type:
-    """The concrete type of a dataclass field (`int | None` -> int)."""
-    hint = hints[field.name]
-    if isinstance(hint, types.UnionType) or typing.get_origin(hint) is typing.Union:
-        hint = next(arg for arg in typing.get_args(hint) if arg is not type(None))
-    return hint
-
-
 def add_dataclass_arguments(parser: argparse.ArgumentParser, config_class: type, skip: tuple[str, ...] = ()) -> None:
-    """One --flag per field; required fields have no default; bools are switches; help is the field's help."""
-    hints = typing.get_type_hints(config_class)
+    """One --flag per field, from its one declaration: required fields have no default, bools are switches, a
+    Literal's values are the choices, help is the field's help. An embedded configuration (a dataclass field)
+    contributes its own fields, but those its field's `cli_skip` names."""
+    from kvcore_eval.config import choices, field_type
+
     for field in dataclasses.fields(config_class):
         if field.name in skip:
             continue
+        kind = field_type(config_class, field.name)
+        if dataclasses.is_dataclass(kind):
+            add_dataclass_arguments(parser, kind, skip=field.metadata.get("cli_skip", ()))
+            continue
         flag = "--" + field.name.replace("_", "-")
         help_text = field.metadata.get("help", "")
-        kind = _field_type(field, hints)
         required = field.default is dataclasses.MISSING and field.default_factory is dataclasses.MISSING
         if kind is bool:
             parser.add_argument(flag, dest=field.name, action="store_true", help=help_text)
-        else:
-            default = None if required else field.default
-            parser.add_argument(
-                flag,
-                dest=field.name,
-                type=kind,
-                required=required,
-                default=default,
-                help=help_text + ("" if required else f" (default: {default})"),
-            )
+            continue
+        allowed = choices(config_class, field.name)
+        default = None if required else field.default
+        shown = "" if required or default is None or "default:" in help_text else f" (default: {default})"
+        parser.add_argument(
+            flag,
+            dest=field.name,
+            type=str if allowed or not isinstance(kind, type) else kind,
+            choices=allowed,
+            required=required,
+            default=default,
+            help=help_text + shown,
+        )
 
 
 def config_from_args(config_class: type, args: argparse.Namespace):
-    return config_class(**{f.name: getattr(args, f.name) for f in dataclasses.fields(config_class)})
+    """The configuration the flags of `add_dataclass_arguments` describe (embedded configurations built whole)."""
+    from kvcore_eval.config import field_type
+
+    values = {}
+    for field in dataclasses.fields(config_class):
+        kind = field_type(config_class, field.name)
+        if dataclasses.is_dataclass(kind):
+            values[field.name] = config_from_args(kind, args)
+        elif hasattr(args, field.name):
+            values[field.name] = getattr(args, field.name)
+    return config_class(**values)
 
 
 def _calibrate(args: argparse.Namespace) -> None:

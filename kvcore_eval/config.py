@@ -1,66 +1,248 @@
-"""Run configurations: plain dataclasses validated in __post_init__; the CLI is a view of them.
+"""Run configurations: dataclasses validated in __post_init__, each option declared once.
+
+A field is the only place an option's name, type (a `Literal` lists its allowed values), default and help
+live: the CLI (`cli.add_dataclass_arguments`), kvcore_hf's model_args (`from_options`) and lm-eval's YAML read
+it. A larger configuration embeds a smaller one as a field (`EvalConfig.truncation`) instead of re-listing its
+options, and a variant is `dataclasses.replace(base, ...)`. `identity` derives what a run's numbers depend on
+from the whole configuration, minus the fields declared with `identity=False`.
 
 Kept free of heavy imports so that `kvcore-eval --help` starts fast.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+import dataclasses
+import difflib
+import types
+import typing
+from collections.abc import Mapping
+from dataclasses import dataclass
+from typing import Any, Literal
 
-MODEL_DTYPES = ("float32", "bfloat16", "float16")
+from kvcore_eval.spaces import DEFAULT_KEY_SPACE, Granularity, KeySpace, Truncate
+
+ModelDtype = Literal["float32", "bfloat16", "float16"]
+BudgetMethod = Literal["energy", "ner", "sensitivity"]
+Attention = Literal["reconstruct", "latent"]
+OverlapPolicy = Literal["warn", "refuse"]
+BasisScope = Literal["per-task", "shared"]
+RankSpec = int | float | str | list[int] | None
 # Shorter sequences put every token near the start of its context: they measure little of a KV cache.
 MIN_SEQ_LEN = 32
+
+
+def option(default: Any = dataclasses.MISSING, *, help: str, identity: bool = True, **metadata: Any) -> Any:
+    """A configuration field. `identity=False`: the field cannot change a number (paths, resume flags...).
+    Extra metadata: `cli_skip` (names of an embedded configuration's fields the CLI does not offer)."""
+    if isinstance(default, type) and dataclasses.is_dataclass(default):
+        return dataclasses.field(default_factory=default, metadata={"help": help, "identity": identity, **metadata})
+    return dataclasses.field(default=default, metadata={"help": help, "identity": identity, **metadata})
+
+
+def field_type(config_class: type, name: str) -> Any:
+    """The declared type of a field, without `| None` (`int | None` -> int, a Literal stays a Literal)."""
+    hint = typing.get_type_hints(config_class)[name]
+    if isinstance(hint, types.UnionType) or typing.get_origin(hint) is typing.Union:
+        args = [arg for arg in typing.get_args(hint) if arg is not type(None)]
+        return args[0] if len(args) == 1 else hint
+    return hint
+
+
+def choices(config_class: type, name: str) -> tuple[str, ...] | None:
+    """The allowed values of a Literal-typed field, else None."""
+    kind = field_type(config_class, name)
+    return typing.get_args(kind) if typing.get_origin(kind) is Literal else None
+
+
+def check_choices(config: Any) -> None:
+    """Every Literal-typed field holds one of its allowed values."""
+    for field in dataclasses.fields(config):
+        allowed = choices(type(config), field.name)
+        value = getattr(config, field.name)
+        if allowed and value is not None and value not in allowed:
+            listed = ", ".join(allowed[:-1]) + f" or {allowed[-1]}"
+            raise ValueError(f"{field.name}={value!r}: use {listed}")
+
+
+def identity(config: Any, exclude: tuple[str, ...] = ()) -> dict[str, Any]:
+    """What a run's numbers depend on: every field (embedded configurations nested) but those declared with
+    `identity=False` and those in `exclude` (fields that select work rather than change it)."""
+    out = {}
+    for field in dataclasses.fields(config):
+        if not field.metadata.get("identity", True) or field.name in exclude:
+            continue
+        value = getattr(config, field.name)
+        out[field.name] = identity(value) if dataclasses.is_dataclass(value) else value
+    return out
+
+
+def identity_differences(saved: Mapping[str, Any], current: Mapping[str, Any], prefix: str = "") -> list[str]:
+    """The fields (dotted for nested ones) whose values differ between two identities, with both values."""
+    differences = []
+    for name in sorted(set(saved) | set(current)):
+        a, b = saved.get(name), current.get(name)
+        if isinstance(a, Mapping) and isinstance(b, Mapping):
+            differences += identity_differences(a, b, f"{prefix}{name}.")
+        elif a != b:
+            differences.append(f"{prefix}{name}: {a!r} then, {b!r} now")
+    return differences
+
+
+def _coerce(config_class: type, name: str, value: Any) -> Any:
+    """A model_arg's value (lm-eval passes strings, bools and numbers) as the field's declared type."""
+    kind = field_type(config_class, name)
+    if value is None or not isinstance(value, str):
+        return float(value) if kind is float and isinstance(value, int) and not isinstance(value, bool) else value
+    if kind is bool:
+        if value.strip().lower() in ("true", "1", "yes"):
+            return True
+        if value.strip().lower() in ("false", "0", "no"):
+            return False
+        raise ValueError(f"{name}={value!r} is not a boolean: write {name}=true or {name}=false")
+    if kind in (int, float):
+        try:
+            return kind(value)
+        except ValueError:
+            raise ValueError(f"{name}={value!r} is not a number: give a {kind.__name__}") from None
+    return value
+
+
+def split_options(config_class: type, options: Mapping[str, Any], others: set[str]) -> tuple[dict, dict]:
+    """Split keyword options into `config_class`'s fields and the rest (the names in `others` and anything else).
+    A name that is neither but is close to one of `config_class`'s fields is refused with the likely spelling."""
+    names = {field.name for field in dataclasses.fields(config_class)}
+    own = {k: _coerce(config_class, k, v) for k, v in options.items() if k in names}
+    rest = {k: v for k, v in options.items() if k not in names}
+    for name in rest:
+        if name not in others and (close := difflib.get_close_matches(name, names, n=1, cutoff=0.75)):
+            raise ValueError(f"unknown option {name}={rest[name]!r}: did you mean {close[0]}=?")
+    return own, rest
+
+
+@dataclass
+class TruncationConfig:
+    """What `kvcore_hf` truncates: its model_args beyond lm-eval's `hf` ones, checked before any weights load."""
+
+    calibration: str | None = option(None, help="artifact directory written by `kvcore-eval calibrate`")
+    key_rank: RankSpec = option(None, help="int, fraction of the width, full, or per-layer list a:b:c")
+    value_rank: RankSpec = option(None, help="int, fraction of the width, full, or per-layer list a:b:c")
+    rank_budget: float | None = option(
+        None, help="fraction of the truncated cache memory kept, spread over layers by the calibration"
+    )
+    budget_method: BudgetMethod = option(
+        "energy",
+        help="energy: keep the largest normalized eigenvalues across layers; ner: ranks proportional to NER; "
+        "sensitivity: proportional to each layer's measured ND-PPL (needs sensitivity=)",
+    )
+    key_space: KeySpace = option(
+        DEFAULT_KEY_SPACE, help="pre_rope (the paper's K = X·W_k) or post_rope (the cached keys)"
+    )
+    granularity: Granularity = option("layer", help="layer: one basis over all KV heads; head: one basis per head")
+    truncate: Truncate = option("both", help="keys, values or both")
+    allow_mismatch: bool = option(False, help="use an artifact calibrated on another model or revision (loud warning)")
+    sensitivity: str | None = option(
+        None, help="per_layer.json of `kvcore-eval sweep --per-layer`, read by budget_method=sensitivity"
+    )
+    attention: Attention = option(
+        "reconstruct",
+        help="reconstruct: attention gets K·P·Pᵀ; latent: attends over the stored latents (r numbers a token, not D)",
+    )
+    overlap: OverlapPolicy = option(
+        "warn",
+        help="scored documents the calibration saw: warn (log loudly, record the fraction) or refuse",
+        identity=False,
+    )
+
+    def __post_init__(self) -> None:
+        check_choices(self)
+        if (self.budget_method == "sensitivity") != (self.sensitivity is not None):
+            raise ValueError(
+                "budget_method=sensitivity and sensitivity=<per_layer.json of `kvcore-eval sweep --per-layer`> "
+                "go together"
+            )
+        for name, kind, truncated in (
+            ("key_rank", "keys", self.truncates_keys),
+            ("value_rank", "values", self.truncates_values),
+        ):
+            if getattr(self, name) is not None and not truncated:
+                raise ValueError(
+                    f"{name}={getattr(self, name)} with truncate={self.truncate} truncates nothing: "
+                    f"pass truncate=both (or truncate={kind}), or drop {name}"
+                )
+        if self.rank_budget is not None:
+            if given := self.ranks_given:
+                raise ValueError(
+                    f"rank_budget and {given[0]} both given: a budget sets every rank, pass one or the other"
+                )
+            if not 0 < float(self.rank_budget) <= 1:
+                raise ValueError(f"rank_budget={self.rank_budget} must be a fraction in (0, 1]")
+            if self.granularity != "layer":
+                raise ValueError(
+                    "rank_budget is planned over layer spectra: use granularity=layer, or give key_rank/value_rank"
+                )
+
+    @property
+    def ranks_given(self) -> list[str]:
+        return [name for name in ("key_rank", "value_rank") if getattr(self, name) is not None]
+
+    @property
+    def truncates_keys(self) -> bool:
+        return self.truncate in ("keys", "both")
+
+    @property
+    def truncates_values(self) -> bool:
+        return self.truncate in ("values", "both")
+
+    def check_runnable(self) -> None:
+        """What kvcore_hf needs beyond a consistent configuration: an artifact and something to truncate."""
+        if self.calibration is None:
+            raise ValueError(
+                "kvcore_hf needs calibration=<artifact folder> (written by `kvcore-eval calibrate`); "
+                "for the uncompressed baseline use --model hf"
+            )
+        if self.rank_budget is None and not self.ranks_given:
+            raise ValueError("no truncation asked for: pass key_rank=, value_rank= (e.g. 0.25) or rank_budget=")
 
 
 @dataclass
 class CalibrationConfig:
     """What `kvcore-eval calibrate` runs. Each field's `help` is its --help line."""
 
-    model: str = field(metadata={"help": "Hugging Face hub id, local directory, or .gguf file of a causal LM"})
-    dataset: str = field(
-        metadata={
-            "help": "kvcore:<source>[:<lang>] (alpaca, visr:de, ...), lm_eval:<task> (any lm-eval task's documents), a hub dataset id, or a local .jsonl/.json/.txt/.parquet file"
-        }
+    model: str = option(help="Hugging Face hub id, local directory, or .gguf file of a causal LM")
+    dataset: str = option(
+        help="kvcore:<source>[:<lang>] (alpaca, visr:de, ...), lm_eval:<task> (any lm-eval task's documents), "
+        "a hub dataset id, or a local .jsonl/.json/.txt/.parquet file"
     )
-    out: str = field(metadata={"help": "output directory of the artifact (basis.safetensors + kvcore.json)"})
-    revision: str | None = field(default=None, metadata={"help": "model revision (branch, tag or commit) on the hub"})
-    gguf_file: str | None = field(
-        default=None, metadata={"help": "GGUF file inside --model's folder or hub repo (dequantized on load)"}
+    out: str = option(help="output directory of the artifact (basis.safetensors + kvcore.json)", identity=False)
+    revision: str | None = option(None, help="model revision (branch, tag or commit) on the hub")
+    gguf_file: str | None = option(None, help="GGUF file inside --model's folder or hub repo (dequantized on load)")
+    split: str = option("train", help="dataset split (hub datasets)")
+    data_dir: str | None = option(
+        None, help="folder of <source>.jsonl files read instead of the hub for kvcore:<source>"
     )
-    split: str = field(default="train", metadata={"help": "dataset split (hub datasets)"})
-    data_dir: str | None = field(
-        default=None, metadata={"help": "folder of <source>.jsonl files read instead of the hub for kvcore:<source>"}
+    skip_docs: int = option(
+        0,
+        help="lm_eval:<task> only: documents skipped first (those an evaluation with --limit N scores), "
+        "so calibration and evaluation are disjoint",
     )
-    skip_docs: int = field(
-        default=0,
-        metadata={
-            "help": "lm_eval:<task> only: documents skipped first (those an evaluation with --limit N scores), so calibration and evaluation are disjoint"
-        },
+    include_path: str | None = option(
+        None, help="lm_eval:<task> only: extra task folders, comma-separated (lm-eval's --include_path)"
     )
-    include_path: str | None = field(
-        default=None,
-        metadata={"help": "lm_eval:<task> only: extra task folders, comma-separated (lm-eval's --include_path)"},
+    text_field: str | None = option(None, help="record field holding the text (default: text, or the source's format)")
+    prompt_format: str | None = option(
+        None, help="alpaca | functioncall | question | field:NAME (default: the source's)"
     )
-    text_field: str | None = field(
-        default=None, metadata={"help": "record field holding the text (default: text, or the source's prompt format)"}
-    )
-    prompt_format: str | None = field(
-        default=None, metadata={"help": "alpaca | functioncall | question | field:NAME (default: the source's)"}
-    )
-    max_tokens: int = field(default=200_000, metadata={"help": "stop after this many tokens (over all processes)"})
-    seq_len: int = field(default=512, metadata={"help": "tokens per packed sequence"})
-    batch_size: int = field(default=4, metadata={"help": "sequences per forward pass"})
-    device: str = field(
-        default="auto", metadata={"help": "cpu, cuda, cuda:N, or auto (the accelerate process's device)"}
-    )
-    dtype: str = field(
-        default="float32", metadata={"help": "model dtype: float32, bfloat16 or float16 (Grams are always float64)"}
-    )
-    checkpoint_every: int = field(default=100_000, metadata={"help": "tokens between checkpoints (per process)"})
-    resume: bool = field(default=False, metadata={"help": "continue an interrupted run in --out"})
-    overwrite: bool = field(default=False, metadata={"help": "replace whatever --out holds"})
+    max_tokens: int = option(200_000, help="stop after this many tokens (over all processes)")
+    seq_len: int = option(512, help="tokens per packed sequence")
+    batch_size: int = option(4, help="sequences per forward pass")
+    device: str = option("auto", help="cpu, cuda, cuda:N, or auto (the accelerate process's device)")
+    dtype: ModelDtype = option("float32", help="model dtype (Grams are always float64)")
+    checkpoint_every: int = option(100_000, help="tokens between checkpoints (per process)", identity=False)
+    resume: bool = option(False, help="continue an interrupted run in --out", identity=False)
+    overwrite: bool = option(False, help="replace whatever --out holds", identity=False)
 
     def __post_init__(self) -> None:
+        check_choices(self)
         if self.skip_docs < 0:
             raise ValueError(f"--skip-docs must be >= 0, got {self.skip_docs}")
         for name in ("max_tokens", "seq_len", "batch_size", "checkpoint_every"):
@@ -73,12 +255,11 @@ class CalibrationConfig:
             )
         if self.max_tokens < self.seq_len:
             raise ValueError(
-                f"--max-tokens {self.max_tokens} is less than one sequence (--seq-len {self.seq_len}): raise it or lower --seq-len"
+                f"--max-tokens {self.max_tokens} is less than one sequence (--seq-len {self.seq_len}): "
+                "raise it or lower --seq-len"
             )
         if self.resume and self.overwrite:
             raise ValueError("--resume and --overwrite contradict each other: choose one")
-        if self.dtype not in MODEL_DTYPES:
-            raise ValueError(f"--dtype must be one of {MODEL_DTYPES}, got {self.dtype!r}")
 
 
 def split_paths(paths: str | None) -> list[str]:
@@ -90,154 +271,123 @@ def split_paths(paths: str | None) -> list[str]:
 class EvalConfig:
     """What `kvcore-eval eval` runs: one lm-eval evaluation, with kvcore_hf, or plain hf without --calibration."""
 
-    model: str = field(metadata={"help": "Hugging Face hub id or local directory (lm-eval's pretrained=)"})
-    tasks: str = field(metadata={"help": "comma-separated lm-eval tasks or groups, e.g. kvcore_domains"})
-    calibration: str | None = field(
-        default=None, metadata={"help": "artifact directory; without it the plain `hf` model runs (the baseline)"}
+    model: str = option(help="Hugging Face hub id or local directory (lm-eval's pretrained=)")
+    tasks: str = option(help="comma-separated lm-eval tasks or groups, e.g. kvcore_domains")
+    truncation: TruncationConfig = option(
+        TruncationConfig,
+        help="kvcore_hf's options; without --calibration the plain `hf` model runs (the baseline)",
+        cli_skip=("overlap",),  # --allow-overlap says it
     )
-    key_rank: str | None = field(default=None, metadata={"help": "int, fraction of D, or per-layer list a:b:c"})
-    value_rank: str | None = field(default=None, metadata={"help": "int, fraction of D, or per-layer list a:b:c"})
-    rank_budget: float | None = field(
-        default=None, metadata={"help": "fraction of the cache memory kept, spread over layers"}
+    gguf_file: str | None = option(None, help="GGUF file inside --model's folder (lm-eval's gguf_file=)")
+    data_dir: str | None = option(None, help="folder of <source>.jsonl files read instead of the hub")
+    include_path: str | None = option(
+        None, help="extra lm-eval task folders, comma-separated (lm-eval's --include_path)"
     )
-    key_space: str = field(default="pre_rope", metadata={"help": "pre_rope or post_rope"})
-    granularity: str = field(default="layer", metadata={"help": "layer or head"})
-    truncate: str = field(default="both", metadata={"help": "keys, values or both"})
-    data_dir: str | None = field(
-        default=None, metadata={"help": "folder of <source>.jsonl files read instead of the hub"}
-    )
-    include_path: str | None = field(
-        default=None, metadata={"help": "extra lm-eval task folders, comma-separated (lm-eval's --include_path)"}
-    )
-    limit: int | None = field(default=None, metadata={"help": "documents per task (lm-eval --limit)"})
-    batch_size: int = field(default=1, metadata={"help": "lm-eval batch size"})
-    device: str = field(default="cpu", metadata={"help": "cpu, cuda, cuda:N"})
-    dtype: str = field(default="float32", metadata={"help": "model dtype"})
-    output: str | None = field(default=None, metadata={"help": "write lm-eval's results JSON here"})
-    allow_overlap: bool = field(
-        default=False,
-        metadata={
-            "help": "score documents the calibration saw (in-sample: optimistic ND-PPL); refused by default, and the "
-            "fraction is always in the results (config.kvcore.calibration_overlap)"
-        },
+    limit: int | None = option(None, help="documents per task (lm-eval --limit)")
+    batch_size: int = option(1, help="lm-eval batch size")
+    device: str = option("cpu", help="cpu, cuda, cuda:N")
+    dtype: ModelDtype = option("float32", help="model dtype")
+    output: str | None = option(None, help="write lm-eval's results JSON here", identity=False)
+    allow_overlap: bool = option(
+        False,
+        help="score documents the calibration saw (in-sample: optimistic ND-PPL); refused by default, and the "
+        "fraction is always in the results (config.kvcore.calibration_overlap)",
+        identity=False,
     )
 
     def __post_init__(self) -> None:
-        if self.dtype not in MODEL_DTYPES:
-            raise ValueError(f"--dtype must be one of {MODEL_DTYPES}, got {self.dtype!r}")
-        if self.calibration is None and any(v is not None for v in (self.key_rank, self.value_rank, self.rank_budget)):
+        check_choices(self)
+        truncation = self.truncation
+        if truncation.calibration is None and (truncation.ranks_given or truncation.rank_budget is not None):
             raise ValueError("ranks given without --calibration: pass the artifact directory the ranks refer to")
+        if self.truncation.calibration is not None:
+            self.truncation.check_runnable()
 
-    def model_args(self) -> dict:
-        """lm-eval model_args: `hf`'s, plus kvcore_hf's when a calibration is given."""
+    def model_args(self) -> dict[str, Any]:
+        """lm-eval model_args: `hf`'s, plus kvcore_hf's (every option not left at None) with a calibration."""
         args = {"pretrained": self.model, "dtype": self.dtype}
-        if self.calibration is not None:
-            args.update(
-                calibration=self.calibration,
-                key_space=self.key_space,
-                granularity=self.granularity,
-                truncate=self.truncate,
-                overlap="warn" if self.allow_overlap else "refuse",
-            )
-            args.update(
-                {
-                    k: v
-                    for k, v in (
-                        ("key_rank", self.key_rank),
-                        ("value_rank", self.value_rank),
-                        ("rank_budget", self.rank_budget),
-                    )
-                    if v is not None
-                }
-            )
+        if self.gguf_file is not None:
+            args["gguf_file"] = self.gguf_file
+        if self.truncation.calibration is not None:
+            args.update({k: v for k, v in dataclasses.asdict(self.truncation).items() if v is not None})
+            args["overlap"] = "warn" if self.allow_overlap else "refuse"
         return args
 
 
-BASIS_DESIGNS = ("per-task", "shared")
+# The sweep sets these per point (overlap: from --allow-overlap); its command line does not offer them.
+PER_POINT = ("key_rank", "value_rank", "rank_budget", "budget_method", "sensitivity", "overlap")
 
 
 @dataclass
 class SweepConfig:
-    """What `kvcore-eval sweep` runs: ND-PPL per task and rank, NER per task, their correlation, with one model load."""
+    """What `kvcore-eval sweep` runs: ND-PPL per task and rank, NER per task, their correlation, one model load."""
 
-    model: str = field(metadata={"help": "Hugging Face hub id, local directory, or .gguf file"})
-    out: str = field(
-        metadata={
-            "help": "output directory (finished points and calibrations are reused: an interrupted sweep resumes)"
-        }
+    model: str = option(help="Hugging Face hub id, local directory, or .gguf file")
+    out: str = option(
+        help="output directory (finished points and calibrations are reused: an interrupted sweep resumes)",
+        identity=False,
     )
-    tasks: str = field(
-        default="kvcore_domains",
-        metadata={
-            "help": "comma-separated lm-eval perplexity tasks or groups (kvcore's or yours, with --include-path)"
-        },
+    tasks: str = option(
+        "kvcore_domains",
+        help="comma-separated lm-eval perplexity tasks or groups (kvcore's or yours, with --include-path)",
     )
-    basis: str = field(
-        default="per-task",
-        metadata={
-            "help": "per-task: truncate each task with the calibration on its own (held-out) data; shared: with --calibration for every task"
-        },
+    basis_scope: BasisScope = option(
+        "per-task",
+        help="per-task: truncate each task with the calibration on its own (held-out) data; "
+        "shared: truncate every task with --calibration",
     )
-    calibration: str | None = field(
-        default=None, metadata={"help": "with --basis shared: the artifact whose bases truncate every task"}
+    truncation: TruncationConfig = option(
+        TruncationConfig,
+        help="the truncation every point shares; the sweep sets the ranks",
+        cli_skip=PER_POINT,
     )
-    ranks: str = field(default="1.0,0.75,0.5,0.25,0.125", metadata={"help": "comma-separated fractions of D in (0, 1]"})
-    truncate: str = field(default="both", metadata={"help": "keys, values or both"})
-    key_space: str = field(default="pre_rope", metadata={"help": "pre_rope or post_rope"})
-    metric: str = field(
-        default="byte_perplexity",
-        metadata={"help": "perplexity metric ND-PPL is computed from (byte_perplexity: independent of the tokenizer)"},
+    ranks: str = option("1.0,0.75,0.5,0.25,0.125", help="comma-separated fractions of D in (0, 1]")
+    metric: str = option(
+        "byte_perplexity",
+        help="perplexity metric ND-PPL is computed from (byte_perplexity: independent of the tokenizer)",
     )
-    num_samples: int = field(
-        default=200,
-        metadata={
-            "help": "documents scored per task (the first in each task's order); each task's calibration reads only the documents after them"
-        },
+    num_samples: int = option(
+        200,
+        help="documents scored per task (the first in each task's order); "
+        "each task's calibration reads only the documents after them",
     )
-    calibration_tokens: int = field(
-        default=20_000,
-        metadata={
-            "help": "tokens of each task's held-out documents calibrated (its NER, and its bases with --basis per-task)"
-        },
+    calibration_tokens: int = option(
+        20_000,
+        help="tokens of each task's held-out documents calibrated (its NER, and its bases with --basis-scope per-task)",
     )
-    seq_len: int = field(default=256, metadata={"help": "sequence length of the per-task calibrations"})
-    per_layer: bool = field(
-        default=False,
-        metadata={"help": "also measure each layer's ND-PPL with only that layer truncated (keys, then values)"},
+    seq_len: int = option(256, help="sequence length of the per-task calibrations")
+    per_layer: bool = option(
+        False, help="also measure each layer's ND-PPL with only that layer truncated (keys, then values)"
     )
-    per_layer_rank: float = field(
-        default=0.25, metadata={"help": "fraction of D kept by the one truncated layer in --per-layer"}
+    per_layer_rank: float = option(0.25, help="fraction of D kept by the one truncated layer in --per-layer")
+    data_dir: str | None = option(None, help="folder of <source>.jsonl files read instead of the hub")
+    include_path: str | None = option(
+        None, help="extra lm-eval task folders, comma-separated (lm-eval's --include_path)"
     )
-    data_dir: str | None = field(
-        default=None, metadata={"help": "folder of <source>.jsonl files read instead of the hub"}
-    )
-    include_path: str | None = field(
-        default=None, metadata={"help": "extra lm-eval task folders, comma-separated (lm-eval's --include_path)"}
-    )
-    gguf_file: str | None = field(default=None, metadata={"help": "GGUF file inside --model's folder or hub repo"})
-    batch_size: int = field(default=1, metadata={"help": "lm-eval batch size"})
-    device: str = field(default="cpu", metadata={"help": "cpu, cuda, cuda:N"})
-    dtype: str = field(default="float32", metadata={"help": "model dtype"})
-    allow_overlap: bool = field(
-        default=False,
-        metadata={
-            "help": "with --basis shared: score documents the shared calibration saw (in-sample: optimistic ND-PPL)"
-        },
+    gguf_file: str | None = option(None, help="GGUF file inside --model's folder or hub repo")
+    batch_size: int = option(1, help="lm-eval batch size")
+    device: str = option("cpu", help="cpu, cuda, cuda:N")
+    dtype: ModelDtype = option("float32", help="model dtype")
+    allow_overlap: bool = option(
+        False,
+        help="with --basis-scope shared: score documents the shared calibration saw (in-sample: optimistic ND-PPL)",
+        identity=False,
     )
 
     def __post_init__(self) -> None:
+        check_choices(self)
         self.rank_list()
-        if self.dtype not in MODEL_DTYPES:
-            raise ValueError(f"--dtype must be one of {MODEL_DTYPES}, got {self.dtype!r}")
-        if self.basis not in BASIS_DESIGNS:
-            raise ValueError(f"--basis {self.basis!r}: use per-task or shared")
-        if self.basis == "shared" and self.calibration is None:
+        if given := [name for name in PER_POINT if getattr(self.truncation, name) != getattr(TruncationConfig, name)]:
+            raise ValueError(f"the sweep sets {', '.join(given)} itself at each point: leave them out")
+        shared = self.truncation.calibration is not None
+        if self.basis_scope == "shared" and not shared:
             raise ValueError(
-                "--basis shared truncates every task with one artifact: pass --calibration <artifact folder>"
+                "--basis-scope shared truncates every task with one artifact: pass --calibration <artifact folder>"
             )
-        if self.basis == "per-task" and self.calibration is not None:
+        if self.basis_scope == "per-task" and shared:
             raise ValueError(
-                "--calibration is the shared basis: pass --basis shared with it, or drop it to truncate each task with its own calibration"
+                "--calibration is the shared basis: pass --basis-scope shared with it, or drop it to truncate each "
+                "task with its own calibration"
             )
         if self.num_samples < 1 or self.calibration_tokens < MIN_SEQ_LEN:
             raise ValueError(f"--num-samples must be >= 1 and --calibration-tokens >= {MIN_SEQ_LEN}")

@@ -23,7 +23,7 @@ def run_lm_eval(
 
     import kvcore_eval.wrapper  # noqa: F401  registers kvcore_hf
 
-    model = "kvcore_hf" if config.calibration is not None else "hf"
+    model = "kvcore_hf" if config.truncation.calibration is not None else "hf"
     results = lm_eval.simple_evaluate(
         model=model,
         model_args=config.model_args(),

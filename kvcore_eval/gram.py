@@ -17,11 +17,8 @@ import torch
 from transformers.cache_utils import Cache, DynamicLayer
 
 from kvcore_eval.models import KVGeometry
-from kvcore_eval.rope import RopeTap
-from kvcore_eval.selfcheck import pre_rope_keys
-
-SPACES = ("key_pre_rope", "key_post_rope", "value")
-KEY_SPACES = {"pre_rope": "key_pre_rope", "post_rope": "key_post_rope"}
+from kvcore_eval.rope import RopeTap, pre_rope_keys
+from kvcore_eval.spaces import SPACES
 
 
 class GramAccumulator:

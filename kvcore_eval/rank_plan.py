@@ -9,100 +9,13 @@ Width is D = kv_heads·head_dim for granularity=layer, head_dim (the rank of eve
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
 
-from kvcore_eval.gram import KEY_SPACES
-
-RankSpec = int | float | str | list[int] | None
-
-
-@dataclass
-class TruncationConfig:
-    """The kvcore_hf model_args beyond lm-eval's `hf` ones, validated before any weights load."""
-
-    calibration: str = field(metadata={"help": "artifact directory written by `kvcore-eval calibrate`"})
-    key_rank: RankSpec = field(default=None, metadata={"help": "int, fraction of the width, or per-layer list a:b:c"})
-    value_rank: RankSpec = field(default=None, metadata={"help": "int, fraction of the width, or per-layer list a:b:c"})
-    rank_budget: float | None = field(
-        default=None,
-        metadata={"help": "fraction of the truncated cache memory kept, spread over layers by the calibration"},
-    )
-    budget_method: str = field(
-        default="energy",
-        metadata={
-            "help": "energy: keep the largest normalized eigenvalues across layers; ner: ranks proportional to NER; sensitivity: proportional to each layer's measured ND-PPL (needs sensitivity=)"
-        },
-    )
-    key_space: str = field(
-        default="pre_rope", metadata={"help": "pre_rope (the paper's K = X·W_k) or post_rope (the cached keys)"}
-    )
-    granularity: str = field(
-        default="layer", metadata={"help": "layer: one basis over all KV heads; head: one basis per head"}
-    )
-    truncate: str = field(default="both", metadata={"help": "keys, values or both"})
-    allow_mismatch: bool = field(
-        default=False, metadata={"help": "use an artifact calibrated on another model or revision (loud warning)"}
-    )
-    sensitivity: str | None = field(
-        default=None,
-        metadata={"help": "per_layer.json of `kvcore-eval sweep --per-layer`, read by budget_method=sensitivity"},
-    )
-    attention: str = field(
-        default="reconstruct",
-        metadata={
-            "help": "reconstruct: attention gets K·P·Pᵀ; latent: attends over the stored latents (reads r numbers a token, not D)"
-        },
-    )
-
-    def __post_init__(self) -> None:
-        if self.key_space not in KEY_SPACES:
-            raise ValueError(f"key_space={self.key_space!r}: use pre_rope or post_rope")
-        if self.granularity not in ("layer", "head"):
-            raise ValueError(f"granularity={self.granularity!r}: use layer or head")
-        if self.truncate not in ("keys", "values", "both"):
-            raise ValueError(f"truncate={self.truncate!r}: use keys, values or both")
-        if self.attention not in ("reconstruct", "latent"):
-            raise ValueError(f"attention={self.attention!r}: use reconstruct or latent")
-        if self.budget_method not in ("energy", "ner", "sensitivity"):
-            raise ValueError(f"budget_method={self.budget_method!r}: use energy, ner or sensitivity")
-        if (self.budget_method == "sensitivity") != (self.sensitivity is not None):
-            raise ValueError(
-                "budget_method=sensitivity and sensitivity=<per_layer.json of `kvcore-eval sweep --per-layer`> go together"
-            )
-        given = [name for name in ("key_rank", "value_rank") if getattr(self, name) is not None]
-        for name, kind, truncated in (
-            ("key_rank", "keys", self.truncates_keys),
-            ("value_rank", "values", self.truncates_values),
-        ):
-            if getattr(self, name) is not None and not truncated:
-                raise ValueError(
-                    f"{name}={getattr(self, name)} with truncate={self.truncate} truncates nothing: "
-                    f"pass truncate=both (or truncate={kind}), or drop {name}"
-                )
-        if self.rank_budget is not None:
-            if given:
-                raise ValueError(
-                    f"rank_budget and {given[0]} both given: a budget sets every rank, pass one or the other"
-                )
-            if not 0 < float(self.rank_budget) <= 1:
-                raise ValueError(f"rank_budget={self.rank_budget} must be a fraction in (0, 1]")
-            if self.granularity != "layer":
-                raise ValueError(
-                    "rank_budget is planned over layer spectra: use granularity=layer, or give key_rank/value_rank"
-                )
-        elif not given:
-            raise ValueError("no truncation asked for: pass key_rank=, value_rank= (e.g. 0.25) or rank_budget=")
-
-    @property
-    def truncates_keys(self) -> bool:
-        return self.truncate in ("keys", "both")
-
-    @property
-    def truncates_values(self) -> bool:
-        return self.truncate in ("values", "both")
+from kvcore_eval.config import RankSpec, TruncationConfig
+from kvcore_eval.spaces import KEY_SPACES
 
 
 @dataclass(frozen=True)
@@ -249,7 +162,8 @@ def measured_sensitivity(config: TruncationConfig, spaces: list[str], num_layers
         per_task = [task[kind] for task in table["nd_ppl"].values()]
         if any(len(layers) != num_layers for layers in per_task):
             raise ValueError(
-                f"sensitivity={config.sensitivity} has {len(per_task[0])} layers, this model {num_layers}: measure this model"
+                f"sensitivity={config.sensitivity} has {len(per_task[0])} layers, this model {num_layers}: "
+                "measure this model"
             )
         values += np.mean(per_task, axis=0).tolist()
     return values

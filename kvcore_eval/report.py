@@ -10,7 +10,7 @@ import numpy as np
 
 from kvcore_eval import metrics, outputs
 from kvcore_eval.artifact import Calibration, load_calibration
-from kvcore_eval.gram import SPACES
+from kvcore_eval.spaces import SPACES
 
 logger = logging.getLogger(__name__)
 

@@ -153,3 +153,10 @@ def rotate(keys: torch.Tensor, tables: RotaryTables) -> torch.Tensor:
 def unrotate(keys: torch.Tensor, tables: RotaryTables) -> torch.Tensor:
     """Invert `rotate`: the key before RoPE. keys: (batch, kv_heads, seq, head_dim)."""
     return _apply(keys, tables, inverse=True)
+
+
+def pre_rope_keys(key_states: torch.Tensor, layer_idx: int, tap: RopeTap) -> torch.Tensor:
+    """The key before RoPE (float32) from the cached key: (batch, kv_heads, seq, head_dim)."""
+    if not tap.has_rope:
+        return key_states.float()
+    return unrotate(key_states.float(), tap.tables(layer_idx))

@@ -20,20 +20,13 @@ from torch import nn
 from transformers.cache_utils import Cache, DynamicLayer
 
 from kvcore_eval.models import kv_geometry
-from kvcore_eval.rope import RopeTap, unrotate
+from kvcore_eval.rope import RopeTap, pre_rope_keys
 
 logger = logging.getLogger(__name__)
 
 # Relative Frobenius error allowed between the true and the derived pre-RoPE key, by the model's dtype.
 TOLERANCE = {torch.float32: 1e-4, torch.float64: 1e-8, torch.bfloat16: 3e-2, torch.float16: 1e-2}
 PROBE_LENGTH = 13  # tokens per probe row; chosen to differ from usual head counts so layouts are unambiguous
-
-
-def pre_rope_keys(key_states: torch.Tensor, layer_idx: int, tap: RopeTap) -> torch.Tensor:
-    """The key before RoPE (float32) from the cached key: (batch, kv_heads, seq, head_dim)."""
-    if not tap.has_rope:
-        return key_states.float()
-    return unrotate(key_states.float(), tap.tables(layer_idx))
 
 
 @dataclass(frozen=True)

@@ -112,20 +112,19 @@ def to_markdown(summary: dict[str, Any]) -> str:
 
 
 def design_sentence(design: dict[str, Any]) -> str:
+    """One sentence saying how the sweep's numbers were made (basis scope, truncation, metric, held-out data)."""
+    truncation, per_task = design["truncation"], design["basis_scope"] == "per-task"
     basis = (
-        "each task truncated with the bases of its own calibration (`--basis per-task`)"
-        if design["basis"] == "per-task"
-        else f"every task truncated with the bases of `{design['calibration']}` (`--basis shared`)"
+        "each task truncated with the bases of its own calibration (`--basis-scope per-task`)"
+        if per_task
+        else f"every task truncated with the bases of `{truncation['calibration']}` (`--basis-scope shared`)"
     )
     return (
-        f"{basis}, truncating {design['truncate']} ({design['key_space']} keys); ND-PPL = (PPL_r − PPL_full) / PPL_full on "
-        f"{design['metric']}, over the first {design['num_samples']} documents of each task. NER from each task's calibration "
-        f"on {design['calibration_tokens']} tokens of its documents after those: calibration and evaluation documents are disjoint"
-        + (
-            "."
-            if design["basis"] == "per-task"
-            else "; the shared artifact's own data is whatever it was calibrated on."
-        )
+        f"{basis}, truncating {truncation['truncate']} ({truncation['key_space']} keys); "
+        f"ND-PPL = (PPL_r − PPL_full) / PPL_full on {design['metric']}, over the first {design['num_samples']} "
+        f"documents of each task. NER from each task's calibration on {design['calibration_tokens']} tokens of its "
+        "documents after those: calibration and evaluation documents are disjoint"
+        + ("." if per_task else "; the shared artifact's own data is whatever it was calibrated on.")
     )
 
 
@@ -227,7 +226,8 @@ def plot_ner_vs_nd_ppl(summary: dict[str, Any], path: Path) -> None:
         ax.margins(0.15)
     axes[1].legend(frameon=False, fontsize=8, loc="lower right")
     figure.suptitle(
-        f"NER vs ND-PPL across tasks: {summary['design']['model_name']}, rank {rank} of D, {summary['design']['basis']} bases"
+        f"NER vs ND-PPL across tasks: {summary['design']['model_name']}, rank {rank} of D, "
+        f"{summary['design']['basis_scope']} bases"
     )
     figure.savefig(path)
 

@@ -5,8 +5,8 @@ whose rank plan is swapped between points (`KVCoreHFLM.set_truncation`).
 
 Per task, lm-eval scores the first `num_samples` documents; the task's calibration reads only the documents
 after them (`lm_eval:<task>`, `skip_docs`), so calibration and evaluation are disjoint, for kvcore's tasks and
-for a user's own (`--include-path`) alike. That calibration gives the task's NER and, with `--basis per-task`
-(the default), the bases that truncate it; `--basis shared` truncates every task with one `--calibration`.
+for a user's own (`--include-path`) alike. That calibration gives the task's NER and, with `--basis-scope per-task`
+(the default), the bases that truncate it; `--basis-scope shared` truncates every task with one `--calibration`.
 
 Every finished point (`points/<task>/<name>.json`) and calibration (`calibrations/<task>/`) is reused by a rerun
 after checking the settings that made it; other settings are an error. `--per-layer` adds each layer's ND-PPL
@@ -15,13 +15,15 @@ with only that layer truncated. Outputs: sweep.json/.md, nd_ppl.png, ner_vs_nd_p
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
 from kvcore_eval import metrics, outputs, study
-from kvcore_eval.config import CalibrationConfig, SweepConfig, split_paths
+from kvcore_eval.config import CalibrationConfig, SweepConfig, identity, identity_differences, split_paths
+from kvcore_eval.spaces import KEY_SPACES
 
 logger = logging.getLogger(__name__)
 
@@ -40,7 +42,9 @@ OWN_NAMES = (
 )
 # Every record of a kvcore task, in its seeded order: the sweep scores the first num_samples (--limit) and
 # calibrates on the rest.
-TASK_METADATA = {"num_samples": None}  # the same as data.ALL_RECORDS, which the held-out calibrations read
+TASK_METADATA = {"num_samples": None}
+# Fields of a sweep's configuration that choose which points run, not what a point's number is.
+POINT_SELECTORS = ("tasks", "ranks", "per_layer", "per_layer_rank")
 
 
 @dataclass
@@ -97,14 +101,10 @@ def task_calibration(session: Session, task: str) -> Path:
     out = Path(wanted.out)
     if (out / artifact.METADATA_FILE).exists():
         made = outputs.read_json(out / outputs.CONFIG_FILE, "calibration settings")
-        mismatched = {
-            k: (made.get(k), v)
-            for k, v in asdict(wanted).items()
-            if k not in ("resume", "overwrite") and made.get(k) != v
-        }
-        if mismatched:
+        wanted_identity = identity(wanted)
+        if differences := identity_differences({k: made.get(k) for k in wanted_identity}, wanted_identity):
             raise ValueError(
-                f"{out} was calibrated with other settings ({', '.join(f'{k}: {a} != {b}' for k, (a, b) in mismatched.items())}): "
+                f"{out} was calibrated with other settings ({'; '.join(differences)}): "
                 "use another --out, or delete that folder to recalibrate"
             )
         return out
@@ -113,14 +113,14 @@ def task_calibration(session: Session, task: str) -> Path:
 
 
 def _truncation(session: Session, basis: Path, key_rank: Any, value_rank: Any, truncate: str):
-    from kvcore_eval.rank_plan import TruncationConfig
-
-    return TruncationConfig(
+    """One point's truncation: the sweep's shared options with this point's basis and ranks."""
+    return dataclasses.replace(
+        session.config.truncation,
         calibration=str(basis),
         key_rank=key_rank,
         value_rank=value_rank,
-        key_space=session.config.key_space,
         truncate=truncate,
+        overlap="warn" if session.config.allow_overlap else "refuse",
     )
 
 
@@ -135,18 +135,16 @@ def evaluate_point(session: Session, task: str, name: str, truncation) -> float:
     path = session.out / "points" / task / f"{name}.json"
     settings = {
         "task": task,
-        "truncation": asdict(truncation),
+        "sweep": identity(config, exclude=POINT_SELECTORS),
+        "truncation": identity(truncation),
         "basis_sha256": read_metadata(truncation.calibration)["basis_sha256"],
-        "num_samples": config.num_samples,
-        "model": config.model,
-        "dtype": config.dtype,
-        "batch_size": config.batch_size,
     }
     if path.exists():
         saved = outputs.read_json(path, "sweep point")
-        if saved["settings"] != settings:
+        if differences := identity_differences(saved["settings"], settings):
             raise ValueError(
-                f"{path} was run with other settings ({saved['settings']}): use another --out, or delete it to rerun"
+                f"{path} was run with other settings ({'; '.join(differences)}): use another --out, "
+                "or delete it to rerun"
             )
         return saved["value"]
     if session.lm is None:
@@ -154,7 +152,6 @@ def evaluate_point(session: Session, task: str, name: str, truncation) -> float:
             pretrained=session.model,
             tokenizer=session.tokenizer,
             batch_size=config.batch_size,
-            overlap="warn" if config.allow_overlap else "refuse",
             **asdict(truncation),
         )
     else:
@@ -189,7 +186,7 @@ def open_session(config: SweepConfig) -> Session:
     out = Path(config.out)
     manager = task_manager(config.data_dir, split_paths(config.include_path), TASK_METADATA)
     tasks = perplexity_tasks(config, manager)  # refuses unknown and generation tasks before any output
-    if config.basis == "shared" and not config.allow_overlap:
+    if config.basis_scope == "shared" and not config.allow_overlap:
         check_shared_overlap(config, tasks)
     outputs.check_run_folder(out, KIND, OWN_NAMES)
     out.mkdir(parents=True, exist_ok=True)
@@ -207,19 +204,18 @@ def check_shared_overlap(config: SweepConfig, tasks: list[str]) -> None:
     from kvcore_eval import data, overlap
     from kvcore_eval.artifact import load_calibration
 
-    digests = load_calibration(config.calibration, eigenvectors=False).document_digests
+    shared = config.truncation.calibration
+    digests = load_calibration(shared, eigenvectors=False).document_digests
     if digests is None:
-        logger.warning(
-            "%s records no document digests: its overlap with the scored documents is unknown", config.calibration
-        )
+        logger.warning("%s records no document digests: its overlap with the scored documents is unknown", shared)
         return
     for task in tasks:
         scored = data.lm_eval_task_documents(task, 0, config.data_dir, split_paths(config.include_path))
         seen, count = overlap.documents_seen(digests, itertools.islice(scored, config.num_samples))
         if seen:
             raise ValueError(
-                f"--calibration {config.calibration} saw {seen} of the {count} documents of {task} the sweep scores: "
-                "its ND-PPL would be in-sample (optimistic). Use --basis per-task, calibrate the shared basis on other "
+                f"--calibration {shared} saw {seen} of the {count} documents of {task} the sweep scores: "
+                "its ND-PPL would be in-sample (optimistic). Use --basis-scope per-task, calibrate the shared basis on other "
                 "documents, or pass --allow-overlap"
             )
 
@@ -231,12 +227,16 @@ def run_sweep(config: SweepConfig) -> dict[str, Any]:
     session = open_session(config)
     tasks = session.tasks
     calibrations = {task: task_calibration(session, task) for task in tasks}
-    basis = {task: Path(config.calibration) if config.basis == "shared" else calibrations[task] for task in tasks}
+    basis = {
+        task: Path(config.truncation.calibration) if config.basis_scope == "shared" else calibrations[task]
+        for task in tasks
+    }
     baseline = {
         task: evaluate_point(session, task, "baseline", _truncation(session, basis[task], "full", "full", "both"))
         for task in tasks
     }
-    keys, values = config.truncate in ("keys", "both"), config.truncate in ("values", "both")
+    truncation = config.truncation
+    keys, values = truncation.truncates_keys, truncation.truncates_values
     perplexity = {}
     for rank in config.rank_list():
         spec = "full" if rank == 1 else str(rank)
@@ -245,13 +245,18 @@ def run_sweep(config: SweepConfig) -> dict[str, Any]:
                 session,
                 task,
                 f"rank_{rank:g}",
-                _truncation(session, basis[task], spec if keys else None, spec if values else None, config.truncate),
+                _truncation(
+                    session, basis[task], spec if keys else None, spec if values else None, truncation.truncate
+                ),
             )
             for task in tasks
         }
     tables = {task: layer_table(load_calibration(calibrations[task])) for task in tasks}
     ner = {
-        task: {"key": mean_ner(tables[task], f"key_{config.key_space}"), "value": mean_ner(tables[task], "value")}
+        task: {
+            "key": mean_ner(tables[task], KEY_SPACES[config.truncation.key_space]),
+            "value": mean_ner(tables[task], "value"),
+        }
         for task in tasks
     }
     design = {
@@ -281,7 +286,7 @@ def run_per_layer(
         calibration = load_calibration(basis[task])
         width, layers = calibration.geometry.width, calibration.geometry.num_layers
         rank = max(1, round(config.per_layer_rank * width))
-        spaces = {"key": f"key_{config.key_space}", "value": "value"}
+        spaces = {"key": KEY_SPACES[config.truncation.key_space], "value": "value"}
         nd_ppl[task], layer_ner[task], residual[task] = {}, {}, {}
         for kind, space in spaces.items():
             values = []
@@ -302,7 +307,7 @@ def run_per_layer(
                 metrics.residual_energy(calibration.eigenvalues[space][layer].numpy(), rank) for layer in range(layers)
             ]
     layers_summary = study.summarize_layers(nd_ppl, layer_ner, residual, config.per_layer_rank)
-    layers_summary["key_space"] = config.key_space
+    layers_summary["key_space"] = config.truncation.key_space
     outputs.atomic_write_json(session.out / "per_layer.json", layers_summary)
     outputs.atomic_write_text(session.out / "per_layer.md", study.per_layer_markdown(layers_summary))
     study.plot_per_layer(layers_summary, session.out / "per_layer.png")

@@ -10,13 +10,15 @@ from the artifacts (nothing is computed that the artifacts do not hold).
 from __future__ import annotations
 
 from collections import defaultdict
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
 from kvcore_eval import outputs
+from kvcore_eval.config import check_choices, option
+from kvcore_eval.spaces import DEFAULT_KEY_SPACE, KeySpace
 
 KIND = "table"
 OWN_NAMES = ("config.json", "table.md", "table.json", "heatmaps")
@@ -27,18 +29,17 @@ ALIKE = ("tokens", "seq_len", "model_dtype")  # what cells of one model must sha
 class TableConfig:
     """What `kvcore-eval table` builds. Each field's `help` is its --help line."""
 
-    runs: list[str] = field(metadata={"help": "calibration artifact folders (any number of models x datasets)"})
-    out: str = field(default="table", metadata={"help": "output folder: table.md, table.json, heatmaps/<model>.png"})
-    key_space: str = field(default="pre_rope", metadata={"help": "pre_rope (the paper's) or post_rope keys"})
-    allow_mixed: bool = field(
-        default=False, metadata={"help": "keep artifacts of one model calibrated differently, and list the differences"}
+    runs: list[str] = option(help="calibration artifact folders (any number of models x datasets)")
+    out: str = option("table", help="output folder: table.md, table.json, heatmaps/<model>.png", identity=False)
+    key_space: KeySpace = option(DEFAULT_KEY_SPACE, help="pre_rope (the paper's) or post_rope keys")
+    allow_mixed: bool = option(
+        False, help="keep artifacts of one model calibrated differently, and list the differences"
     )
 
     def __post_init__(self) -> None:
+        check_choices(self)
         if not self.runs:
             raise ValueError("give at least one calibration folder")
-        if self.key_space not in ("pre_rope", "post_rope"):
-            raise ValueError(f"--key-space {self.key_space!r}: use pre_rope or post_rope")
 
 
 def dataset_label(spec: str) -> str:

@@ -10,6 +10,7 @@ the artifact against the model before any weights load, then hands a fresh `LowR
 
 from __future__ import annotations
 
+import inspect
 import logging
 from typing import Any
 
@@ -26,7 +27,7 @@ from kvcore_eval.cache import (
     layer_bases,
     sliding_window_layers,
 )
-from kvcore_eval.gram import KEY_SPACES
+from kvcore_eval.config import TruncationConfig, split_options
 from kvcore_eval.models import (
     config_fingerprint,
     kv_geometry,
@@ -36,13 +37,13 @@ from kvcore_eval.models import (
     weights_sample,
 )
 from kvcore_eval.overlap import OverlapCounter
-from kvcore_eval.rank_plan import TruncationConfig, make_plan
+from kvcore_eval.rank_plan import make_plan
 from kvcore_eval.rope import RopeTap
 from kvcore_eval.selfcheck import check_key_recovery
+from kvcore_eval.spaces import KEY_SPACES
 
 # A child of lm-eval's logger: plain `lm_eval` shows it.
 logger = logging.getLogger("lm_eval.models.kvcore_hf")
-OVERLAP_POLICIES = ("warn", "refuse")
 
 
 def _model_config(pretrained: Any, revision: str | None, gguf_file: str | None):
@@ -69,13 +70,14 @@ def check_artifact_matches(metadata: dict[str, Any], config, allow_mismatch: boo
     recorded = metadata["model"]
     if recorded["geometry"] != kv_geometry(config).to_dict():
         raise ValueError(
-            f"artifact {artifact_path} was calibrated on {recorded['model_id']} with KV geometry {recorded['geometry']}, "
-            f"this model has {kv_geometry(config).to_dict()}: calibrate this model with `kvcore-eval calibrate`"
+            f"artifact {artifact_path} was calibrated on {recorded['model_id']} with KV geometry "
+            f"{recorded['geometry']}, this model has {kv_geometry(config).to_dict()}: "
+            "calibrate this model with `kvcore-eval calibrate`"
         )
     if recorded["config_fingerprint"] != config_fingerprint(config):
         _mismatch(
-            f"artifact {artifact_path} was calibrated on {recorded['model_id']} (config {recorded['config_fingerprint']}), "
-            f"not on this model's config ({config_fingerprint(config)})",
+            f"artifact {artifact_path} was calibrated on {recorded['model_id']} "
+            f"(config {recorded['config_fingerprint']}), not on this model's config ({config_fingerprint(config)})",
             allow_mismatch,
         )
 
@@ -86,52 +88,30 @@ def _mismatch(message: str, allow_mismatch: bool) -> None:
     logger.warning("!" * 20 + " %s; allow_mismatch=true, going on " + "!" * 20, message)
 
 
+_HFLM_OPTIONS = set(inspect.signature(HFLM.__init__).parameters) - {"self", "kwargs"}
+
+
 @register_model("kvcore_hf")
 class KVCoreHFLM(HFLM):
     """HFLM whose KV cache stores rank-r projections; every `hf` model_arg works, plus TruncationConfig's."""
 
-    def __init__(
-        self,
-        calibration: str | None = None,
-        key_rank=None,
-        value_rank=None,
-        rank_budget: float | None = None,
-        budget_method: str = "energy",
-        key_space: str = "pre_rope",
-        granularity: str = "layer",
-        truncate: str = "both",
-        allow_mismatch: bool = False,
-        sensitivity: str | None = None,
-        attention: str = "reconstruct",
-        overlap: str = "warn",
-        **kwargs,
-    ) -> None:
-        if calibration is None:
-            raise ValueError(
-                "kvcore_hf needs calibration=<artifact folder> in --model_args (written by `kvcore-eval calibrate`); "
-                "for the uncompressed baseline use --model hf"
+    def __init__(self, **kwargs) -> None:
+        """Every `hf` model_arg, plus `TruncationConfig`'s fields by name (the one declaration of each option).
+        Options are checked against the artifact before any weights load; an error is logged first, so that it
+        is the first thing a user of plain `lm_eval` sees, then raised."""
+        try:
+            options, hf_options = split_options(TruncationConfig, kwargs, others=_HFLM_OPTIONS)
+            truncation = TruncationConfig(**options)
+            truncation.check_runnable()
+            model_config = _model_config(
+                hf_options.get("pretrained"), hf_options.get("revision"), hf_options.get("gguf_file")
             )
-        if overlap not in OVERLAP_POLICIES:
-            raise ValueError(f"overlap={overlap!r}: use warn (log loudly and go on) or refuse")
-        self.kvcore_overlap_policy = overlap
-        truncation = TruncationConfig(
-            str(calibration),
-            key_rank,
-            value_rank,
-            rank_budget,
-            budget_method,
-            key_space,
-            granularity,
-            truncate,
-            str(allow_mismatch).lower() in ("true", "1", "yes"),
-            sensitivity,
-            attention,
-        )
-        artifact = _checked_artifact(
-            truncation, _model_config(kwargs.get("pretrained"), kwargs.get("revision"), kwargs.get("gguf_file"))
-        )
-        plan = make_plan(truncation, artifact)
-        super().__init__(**kwargs)  # the weights load here, after every check that needs none
+            artifact = _checked_artifact(truncation, model_config)
+            plan = make_plan(truncation, artifact)
+        except (ValueError, OSError) as err:
+            logger.error("kvcore_hf: %s", err)
+            raise
+        super().__init__(**hf_options)  # the weights load here, after every check that needs none
         self._tap = RopeTap(self.model)  # stays on the model: records the rotary tables of every forward
         self._keys_checked = False
         self._attention_implementation = self.model.config._attn_implementation  # what the reconstruction path uses
@@ -237,7 +217,7 @@ class KVCoreHFLM(HFLM):
                     f"{counts['seen']} of the {counts['scored']} documents of {task} scored so far were in the "
                     f"calibration {self.kvcore_config.calibration}: its ND-PPL is in-sample (optimistic)"
                 )
-                if self.kvcore_overlap_policy == "refuse":
+                if self.kvcore_config.overlap == "refuse":
                     raise ValueError(
                         message + ". Calibrate on documents the task does not score (e.g. --dataset "
                         f"lm_eval:{task} --skip-docs N with --limit N), or pass --allow-overlap"
@@ -308,12 +288,14 @@ def check_cache_kept(cache: LowRankCache, output: torch.Tensor, config) -> None:
     held, expected = cache.get_seq_length(), output.shape[1] - 1
     if held != expected:
         switch = getattr(config, "original_max_position_embeddings", None)
-        reason = (
-            f" ({config.model_type} swaps the cache once the input reaches original_max_position_embeddings + 1 = {switch + 1} tokens)"
-            if switch
-            else ""
-        )
+        reason = ""
+        if switch:
+            reason = (
+                f" ({config.model_type} swaps the cache once the input reaches "
+                f"original_max_position_embeddings + 1 = {switch + 1} tokens)"
+            )
         raise RuntimeError(
-            f"generate replaced kvcore's low-rank cache: it holds {held} of the {expected} tokens fed{reason}, so the rest of the "
-            "generation ran with a full cache and its scores would be silently wrong. Keep prompt + max_gen_toks below that length"
+            f"generate replaced kvcore's low-rank cache: it holds {held} of the {expected} tokens fed{reason}, so the "
+            "rest of the generation ran with a full cache and its scores would be silently wrong. "
+            "Keep prompt + max_gen_toks below that length"
         )

@@ -77,8 +77,10 @@ def test_resume_refuses_a_checkpoint_from_another_dataset(llama_dir, tmp_path):
 
     with pytest.raises(KeyboardInterrupt):
         calibrate(config(llama_dir, out), on_checkpoint=kill)
-    with pytest.raises(ValueError, match="another run: its dataset"):
+    with pytest.raises(ValueError, match=r"another run \(config\.dataset: .* then, .*codealpaca\.jsonl' now\)"):
         calibrate(config(llama_dir, out, dataset=str(EXAMPLE_DATA / "codealpaca.jsonl"), resume=True))
+    with pytest.raises(ValueError, match=r"another run \(config\.dtype: 'float32' then, 'bfloat16' now\)"):
+        calibrate(config(llama_dir, out, dtype="bfloat16", resume=True))
 
 
 def test_finished_out_dir_is_refused_unless_overwrite(finished_run, llama_dir):

@@ -6,25 +6,28 @@ import sys
 import pytest
 from conftest import EXAMPLE_DATA, EXAMPLE_MODEL, REPO
 
-from kvcore_eval.config import EvalConfig
+from kvcore_eval.config import EvalConfig, TruncationConfig
 
 
 def test_ranks_without_calibration_are_refused():
     with pytest.raises(ValueError, match="without --calibration"):
-        EvalConfig(model="m", tasks="kvcore_alpaca", key_rank="0.5")
+        EvalConfig(model="m", tasks="kvcore_alpaca", truncation=TruncationConfig(key_rank="0.5"))
 
 
 def test_model_args_view():
-    args = EvalConfig(model="m", tasks="t", calibration="c", key_rank="8:4", rank_budget=None).model_args()
+    args = EvalConfig(model="m", tasks="t", truncation=TruncationConfig(calibration="c", key_rank="8:4")).model_args()
     assert args == {
         "pretrained": "m",
         "dtype": "float32",
         "calibration": "c",
+        "key_rank": "8:4",
+        "budget_method": "energy",
         "key_space": "pre_rope",
         "granularity": "layer",
         "truncate": "both",
+        "allow_mismatch": False,
+        "attention": "reconstruct",
         "overlap": "refuse",
-        "key_rank": "8:4",
     }
     assert EvalConfig(model="m", tasks="t").model_args() == {"pretrained": "m", "dtype": "float32"}
 

@@ -1,7 +1,8 @@
 import numpy as np
 import pytest
 
-from kvcore_eval.rank_plan import TruncationConfig, budget_ranks, parse_rank
+from kvcore_eval.config import TruncationConfig
+from kvcore_eval.rank_plan import budget_ranks, parse_rank
 
 
 def test_parse_rank_forms():
@@ -76,7 +77,7 @@ def test_ner_budget_meets_the_budget_after_rounding(budget):
 )
 def test_truncation_config_validation(kwargs, message):
     with pytest.raises(ValueError, match=message):
-        TruncationConfig(calibration="x", **kwargs)
+        TruncationConfig(calibration="x", **kwargs).check_runnable()
 
 
 def test_sensitivity_budget_meets_the_budget_and_follows_the_measurement(tmp_path, family_models, calibration_tokens):

@@ -5,7 +5,7 @@ import pytest
 from conftest import EXAMPLE_DATA, EXAMPLE_MODEL
 
 from kvcore_eval.compare import compare
-from kvcore_eval.config import SweepConfig
+from kvcore_eval.config import SweepConfig, TruncationConfig
 from kvcore_eval.study import summarize
 from kvcore_eval.sweep import run_sweep
 
@@ -21,12 +21,14 @@ def test_bad_rank_lists_are_refused(ranks, message):
 
 
 def test_basis_designs_are_named_and_checked():
-    with pytest.raises(ValueError, match="--basis shared truncates every task with one artifact"):
-        SweepConfig(model="m", out="o", basis="shared")
-    with pytest.raises(ValueError, match="pass --basis shared with it"):
-        SweepConfig(model="m", out="o", calibration="c")
+    with pytest.raises(ValueError, match="--basis-scope shared truncates every task with one artifact"):
+        SweepConfig(model="m", out="o", basis_scope="shared")
+    with pytest.raises(ValueError, match="pass --basis-scope shared with it"):
+        SweepConfig(model="m", out="o", truncation=TruncationConfig(calibration="c"))
     with pytest.raises(ValueError, match="per-task or shared"):
-        SweepConfig(model="m", out="o", basis="mine")
+        SweepConfig(model="m", out="o", basis_scope="mine")
+    with pytest.raises(ValueError, match="the sweep sets key_rank itself"):
+        SweepConfig(model="m", out="o", truncation=TruncationConfig(key_rank=0.5))
 
 
 def test_summary_math():
@@ -107,7 +109,10 @@ def test_per_task_sweep_loads_once_truncates_each_task_with_its_own_held_out_cal
         assert 0 < summary["ner"][task]["key"] < 1 and 0 < summary["ner"][task]["value"] <= 1
     markdown = (out / "sweep.md").read_text()
     assert (
-        "--basis per-task" in markdown and "disjoint" in markdown and "across tasks" in markdown and "n=2" in markdown
+        "--basis-scope per-task" in markdown
+        and "disjoint" in markdown
+        and "across tasks" in markdown
+        and "n=2" in markdown
     )
 
 
@@ -132,7 +137,12 @@ def test_shared_basis_reproduces_a_plain_kvcore_hf_run(shared_artifact, tmp_path
     from kvcore_eval.sweep import TASK_METADATA
 
     summary = run_sweep(
-        sweep_config(tmp_path / "shared", basis="shared", calibration=str(shared_artifact), tasks="kvcore_codealpaca")
+        sweep_config(
+            tmp_path / "shared",
+            basis_scope="shared",
+            truncation=TruncationConfig(calibration=str(shared_artifact)),
+            tasks="kvcore_codealpaca",
+        )
     )
     assert len(count_loads) == 1
     assert json.loads((tmp_path / "shared" / "points" / "kvcore_codealpaca" / "rank_0.5.json").read_text())["settings"][
@@ -145,8 +155,7 @@ def test_shared_basis_reproduces_a_plain_kvcore_hf_run(shared_artifact, tmp_path
             tasks="kvcore_codealpaca",
             data_dir=str(EXAMPLE_DATA),
             limit=4,
-            calibration=str(shared_artifact) if ranks else None,
-            **ranks,
+            truncation=TruncationConfig(calibration=str(shared_artifact) if ranks else None, **ranks),
         )
         separate[name] = run_lm_eval(eval_config, metadata=TASK_METADATA)["results"]["kvcore_codealpaca"][
             "byte_perplexity,none"
@@ -167,10 +176,13 @@ def test_rerun_reuses_points_and_calibrations_and_refuses_other_settings(tmp_pat
     assert run_sweep(sweep_config(out, tasks="kvcore_codealpaca", ranks="0.5"))["nd_ppl"]["kvcore_codealpaca"][
         "0.5"
     ] == pytest.approx(1.0)
-    with pytest.raises(ValueError, match="calibrated with other settings.*max_tokens: 600 != 900"):
+    with pytest.raises(ValueError, match="calibrated with other settings.*max_tokens: 600 then, 900 now"):
         run_sweep(sweep_config(out, tasks="kvcore_codealpaca", ranks="0.5", calibration_tokens=900))
     with pytest.raises(ValueError, match="other settings"):
         run_sweep(sweep_config(out, tasks="kvcore_codealpaca", ranks="0.5", num_samples=3))
+    # every number-changing setting is in a point's identity: another metric is never read under the old label
+    with pytest.raises(ValueError, match="sweep.metric: 'byte_perplexity' then, 'word_perplexity' now"):
+        run_sweep(sweep_config(out, tasks="kvcore_codealpaca", ranks="0.5", metric="word_perplexity"))
 
 
 def test_generation_tasks_and_foreign_folders_are_refused_before_anything_runs(tmp_path, count_loads):

@@ -1,5 +1,6 @@
 import json
 import os
+import re
 import subprocess
 import sys
 
@@ -152,15 +153,25 @@ def test_rank_budget_turns_into_per_layer_ranks(llama_dir, artifact_dir):
         ({"key_rank": "8:x"}, ValueError, "not a rank"),
         ({"key_rank": "4:4:4"}, ValueError, "lists 3 ranks"),
         ({"key_rank": 4, "calibration": "/nowhere"}, FileNotFoundError, "kvcore-eval calibrate"),
+        ({"key_rnak": 0.5}, ValueError, "unknown option key_rnak=0.5: did you mean key_rank="),
+        ({"key_rank": 4, "alow_mismatch": "true"}, ValueError, "did you mean allow_mismatch="),
+        ({"key_rank": 4, "allow_mismatch": "perhaps"}, ValueError, "not a boolean"),
+        ({"key_rank": 4, "key_space": "rope"}, ValueError, "use pre_rope or post_rope"),
+        ({"calibration": None, "key_rank": 4}, ValueError, "kvcore_hf needs calibration="),
+        ({}, ValueError, "no truncation asked for"),
     ],
 )
-def test_bad_input_fails_before_weights_load(kwargs, error, message, llama_dir, artifact_dir, monkeypatch):
+def test_bad_input_fails_before_weights_load_and_is_logged_first(
+    kwargs, error, message, llama_dir, artifact_dir, monkeypatch, caplog
+):
     def no_weights(*args, **kw):
         raise AssertionError("weights loaded before the check")
 
     monkeypatch.setattr(HFLM, "__init__", no_weights)
     with pytest.raises(error, match=message):
         KVCoreHFLM(pretrained=str(llama_dir), **{"calibration": str(artifact_dir), **kwargs})
+    errors = [r for r in caplog.records if r.levelname == "ERROR" and r.name == "lm_eval.models.kvcore_hf"]
+    assert len(errors) == 1 and re.search(message, errors[0].getMessage())
 
 
 def test_artifact_from_another_model_is_refused_unless_allowed(family_dirs, artifact_dir):

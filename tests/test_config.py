@@ -1,0 +1,163 @@
+"""Each option declared once: identities derived from whole configurations, choices, model_arg coercion."""
+
+from __future__ import annotations
+
+import ast
+import dataclasses
+from pathlib import Path
+
+import pytest
+
+from kvcore_eval import config as C
+from kvcore_eval.config import CalibrationConfig, SweepConfig, TruncationConfig, identity, identity_differences
+
+PACKAGE = Path(C.__file__).parent
+
+# For each field, values that make a valid configuration and differ from the default.
+OTHER_VALUES = {
+    "model": "other-model",
+    "dataset": "other.jsonl",
+    "out": "elsewhere",
+    "revision": "v2",
+    "gguf_file": "m.gguf",
+    "split": "test",
+    "data_dir": "data",
+    "skip_docs": 7,
+    "include_path": "mine",
+    "text_field": "body",
+    "prompt_format": "question",
+    "max_tokens": 1234,
+    "seq_len": 64,
+    "batch_size": 3,
+    "device": "cuda",
+    "dtype": "bfloat16",
+    "checkpoint_every": 99,
+    "resume": True,
+    "overwrite": True,
+    "tasks": "kvcore_alpaca",
+    "basis_scope": "shared",
+    "ranks": "0.5",
+    "metric": "word_perplexity",
+    "num_samples": 9,
+    "calibration_tokens": 999,
+    "per_layer": True,
+    "per_layer_rank": 0.5,
+    # the truncation every sweep point shares
+    "calibration": "artifact",
+    "sensitivity": "per_layer.json",
+    "key_rank": 0.25,
+    "value_rank": "8:16",
+    "rank_budget": 0.5,
+    "budget_method": "ner",
+    "key_space": "post_rope",
+    "granularity": "head",
+    "truncate": "keys",
+    "allow_mismatch": True,
+    "attention": "latent",
+}
+
+
+# Options that are only valid together: the second is changed with the first.
+PAIRED = {
+    "sensitivity": {"budget_method": "sensitivity"},
+    "basis_scope": {"truncation": TruncationConfig(calibration="artifact")},
+    "truncation": {"basis_scope": "shared"},
+}
+
+
+def _replace(config, name, value):
+    try:
+        return dataclasses.replace(config, **{name: value})
+    except ValueError:
+        return dataclasses.replace(config, **{name: value, **PAIRED[name]})
+
+
+def _variants(config):
+    """(field path, its metadata, a config with only that option changed) for every field, embedded ones too."""
+    for field in dataclasses.fields(config):
+        value = getattr(config, field.name)
+        if dataclasses.is_dataclass(value):
+            skipped = field.metadata.get("cli_skip", ())
+            for name, metadata, inner in _variants(value):
+                if name not in skipped:
+                    yield f"{field.name}.{name}", metadata, _replace(config, field.name, inner)
+        else:
+            assert field.name in OTHER_VALUES, f"give {field.name} another value in OTHER_VALUES"
+            yield field.name, field.metadata, _replace(config, field.name, OTHER_VALUES[field.name])
+
+
+@pytest.mark.parametrize(
+    "base",
+    [
+        CalibrationConfig(model="m", dataset="kvcore:alpaca", out="o"),
+        SweepConfig(model="m", out="o"),
+        TruncationConfig(),
+    ],
+    ids=["calibration", "sweep", "truncation"],
+)
+def test_every_number_changing_field_changes_the_identity_and_no_other(base):
+    for name, metadata, changed in _variants(base):
+        differs = identity(changed) != identity(base)
+        assert differs == metadata.get("identity", True), name
+
+
+def test_identity_names_the_fields_that_differ():
+    a = identity(SweepConfig(model="m", out="o"))
+    b = identity(
+        SweepConfig(model="m", out="o2", metric="word_perplexity", truncation=TruncationConfig(truncate="keys"))
+    )
+    assert identity_differences(a, b) == [
+        "metric: 'byte_perplexity' then, 'word_perplexity' now",
+        "truncation.truncate: 'both' then, 'keys' now",
+    ]
+
+
+@pytest.mark.parametrize(
+    "options,message",
+    [
+        ({"key_space": "rope"}, "key_space='rope': use pre_rope or post_rope"),
+        ({"truncate": "all"}, "use keys, values or both"),
+        ({"attention": "fast"}, "use reconstruct or latent"),
+        ({"budget_method": "magic"}, "use energy, ner or sensitivity"),
+    ],
+)
+def test_allowed_values_come_from_the_declared_literal(options, message):
+    with pytest.raises(ValueError, match=message):
+        TruncationConfig(**options)
+
+
+def test_model_args_are_coerced_by_declared_type_and_misspellings_named():
+    own, rest = C.split_options(
+        TruncationConfig,
+        {"key_rank": "0.5", "allow_mismatch": "true", "rank_budget": 1, "pretrained": "m", "trust_remote_code": True},
+        others={"pretrained"},
+    )
+    assert own == {"key_rank": "0.5", "allow_mismatch": True, "rank_budget": 1.0}
+    assert rest == {"pretrained": "m", "trust_remote_code": True}
+    for wrong, right in (("key_rnak", "key_rank"), ("alow_mismatch", "allow_mismatch"), ("keyspace", "key_space")):
+        with pytest.raises(ValueError, match=f"unknown option {wrong}=.*did you mean {right}="):
+            C.split_options(TruncationConfig, {wrong: "x"}, others=set())
+    with pytest.raises(ValueError, match="allow_mismatch='maybe' is not a boolean"):
+        C.split_options(TruncationConfig, {"allow_mismatch": "maybe"}, others=set())
+
+
+def test_key_space_default_is_written_once():
+    """No option declaration in the package spells a key space as its default: they all read DEFAULT_KEY_SPACE."""
+    literals = []
+    for path in PACKAGE.glob("*.py"):
+        for node in ast.walk(ast.parse(path.read_text())):
+            if isinstance(node, ast.Call) and getattr(node.func, "id", None) in ("option", "field"):
+                values = [*node.args[:1], *[k.value for k in node.keywords if k.arg == "default"]]
+                literals += [
+                    f"{path.name}:{node.lineno}"
+                    for v in values
+                    if isinstance(v, ast.Constant) and v.value in ("pre_rope", "post_rope")
+                ]
+            if isinstance(node, ast.arguments):
+                literals += [
+                    f"{path.name}:{d.lineno}"
+                    for d in node.defaults + node.kw_defaults
+                    if isinstance(d, ast.Constant) and d.value in ("pre_rope", "post_rope")
+                ]
+    assert literals == []
+    assert 'DEFAULT_KEY_SPACE: KeySpace = "pre_rope"' in (PACKAGE / "spaces.py").read_text()
