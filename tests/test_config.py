@@ -54,6 +54,8 @@ OTHER_VALUES = {
     "truncate": "keys",
     "allow_mismatch": True,
     "attention": "latent",
+    "overlap": "refuse",
+    "allow_overlap": True,
 }
 
 

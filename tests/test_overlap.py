@@ -8,7 +8,7 @@ from conftest import EXAMPLE_DATA, EXAMPLE_MODEL
 
 from kvcore_eval.artifact import load_calibration
 from kvcore_eval.calibrate import calibrate
-from kvcore_eval.config import CalibrationConfig, EvalConfig, SweepConfig
+from kvcore_eval.config import CalibrationConfig, EvalConfig, SweepConfig, TruncationConfig
 from kvcore_eval.evaluate import run_lm_eval
 from kvcore_eval.overlap import digest, normalize
 
@@ -63,9 +63,7 @@ def _evaluate(artifact, **extra):
     config = EvalConfig(
         model=str(EXAMPLE_MODEL),
         tasks="kvcore_alpaca",
-        calibration=str(artifact),
-        key_rank="0.5",
-        value_rank="0.5",
+        truncation=TruncationConfig(calibration=str(artifact), key_rank="0.5", value_rank="0.5"),
         data_dir=str(EXAMPLE_DATA),
         limit=SCORED,
         **extra,
@@ -110,8 +108,8 @@ def test_sweep_refuses_a_shared_basis_that_saw_the_scored_documents_before_loadi
         model=str(EXAMPLE_MODEL),
         out=str(tmp_path / "sweep"),
         tasks="kvcore_alpaca",
-        basis="shared",
-        calibration=str(in_sample),
+        basis_scope="shared",
+        truncation=TruncationConfig(calibration=str(in_sample)),
         data_dir=str(EXAMPLE_DATA),
         num_samples=SCORED,
     )
