@@ -60,6 +60,7 @@ def config_from_args(config_class: type, args: argparse.Namespace):
 
 
 def _calibrate(args: argparse.Namespace) -> None:
+    """`kvcore-eval calibrate`: accumulate the Grams over the dataset and write the artifact."""
     from kvcore_eval.calibrate import calibrate
     from kvcore_eval.config import CalibrationConfig
 
@@ -67,6 +68,7 @@ def _calibrate(args: argparse.Namespace) -> None:
 
 
 def _report(args: argparse.Namespace) -> None:
+    """`kvcore-eval report`: per-layer NER tables and plot of an artifact; prints the files written."""
     from kvcore_eval.report import write_report
 
     for kind, path in write_report(args.artifact, args.out).items():
@@ -74,6 +76,7 @@ def _report(args: argparse.Namespace) -> None:
 
 
 def _eval(args: argparse.Namespace) -> None:
+    """`kvcore-eval eval`: one lm-eval run; prints lm-eval's results table."""
     from lm_eval.utils import make_table
 
     from kvcore_eval.config import EvalConfig
@@ -83,6 +86,7 @@ def _eval(args: argparse.Namespace) -> None:
 
 
 def _sweep(args: argparse.Namespace) -> None:
+    """`kvcore-eval sweep`: ND-PPL over tasks and ranks with one model load; prints its markdown tables."""
     from kvcore_eval.config import SweepConfig
     from kvcore_eval.sweep import run_sweep
 
@@ -94,12 +98,14 @@ def _sweep(args: argparse.Namespace) -> None:
 
 
 def _compare(args: argparse.Namespace) -> None:
+    """`kvcore-eval compare`: two lm-eval results files side by side, as markdown."""
     from kvcore_eval.compare import compare, to_markdown
 
     print(to_markdown(compare(args.a, args.b), Path(args.a).name, Path(args.b).name))
 
 
 def _table(args: argparse.Namespace) -> None:
+    """`kvcore-eval table`: the paper's models x datasets NER table from calibrations; prints the files."""
     from kvcore_eval.table import TableConfig, write_table
 
     for kind, path in write_table(config_from_args(TableConfig, args)).items():
@@ -107,6 +113,7 @@ def _table(args: argparse.Namespace) -> None:
 
 
 def _judge(args: argparse.Namespace) -> None:
+    """`kvcore-eval judge`: GPT-score a samples file through an OpenAI-compatible judge; prints the summary."""
     import json
 
     from kvcore_eval.judge import JudgeConfig, judge_samples
@@ -115,6 +122,7 @@ def _judge(args: argparse.Namespace) -> None:
 
 
 def build_parser() -> argparse.ArgumentParser:
+    """The `kvcore-eval` parser: one subcommand per step, its flags generated from the configurations."""
     from kvcore_eval.config import CalibrationConfig, EvalConfig, SweepConfig
     from kvcore_eval.judge import JudgeConfig
 
@@ -170,6 +178,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: Sequence[str] | None = None) -> None:
+    """Entry point: parse, configure logging, run the subcommand; a known error is one logged line, exit 2."""
     args = build_parser().parse_args(argv)
     logging.basicConfig(level=args.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     log = logging.getLogger("kvcore_eval")
