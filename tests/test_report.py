@@ -40,15 +40,15 @@ METADATA = {
 
 
 @pytest.fixture(scope="module")
-def artifact(tmp_path_factory):
+def synthetic(tmp_path_factory):
     folder = tmp_path_factory.mktemp("artifact")
     token_count = torch.full((GEOMETRY.num_layers,), 150, dtype=torch.int64)
     save_calibration(decompose(grams(), token_count, GEOMETRY, METADATA), folder)
     return folder
 
 
-def test_known_spectra_give_known_ner_and_energy_ranks(artifact):
-    table = layer_table(load_calibration(artifact))
+def test_known_spectra_give_known_ner_and_energy_ranks(synthetic):
+    table = layer_table(load_calibration(synthetic))
     flat, rank_one = table[0]["key_pre_rope"], table[1]["key_pre_rope"]
     assert flat.ner == pytest.approx(1.0) and flat.effective_rank == pytest.approx(10.0)
     assert (flat.rank_90, flat.rank_95, flat.rank_99) == (9, 10, 10)
@@ -58,8 +58,8 @@ def test_known_spectra_give_known_ner_and_energy_ranks(artifact):
     assert rank_one.head_ner_mean == pytest.approx(1 / 5, abs=1e-6), "each head's block is rank one too"
 
 
-def test_layer_table_equals_metrics_on_each_stored_spectrum(artifact):
-    calibration = load_calibration(artifact)
+def test_layer_table_equals_metrics_on_each_stored_spectrum(synthetic):
+    calibration = load_calibration(synthetic)
     table = layer_table(calibration)
     assert len(table) == GEOMETRY.num_layers
     for layer, row in enumerate(table):
@@ -81,8 +81,8 @@ def test_layer_table_equals_metrics_on_each_stored_spectrum(artifact):
     assert stats.ner == pytest.approx(metrics.effective_rank(np.array([2.0, 1.0, 0.0, 0.0])) / 4)
 
 
-def test_markdown_has_a_row_per_layer_and_the_means(artifact):
-    calibration = load_calibration(artifact)
+def test_markdown_has_a_row_per_layer_and_the_means(synthetic):
+    calibration = load_calibration(synthetic)
     table = layer_table(calibration)
     text = to_markdown(calibration, table)
     assert text.startswith("# KV-CoRE report: /models/tiny-llama on kvcore:alpaca")
@@ -96,29 +96,29 @@ def test_markdown_has_a_row_per_layer_and_the_means(artifact):
     assert len(rows) == GEOMETRY.num_layers
 
 
-def test_write_report_writes_markdown_json_and_plot(artifact, tmp_path):
-    paths = write_report(artifact, tmp_path / "report")
+def test_write_report_writes_markdown_json_and_plot(synthetic, tmp_path):
+    paths = write_report(synthetic, tmp_path / "report")
     written = {p.name for p in (tmp_path / "report").iterdir()}
     assert {"report.md", "report.json", "ner.png"} <= written <= {"report.md", "report.json", "ner.png", "config.json"}
     assert paths["plot"].read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     summary = json.loads(paths["json"].read_text())
-    table = layer_table(load_calibration(artifact))
+    table = layer_table(load_calibration(synthetic))
     assert summary["model"] == "/models/tiny-llama" and summary["dataset"] == "kvcore:alpaca"
     assert summary["tokens"] == 150 and summary["tokens_requested"] == 200
     assert summary["mean_ner"] == {space: pytest.approx(mean_ner(table, space)) for space in SPACES}
     assert [row["key_pre_rope"]["rank_90"] for row in summary["layers"]] == [
         row["key_pre_rope"].rank_90 for row in table
     ]
-    assert paths["markdown"].read_text() == to_markdown(load_calibration(artifact), table)
-    write_report(artifact)  # default: beside the artifact
-    assert (artifact / "report.md").is_file() and (artifact / "ner.png").is_file()
+    assert paths["markdown"].read_text() == to_markdown(load_calibration(synthetic), table)
+    write_report(synthetic)  # default: beside the artifact
+    assert (synthetic / "report.md").is_file() and (synthetic / "ner.png").is_file()
 
 
-def test_a_damaged_artifact_writes_no_report(artifact, tmp_path):
+def test_a_damaged_artifact_writes_no_report(synthetic, tmp_path):
     import shutil
 
     damaged = tmp_path / "damaged"
-    shutil.copytree(artifact, damaged)
+    shutil.copytree(synthetic, damaged)
     data = bytearray((damaged / BASIS_FILE).read_bytes())
     data[-5] ^= 0xFF
     (damaged / BASIS_FILE).write_bytes(bytes(data))
