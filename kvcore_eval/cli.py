@@ -1,6 +1,6 @@
 """`kvcore-eval` command line: a view of the config dataclasses, one subcommand per step of the flow.
 
-calibrate | report | table | eval | sweep | compare | judge"""
+calibrate | report | table | eval | sweep | frontier | compare | judge"""
 
 from __future__ import annotations
 
@@ -97,6 +97,14 @@ def _sweep(args: argparse.Namespace) -> None:
         print((Path(config.out) / "per_layer.md").read_text())
 
 
+def _frontier(args: argparse.Namespace) -> None:
+    from kvcore_eval.frontier import FrontierConfig, run_frontier
+
+    config = config_from_args(FrontierConfig, args)
+    run_frontier(config)
+    print((Path(config.out) / "frontier.md").read_text())
+
+
 def _compare(args: argparse.Namespace) -> None:
     """`kvcore-eval compare`: two lm-eval results files side by side, as markdown."""
     from kvcore_eval.compare import compare, to_markdown
@@ -152,6 +160,14 @@ def build_parser() -> argparse.ArgumentParser:
     sweep = commands.add_parser("sweep", help="ND-PPL per task over ranks, NER per task, and their correlation")
     add_dataclass_arguments(sweep, SweepConfig)
     sweep.set_defaults(run=_sweep)
+
+    from kvcore_eval.frontier import FrontierConfig
+
+    frontier = commands.add_parser(
+        "frontier", help="every method (basis, allocation, bits) at equal measured bytes per token: the Pareto front"
+    )
+    add_dataclass_arguments(frontier, FrontierConfig)
+    frontier.set_defaults(run=_frontier)
 
     from kvcore_eval.table import TableConfig
 

@@ -1,7 +1,8 @@
 """A sweep's findings: ND-PPL tables, NER↔ND-PPL correlations by scope, and their figures.
 
 The same numbers tell different stories at different scopes, so every correlation is reported with its scope
-(across tasks at one rank; across the layers of one task; across layers with keys and values pooled), with
+(across tasks at one rank; across the layers of one task; across layers with keys and values pooled; across the
+scored documents, each with its own NER and its own ND-PPL), with
 Pearson r, Spearman ρ, both p-values and n. Figures use matplotlib's object API (`Figure`): no pyplot state,
 no backend switch in the user's process.
 """
@@ -72,6 +73,69 @@ def summarize_layers(
     return {"rank": rank, "nd_ppl": nd_ppl, "ner": layer_ner, "residual_energy": residual, "correlation": correlations}
 
 
+def document_nd_ppl(truncated: dict[str, float], full: dict[str, float]) -> dict[str, float]:
+    """doc_id -> that document's ND-PPL: its own perplexity under the truncation against its own full-cache one."""
+    if truncated.keys() != full.keys():
+        raise ValueError("per-document values of different documents: rerun both points on the same documents")
+    return {doc: metrics.nd_ppl(truncated[doc], full[doc]) for doc in full}
+
+
+def mean_document_ner(row: dict[str, Any]) -> dict[str, float]:
+    """A document's NER averaged over layers, for keys and for values."""
+    return {kind: float(np.mean(row[kind])) for kind in KINDS}
+
+
+def across_documents(rows: list[dict[str, Any]], nd_ppl: dict[str, float]) -> dict[str, dict[str, float]]:
+    """Correlation of each document's mean NER with its own ND-PPL, one point per document (K and V)."""
+    ner = [mean_document_ner(row) for row in rows]
+    deltas = [nd_ppl[str(row["doc_id"])] for row in rows]
+    return {kind: metrics.correlation([n[kind] for n in ner], deltas) for kind in KINDS}
+
+
+def summarize_documents(
+    documents: dict[str, list[dict[str, Any]]], per_document: dict[str, dict[str, dict[str, float]]]
+) -> tuple[dict[str, list[dict[str, Any]]], dict[str, dict[str, Any]]]:
+    """Sample-wise: per task, each scored document's mean NER and its ND-PPL at each rank; and, at each rank, the
+    correlation across documents, per task and with every task's documents pooled."""
+    table = {
+        task: [
+            {
+                "doc_id": row["doc_id"],
+                "tokens": row["tokens"],
+                **{f"ner_{kind}": value for kind, value in mean_document_ner(row).items()},
+                "nd_ppl": {rank: per_document[rank][task][str(row["doc_id"])] for rank in per_document},
+            }
+            for row in rows
+        ]
+        for task, rows in documents.items()
+    }
+    correlations = {}
+    for rank, by_task in per_document.items():
+        scopes = {task: across_documents(documents[task], by_task[task]) for task in documents}
+        if len(documents) > 1:
+            pooled = [(row, by_task[task][str(row["doc_id"])]) for task in documents for row in documents[task]]
+            ner = [mean_document_ner(row) for row, _ in pooled]
+            scopes["all tasks"] = {
+                kind: metrics.correlation([n[kind] for n in ner], [delta for _, delta in pooled]) for kind in KINDS
+            }
+        correlations[rank] = scopes
+    return table, correlations
+
+
+def documents_markdown(correlations: dict[str, dict[str, Any]]) -> list[str]:
+    lines = [
+        "",
+        "Correlation of a document's own NER (mean over layers, from that document's Grams) with its own ND-PPL "
+        "(byte perplexity of that document, truncated vs full), **across documents** (one point per document):",
+        "",
+        "| rank | documents of | keys | values |",
+        "|---:|---|---|---|",
+    ]
+    for rank, scopes in correlations.items():
+        lines += [f"| {rank} | {scope} | {_stat(c['key'])} | {_stat(c['value'])} |" for scope, c in scopes.items()]
+    return lines
+
+
 def _stat(c: dict[str, float]) -> str:
     if np.isnan(c["pearson"]):
         return f"n/a (n={c['n']})"
@@ -108,6 +172,8 @@ def to_markdown(summary: dict[str, Any]) -> str:
         f"| {rank} | {_stat(c['key'])} | {_stat(c['value'])} |"
         for rank, c in summary["correlation"]["across_tasks"].items()
     ]
+    if "across_documents" in summary["correlation"]:
+        lines += documents_markdown(summary["correlation"]["across_documents"])
     return "\n".join(lines) + "\n"
 
 

@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import dataclasses
 import logging
+from collections.abc import Callable
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
@@ -39,6 +40,7 @@ OWN_NAMES = (
     "per_layer.json",
     "per_layer.md",
     "per_layer.png",
+    "documents",
 )
 # Every record of a kvcore task, in its seeded order: the sweep scores the first num_samples (--limit) and
 # calibrates on the rest.
@@ -57,6 +59,7 @@ class Session:
     model: Any
     tokenizer: Any
     tasks: list[str]  # the leaf perplexity tasks of config.tasks
+    selectors: tuple[str, ...] = POINT_SELECTORS  # config fields that choose points, not a point's number
     lm: Any = None  # KVCoreHFLM, built on first use
 
 
@@ -124,20 +127,65 @@ def _truncation(session: Session, basis: Path, key_rank: Any, value_rank: Any, t
     )
 
 
-def evaluate_point(session: Session, task: str, name: str, truncation) -> float:
-    """config.metric of one task under one truncation; a finished point of the same settings is reused."""
-    import lm_eval
-
+def point_settings(session: Session, task: str, truncation, documents: list[int] | None, metric: str) -> dict[str, Any]:
+    """Everything that changes a point's number: a saved point is reused only when all of it is equal."""
     from kvcore_eval.artifact import read_metadata
-    from kvcore_eval.wrapper import KVCoreHFLM
 
-    config = session.config
-    path = session.out / "points" / task / f"{name}.json"
     settings = {
         "task": task,
-        "sweep": identity(config, exclude=POINT_SELECTORS),
+        "sweep": identity(session.config, exclude=session.selectors),
         "truncation": identity(truncation),
         "basis_sha256": read_metadata(truncation.calibration)["basis_sha256"],
+        "documents": documents,
+        "metric": metric,
+    }
+    if truncation.sensitivity is not None:  # the table's content, not its path, sets the plan
+        from kvcore_eval.models import file_sha256
+
+        settings["sensitivity_sha256"] = file_sha256(str(truncation.sensitivity))
+    return settings
+
+
+def evaluate_point(
+    session: Session, task: str, name: str, truncation, documents: list[int] | None = None, metric: str | None = None
+) -> float:
+    """`metric` (default config.metric) of one task under one truncation; see `run_point`."""
+    return run_point(session, task, name, truncation, documents, metric)["value"]
+
+
+def use_truncation(session: Session, truncation) -> Any:
+    """The session's one KVCoreHFLM (built on first use) with `truncation` in place."""
+    from kvcore_eval.wrapper import KVCoreHFLM
+
+    if session.lm is None:
+        session.lm = KVCoreHFLM(
+            pretrained=session.model,
+            tokenizer=session.tokenizer,
+            batch_size=session.config.batch_size,
+            **asdict(truncation),
+        )
+    else:
+        session.lm.set_truncation(truncation)
+    return session.lm
+
+
+def run_point(
+    session: Session, task: str, name: str, truncation, documents: list[int] | None = None, metric: str | None = None
+) -> dict[str, Any]:
+    """One task under one truncation, over its first num_samples documents (or the lm-eval doc ids `documents`):
+    the metric, every metric, each document's own value and the cache's bytes per token. A finished point of the
+    same settings is reused; other settings are an error."""
+    import lm_eval
+
+    from kvcore_eval.documents import per_document_values
+
+    config = session.config
+    metric = metric or config.metric
+    path = session.out / "points" / task / f"{name}.json"
+    # the plan the truncation resolves to is part of the identity: a budget spent by other rules is another point
+    settings = {
+        **point_settings(session, task, truncation, documents, metric),
+        "rank_plan": use_truncation(session, truncation).kvcore_plan.to_dict(),
     }
     if path.exists():
         saved = outputs.read_json(path, "sweep point")
@@ -146,55 +194,58 @@ def evaluate_point(session: Session, task: str, name: str, truncation) -> float:
                 f"{path} was run with other settings ({'; '.join(differences)}): use another --out, "
                 "or delete it to rerun"
             )
-        return saved["value"]
-    if session.lm is None:
-        session.lm = KVCoreHFLM(
-            pretrained=session.model,
-            tokenizer=session.tokenizer,
-            batch_size=config.batch_size,
-            **asdict(truncation),
-        )
-    else:
-        session.lm.set_truncation(truncation)
+        return saved
+    chosen = {"samples": {task: documents}} if documents is not None else {"limit": config.num_samples}
     results = lm_eval.simple_evaluate(
-        model=session.lm, tasks=[task], limit=config.num_samples, task_manager=session.manager
+        model=session.lm, tasks=[task], task_manager=session.manager, log_samples=True, **chosen
     )
     values = {key.split(",")[0]: value for key, value in results["results"][task].items()}
-    if config.metric not in values:
+    if metric not in values:
         raise ValueError(
-            f"{task} reports no {config.metric!r} (it reports {', '.join(sorted(values))}): pass another --metric"
+            f"{task} reports no {metric!r} (it reports {', '.join(sorted(values))}): pass another --metric"
         )
+    samples = results["samples"][task]
+    record = {
+        "settings": settings,
+        "value": float(values[metric]),
+        "rank_plan": session.lm.kvcore_plan.to_dict(),
+        "metrics": values,
+        "per_document": {str(k): v for k, v in per_document_values(samples, metric).items()},
+        "cache_bytes_per_token": session.lm.kvcore_cache_bytes,
+    }
     path.parent.mkdir(parents=True, exist_ok=True)
-    outputs.atomic_write_json(
-        path,
-        {
-            "settings": settings,
-            "value": float(values[config.metric]),
-            "rank_plan": session.lm.kvcore_plan.to_dict(),
-            "metrics": values,
-            "calibration_overlap": session.lm.get_model_info()["kvcore"]["calibration_overlap"].get(task),
-        },
-    )
-    return float(values[config.metric])
+    record["calibration_overlap"] = session.lm.get_model_info()["kvcore"]["calibration_overlap"].get(task)
+    outputs.atomic_write_json(path, record)
+    return record
 
 
-def open_session(config: SweepConfig) -> Session:
-    """Check everything that needs no model, claim the output folder, then load the model once."""
+def open_session(
+    config,
+    kind: str = KIND,
+    own_names: tuple[str, ...] = OWN_NAMES,
+    check: Callable[[Any, list[str]], None] | None = None,
+    selectors: tuple[str, ...] = POINT_SELECTORS,
+) -> Session:
+    """Check everything that needs no model (and `check(manager, tasks)`), claim the output folder, then load the
+    model once. `config` is a SweepConfig or a config with the same fields (the frontier's); `selectors` are its
+    fields that choose which points run rather than what a point's number is."""
     from kvcore_eval import models
     from kvcore_eval.lm_tasks import task_manager
 
     out = Path(config.out)
     manager = task_manager(config.data_dir, split_paths(config.include_path), TASK_METADATA)
     tasks = perplexity_tasks(config, manager)  # refuses unknown and generation tasks before any output
-    if config.basis_scope == "shared" and not config.allow_overlap:
+    if getattr(config, "basis_scope", None) == "shared" and not config.allow_overlap:
         check_shared_overlap(config, tasks)
-    outputs.check_run_folder(out, KIND, OWN_NAMES)
+    if check is not None:
+        check(manager, tasks)
+    outputs.check_run_folder(out, kind, own_names)
     out.mkdir(parents=True, exist_ok=True)
-    outputs.write_config(out, KIND, asdict(config))
+    outputs.write_config(out, kind, asdict(config))
     model_id, gguf_file = models.gguf_location(config.model, config.gguf_file)
     model = models.load_causal_lm(model_id, None, config.device, config.dtype, gguf_file)
     tokenizer = models.load_tokenizer(model_id, None, gguf_file)
-    return Session(config, out, manager, model, tokenizer, tasks)
+    return Session(config, out, manager, model, tokenizer, tasks, selectors)
 
 
 def check_shared_overlap(config: SweepConfig, tasks: list[str]) -> None:
@@ -220,6 +271,32 @@ def check_shared_overlap(config: SweepConfig, tasks: list[str]) -> None:
             )
 
 
+def task_document_ner(session: Session, task: str) -> list[dict[str, Any]]:
+    """Each scored document's own NER per layer (K in config.key_space, V), saved in documents/<task>.json and
+    reused when made with the same settings."""
+    import itertools
+
+    from kvcore_eval.data import lm_eval_task_documents
+    from kvcore_eval.documents import document_ner
+
+    config = session.config
+    path = session.out / "documents" / f"{task}.json"
+    settings = {"task": task, "run": identity(config, exclude=session.selectors)}
+    if path.exists():
+        saved = outputs.read_json(path, "per-document NER")
+        if saved["settings"] == settings:
+            return saved["documents"]
+    scored = lm_eval_task_documents(task, 0, config.data_dir, split_paths(config.include_path))
+    texts = [prompt + response for prompt, response in itertools.islice(scored, config.num_samples)]
+    rows = [
+        {"doc_id": doc_id, **row}
+        for doc_id, row in enumerate(document_ner(session.model, session.tokenizer, texts, config.truncation.key_space))
+    ]
+    path.parent.mkdir(parents=True, exist_ok=True)
+    outputs.atomic_write_json(path, {"settings": settings, "documents": rows})
+    return rows
+
+
 def run_sweep(config: SweepConfig) -> dict[str, Any]:
     from kvcore_eval.artifact import load_calibration
     from kvcore_eval.report import layer_table, mean_ner
@@ -231,17 +308,18 @@ def run_sweep(config: SweepConfig) -> dict[str, Any]:
         task: Path(config.truncation.calibration) if config.basis_scope == "shared" else calibrations[task]
         for task in tasks
     }
-    baseline = {
-        task: evaluate_point(session, task, "baseline", _truncation(session, basis[task], "full", "full", "both"))
+    baseline_points = {
+        task: run_point(session, task, "baseline", _truncation(session, basis[task], "full", "full", "both"))
         for task in tasks
     }
+    baseline = {task: point["value"] for task, point in baseline_points.items()}
     truncation = config.truncation
     keys, values = truncation.truncates_keys, truncation.truncates_values
-    perplexity = {}
+    perplexity, per_document = {}, {}
     for rank in config.rank_list():
         spec = "full" if rank == 1 else str(rank)
-        perplexity[f"{rank:g}"] = {
-            task: evaluate_point(
+        points = {
+            task: run_point(
                 session,
                 task,
                 f"rank_{rank:g}",
@@ -250,6 +328,11 @@ def run_sweep(config: SweepConfig) -> dict[str, Any]:
                 ),
             )
             for task in tasks
+        }
+        perplexity[f"{rank:g}"] = {task: point["value"] for task, point in points.items()}
+        per_document[f"{rank:g}"] = {
+            task: study.document_nd_ppl(point["per_document"], baseline_points[task]["per_document"])
+            for task, point in points.items()
         }
     tables = {task: layer_table(load_calibration(calibrations[task])) for task in tasks}
     ner = {
@@ -265,6 +348,10 @@ def run_sweep(config: SweepConfig) -> dict[str, Any]:
         "basis_per_task": {task: str(path) for task, path in basis.items()},
     }
     summary = study.summarize(tasks, baseline, perplexity, ner, design)
+    documents = {task: task_document_ner(session, task) for task in tasks}
+    summary["documents"], summary["correlation"]["across_documents"] = study.summarize_documents(
+        documents, per_document
+    )
     outputs.atomic_write_json(session.out / "sweep.json", summary)
     outputs.atomic_write_text(session.out / "sweep.md", study.to_markdown(summary))
     study.plot_nd_ppl(summary, session.out / "nd_ppl.png")
@@ -272,6 +359,41 @@ def run_sweep(config: SweepConfig) -> dict[str, Any]:
     if config.per_layer:
         summary["per_layer"] = run_per_layer(session, tasks, basis, baseline, tables)
     return summary
+
+
+def layer_nd_ppl(
+    session: Session,
+    basis: Path,
+    rank: int,
+    num_layers: int,
+    baseline: float,
+    evaluate: Callable[[str, Any], float],
+) -> dict[str, list[float]]:
+    """Per kind ("key", "value"): each layer's ND-PPL with only that layer's keys (values) truncated to `rank`
+    dimensions; `evaluate(name, truncation)` gives the perplexity (the sweep: lm-eval on the scored documents)."""
+    width = load_width(basis)
+    nd_ppl = {}
+    for kind in ("key", "value"):
+        values = []
+        for layer in range(num_layers):
+            ranks = ":".join(str(rank if i == layer else width) for i in range(num_layers))
+            truncation = _truncation(
+                session,
+                basis,
+                ranks if kind == "key" else None,
+                ranks if kind == "value" else None,
+                "keys" if kind == "key" else "values",
+            )
+            values.append(metrics.nd_ppl(evaluate(f"layer{layer}_{kind}_{rank}", truncation), baseline))
+        nd_ppl[kind] = values
+    return nd_ppl
+
+
+def load_width(basis: Path) -> int:
+    from kvcore_eval.artifact import read_metadata
+    from kvcore_eval.models import KVGeometry
+
+    return KVGeometry(**read_metadata(basis)["model"]["geometry"]).width
 
 
 def run_per_layer(
@@ -287,25 +409,21 @@ def run_per_layer(
         width, layers = calibration.geometry.width, calibration.geometry.num_layers
         rank = max(1, round(config.per_layer_rank * width))
         spaces = {"key": KEY_SPACES[config.truncation.key_space], "value": "value"}
-        nd_ppl[task], layer_ner[task], residual[task] = {}, {}, {}
-        for kind, space in spaces.items():
-            values = []
-            for layer in range(layers):
-                ranks = ":".join(str(rank if i == layer else width) for i in range(layers))
-                truncation = _truncation(
-                    session,
-                    basis[task],
-                    ranks if kind == "key" else None,
-                    ranks if kind == "value" else None,
-                    "keys" if kind == "key" else "values",
-                )
-                ppl = evaluate_point(session, task, f"layer{layer}_{kind}_{config.per_layer_rank:g}", truncation)
-                values.append(metrics.nd_ppl(ppl, baseline[task]))
-            nd_ppl[task][kind] = values
-            layer_ner[task][kind] = [stats[space].ner for stats in tables[task]]
-            residual[task][kind] = [
+        nd_ppl[task] = layer_nd_ppl(
+            session,
+            basis[task],
+            rank,
+            layers,
+            baseline[task],
+            lambda name, truncation, task=task: evaluate_point(session, task, name, truncation),
+        )
+        layer_ner[task] = {kind: [stats[space].ner for stats in tables[task]] for kind, space in spaces.items()}
+        residual[task] = {
+            kind: [
                 metrics.residual_energy(calibration.eigenvalues[space][layer].numpy(), rank) for layer in range(layers)
             ]
+            for kind, space in spaces.items()
+        }
     layers_summary = study.summarize_layers(nd_ppl, layer_ner, residual, config.per_layer_rank)
     layers_summary["key_space"] = config.truncation.key_space
     outputs.atomic_write_json(session.out / "per_layer.json", layers_summary)

@@ -107,7 +107,12 @@ def test_per_task_sweep_loads_once_truncates_each_task_with_its_own_held_out_cal
         assert abs(deltas["1"]) < 1e-6, "full rank reproduces the baseline"
         assert deltas["0.125"] > deltas["0.5"] > deltas["1"] - 1e-6, f"{task}: ND-PPL grows as rank falls"
         assert 0 < summary["ner"][task]["key"] < 1 and 0 < summary["ner"][task]["value"] <= 1
+    across = summary["correlation"]["across_documents"]["0.125"]
+    assert across["kvcore_alpaca"]["key"]["n"] == 4 and across["all tasks"]["value"]["n"] == 8
+    document = summary["documents"]["kvcore_codealpaca"][0]
+    assert 0 < document["ner_key"] < 1 and document["nd_ppl"]["1"] == pytest.approx(0, abs=1e-9)
     markdown = (out / "sweep.md").read_text()
+    assert "across documents" in markdown
     assert (
         "--basis-scope per-task" in markdown
         and "disjoint" in markdown

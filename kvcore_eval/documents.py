@@ -1,0 +1,76 @@
+"""Sample-wise measurement: each scored document's own NER per layer, and its own perplexity under a truncation.
+
+A document's NER comes from that document's own Grams: the model runs once over the document's text (tokenized
+as calibration tokenizes, `add_special_tokens=False`) with a `gram.GramRecorder`, and each layer's K and V Gram is
+eigendecomposed. A document's perplexity comes from lm-eval's per-sample log (`log_samples`): for byte perplexity
+exp(−loglikelihood / bytes of the scored continuation), the same formula lm-eval aggregates over documents.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any
+
+import torch
+
+from kvcore_eval import metrics
+from kvcore_eval.gram import KEY_SPACES, GramAccumulator, GramRecorder
+from kvcore_eval.models import kv_geometry
+from kvcore_eval.rope import RopeTap
+
+# metric -> per-document value from lm-eval's logged (loglikelihood, count) pair
+PERPLEXITY_METRICS = {
+    "byte_perplexity": lambda ll, count: math.exp(-ll / count),
+    "word_perplexity": lambda ll, count: math.exp(-ll / count),
+    "bits_per_byte": lambda ll, count: -ll / count / math.log(2),
+}
+
+
+def gram_ner(grams: dict[str, torch.Tensor], key_space: str) -> dict[str, list[float]]:
+    """NER per layer of keys (in `key_space`) and values from per-layer Grams (layers, D, D)."""
+    spaces = {"key": KEY_SPACES[key_space], "value": "value"}
+    return {
+        kind: [
+            metrics.normalized_effective_rank(metrics.singular_values(torch.linalg.eigvalsh(gram).cpu().numpy()))
+            for gram in grams[space]
+        ]
+        for kind, space in spaces.items()
+    }
+
+
+def document_ner(model, tokenizer, texts: list[str], key_space: str) -> list[dict[str, list[float]]]:
+    """Per document: {"key": NER per layer, "value": NER per layer, "tokens": n}, from that document's own Grams."""
+    from tqdm.auto import tqdm
+
+    geometry = kv_geometry(model.config)
+    tap = RopeTap(model)
+    rows = []
+    try:
+        for text in tqdm(texts, desc="document NER", unit="doc"):
+            ids = tokenizer(text, add_special_tokens=False)["input_ids"]
+            if not ids:
+                raise ValueError("a scored document has no tokens: its NER is undefined; drop empty documents")
+            accumulator = GramAccumulator(geometry, model.device)
+            with torch.no_grad():
+                model.base_model(
+                    input_ids=torch.tensor([ids], device=model.device),
+                    cache=GramRecorder(accumulator, tap),
+                    use_cache=True,
+                )
+            rows.append({**gram_ner(accumulator.grams, key_space), "tokens": len(ids)})
+    finally:
+        tap.remove()
+    return rows
+
+
+def per_document_values(samples: list[dict[str, Any]], metric: str) -> dict[int, float]:
+    """doc_id -> that document's `metric` from lm-eval's logged samples (perplexities from their (ll, count) pairs)."""
+    values = {}
+    for sample in samples:
+        entry = sample[metric]
+        if metric in PERPLEXITY_METRICS:
+            loglikelihood, count = entry
+            values[int(sample["doc_id"])] = PERPLEXITY_METRICS[metric](float(loglikelihood), float(count))
+        else:
+            values[int(sample["doc_id"])] = float(entry)
+    return dict(sorted(values.items()))

@@ -1,0 +1,667 @@
+"""`kvcore-eval frontier`: quality against measured bytes per token, every method at equal bytes, one model load.
+
+A method is a basis (data: the task's own held-out calibration; weights; random; sequence), an allocation of
+ranks over layers (uniform; energy, ner, sensitivity: a `rank_budget` spent by that rule; full: no truncation) and
+the bits of the stored latents. For each budget (a fraction of the full cache's bytes per token) each method's one
+free knob (the uniform rank, or the total dimensions of a budget plan) is set by bisection to the largest value
+whose **measured** bytes per token (what a `LowRankCache` really holds after a probe forward over `seq_len`
+held-out tokens: latents, scales, rotary tables, per-sequence bases) stay within the budget. A method without a
+knob (int8, int4 at full rank) is one point at its measured bytes, whatever the budget.
+
+Each task is scored on its first `num_samples` documents and calibrated on the documents after them, as in
+`sweep` (whose machinery this reuses: `open_session`, `task_calibration`, `run_point`, `layer_nd_ppl`). The
+`sensitivity` allocation needs each layer's ND-PPL when truncated alone: measured here on held-out text (never the
+scored documents) as the token perplexity of one direct forward per layer and kind (2 x layers forwards per task,
+seconds, where lm-eval per layer would dominate the whole frontier), or read from `--sensitivity` (the
+per_layer.json of `sweep --per-layer`, lm-eval's metric on that sweep's scored documents).
+Outputs: frontier.json (one row per task, method and budget), frontier.md, frontier.png.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass, field, fields, replace
+from pathlib import Path
+from typing import Any, ClassVar
+
+from kvcore_eval.config import MIN_SEQ_LEN, ModelDtype, TruncationConfig, check_choices, option
+
+logger = logging.getLogger(__name__)
+
+KIND = "frontier"
+OWN_NAMES = (
+    "config.json",
+    "calibrations",
+    "points",
+    "documents",
+    "sensitivity",
+    "frontier.json",
+    "frontier.md",
+    "frontier.png",
+)
+
+
+@dataclass(frozen=True)
+class Method:
+    """basis: where the bases come from; allocation: how ranks spread over layers; bits: stored latent bits
+    (None: the model's dtype); option: the TruncationConfig field the method needs beyond today's."""
+
+    basis: str
+    allocation: str
+    bits: int | None = None
+
+
+METHODS = {
+    "uniform": Method("data", "uniform"),
+    "energy": Method("data", "energy"),
+    "ner": Method("data", "ner"),
+    "sensitivity": Method("data", "sensitivity"),
+    "weights": Method("weights", "uniform"),
+    "random": Method("random", "uniform"),
+    "sequence": Method("sequence", "uniform"),
+    "int8": Method("data", "full", 8),
+    "int4": Method("data", "full", 4),
+    "lowrank_int8": Method("data", "uniform", 8),
+}
+BUDGET_ALLOCATIONS = ("energy", "ner", "sensitivity")
+
+
+def _truncation_options() -> set[str]:
+    return {f.name for f in fields(TruncationConfig)}
+
+
+def missing_option(method: Method) -> str | None:
+    """The kvcore_hf option a method needs that this version lacks (None: it runs)."""
+    options = _truncation_options()
+    if method.basis != "data" and "basis" not in options:
+        return "basis"
+    if method.bits is not None and "latent_bits" not in options:
+        return "latent_bits"
+    return None
+
+
+# TruncationConfig fields each frontier point sets itself (the rest, key_space, granularity, attention..., are shared)
+PER_POINT = (
+    "calibration",
+    "key_rank",
+    "value_rank",
+    "rank_budget",
+    "budget_method",
+    "truncate",
+    "sensitivity",
+    "overlap",
+    "basis",
+    "latent_bits",
+)
+# Fields that choose which points run, not what a point's number is (a point's own settings say the rest).
+SELECTORS = ("tasks", "budgets", "methods", "sensitivity", "sensitivity_tokens", "sensitivity_rank")
+
+
+@dataclass
+class FrontierConfig:
+    """What `kvcore-eval frontier` runs: every method at each budget of measured bytes per token, one model load."""
+
+    # The bases are always each task's own held-out calibration: a scored document is never calibrated on.
+    allow_overlap: ClassVar[bool] = False
+
+    model: str = option(help="Hugging Face hub id, local directory, or .gguf file")
+    out: str = option(
+        help="output directory (finished points are reused: an interrupted frontier resumes)", identity=False
+    )
+    tasks: str = option(
+        "kvcore_domains",
+        help="comma-separated lm-eval tasks or groups (perplexity tasks: ND-PPL; others: their metric)",
+    )
+    budgets: str = option(
+        "0.5,0.25,0.125", help="comma-separated fractions of the full cache's measured bytes per token, in (0, 1)"
+    )
+    methods: str = option(",".join(METHODS), help=f"comma-separated, of: {', '.join(METHODS)}")
+    truncation: TruncationConfig = option(
+        TruncationConfig,
+        help="the options every point shares (key space, granularity, attention); the frontier sets the rest",
+        cli_skip=PER_POINT,
+    )
+    metric: str = option(
+        "byte_perplexity", help="perplexity metric of ND-PPL; a task that lacks it is scored by its own first metric"
+    )
+    num_samples: int = option(
+        200, help="documents scored per task (its first); its calibration reads only the documents after them"
+    )
+    calibration_tokens: int = option(
+        20_000, help="tokens of each task's held-out documents calibrated (its data bases)"
+    )
+    seq_len: int = option(256, help="sequence length of the calibrations and of the bytes-per-token probe")
+    sensitivity: str | None = option(
+        None,
+        help="per_layer.json of `sweep --per-layer` for the sensitivity method "
+        "(default: measured here on held-out text)",
+    )
+    sensitivity_tokens: int = option(
+        1024, help="held-out tokens (documents after the scored ones) the per-layer sensitivity is measured on"
+    )
+    sensitivity_rank: float = option(
+        0.25, help="fraction of D the one truncated layer keeps when sensitivity is measured"
+    )
+    data_dir: str | None = option(None, help="folder of <source>.jsonl files read instead of the hub")
+    include_path: str | None = option(
+        None, help="extra lm-eval task folders, comma-separated (lm-eval's --include_path)"
+    )
+    gguf_file: str | None = option(None, help="GGUF file inside --model's folder or hub repo")
+    batch_size: int = option(1, help="lm-eval batch size")
+    device: str = option("cpu", help="cpu, cuda, cuda:N")
+    dtype: ModelDtype = option("float32", help="model dtype")
+
+    def __post_init__(self) -> None:
+        check_choices(self)
+        self.budget_list()
+        if given := [
+            name
+            for name in PER_POINT
+            if hasattr(TruncationConfig, name) and getattr(self.truncation, name) != getattr(TruncationConfig, name)
+        ]:
+            raise ValueError(f"the frontier sets {', '.join(given)} itself at each point: leave them out")
+        unknown = [m for m in self.method_list() if m not in METHODS]
+        if unknown:
+            raise ValueError(f"--methods {', '.join(unknown)}: unknown; choose from {', '.join(METHODS)}")
+        lacking = {m: option for m in self.method_list() if (option := missing_option(METHODS[m]))}
+        if lacking:
+            raise ValueError(
+                f"--methods {', '.join(lacking)}: this version of kvcore_hf has no "
+                f"{', '.join(sorted(set(lacking.values())))}= option yet; drop those methods"
+            )
+        budgeted = [m for m in self.method_list() if METHODS[m].allocation in BUDGET_ALLOCATIONS]
+        if budgeted and self.truncation.granularity != "layer":
+            raise ValueError(
+                f"--methods {', '.join(budgeted)} spend a budget over layer spectra: use --granularity layer"
+            )
+        if self.num_samples < 1 or self.calibration_tokens < MIN_SEQ_LEN or self.seq_len < MIN_SEQ_LEN:
+            raise ValueError(
+                f"--num-samples must be >= 1, --calibration-tokens and --seq-len >= {MIN_SEQ_LEN} "
+                f"(got {self.num_samples}, {self.calibration_tokens}, {self.seq_len})"
+            )
+        if self.sensitivity_tokens < MIN_SEQ_LEN or not 0 < self.sensitivity_rank < 1:
+            raise ValueError(
+                f"--sensitivity-tokens must be >= {MIN_SEQ_LEN} and --sensitivity-rank a fraction in (0, 1), got "
+                f"{self.sensitivity_tokens} and {self.sensitivity_rank}"
+            )
+        if self.sensitivity is not None and not Path(self.sensitivity).is_file():
+            raise ValueError(
+                f"--sensitivity {self.sensitivity}: no such file; pass the per_layer.json of `kvcore-eval sweep "
+                "--per-layer`, or drop it to measure the sensitivity here"
+            )
+
+    def budget_list(self) -> list[float]:
+        try:
+            budgets = sorted({float(b) for b in self.budgets.split(",") if b.strip()}, reverse=True)
+        except ValueError as err:
+            raise ValueError(f"--budgets {self.budgets!r} must be comma-separated fractions such as 0.5,0.25") from err
+        if not budgets or any(not 0 < b < 1 for b in budgets):
+            raise ValueError(f"--budgets {self.budgets!r}: give fractions of the full cache in (0, 1), e.g. 0.5,0.25")
+        return budgets
+
+    def method_list(self) -> list[str]:
+        return list(dict.fromkeys(m.strip() for m in self.methods.split(",") if m.strip()))
+
+    @property
+    def measures_sensitivity(self) -> bool:
+        return "sensitivity" in self.method_list() and self.sensitivity is None
+
+
+# --- placing a method at a budget -------------------------------------------------------------------------------
+
+
+def truncation_for(config: FrontierConfig, method: Method, knob: int | None, basis: Path, geometry, sensitivity):
+    """The TruncationConfig of `method` at `knob` (uniform: the rank of every layer; budget allocations: total
+    dimensions over layers and kinds; None: full rank), on the frontier's shared options."""
+    extra: dict[str, Any] = {}
+    if method.basis != "data":
+        extra["basis"] = method.basis
+    if method.bits is not None:
+        extra["latent_bits"] = method.bits
+    if method.allocation == "full" or knob is None:
+        ranks = {"key_rank": "full", "value_rank": "full"}
+    elif method.allocation == "uniform":
+        spec = ":".join([str(knob)] * geometry.num_layers)  # a list: a bare 1 would be refused as ambiguous
+        ranks = {"key_rank": spec, "value_rank": spec}
+    else:
+        ranks = {"rank_budget": knob / (2 * geometry.num_layers * geometry.width), "budget_method": method.allocation}
+        if method.allocation == "sensitivity":
+            ranks["sensitivity"] = str(sensitivity)
+    return replace(config.truncation, calibration=str(basis), truncate="both", overlap="refuse", **ranks, **extra)
+
+
+def knob_range(method: Method, geometry) -> tuple[int, int]:
+    if method.allocation == "uniform":
+        return 1, geometry.width
+    return 2 * geometry.num_layers, 2 * geometry.num_layers * geometry.width
+
+
+def largest_within(bytes_of, low: int, high: int, target: float) -> int:
+    """The largest knob in [low, high] whose bytes stay <= target (bytes grow with the knob); `low` if none does.
+
+    Interpolation search: bytes are close to affine in the knob, so a guess from the two bracketing probes and a
+    check of its neighbour usually settle it in four probes (each probe is a forward of the model)."""
+    if bytes_of(high) <= target:  # first: no truncation at all sheds the rotary tables, so the top may fit alone
+        return high
+    if bytes_of(low) > target:
+        return low
+    while high - low > 1:  # bytes_of(low) <= target < bytes_of(high)
+        share = (target - bytes_of(low)) / (bytes_of(high) - bytes_of(low))
+        guess = min(max(low + int(share * (high - low)), low + 1), high - 1)
+        if bytes_of(guess) <= target:
+            low = guess
+            if bytes_of(guess + 1) > target:
+                high = guess + 1
+        else:
+            high = guess
+            if bytes_of(guess - 1) <= target:
+                low = guess - 1
+    return low
+
+
+def probe_bytes(lm, probe_ids) -> float:
+    """Bytes per token the current cache of `lm` holds after one forward over `probe_ids` (1, tokens)."""
+    import torch
+
+    from kvcore_eval import latent
+
+    cache = lm.new_cache()
+    with torch.no_grad(), latent.active(cache):
+        lm.model(probe_ids.to(lm.device), cache=cache, use_cache=True)
+    return sum(cache.stored_bytes().values()) / probe_ids.numel()
+
+
+# --- the run ----------------------------------------------------------------------------------------------------
+
+
+@dataclass
+class TaskPlan:
+    """One task's fixed inputs: its bases, geometry, metric, probe tokens and baseline point."""
+
+    name: str
+    basis: Path
+    geometry: Any
+    metric: str
+    perplexity: bool
+    higher_is_better: bool
+    probe: Any  # (1, tokens) held-out token ids
+    baseline: dict[str, Any]
+    full_bytes: float
+    sensitivity: Path | None = None
+    documents: list[dict[str, Any]] = field(default_factory=list)
+
+
+def _task_metrics(config: FrontierConfig, manager, tasks: list[str]) -> dict[str, tuple[str, bool, int]]:
+    """task -> (metric, higher_is_better, documents): config.metric where the task reports it, else its own first."""
+    from kvcore_eval.data import leaf_tasks
+
+    found = {}
+    for instance in leaf_tasks(manager.load_task_or_group(tasks)):
+        names = [entry["metric"] for entry in instance.config.metric_list or []]
+        if not names:
+            raise ValueError(f"{instance.config.task} declares no metric: give it a metric_list")
+        metric = config.metric if config.metric in names else names[0]
+        higher = bool(instance.higher_is_better().get(metric, False))
+        found[instance.config.task] = (metric, higher, len(list(instance.eval_docs)))
+    return found
+
+
+def _check_documents(config: FrontierConfig, found: dict[str, tuple[str, bool, int]]) -> None:
+    short = {task: count for task, (_, _, count) in found.items() if count <= config.num_samples}
+    if short:
+        raise ValueError(
+            f"{', '.join(f'{t} has {c} documents' for t, c in short.items())}: the frontier scores the first "
+            f"--num-samples {config.num_samples} and calibrates on the documents after them; lower --num-samples"
+        )
+
+
+def held_out_ids(session, task: str, tokens: int):
+    """(sequences, seq_len) token ids of the task's held-out text (the documents after the scored ones): full
+    sequences only, unless the text is shorter than one."""
+    import torch
+
+    from kvcore_eval.config import split_paths
+    from kvcore_eval.data import iter_texts, pack_sequences
+
+    config = session.config
+    texts = iter_texts(
+        f"lm_eval:{task}",
+        data_dir=config.data_dir,
+        skip_docs=config.num_samples,
+        include_path=split_paths(config.include_path),
+    )
+    sequences = list(pack_sequences(texts, session.tokenizer, config.seq_len, max(tokens, config.seq_len)))
+    full = [s for s in sequences if len(s) == config.seq_len]
+    return torch.tensor(full or sequences[:1])
+
+
+def held_out_perplexity(session, truncation, ids) -> float:
+    """Token perplexity of `ids` (sequences, seq) under `truncation`: one direct forward, every next token scored."""
+    import math
+
+    import torch
+
+    from kvcore_eval import latent
+    from kvcore_eval.sweep import use_truncation
+
+    use_truncation(session, truncation)
+    cache = session.lm.new_cache()
+    with torch.no_grad(), latent.active(cache):
+        logits = session.lm.model(ids.to(session.lm.device), cache=cache, use_cache=True).logits  # (seqs, seq, vocab)
+    loss = torch.nn.functional.cross_entropy(
+        logits[:, :-1].flatten(0, 1).float(), ids[:, 1:].flatten().to(logits.device)
+    )
+    return math.exp(float(loss))
+
+
+def _measure_sensitivity(session, plan: TaskPlan) -> Path:
+    """Each layer's ND-PPL truncated alone (keys, then values), on held-out text: token perplexity of up to
+    `sensitivity_tokens` tokens of the documents after the scored ones, by a direct forward (2 x layers + 1 of
+    them; lm-eval's per-document overhead x 60 layers would dominate the frontier). A per_layer.json."""
+    from kvcore_eval import outputs
+    from kvcore_eval.artifact import read_metadata
+    from kvcore_eval.sweep import layer_nd_ppl
+
+    config = session.config
+    path = session.out / "sensitivity" / f"{plan.name}.json"
+    ids = held_out_ids(session, plan.name, config.sensitivity_tokens)
+    settings = {
+        "key_space": config.truncation.key_space,
+        "rank": config.sensitivity_rank,
+        "tokens": int(ids.numel()),
+        "basis_sha256": read_metadata(plan.basis)["basis_sha256"],
+        "measure": "token perplexity of held-out text (the documents after the scored ones), direct forward",
+    }
+    if path.exists() and outputs.read_json(path, "sensitivity table").get("settings") == settings:
+        return path
+    full = truncation_for(config, METHODS["uniform"], None, plan.basis, plan.geometry, None)
+    baseline = held_out_perplexity(session, full, ids)
+    rank = max(1, round(config.sensitivity_rank * plan.geometry.width))
+    nd_ppl = layer_nd_ppl(
+        session,
+        plan.basis,
+        rank,
+        plan.geometry.num_layers,
+        baseline,
+        lambda _, truncation: held_out_perplexity(session, truncation, ids),
+    )
+    path.parent.mkdir(parents=True, exist_ok=True)
+    table = {
+        "settings": settings,
+        "key_space": config.truncation.key_space,
+        "rank": config.sensitivity_rank,
+        "nd_ppl": {plan.name: nd_ppl},
+    }
+    outputs.atomic_write_json(path, table)
+    return path
+
+
+def _prepare_task(session, task: str, found) -> TaskPlan:
+    from kvcore_eval.artifact import read_metadata
+    from kvcore_eval.models import KVGeometry
+    from kvcore_eval.sweep import run_point, task_calibration, task_document_ner, use_truncation
+
+    config = session.config
+    basis = task_calibration(session, task)
+    geometry = KVGeometry(**read_metadata(basis)["model"]["geometry"])
+    metric, higher, _ = found[task]
+    full = truncation_for(config, METHODS["uniform"], None, basis, geometry, None)
+    baseline = run_point(session, task, "baseline", full, metric=metric)
+    probe = held_out_ids(session, task, config.seq_len)[:1]
+    full_bytes = probe_bytes(use_truncation(session, full), probe)
+    plan = TaskPlan(
+        task,
+        basis,
+        geometry,
+        metric,
+        metric in _perplexities(),
+        higher,
+        probe,
+        baseline,
+        full_bytes,
+    )
+    if "sensitivity" in config.method_list():
+        plan.sensitivity = Path(config.sensitivity) if config.sensitivity else _measure_sensitivity(session, plan)
+    if plan.perplexity:
+        plan.documents = task_document_ner(session, task)
+    return plan
+
+
+def _perplexities() -> tuple[str, ...]:
+    from kvcore_eval.documents import PERPLEXITY_METRICS
+
+    return tuple(PERPLEXITY_METRICS)
+
+
+def _bits(session, method: Method) -> int:
+    import torch
+
+    return method.bits or 8 * torch.empty(0, dtype=session.model.dtype).element_size()
+
+
+def _row(session, plan: TaskPlan, name: str, method: Method, budget, knob, point, measured: float) -> dict[str, Any]:
+    from kvcore_eval import metrics, study
+
+    raw, base = point["value"], plan.baseline["value"]
+    row = {
+        "task": plan.name,
+        "method": name,
+        "basis": method.basis if method.allocation != "full" else "none",
+        "allocation": method.allocation,
+        "bits": _bits(session, method),
+        "budget": budget,
+        "knob": knob,
+        "bytes_per_token": measured,
+        "fraction_of_full": measured / plan.full_bytes,
+        "within_budget": None if budget is None else measured <= budget * plan.full_bytes * (1 + 1e-9),
+        "metric": f"nd_ppl({plan.metric})" if plan.perplexity else plan.metric,
+        "value": metrics.nd_ppl(raw, base) if plan.perplexity else raw,
+        "raw": raw,
+        "baseline_raw": base,
+        "higher_is_better": False if plan.perplexity else plan.higher_is_better,
+        "rank_plan": point["rank_plan"],
+    }
+    if plan.documents:
+        deltas = study.document_nd_ppl(point["per_document"], plan.baseline["per_document"])
+        row["across_documents"] = study.across_documents(plan.documents, deltas)
+    return row
+
+
+def method_rows(session, plan: TaskPlan, name: str, budgets: list[float]) -> list[dict[str, Any]]:
+    """One row per budget (one row in all for a method without a knob), each at its measured bytes."""
+    from kvcore_eval.sweep import run_point, use_truncation
+
+    config, method = session.config, METHODS[name]
+    memo: dict[int | None, float] = {}
+
+    def bytes_of(knob: int | None) -> float:
+        if knob not in memo:
+            truncation = truncation_for(config, method, knob, plan.basis, plan.geometry, plan.sensitivity)
+            memo[knob] = probe_bytes(use_truncation(session, truncation), plan.probe)
+        return memo[knob]
+
+    placed = (
+        [(None, None)]
+        if method.allocation == "full"
+        else [(b, largest_within(bytes_of, *knob_range(method, plan.geometry), b * plan.full_bytes)) for b in budgets]
+    )
+    rows = []
+    for budget, knob in placed:
+        measured = bytes_of(knob)
+        truncation = truncation_for(config, method, knob, plan.basis, plan.geometry, plan.sensitivity)
+        point_name = f"{name}/{'full' if knob is None else knob}"
+        point = run_point(session, plan.name, point_name, truncation, metric=plan.metric)
+        rows.append({**_row(session, plan, name, method, budget, knob, point, measured), "point": point_name})
+    return rows
+
+
+def pareto(rows: list[dict[str, Any]]) -> list[bool]:
+    """Whether each row is on the front of its task: no other row has fewer or equal bytes and better or equal
+    quality, one of them strictly."""
+
+    def quality(row):
+        return row["value"] if row["higher_is_better"] else -row["value"]
+
+    flags = []
+    for row in rows:
+        dominated = any(
+            other is not row
+            and other["task"] == row["task"]
+            and other["bytes_per_token"] <= row["bytes_per_token"]
+            and quality(other) >= quality(row)
+            and (other["bytes_per_token"] < row["bytes_per_token"] or quality(other) > quality(row))
+            for other in rows
+        )
+        flags.append(not dominated)
+    return flags
+
+
+def run_frontier(config: FrontierConfig) -> list[dict[str, Any]]:
+    from tqdm.auto import tqdm
+
+    from kvcore_eval import outputs
+    from kvcore_eval.sweep import open_session
+
+    found: dict[str, tuple[str, bool, int]] = {}
+
+    def check(manager, tasks):
+        found.update(_task_metrics(config, manager, tasks))
+        _check_documents(config, found)
+
+    session = open_session(config, KIND, OWN_NAMES, check, SELECTORS)
+    rows = []
+    for task in session.tasks:
+        plan = _prepare_task(session, task, found)
+        full = _row(session, plan, "full", Method("none", "full"), None, None, plan.baseline, plan.full_bytes)
+        rows.append({**full, "point": "baseline"})
+        for name in tqdm(config.method_list(), desc=f"frontier {task}", unit="method"):
+            rows += method_rows(session, plan, name, config.budget_list())
+    for row, front in zip(rows, pareto(rows), strict=True):
+        row["pareto"] = front
+    outputs.atomic_write_json(session.out / "frontier.json", rows)
+    outputs.atomic_write_text(session.out / "frontier.md", to_markdown(rows, config))
+    plot_frontier(rows, config, session.out / "frontier.png")
+    return rows
+
+
+# --- reporting --------------------------------------------------------------------------------------------------
+
+
+def winners(rows: list[dict[str, Any]], budgets: list[float]) -> dict[str, dict[float, dict[str, Any] | None]]:
+    """task -> budget -> the best row whose measured bytes fit that budget (the full cache never does)."""
+    best: dict[str, dict[float, dict[str, Any] | None]] = {}
+    for task in dict.fromkeys(row["task"] for row in rows):
+        best[task] = {}
+        for budget in budgets:
+            fitting = [
+                r
+                for r in rows
+                if r["task"] == task and r["method"] != "full" and r["fraction_of_full"] <= budget * (1 + 1e-9)
+            ]
+            key = (lambda r: r["value"]) if fitting and fitting[0]["higher_is_better"] else (lambda r: -r["value"])
+            best[task][budget] = max(fitting, key=key) if fitting else None
+    return best
+
+
+def to_markdown(rows: list[dict[str, Any]], config: FrontierConfig) -> str:
+    from kvcore_eval.study import _stat
+
+    budgets = config.budget_list()
+    lines = [
+        f"# Bytes–quality frontier: {config.model}",
+        "",
+        f"Each task scored on its first {config.num_samples} documents; its data bases from "
+        f"{config.calibration_tokens} tokens of its documents after those (disjoint). Bytes per token measured from "
+        f"what the cache holds after a probe over {config.seq_len} held-out tokens; a budget is a fraction of the full "
+        "cache's. ★: on the task's Pareto front (no other row has as few bytes and as good a quality, one strictly).",
+        "",
+    ]
+    for task in dict.fromkeys(row["task"] for row in rows):
+        task_rows = sorted((r for r in rows if r["task"] == task), key=lambda r: (r["method"], -r["bytes_per_token"]))
+        lines += [
+            f"## {task}",
+            "",
+            "| method | basis | allocation | bits | budget | bytes/token | % of full | "
+            + task_rows[0]["metric"]
+            + " | front |",
+            "|---|---|---|---:|---:|---:|---:|---:|:---:|",
+        ]
+        for r in task_rows:
+            budget = "-" if r["budget"] is None else f"{r['budget']:g}"
+            lines.append(
+                f"| {r['method']} | {r['basis']} | {r['allocation']} | {r['bits']} | {budget} | "
+                f"{r['bytes_per_token']:.0f} | {100 * r['fraction_of_full']:.1f} | {r['value']:.4f} | "
+                f"{'★' if r['pareto'] else ''} |"
+            )
+        lines += ["", "Best method within each budget (measured bytes):", ""]
+        for budget, row in winners(rows, budgets)[task].items():
+            lines.append(
+                f"- {budget:g}: "
+                + ("none fits" if row is None else f"**{row['method']}** ({row['metric']} {row['value']:.4f})")
+            )
+        documented = [r for r in task_rows if "across_documents" in r and r["method"] != "full"]
+        if documented:
+            lines += [
+                "",
+                "Per-document NER (mean over layers, each document's own Grams) vs that document's ND-PPL, "
+                "**across documents**:",
+                "",
+                "| method | budget | keys | values |",
+                "|---|---:|---|---|",
+            ]
+            for r in documented:
+                budget = "-" if r["budget"] is None else f"{r['budget']:g}"
+                c = r["across_documents"]
+                lines.append(f"| {r['method']} | {budget} | {_stat(c['key'])} | {_stat(c['value'])} |")
+        lines.append("")
+    return "\n".join(lines)
+
+
+def plot_frontier(rows: list[dict[str, Any]], config: FrontierConfig, path: Path) -> None:
+    """Per task: quality against bytes per token, one line per method, the Pareto front as a black step line."""
+    from matplotlib.figure import Figure
+
+    tasks = list(dict.fromkeys(row["task"] for row in rows))
+    figure = Figure(figsize=(6.5 * len(tasks), 4.6), dpi=130, layout="constrained")
+    axes = figure.subplots(1, len(tasks), squeeze=False)[0]
+    for ax, task in zip(axes, tasks, strict=True):
+        task_rows = [r for r in rows if r["task"] == task]
+        full = next(r for r in task_rows if r["method"] == "full")
+        for index, name in enumerate(dict.fromkeys(r["method"] for r in task_rows if r["method"] != "full")):
+            points = sorted((r for r in task_rows if r["method"] == name), key=lambda r: r["bytes_per_token"])
+            ax.plot(
+                [r["bytes_per_token"] for r in points],
+                [r["value"] for r in points],
+                marker="o",
+                ms=4,
+                lw=1.2,
+                color=f"C{index % 10}",
+                label=name,
+            )
+        front = sorted((r for r in task_rows if r["pareto"]), key=lambda r: r["bytes_per_token"])
+        ax.step(
+            [r["bytes_per_token"] for r in front],
+            [r["value"] for r in front],
+            where="post",
+            color="black",
+            lw=1,
+            ls="--",
+            label="Pareto front",
+        )
+        ax.scatter(
+            [r["bytes_per_token"] for r in front],
+            [r["value"] for r in front],
+            s=90,
+            facecolors="none",
+            edgecolors="black",
+            zorder=3,
+        )
+        for budget in config.budget_list():
+            ax.axvline(budget * full["bytes_per_token"], color="0.6", lw=0.8, ls=":")
+        if full["higher_is_better"] is False:
+            ax.set_yscale("symlog", linthresh=0.01)  # ND-PPL spans orders of magnitude
+        ax.set(xlabel="bytes per token (measured)", ylabel=full["metric"], title=task.removeprefix("kvcore_"))
+        ax.grid(alpha=0.3)
+    axes[-1].legend(frameon=False, fontsize=8, ncol=2)
+    figure.suptitle(f"Bytes–quality frontier: {Path(config.model).name or config.model} (dotted: budgets)")
+    figure.savefig(path)

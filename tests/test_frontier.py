@@ -1,0 +1,177 @@
+import json
+
+import numpy as np
+import pytest
+import torch
+from conftest import EXAMPLE_DATA, EXAMPLE_MODEL, calibrate_in_memory
+
+from kvcore_eval.frontier import FrontierConfig, largest_within, pareto, run_frontier
+
+TASK = "kvcore_codealpaca"
+BUDGETS = (0.5, 0.25)
+METHODS = "uniform,ner,sensitivity"
+
+
+def frontier_config(out, **overrides) -> FrontierConfig:
+    settings = dict(
+        model=str(EXAMPLE_MODEL),
+        out=str(out),
+        tasks=TASK,
+        budgets=",".join(map(str, BUDGETS)),
+        methods=METHODS,
+        data_dir=str(EXAMPLE_DATA),
+        num_samples=3,
+        calibration_tokens=600,
+        seq_len=64,
+        sensitivity_tokens=128,
+    )
+    return FrontierConfig(**{**settings, **overrides})
+
+
+@pytest.fixture
+def count_evaluations(monkeypatch):
+    import lm_eval
+
+    calls, real = [], lm_eval.simple_evaluate
+    monkeypatch.setattr(lm_eval, "simple_evaluate", lambda *a, **k: calls.append(k) or real(*a, **k))
+    return calls
+
+
+@pytest.fixture(scope="module")
+def frontier_run(tmp_path_factory):
+    out = tmp_path_factory.mktemp("frontier") / "run"
+    return out, run_frontier(frontier_config(out))
+
+
+def test_config_refuses_bad_budgets_methods_and_missing_sensitivity(tmp_path):
+    with pytest.raises(ValueError, match=r"in \(0, 1\)"):
+        frontier_config(tmp_path, budgets="0.5,1.0")
+    with pytest.raises(ValueError, match="unknown; choose from"):
+        frontier_config(tmp_path, methods="uniform,svd")
+    with pytest.raises(ValueError, match="no such file"):
+        frontier_config(tmp_path, sensitivity=str(tmp_path / "missing.json"))
+
+
+def test_a_row_per_method_and_budget_within_budget_at_measured_bytes(frontier_run):
+    out, rows = frontier_run
+    assert json.loads((out / "frontier.json").read_text()) == json.loads(json.dumps(rows))
+    for name in ("frontier.md", "frontier.png", "config.json"):
+        assert (out / name).exists(), name
+    full = next(r for r in rows if r["method"] == "full")
+    assert full["value"] == 0 and full["fraction_of_full"] == 1
+    # the embedded default: 4 layers, D = 32, float32 -> a full cache holds 2 * 4 * 32 * 4 bytes a token
+    assert full["bytes_per_token"] == 2 * 4 * 32 * 4
+    for method in METHODS.split(","):
+        placed = {r["budget"]: r for r in rows if r["method"] == method}
+        assert sorted(placed) == sorted(BUDGETS), method
+        for budget, row in placed.items():
+            assert row["within_budget"] and row["bytes_per_token"] <= budget * full["bytes_per_token"], (method, budget)
+            assert row["bytes_per_token"] > 0.8 * budget * full["bytes_per_token"], "placed close to its budget"
+            for key in ("task", "basis", "allocation", "bits", "metric", "value"):
+                assert row[key] is not None, key
+        assert placed[0.25]["value"] > placed[0.5]["value"] > 0, f"{method}: fewer bytes cost more ND-PPL"
+    uniform = next(r for r in rows if r["method"] == "uniform" and r["budget"] == 0.5)
+    rank = uniform["rank_plan"]["key_rank_per_layer"][0]
+    rope_tables = 2 * 16 * 4  # cos and sin of one rotary group (head_dim 16, float32) per token
+    assert uniform["bytes_per_token"] == 2 * 4 * rank * 4 + rope_tables, "bytes counted from what the cache holds"
+    assert uniform["bytes_per_token"] + 2 * 4 * 4 > 0.5 * full["bytes_per_token"], "the largest rank that fits"
+    sensitivity = json.loads((out / "sensitivity" / f"{TASK}.json").read_text())
+    assert sensitivity["settings"]["tokens"] == 128 and "held-out" in sensitivity["settings"]["measure"]
+    assert len(sensitivity["nd_ppl"][TASK]["key"]) == 4 and max(sensitivity["nd_ppl"][TASK]["value"]) > 0
+
+
+def test_per_document_byte_perplexities_aggregate_to_lm_evals(frontier_run):
+    """Each document's own byte perplexity, weighted by its bytes, gives back lm-eval's byte perplexity of the task."""
+    from kvcore_eval.data import leaf_tasks
+    from kvcore_eval.lm_tasks import task_manager
+    from kvcore_eval.sweep import TASK_METADATA
+
+    out, rows = frontier_run
+    row = next(r for r in rows if r["method"] == "uniform" and r["budget"] == 0.5)
+    point = json.loads((out / "points" / TASK / f"{row['point']}.json").read_text())
+    (task,) = leaf_tasks(task_manager(str(EXAMPLE_DATA), None, TASK_METADATA).load_task_or_group([TASK]))
+    sizes = [len(doc["response"].encode("utf-8")) for doc in list(task.eval_docs)[:3]]
+    logs = [np.log(point["per_document"][str(doc)]) * size for doc, size in enumerate(sizes)]
+    assert np.exp(sum(logs) / sum(sizes)) == pytest.approx(point["value"], rel=1e-9)
+    assert len(set(point["per_document"].values())) == 3
+
+
+def test_pareto_front_on_the_rows(frontier_run):
+    _, rows = frontier_run
+    flags = [r["pareto"] for r in rows]
+    assert flags == pareto(rows)
+    for row in rows:
+        better = [
+            o
+            for o in rows
+            if o is not row
+            and o["bytes_per_token"] <= row["bytes_per_token"]
+            and o["value"] <= row["value"]
+            and (o["bytes_per_token"] < row["bytes_per_token"] or o["value"] < row["value"])
+        ]
+        assert row["pareto"] == (not better), row["method"]
+    assert next(r for r in rows if r["method"] == "full")["pareto"], "the full cache has the best quality"
+    cheapest = min(rows, key=lambda r: (r["bytes_per_token"], r["value"]))
+    assert cheapest["pareto"]
+
+
+def test_pareto_and_placement_by_hand():
+    rows = [
+        {"task": "t", "bytes_per_token": b, "value": v, "higher_is_better": False}
+        for b, v in ((100, 0.0), (50, 0.2), (50, 0.1), (25, 0.5), (40, 0.6), (25, 0.5))
+    ]
+    assert pareto(rows) == [True, False, True, True, False, True]
+    accuracy = [{**r, "higher_is_better": True} for r in rows]
+    assert pareto(accuracy) == [False, False, False, True, True, True]  # (40, 0.6) beats every larger row
+    bytes_of = {k: 10 * k for k in range(1, 33)}.__getitem__
+    assert largest_within(bytes_of, 1, 32, 205) == 20
+    assert largest_within(bytes_of, 1, 32, 5) == 1, "nothing fits: the smallest, flagged by within_budget"
+
+
+def test_rerun_reuses_finished_points_and_refuses_changed_settings(frontier_run, count_evaluations):
+    out, rows = frontier_run
+    again = run_frontier(frontier_config(out))
+    assert count_evaluations == [], "every point was reused"
+    assert [r["value"] for r in again] == [r["value"] for r in rows]
+    point = out / "points" / TASK / "baseline.json"
+    saved = json.loads(point.read_text())
+    saved["settings"]["batch_size"] = 7  # a point made with another setting is never reused silently
+    point.write_text(json.dumps(saved))
+    with pytest.raises(ValueError, match="other settings.*batch_size"):
+        run_frontier(frontier_config(out))
+    with pytest.raises(ValueError, match="calibrated with other settings"):
+        run_frontier(frontier_config(out, calibration_tokens=900))
+
+
+def test_too_few_held_out_documents_are_refused_before_the_model_loads(tmp_path):
+    with pytest.raises(ValueError, match="kvcore_codealpaca has 12 documents.*lower --num-samples"):
+        run_frontier(frontier_config(tmp_path / "short", num_samples=12))
+    assert not (tmp_path / "short").exists()
+
+
+def test_per_document_ner_is_each_documents_own_gram(frontier_run):
+    """The recorded NER of a scored document equals the NER of that document's Gram computed directly."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from kvcore_eval.data import lm_eval_task_documents
+    from kvcore_eval.metrics import normalized_effective_rank, singular_values
+
+    out, rows = frontier_run
+    saved = json.loads((out / "documents" / f"{TASK}.json").read_text())["documents"]
+    assert [d["doc_id"] for d in saved] == [0, 1, 2]
+    model = AutoModelForCausalLM.from_pretrained(EXAMPLE_MODEL, dtype=torch.float32).eval()
+    tokenizer = AutoTokenizer.from_pretrained(EXAMPLE_MODEL)
+    texts = [p + r for p, r in lm_eval_task_documents(TASK, 0, str(EXAMPLE_DATA))][:3]
+    for text, document in zip(texts, saved, strict=True):
+        ids = torch.tensor([tokenizer(text, add_special_tokens=False)["input_ids"]])
+        direct = calibrate_in_memory(model, ids)
+        for kind, space in (("key", "key_pre_rope"), ("value", "value")):
+            expected = [
+                normalized_effective_rank(singular_values(direct.eigenvalues[space][layer].numpy()))
+                for layer in range(4)
+            ]
+            np.testing.assert_allclose(document[kind], expected, rtol=1e-6)
+        assert document["tokens"] == ids.shape[1]
+    row = next(r for r in rows if r["method"] == "uniform" and r["budget"] == 0.25)
+    assert row["across_documents"]["key"]["n"] == 3
+    assert "across documents" in (out / "frontier.md").read_text()
