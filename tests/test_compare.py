@@ -1,0 +1,63 @@
+"""compare.py: two lm-eval results files metric by metric. (Files of another kind: test_evaluate.py.)"""
+
+from __future__ import annotations
+
+import json
+import math
+
+import pytest
+
+from kvcore_eval.compare import compare, load_results, to_markdown
+
+
+def results(path, tasks: dict[str, dict]) -> str:
+    path.write_text(json.dumps({"results": tasks, "config": {"model": "hf"}}))
+    return str(path)
+
+
+def test_rows_pair_each_numeric_metric_and_skip_the_rest(tmp_path):
+    a = results(
+        tmp_path / "a.json",
+        {
+            "t": {
+                "alias": "t",
+                "word_perplexity,none": 20.0,
+                "word_perplexity_stderr,none": 0.5,
+                "byte_perplexity,none": 2.0,
+                "only_in_a,none": 1.0,
+                "zero,none": 0,
+            }
+        },
+    )
+    b = results(
+        tmp_path / "b.json",
+        {"t": {"alias": "t", "word_perplexity,none": 15.0, "byte_perplexity,none": 2.5, "zero,none": 3}},
+    )
+    rows = compare(a, b)
+    assert [r["metric"] for r in rows] == ["byte_perplexity", "word_perplexity", "zero"], "sorted, filter suffix cut"
+    byte, word, zero = rows
+    assert (byte["a"], byte["b"], byte["delta"], byte["relative"]) == (2.0, 2.5, 0.5, 0.25)
+    assert word["delta"] == -5.0 and word["relative"] == -0.25
+    assert zero["delta"] == 3 and math.isnan(zero["relative"]), "no relative change from 0, never a made-up one"
+
+
+def test_markdown_has_a_row_per_metric_with_signed_changes(tmp_path):
+    a = results(tmp_path / "a.json", {"t": {"acc,none": 0.5}, "u": {"acc,none": 0.8}})
+    b = results(tmp_path / "b.json", {"t": {"acc,none": 0.4}, "u": {"acc,none": 0.9}})
+    text = to_markdown(compare(a, b), "full", "rank 0.5")
+    lines = text.splitlines()
+    assert lines[0] == "| task | metric | full | rank 0.5 | delta | relative |" and len(lines) == 4
+    assert "| t | acc | 0.5000 | 0.4000 | -0.1000 | -20.00% |" in lines
+    assert "| u | acc | 0.8000 | 0.9000 | +0.1000 | +12.50% |" in lines
+
+
+def test_missing_or_other_files_are_named(tmp_path):
+    with pytest.raises(FileNotFoundError, match="results file .*none.json does not exist"):
+        load_results(tmp_path / "none.json")
+    (tmp_path / "list.json").write_text("[1, 2]")
+    with pytest.raises(ValueError, match="is not an lm-eval results file"):
+        load_results(tmp_path / "list.json")
+    a = results(tmp_path / "a.json", {"t": {"acc,none": 0.5}})
+    b = results(tmp_path / "b.json", {"u": {"acc,none": 0.5}})
+    with pytest.raises(ValueError, match=r"cover different tasks \(\['t'\] vs \['u'\]\)"):
+        compare(a, b)
