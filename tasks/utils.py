@@ -34,11 +34,18 @@ def load_generation_dataset(
     return {"test": task_dataset(source, language, data_dir, num_samples, int(seed), generation=True)}
 
 
+def scored_text(prompt: str, response: str) -> str:
+    """The text lm-eval scores for (prompt, response): it moves the prompt's trailing whitespace onto the
+    continuation (`TemplateLM._encode_pair`), so that whitespace is scored too (an empty prompt moves nothing)."""
+    return prompt[len(prompt.rstrip()) :] + response if prompt else response
+
+
 def process_perplexity(doc: dict, results: list) -> dict:
-    """Loglikelihood of the response given the prompt, weighted by the response's words and bytes."""
+    """Loglikelihood of the scored text given the prompt, weighted by the words and bytes lm-eval scored."""
     loglikelihood = results[0][0]
-    words = len(re.split(r"\s+", doc["response"].strip())) or 1
-    num_bytes = len(doc["response"].encode("utf-8")) or 1
+    scored = scored_text(doc["prompt"], doc["response"])
+    words = len(re.split(r"\s+", scored.strip())) or 1
+    num_bytes = len(scored.encode("utf-8")) or 1
     return {
         "word_perplexity": (loglikelihood, words),
         "byte_perplexity": (loglikelihood, num_bytes),

@@ -189,3 +189,37 @@ def test_lm_eval_task_texts_skip_the_evaluated_documents(data_dir):
     assert list(iter_texts("lm_eval:kvcore_codealpaca", data_dir=str(data_dir), skip_docs=3)) == every[3:]
     with pytest.raises(ValueError, match="names a group"):
         list(iter_texts("lm_eval:kvcore_domains", data_dir=str(data_dir)))
+
+
+def test_scored_bytes_and_words_are_those_lm_eval_scores(task_manager):
+    """lm-eval moves the prompt's trailing newline onto the continuation and scores it: the byte weight counts it."""
+    import sys
+
+    from lm_eval.models.huggingface import HFLM
+
+    from conftest import EXAMPLE_MODEL
+
+    sys.path.insert(0, str(REPO / "tasks"))
+    import utils
+
+    lm = HFLM(pretrained=str(EXAMPLE_MODEL), device="cpu")  # the byte-level tokenizer: one token a byte
+    task = build("kvcore_alpaca", task_manager, limit=2)
+    for instance in task.instances:
+        context, continuation = instance.args
+        assert context.endswith("\n"), "the alpaca prompt ends with a newline"
+        _, scored_tokens = lm._encode_pair(context, continuation)
+        scored = lm.tokenizer.decode(scored_tokens)
+        weights = utils.process_perplexity(instance.doc, [(-1.0, False)])
+        assert weights["byte_perplexity"][1] == len(scored.encode("utf-8"))
+        assert weights["word_perplexity"][1] == len(scored.split())
+
+
+def test_held_out_pool_is_not_capped_by_the_task_yaml_num_samples(tmp_path):
+    """1,100 records, the YAML's default subset of 1,000 scored: calibration reads the other 100."""
+    from kvcore_eval.data import iter_documents
+
+    record = {"instruction": "Say a number.", "input": "", "output": ""}
+    lines = [json.dumps({**record, "output": f"The number {i}."}) for i in range(1100)]
+    (tmp_path / "alpaca.jsonl").write_text("\n".join(lines) + "\n")
+    pool = list(iter_documents("lm_eval:kvcore_alpaca", data_dir=str(tmp_path), skip_docs=1000))
+    assert len(pool) == 100
