@@ -195,9 +195,8 @@ def test_scored_bytes_and_words_are_those_lm_eval_scores(task_manager):
     """lm-eval moves the prompt's trailing newline onto the continuation and scores it: the byte weight counts it."""
     import sys
 
-    from lm_eval.models.huggingface import HFLM
-
     from conftest import EXAMPLE_MODEL
+    from lm_eval.models.huggingface import HFLM
 
     sys.path.insert(0, str(REPO / "tasks"))
     import utils
