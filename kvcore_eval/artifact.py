@@ -136,6 +136,25 @@ def read_metadata(path: str | Path) -> dict[str, Any]:
     return metadata
 
 
+def _check_shapes(metadata: dict[str, Any], shapes: dict[str, tuple[int, ...]], path: str | Path) -> None:
+    """kvcore.json's geometry must be the shape of every tensor in basis.safetensors."""
+    g = KVGeometry(**metadata["model"]["geometry"])
+    layers, width, heads, head_dim = g.num_layers, g.width, g.kv_heads, g.head_dim
+    expected = {"token_count": (layers,)}
+    for space in SPACES:
+        expected[f"{space}.eigenvalues"] = (layers, width)
+        expected[f"{space}.eigenvectors"] = (layers, width, width)
+        expected[f"{space}.head_eigenvalues"] = (layers, heads, head_dim)
+        expected[f"{space}.head_eigenvectors"] = (layers, heads, head_dim, head_dim)
+    if bad := [
+        f"{key} {shapes.get(key)} (expected {shape})" for key, shape in expected.items() if shapes.get(key) != shape
+    ]:
+        raise ValueError(
+            f"{Path(path) / METADATA_FILE} says {g.to_dict()}, but {BASIS_FILE} holds {', '.join(bad[:2])}: the "
+            f"metadata was edited or belongs to another basis; re-run `kvcore-eval calibrate --out {path} --overwrite`"
+        )
+
+
 def load_calibration(path: str | Path, eigenvectors: bool = True) -> Calibration:
     """Load and verify an artifact: checksum of the basis file (streamed), finite values. With `eigenvectors=False`
     the bases stay on disk (the bulk of the file: L·D² floats per space) and `Calibration.basis` reads the slices
@@ -151,8 +170,11 @@ def load_calibration(path: str | Path, eigenvectors: bool = True) -> Calibration
         )
     try:
         with safe_open(str(basis_path), framework="pt") as f:
+            _check_shapes(metadata, {key: tuple(f.get_slice(key).get_shape()) for key in f.keys()}, path)
             wanted = [key for key in f.keys() if eigenvectors or not key.endswith("eigenvectors")]
             tensors = {key: f.get_tensor(key) for key in wanted}
+    except ValueError:
+        raise
     except Exception as err:  # safetensors raises its own error type for a truncated header
         raise ValueError(
             f"{basis_path} cannot be read ({err}): re-run `kvcore-eval calibrate --out {path} --overwrite`"

@@ -62,9 +62,14 @@ RESUMABLE = ("max_tokens",)
 
 def _run_identity(config: CalibrationConfig, model_identity: dict[str, Any], world_size: int) -> dict[str, Any]:
     """What must match for a checkpoint to be resumed: the whole configuration's identity (but max_tokens, which
-    may grow: packing is prefix-stable, and only full batches are checkpointed), the model's, and the number of
-    processes. The data's content is checked separately, by the digest of the documents read."""
-    return {"config": identity(config, exclude=RESUMABLE), "model": model_identity, "world_size": world_size}
+    may grow: packing is prefix-stable, and only full batches are checkpointed), the model's, the tokenization and
+    the number of processes. The data's content is checked separately, by the digest of the documents read."""
+    return {
+        "config": identity(config, exclude=RESUMABLE),
+        "model": model_identity,
+        "tokenization": data.TOKENIZATION,
+        "world_size": world_size,
+    }
 
 
 def _work_dir(config: CalibrationConfig, out: Path) -> Path:
@@ -276,7 +281,10 @@ def _run(
     geometry = models.kv_geometry(model.config)
     check_key_recovery(model, tap)  # the pre-RoPE keys below are the model's own, or this raises
     model_identity = models.model_identity(model, model_id, config.revision, gguf_file)
-    run = _run_identity(config, model_identity, state.num_processes)
+    run = {
+        **_run_identity(config, model_identity, state.num_processes),
+        "weights": models.weights_digest(models.weights_sample(model)),  # bit for bit, in this run's dtype
+    }
 
     work = _work_dir(config, out)
     state.wait_for_everyone()
@@ -338,6 +346,7 @@ def _run(
         )
     if state.is_main_process:
         metadata = _metadata(config, model_identity, total_tokens, state.num_processes, tap.has_rope)
+        metadata["tokenization"] = {"method": data.TOKENIZATION, "adds_bos": data.adds_bos(tokenizer)}
         metadata["documents"] = {
             "count": len(log.rows),
             "digest": log.fingerprint(),

@@ -339,6 +339,26 @@ def iter_texts(*args, **kwargs) -> Iterator[str]:
         yield prompt + response
 
 
+TOKENIZATION = (
+    "each document as lm-eval's HFLM encodes it (add_bos_token unset: the tokenizer's own special tokens, none when the "
+    "text already starts with BOS), documents joined by EOS and packed"
+)
+
+
+def encode_as_lm_eval(tokenizer, text: str) -> list[int]:
+    """A document's tokens as lm-eval's HFLM.tok_encode gives them with add_bos_token unset: the tokenizer's default
+    special tokens (a BOS where the tokenizer adds one), none when the text already starts with the BOS text."""
+    bos = tokenizer.decode([tokenizer.bos_token_id]) if tokenizer.bos_token_id is not None else None
+    add_special = not (bos and text.startswith(bos))
+    return tokenizer(text, add_special_tokens=add_special)["input_ids"]
+
+
+def adds_bos(tokenizer) -> bool:
+    """Whether a document's tokens start with BOS (the attention-sink token of the evaluation too)."""
+    ids = encode_as_lm_eval(tokenizer, "a")
+    return tokenizer.bos_token_id is not None and bool(ids) and ids[0] == tokenizer.bos_token_id
+
+
 def pack_sequences(texts: Iterable[str], tokenizer, seq_len: int, max_tokens: int) -> Iterator[list[int]]:
     """Tokenize texts, join them with EOS, and cut the stream into sequences of `seq_len` tokens.
 
@@ -349,7 +369,7 @@ def pack_sequences(texts: Iterable[str], tokenizer, seq_len: int, max_tokens: in
     buffer: list[int] = []
     emitted = 0
     for text in texts:
-        buffer.extend(tokenizer(text, add_special_tokens=False)["input_ids"] + separator)
+        buffer.extend(encode_as_lm_eval(tokenizer, text) + separator)
         while len(buffer) >= seq_len and emitted + seq_len <= max_tokens:
             yield buffer[:seq_len]
             buffer, emitted = buffer[seq_len:], emitted + seq_len

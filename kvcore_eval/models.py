@@ -71,9 +71,10 @@ def config_fingerprint(config: PretrainedConfig) -> str:
 
 
 WEIGHT_SAMPLE = 64  # values sampled per parameter for the fingerprint
-# A sampled weight may differ between loads in two dtypes by one rounding of the coarser one (bf16: 2^-8
-# relative); a different checkpoint differs by far more.
-WEIGHT_TOLERANCE = 2.0**-7
+# Unit roundoff of each load dtype: loading one checkpoint in dtype a and in dtype b gives weights that differ by at
+# most u_a + u_b relative to their size; in the same dtype they are equal, bit for bit.
+UNIT_ROUNDOFF = {"float32": 2.0**-24, "float16": 2.0**-11, "bfloat16": 2.0**-8}
+SUBNORMAL = 2.0**-24  # float16's smallest subnormal: the absolute error of values flushed near zero
 
 
 def weights_sample(model: torch.nn.Module) -> torch.Tensor:
@@ -105,11 +106,27 @@ def weights_fingerprint(model: torch.nn.Module, sample: torch.Tensor | None = No
     return digest.hexdigest()[:16]
 
 
-def same_weights(recorded: torch.Tensor, current: torch.Tensor) -> bool:
-    """Whether two weight samples come from one checkpoint, up to the rounding of a load dtype."""
+def same_weights(recorded: torch.Tensor, current: torch.Tensor, recorded_dtype: str, current_dtype: str) -> bool:
+    """Whether two weight samples come from one checkpoint: equal when both loads used one dtype, else within the
+    rounding of the two dtypes (u_a + u_b relative, the coarser one's dominating)."""
+    import torch
+
     if recorded.shape != current.shape:
         return False
-    return bool(((recorded - current).abs() <= WEIGHT_TOLERANCE * recorded.abs() + 1e-6).all())
+    if recorded_dtype == current_dtype:
+        return bool(torch.equal(recorded, current))
+    tolerance = UNIT_ROUNDOFF[recorded_dtype] + UNIT_ROUNDOFF[current_dtype]
+    scale = torch.maximum(recorded.abs(), current.abs())
+    return bool(((recorded - current).abs() <= tolerance * scale + SUBNORMAL).all())
+
+
+def dtype_name(dtype: torch.dtype) -> str:
+    return str(dtype).removeprefix("torch.")
+
+
+def weights_digest(sample: torch.Tensor) -> str:
+    """sha256 of a weight sample, bit for bit (the exact identity of weights loaded in one dtype)."""
+    return hashlib.sha256(sample.float().numpy().tobytes()).hexdigest()[:16]
 
 
 def gguf_location(model: str, gguf_file: str | None) -> tuple[str, str | None]:

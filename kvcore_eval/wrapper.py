@@ -30,6 +30,7 @@ from kvcore_eval.cache import (
 from kvcore_eval.config import TruncationConfig, split_options
 from kvcore_eval.models import (
     config_fingerprint,
+    dtype_name,
     kv_geometry,
     load_config,
     same_weights,
@@ -125,21 +126,24 @@ class KVCoreHFLM(HFLM):
     def _apply(self, truncation: TruncationConfig, artifact: Calibration, plan) -> None:
         self.kvcore_config, self.kvcore_plan = truncation, plan
         self._overlap = OverlapCounter(artifact.document_digests)
+        self._artifact_metadata = artifact.metadata
         self._check_weights(artifact)
         self._setup_cache(artifact)
 
     def _check_weights(self, artifact: Calibration) -> None:
-        """Same weights as the calibration, whatever dtype each loaded them in; else refuse (or warn)."""
+        """Same weights as the calibration: bit for bit in the same dtype, within the two dtypes' rounding across
+        dtypes; else refuse (or warn)."""
         recorded = artifact.metadata["model"]
         sample = weights_sample(self.model)
-        if recorded["weights_fingerprint"] == weights_fingerprint(self.model, sample):
-            return
-        if artifact.weights_sample is not None and same_weights(artifact.weights_sample, sample):
-            logger.info(
-                "kvcore_hf: same weights as the calibration, loaded as %s (calibrated as %s)",
-                self.model.dtype,
-                artifact.metadata.get("model_dtype"),
-            )
+        calibrated, loaded = artifact.metadata.get("model_dtype"), dtype_name(self.model.dtype)
+        if artifact.weights_sample is None:  # an artifact without a sample: only the bfloat16-rounded fingerprint
+            if recorded["weights_fingerprint"] == weights_fingerprint(self.model, sample):
+                return
+        elif same_weights(artifact.weights_sample, sample, calibrated, loaded):
+            if calibrated != loaded:
+                logger.info(
+                    "kvcore_hf: same weights as the calibration, loaded as %s (calibrated as %s)", loaded, calibrated
+                )
             return
         _mismatch(
             f"artifact {self.kvcore_config.calibration} was calibrated on other weights ({recorded['model_id']}, "
@@ -267,6 +271,7 @@ class KVCoreHFLM(HFLM):
         info = super().get_model_info()
         info["kvcore"] = {
             "calibration": self.kvcore_config.calibration,
+            "artifact": describe_artifact(self._artifact_metadata),
             "truncation": {k: v for k, v in vars(self.kvcore_config).items() if k != "calibration"},
             "rank_plan": self.kvcore_plan.to_dict(),
             "cache_bytes_per_token": self.kvcore_cache_bytes,
@@ -274,6 +279,24 @@ class KVCoreHFLM(HFLM):
             "calibration_overlap": self._overlap.summary(),
         }
         return info
+
+
+def describe_artifact(metadata: dict[str, Any]) -> dict[str, Any]:
+    """What names an artifact in the results, wherever the folder moves: checksum, model, data, tokens."""
+    model = metadata["model"]
+    return {
+        "basis_sha256": metadata.get("basis_sha256"),
+        "model_id": model.get("model_id"),
+        "revision": model.get("revision"),
+        "gguf": model.get("gguf"),
+        "weights_fingerprint": model.get("weights_fingerprint"),
+        "model_dtype": metadata.get("model_dtype"),
+        "dataset": metadata.get("dataset"),
+        "documents": metadata.get("documents"),
+        "tokens": metadata.get("tokens"),
+        "seq_len": metadata.get("seq_len"),
+        "tokenization": metadata.get("tokenization"),
+    }
 
 
 def _ranks(per_layer: list[int] | None) -> str:

@@ -490,3 +490,85 @@ def test_disk_full_is_one_line_and_keeps_the_previous_artifact(finished_run, lla
     assert exit_info.value.code == 2
     assert any("No space left on device" in record.getMessage() for record in caplog.records)
     assert _snapshot(out) == before
+
+
+def test_documents_are_tokenized_as_lm_eval_with_the_tokenizers_bos(llama_dir, tmp_path):
+    """A tokenizer that adds BOS: each calibrated document starts with it, as in lm-eval's HFLM, and it is recorded."""
+    import shutil
+
+    from lm_eval.models.huggingface import HFLM
+    from transformers import AutoTokenizer
+
+    from kvcore_eval.data import pack_sequences
+
+    folder = tmp_path / "bos-model"
+    shutil.copytree(llama_dir, folder)
+    spec = json.loads((folder / "tokenizer.json").read_text())
+    spec["post_processor"]["single"] = [
+        {"SpecialToken": {"id": "<s>", "type_id": 0}},
+        *spec["post_processor"]["single"],
+    ]
+    spec["post_processor"]["special_tokens"] = {"<s>": {"id": "<s>", "ids": [1], "tokens": ["<s>"]}}
+    (folder / "tokenizer.json").write_text(json.dumps(spec))
+    tokenizer = AutoTokenizer.from_pretrained(folder)
+    lm = HFLM(pretrained=str(folder), device="cpu")
+    texts = ["Give three tips.", "Name a colour: blue."]
+    (sequence,) = pack_sequences(texts, tokenizer, 64, 1000)
+    assert sequence == lm.tok_encode(texts[0]) + [2] + lm.tok_encode(texts[1]) + [2]
+    assert sequence[0] == 1, "the evaluation's first token, BOS, is calibrated too"
+    (folder / "docs.jsonl").write_text("".join(json.dumps({"text": t * 8}) + "\n" for t in texts))
+    run = calibrate(
+        config(folder, tmp_path / "run", dataset=str(folder / "docs.jsonl"), prompt_format=None, max_tokens=200)
+    )
+    assert load_calibration(run).metadata["tokenization"]["adds_bos"] is True
+
+
+def _interrupt_before_the_artifact(monkeypatch, run) -> None:
+    """Run until every batch is done, then die before the artifact is written (the last checkpoint stays)."""
+    from kvcore_eval import artifact
+
+    def die(*args, **kwargs):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(artifact, "save_calibration", die)
+    with pytest.raises(KeyboardInterrupt):
+        run()
+    monkeypatch.undo()
+
+
+def test_resume_with_a_larger_max_tokens_is_bit_identical(finished_run, llama_dir, tmp_path, monkeypatch):
+    """A first run of 1,000 tokens ends in a short sequence; resumed to 3,000 it equals an uninterrupted 3,000."""
+    out = tmp_path / "grow"
+    _interrupt_before_the_artifact(monkeypatch, lambda: calibrate(config(llama_dir, out, max_tokens=1000)))
+    calibrate(config(llama_dir, out, max_tokens=3000, resume=True))
+    resumed, uninterrupted = load_file(str(out / BASIS_FILE)), load_file(str(finished_run / BASIS_FILE))
+    assert int(resumed["token_count"][0]) == 3000
+    for key, tensor in uninterrupted.items():
+        assert torch.equal(resumed[key], tensor), key
+
+
+def test_packing_reaches_max_tokens_whenever_the_data_holds_them(llama_dir):
+    from transformers import AutoTokenizer
+
+    from kvcore_eval.data import iter_texts, pack_sequences
+
+    tokenizer = AutoTokenizer.from_pretrained(llama_dir)
+    texts = list(iter_texts(str(EXAMPLE_DATA / "alpaca.jsonl"), prompt_format="alpaca"))
+    for max_tokens in range(960, 1024, 3):  # every remainder after 15 sequences of 64
+        assert sum(len(s) for s in pack_sequences(iter(texts), tokenizer, 64, max_tokens)) == max_tokens, max_tokens
+
+
+def test_resume_refuses_another_dtype_and_changed_data(llama_dir, tmp_path, monkeypatch):
+    data = tmp_path / "docs.jsonl"
+    data.write_text((EXAMPLE_DATA / "alpaca.jsonl").read_text())
+    out = tmp_path / "run"
+    _interrupt_before_the_artifact(
+        monkeypatch, lambda: calibrate(config(llama_dir, out, dataset=str(data), max_tokens=3000))
+    )
+    with pytest.raises(ValueError, match="another run \(config.dtype: 'float32' then, 'bfloat16' now"):
+        calibrate(config(llama_dir, out, dataset=str(data), max_tokens=3000, dtype="bfloat16", resume=True))
+    records = [json.loads(line) for line in data.read_text().splitlines()]
+    records[0]["output"] += " One more sentence."
+    data.write_text("".join(json.dumps(r) + "\n" for r in records))  # same file name, other content
+    with pytest.raises(ValueError, match="data of .*docs.jsonl changed since the checkpoint"):
+        calibrate(config(llama_dir, out, dataset=str(data), max_tokens=3000, resume=True))

