@@ -213,3 +213,15 @@ def test_non_finite_values_are_refused_at_load_or_at_the_slice_read(tmp_path):
     assert torch.isfinite(lazy.basis("value", 0, 8, "layer")).all()
     with pytest.raises(ValueError, match=r"NaN or inf in value.eigenvectors\[1\]"):
         lazy.basis("value", 1, 1, "layer")
+
+
+def test_metadata_whose_geometry_is_not_the_basis_shape_is_refused(saved, tmp_path):
+    import shutil
+
+    copy = tmp_path / "edited"
+    shutil.copytree(saved, copy)
+    metadata = json.loads((copy / METADATA_FILE).read_text())
+    metadata["model"]["geometry"] = {"num_layers": 3, "kv_heads": 4, "head_dim": 2}  # same D = 8, other heads
+    (copy / METADATA_FILE).write_text(json.dumps(metadata))
+    with pytest.raises(ValueError, match=r"says .*'kv_heads': 4.* but basis.safetensors holds .*head_eigenvalues"):
+        load_calibration(copy, eigenvectors=False)

@@ -168,3 +168,27 @@ def test_seeded_order_is_a_permutation_whose_subsets_are_prefixes():
     assert sorted(order) == list(range(50))
     assert split_indices(50, 10, seed=3) == order[:10] and split_indices(50, 20, seed=3)[:10] == order[:10]
     assert split_indices(50, None, seed=3) == order and split_indices(50, None, seed=4) != order
+
+
+def test_documents_are_encoded_with_the_tokenizers_own_bos_once(tmp_path):
+    from transformers import AutoTokenizer
+
+    plain = AutoTokenizer.from_pretrained(EXAMPLE_MODEL)
+    assert not data.adds_bos(plain) and data.encode_as_lm_eval(plain, "ab") == plain("ab")["input_ids"]
+    spec = json.loads((EXAMPLE_MODEL / "tokenizer.json").read_text())  # the same tokenizer, adding BOS
+    spec["post_processor"]["single"] = [
+        {"SpecialToken": {"id": "<s>", "type_id": 0}},
+        *spec["post_processor"]["single"],
+    ]
+    spec["post_processor"]["special_tokens"] = {"<s>": {"id": "<s>", "ids": [1], "tokens": ["<s>"]}}
+    for name in ("tokenizer_config.json",):
+        (tmp_path / name).write_text((EXAMPLE_MODEL / name).read_text())
+    (tmp_path / "tokenizer.json").write_text(json.dumps(spec))
+    with_bos = AutoTokenizer.from_pretrained(tmp_path)
+    assert data.adds_bos(with_bos)
+    assert data.encode_as_lm_eval(with_bos, "ab") == [1, *plain("ab")["input_ids"]]
+    assert data.encode_as_lm_eval(with_bos, "<s>ab") == with_bos("<s>ab", add_special_tokens=False)["input_ids"], (
+        "a text that starts with the BOS text gets no second one"
+    )
+    (sequence,) = pack_sequences(["ab", "cd"], with_bos, seq_len=16, max_tokens=100)
+    assert sequence == [1, *plain("ab")["input_ids"], 2, 1, *plain("cd")["input_ids"], 2]

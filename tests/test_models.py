@@ -9,8 +9,10 @@ import torch
 from conftest import build_model, family_configs
 
 from kvcore_eval.models import (
+    UNIT_ROUNDOFF,
     WEIGHT_SAMPLE,
     config_fingerprint,
+    dtype_name,
     file_sha256,
     gguf_location,
     kv_geometry,
@@ -19,6 +21,7 @@ from kvcore_eval.models import (
     model_identity,
     resolve_dtype,
     same_weights,
+    weights_digest,
     weights_fingerprint,
     weights_sample,
 )
@@ -91,10 +94,17 @@ def test_weights_fingerprint_is_equal_across_float32_and_bfloat16_loads(llama_di
     bfloat16 = load_causal_lm(str(llama_dir), None, "cpu", "bfloat16")
     assert next(bfloat16.parameters()).dtype == torch.bfloat16 and not bfloat16.training
     assert weights_fingerprint(float32) == weights_fingerprint(bfloat16)
-    assert same_weights(weights_sample(float32), weights_sample(bfloat16))
+    assert same_weights(weights_sample(float32), weights_sample(bfloat16), "float32", "bfloat16")
+    assert not same_weights(weights_sample(float32), weights_sample(bfloat16), "float32", "float32"), (
+        "a bfloat16 load is not bit-equal to the float32 one: claimed as one dtype, it is refused"
+    )
+    assert weights_digest(weights_sample(float32)) == weights_digest(
+        weights_sample(load_causal_lm(str(llama_dir), None, "cpu", "float32"))
+    )
+    assert weights_digest(weights_sample(float32)) != weights_digest(weights_sample(bfloat16))
     other = build_model(family_configs()["llama"], seed=1)  # same architecture, other weights
     assert weights_fingerprint(other) != weights_fingerprint(float32)
-    assert not same_weights(weights_sample(float32), weights_sample(other))
+    assert not same_weights(weights_sample(float32), weights_sample(other), "float32", "bfloat16")
 
 
 def test_weights_sample_reads_first_and_last_value_of_every_parameter(family_models):
@@ -108,13 +118,25 @@ def test_weights_sample_reads_first_and_last_value_of_every_parameter(family_mod
     assert weights_fingerprint(model, sample) == weights_fingerprint(model)
 
 
-def test_same_weights_tolerates_one_rounding_but_not_a_change():
+def test_same_weights_is_bit_equality_in_one_dtype_and_one_rounding_across_two():
     sample = torch.randn(4, WEIGHT_SAMPLE, generator=torch.Generator().manual_seed(0))
-    assert same_weights(sample, sample.to(torch.bfloat16).float())
+    assert same_weights(sample, sample.clone(), "float32", "float32")
+    ulp = sample.clone()
+    ulp[1, 3] = torch.nextafter(ulp[1, 3], torch.tensor(float("inf")))
+    assert not same_weights(sample, ulp, "float32", "float32"), "one ulp in one dtype: not the same load"
+    assert same_weights(sample, ulp, "float32", "bfloat16")
+    for dtype in (torch.bfloat16, torch.float16):
+        name = dtype_name(dtype)
+        assert same_weights(sample, sample.to(dtype).float(), "float32", name)
+        assert same_weights(sample.to(dtype).float(), sample, name, "float32")
+    assert not same_weights(sample, sample.to(torch.bfloat16).float(), "float32", "float16"), (
+        "a bfloat16 rounding is beyond what a float16 load can explain"
+    )
     nudged = sample.clone()
     nudged[2, 5] *= 1.05  # 5 %: far beyond a bfloat16 rounding (2^-8)
-    assert not same_weights(sample, nudged)
-    assert not same_weights(sample, sample[:3]), "a different parameter count is other weights"
+    assert not same_weights(sample, nudged, "float32", "bfloat16")
+    assert not same_weights(sample, sample[:3], "float32", "float32"), "a different parameter count is other weights"
+    assert UNIT_ROUNDOFF["bfloat16"] > UNIT_ROUNDOFF["float16"] > UNIT_ROUNDOFF["float32"]
 
 
 def test_model_identity_records_geometry_and_fingerprints(family_models):
