@@ -2,9 +2,19 @@
 reconstruction or over its latents (`attention=latent`), vs a full DynamicCache (what `hf` runs), side by side
 in one run, per context length, batch size and rank.
 
-For each setting: prefill, then greedy-decode `--new-tokens` tokens one at a time; report decode tokens/s and
-the bytes the cache holds afterwards. The bases come from a calibration on random tokens (speed and memory do
-not depend on their quality).
+For each (context, batch): every candidate prefills its own cache once; then the candidates decode in
+interleaved bursts of `--new-tokens` greedy tokens (round 1: hf, kvcore..., round 2: the reverse order, ...), so
+that load on a shared machine hits them alike. Speeds are the median over rounds; each ratio to `hf` is the
+median of the per-round ratios with its min-max. Bytes: what the cache holds (counted from its tensors) and, on
+CUDA, what the device really allocated for it (`torch.cuda.memory_allocated` after the prefill, less before) and
+the peak of the prefill and first burst (`torch.cuda.max_memory_allocated`, less before). Only the last
+position's logits are computed in the prefill (`logits_to_keep=1`), as `generate` does.
+
+Latent candidates prefill through the reconstruction path (the cache stores the same latents either way) and
+decode over the latents: latent attention materializes (batch, heads, q_len, kv_len) float32 scores, which
+for a 32k prefill would not fit on any device (see benchmarks/README.md, "speed at length").
+
+The bases come from a calibration on random tokens (speed and memory do not depend on their quality).
 
     python benchmarks/cache.py --preset smollm2                  # CPU, SmolLM2-135M (real where installed)
     python benchmarks/cache.py --preset 1b --device cuda --dtype bfloat16 --contexts 4096,16384,32768 --batch-sizes 1,8
@@ -13,10 +23,21 @@ not depend on their quality).
 from __future__ import annotations
 
 import argparse
-import time
+import statistics
+from collections.abc import Callable
+from dataclasses import dataclass
 
 import torch
-from common import add_model_arguments, build_model, describe
+from common import (
+    add_model_arguments,
+    add_timing_arguments,
+    build_model,
+    describe,
+    interleave,
+    paired_ratio,
+    synchronize,
+    timed,
+)
 from transformers import DynamicCache
 
 from kvcore_eval import latent
@@ -27,50 +48,117 @@ from kvcore_eval.rank_plan import RankPlan
 from kvcore_eval.rope import RopeTap
 
 
-def decode(model, cache, context: torch.Tensor, new_tokens: int) -> tuple[float, int]:
-    """Decode tokens/s after prefilling `context`, and the cache's bytes at the end (latent attention where the
-    cache is latent: the model is switched to it for this run only)."""
-    is_latent = isinstance(cache, LowRankCache) and cache.layers[0].latent
-    original = model.config._attn_implementation
-    model.set_attn_implementation(latent.NAME if is_latent else original)
-    try:
-        with latent.active(cache) if is_latent else torch.no_grad():
-            return _decode(model, cache, context, new_tokens)
-    finally:
-        model.set_attn_implementation(original)
+@dataclass
+class Candidate:
+    """One cache under test, prefilled once; `token` is its next input (batch, 1)."""
+
+    name: str
+    attention: str
+    rank: int
+    cache: object
+    is_latent: bool = False
+    token: torch.Tensor | None = None
+    device_bytes: int = 0  # allocated on the device by the prefill and kept (CUDA only)
+    peak_bytes: int = 0  # peak allocation of the prefill above what was allocated before it (CUDA only)
+
+    @property
+    def label(self) -> str:
+        return f"{self.name} | {self.attention} | {self.rank}"
 
 
-def _decode(model, cache, context: torch.Tensor, new_tokens: int) -> tuple[float, int]:
-    with torch.no_grad():
-        logits = model(input_ids=context, cache=cache, use_cache=True).logits
-        token = logits[:, -1:].argmax(-1)
-        if context.device.type == "cuda":
-            torch.cuda.synchronize()
-        start = time.perf_counter()
-        for _ in range(new_tokens):
-            token = model(input_ids=token, cache=cache, use_cache=True).logits[:, -1:].argmax(-1)
-        if context.device.type == "cuda":
-            torch.cuda.synchronize()
-        elapsed = time.perf_counter() - start
+def cache_bytes(cache) -> int:
     if isinstance(cache, LowRankCache):
-        nbytes = sum(cache.stored_bytes().values())
-    else:
-        nbytes = sum(
-            layer.keys.numel() * layer.keys.element_size() + layer.values.numel() * layer.values.element_size()
-            for layer in cache.layers
-        )
-    return context.shape[0] * new_tokens / elapsed, nbytes
+        return sum(cache.stored_bytes().values())
+    return sum(
+        layer.keys.numel() * layer.keys.element_size() + layer.values.numel() * layer.values.element_size()
+        for layer in cache.layers
+    )
+
+
+def prefill(model, candidate: Candidate, context: torch.Tensor, implementation: str, device: torch.device) -> None:
+    """Fill the candidate's cache with `context` through the model's own attention (a latent cache's update returns
+    the reconstruction meanwhile: it stores the same latents either way); keep the next token."""
+    cuda = device.type == "cuda"
+    if cuda:
+        synchronize(device)
+        start = torch.cuda.memory_allocated(device)
+        torch.cuda.reset_peak_memory_stats(device)
+    layers = candidate.cache.layers if candidate.is_latent else []
+    for layer in layers:
+        layer.latent = False
+    model.set_attn_implementation(implementation)
+    with torch.no_grad():
+        logits = model(input_ids=context, cache=candidate.cache, use_cache=True, logits_to_keep=1).logits
+    candidate.token = logits[:, -1:].argmax(-1)  # (batch, 1)
+    del logits
+    for layer in layers:  # from now on update returns the latents, which latent attention reads
+        layer.latent = True
+    if cuda:
+        synchronize(device)
+        candidate.device_bytes = torch.cuda.memory_allocated(device) - start
+        candidate.peak_bytes = torch.cuda.max_memory_allocated(device) - start
+
+
+def burst(model, candidate: Candidate, new_tokens: int, implementation: str, device: torch.device) -> float:
+    """Decode `new_tokens` greedy tokens one at a time; tokens/s over the batch."""
+    model.set_attn_implementation(latent.NAME if candidate.is_latent else implementation)
+
+    def steps() -> None:
+        with torch.no_grad(), latent.active(candidate.cache) if candidate.is_latent else torch.no_grad():
+            token = candidate.token
+            for _ in range(new_tokens):
+                token = model(input_ids=token, cache=candidate.cache, use_cache=True).logits[:, -1:].argmax(-1)
+            candidate.token = token
+
+    return candidate.token.shape[0] * new_tokens / timed(steps, device)
+
+
+def candidates_for(calibration, geometry, tap, ranks: list[float], key_spaces: list[str], device) -> list[Candidate]:
+    found = [Candidate("hf (DynamicCache)", "model's own", geometry.width, DynamicCache())]
+    for fraction in ranks:
+        rank = max(1, round(fraction * geometry.width))
+        for key_space in key_spaces:
+            plan = RankPlan(
+                [rank] * geometry.num_layers, [rank] * geometry.num_layers, geometry.width, "layer", key_space
+            )
+            bases = layer_bases(calibration, plan, device)
+            for is_latent in (False, True):
+                cache = LowRankCache(bases, geometry.kv_heads, tap if key_space == "pre_rope" else None)
+                found.append(
+                    Candidate(
+                        f"kvcore_hf {key_space}", "latent" if is_latent else "reconstruct", rank, cache, is_latent
+                    )
+                )
+    return found
+
+
+def measure(model, make_candidates: Callable[[], list[Candidate]], context, args, device) -> list[tuple]:
+    implementation = model.config._attn_implementation
+    candidates = make_candidates()
+    for candidate in candidates:
+        prefill(model, candidate, context, implementation, device)
+    bursts = {c.label: (lambda c=c: burst(model, c, args.new_tokens, implementation, device)) for c in candidates}
+    speeds = interleave(bursts, args.rounds, warmup=False)  # the prefill was the warm-up
+    model.set_attn_implementation(implementation)
+    base_speed = speeds[candidates[0].label]
+    return [
+        (c, statistics.median(speeds[c.label]), paired_ratio(speeds[c.label], base_speed), cache_bytes(c.cache))
+        for c in candidates
+    ]
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     add_model_arguments(parser)
     parser.add_argument("--contexts", default="1024,4096,8192")
-    parser.add_argument("--ranks", default="0.5,0.25")
+    parser.add_argument("--ranks", default="0.5,0.25", help="fractions of D")
+    parser.add_argument("--key-spaces", default="post_rope,pre_rope")
     parser.add_argument("--batch-sizes", default="1,8")
-    parser.add_argument("--new-tokens", type=int, default=16)
+    parser.add_argument("--new-tokens", type=int, default=8, help="greedy tokens per candidate per round")
+    add_timing_arguments(parser, rounds=5)
     args = parser.parse_args()
-    model, geometry, device = build_model(args, max_positions=32768)
+    contexts = [int(c) for c in args.contexts.split(",")]
+    model, geometry, device = build_model(args, max_positions=max(contexts) + args.new_tokens * (args.rounds + 1))
     latent.register()
     vocab_size = model.config.vocab_size
     accumulator = GramAccumulator(geometry, device)
@@ -84,36 +172,36 @@ def main() -> None:
     calibration = decompose(
         accumulator.grams, accumulator.token_count, geometry, {"model": {"geometry": geometry.to_dict()}}
     )
+    ranks = [float(r) for r in args.ranks.split(",")]
+    key_spaces = args.key_spaces.split(",")
+    cuda = device.type == "cuda"
 
-    print(f"{describe(model, geometry, args)}; {args.new_tokens} greedy tokens decoded after the context")
-    print("| context | batch | cache | attention | key/value rank | decode tok/s | vs hf | cache MiB | vs hf |")
-    print("|---:|---:|---|---|---:|---:|---:|---:|---:|")
-    for context_len in [int(c) for c in args.contexts.split(",")]:
+    print(
+        f"{describe(model, geometry, args)}; {args.rounds} interleaved rounds of {args.new_tokens} greedy tokens "
+        "per candidate after the context; decode tok/s: median over rounds; vs hf: median (min-max) of per-round "
+        "ratios"
+    )
+    device_columns = " device MiB | prefill peak MiB |" if cuda else ""
+    header = "| context | batch | cache | attention | key/value rank | decode tok/s | vs hf | cache MiB | vs hf |"
+    print(header + device_columns)
+    print("|---:|---:|---|---|---:|---:|---:|---:|---:|" + ("---:|---:|" if cuda else ""))
+    for context_len in contexts:
         for batch in [int(b) for b in args.batch_sizes.split(",")]:
             context = torch.randint(0, vocab_size, (batch, context_len), device=device)
-            base_speed, base_bytes = decode(model, DynamicCache(), context, args.new_tokens)
-            print(
-                f"| {context_len} | {batch} | hf (DynamicCache) | {model.config._attn_implementation} | {geometry.width} | {base_speed:,.1f} | 1.00 | "
-                f"{base_bytes / 2**20:,.1f} | 1.00 |",
-                flush=True,
-            )
-            for fraction in [float(r) for r in args.ranks.split(",")]:
-                rank = max(1, round(fraction * geometry.width))
-                for key_space in ("post_rope", "pre_rope"):
-                    plan = RankPlan(
-                        [rank] * geometry.num_layers, [rank] * geometry.num_layers, geometry.width, "layer", key_space
-                    )
-                    bases = layer_bases(calibration, plan, device)
-                    for is_latent in (False, True):
-                        cache = LowRankCache(
-                            bases, geometry.kv_heads, tap if key_space == "pre_rope" else None, latent=is_latent
-                        )
-                        speed, nbytes = decode(model, cache, context, args.new_tokens)
-                        print(
-                            f"| {context_len} | {batch} | kvcore_hf {key_space} | {'latent' if is_latent else 'reconstruct'} | {rank} | "
-                            f"{speed:,.1f} | {speed / base_speed:.2f} | {nbytes / 2**20:,.1f} | {nbytes / base_bytes:.2f} |",
-                            flush=True,
-                        )
+            make = lambda: candidates_for(calibration, geometry, tap, ranks, key_spaces, device)  # noqa: E731
+            rows = measure(model, make, context, args, device)
+            base_bytes = rows[0][3]
+            for c, speed, ratio, nbytes in rows:
+                line = (
+                    f"| {context_len} | {batch} | {c.label} | {speed:,.1f} | {ratio} | "
+                    f"{nbytes / 2**20:,.1f} | {nbytes / base_bytes:.2f} |"
+                )
+                if cuda:
+                    line += f" {c.device_bytes / 2**20:,.1f} | {c.peak_bytes / 2**20:,.1f} |"
+                print(line, flush=True)
+            del rows
+            if cuda:
+                torch.cuda.empty_cache()
 
 
 if __name__ == "__main__":
