@@ -24,8 +24,9 @@ from typing import Any
 import torch
 
 from kvcore_eval import __version__, artifact, data, models, outputs, overlap
-from kvcore_eval.config import CalibrationConfig, identity, identity_differences, split_paths
+from kvcore_eval.config import CalibrationConfig, identity, identity_differences, parse_metadata, split_paths
 from kvcore_eval.gram import GramAccumulator, GramRecorder
+from kvcore_eval.lm_tasks import tokenizer_metadata
 from kvcore_eval.rope import RopeTap
 from kvcore_eval.selfcheck import check_key_recovery
 
@@ -53,6 +54,7 @@ def _dataset_spec(config: CalibrationConfig) -> dict[str, Any]:
         "data_dir": config.data_dir,
         "skip_docs": config.skip_docs,
         "include_path": config.include_path,
+        **({"metadata": parse_metadata(config.metadata)} if config.metadata else {}),
     }
 
 
@@ -232,6 +234,9 @@ def calibrate(
     if model is None:
         model = models.load_causal_lm(model_id, config.revision, str(device), config.dtype, gguf_file)
         tokenizer = models.load_tokenizer(model_id, config.revision, gguf_file)
+    task_metadata = None
+    if config.dataset.startswith("lm_eval:"):  # what `lm_eval --model_args pretrained=...` hands the task
+        task_metadata = {**tokenizer_metadata(model_id, gguf_file, tokenizer), **parse_metadata(config.metadata)}
     documents = data.iter_documents(
         config.dataset,
         config.split,
@@ -240,6 +245,7 @@ def calibrate(
         config.data_dir,
         config.skip_docs,
         split_paths(config.include_path),
+        task_metadata,
     )
     first = next(documents, None)
     if first is None:

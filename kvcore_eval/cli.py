@@ -1,6 +1,6 @@
 """`kvcore-eval` command line: a view of the config dataclasses, one subcommand per step of the flow.
 
-calibrate | report | table | eval | sweep | frontier | compare | judge"""
+calibrate | report | table | eval | sweep | frontier | compare | judge | tokenizer"""
 
 from __future__ import annotations
 
@@ -120,6 +120,15 @@ def _table(args: argparse.Namespace) -> None:
         print(f"{kind}: {path}")
 
 
+def _tokenizer(args: argparse.Namespace) -> None:
+    from kvcore_eval import models
+    from kvcore_eval.lm_tasks import save_tokenizer
+
+    model_id, gguf_file = models.gguf_location(args.model, args.gguf_file)
+    out = save_tokenizer(models.load_tokenizer(model_id, None, gguf_file), Path(args.out))
+    print(f'{out}  (lm-eval\'s RULER tasks: --metadata \'{{"tokenizer": "{out}"}}\')')
+
+
 def _judge(args: argparse.Namespace) -> None:
     """`kvcore-eval judge`: GPT-score a samples file through an OpenAI-compatible judge; prints the summary."""
     import json
@@ -177,6 +186,14 @@ def build_parser() -> argparse.ArgumentParser:
     table.add_argument("runs", nargs="+", help="calibration artifact folders (any number of models x datasets)")
     add_dataclass_arguments(table, TableConfig, skip=("runs",))
     table.set_defaults(run=_table)
+
+    tokenizer = commands.add_parser(
+        "tokenizer", help="write a model's tokenizer (a GGUF file's too) as a folder lm-eval's RULER tasks can read"
+    )
+    tokenizer.add_argument("model", help="model folder, hub id or .gguf file")
+    tokenizer.add_argument("--gguf-file", default=None, help="GGUF file inside the model folder")
+    tokenizer.add_argument("--out", required=True, help="new folder for the tokenizer files")
+    tokenizer.set_defaults(run=_tokenizer)
 
     comparison = commands.add_parser("compare", help="two lm-eval results files side by side")
     comparison.add_argument("a", help="lm-eval results JSON")

@@ -228,6 +228,11 @@ class CalibrationConfig:
     include_path: str | None = option(
         None, help="lm_eval:<task> only: extra task folders, comma-separated (lm-eval's --include_path)"
     )
+    metadata: str | None = option(
+        None,
+        help="lm_eval:<task> only: lm-eval's --metadata JSON for the task, e.g. '{\"max_seq_lengths\": [1024]}' "
+        "for RULER (the model's tokenizer is passed as lm_eval passes it)",
+    )
     text_field: str | None = option(None, help="record field holding the text (default: text, or the source's format)")
     prompt_format: str | None = option(
         None, help="alpaca | functioncall | question | field:NAME (default: the source's)"
@@ -243,6 +248,7 @@ class CalibrationConfig:
 
     def __post_init__(self) -> None:
         check_choices(self)
+        parse_metadata(self.metadata)
         if self.skip_docs < 0:
             raise ValueError(f"--skip-docs must be >= 0, got {self.skip_docs}")
         for name in ("max_tokens", "seq_len", "batch_size", "checkpoint_every"):
@@ -260,6 +266,24 @@ class CalibrationConfig:
             )
         if self.resume and self.overwrite:
             raise ValueError("--resume and --overwrite contradict each other: choose one")
+
+
+def parse_metadata(metadata: str | None) -> dict:
+    """--metadata as a dict: a JSON object, as lm-eval's --metadata takes it."""
+    import json
+
+    if not metadata:
+        return {}
+    try:
+        parsed = json.loads(metadata)
+    except json.JSONDecodeError as err:
+        raise ValueError(
+            f"--metadata {metadata!r} is not valid JSON ({err.msg}): pass an object such as "
+            "'{\"max_seq_lengths\": [1024]}'"
+        ) from None
+    if not isinstance(parsed, dict):
+        raise ValueError(f"--metadata {metadata!r} is a JSON {type(parsed).__name__}: pass a JSON object")
+    return parsed
 
 
 def split_paths(paths: str | None) -> list[str]:

@@ -314,12 +314,14 @@ def iter_documents(
     data_dir: str | None = None,
     skip_docs: int = 0,
     include_path: list[str] | None = None,
+    metadata: dict[str, Any] | None = None,
 ) -> Iterator[tuple[str, str]]:
     """(prompt, response) documents for calibration from `kvcore:<source>[:<language>]` (the task registry),
-    `lm_eval:<task>` (an lm-eval task's documents after the first `skip_docs`), a local file or a hub id.
-    The prompt is empty where the data does not separate one."""
+    `lm_eval:<task>` (an lm-eval task's documents after the first `skip_docs`; `metadata` is lm-eval's --metadata,
+    which generated tasks such as RULER read), a local file or a hub id. The prompt is empty where the data does
+    not separate one."""
     if dataset.startswith("lm_eval:"):
-        yield from lm_eval_task_documents(dataset.removeprefix("lm_eval:"), skip_docs, data_dir, include_path)
+        yield from lm_eval_task_documents(dataset.removeprefix("lm_eval:"), skip_docs, data_dir, include_path, metadata)
         return
     if dataset.startswith("kvcore:"):
         source_name, _, language = dataset.removeprefix("kvcore:").partition(":")
@@ -452,23 +454,38 @@ ALL_RECORDS = {"num_samples": None}  # lm-eval metadata: a kvcore task's every r
 
 
 def lm_eval_task_documents(
-    task: str, skip_docs: int = 0, data_dir: str | None = None, include_path: list[str] | None = None
+    task: str,
+    skip_docs: int = 0,
+    data_dir: str | None = None,
+    include_path: list[str] | None = None,
+    metadata: dict[str, Any] | None = None,
 ) -> Iterator[tuple[str, str]]:
     """An lm-eval task's documents as lm-eval scores them, (doc_to_text, delimiter + doc_to_target), after the first
     `skip_docs` (the documents an evaluation with --limit skip_docs scores): calibration data disjoint from the
-    evaluation."""
-    from kvcore_eval.lm_tasks import task_manager
+    evaluation.
+
+    `metadata` reaches the task as lm-eval's --metadata does. Generated tasks (RULER, kvcore_ruler) draw their
+    documents at load time from the global random state and the tokenizer named in it, so they are loaded the way
+    an evaluation loads them (`lm_tasks.load_as_evaluated`); a generation task's response is its answer prefix
+    (gen_prefix) and every reference answer."""
+    from kvcore_eval.lm_tasks import load_as_evaluated, task_manager
 
     # Every record of a kvcore task, in its seeded order (the YAML's num_samples would cap the pool that lies
     # beyond the scored documents); the first N are those `--limit N` scores, with or without the cap.
-    loaded = task_manager(data_dir, include_path, ALL_RECORDS).load_task_or_group([task])
-    tasks = list(leaf_tasks(loaded))
+    manager = task_manager(data_dir, include_path, {**ALL_RECORDS, **(metadata or {})})
+    tasks = list(leaf_tasks(load_as_evaluated(manager, [task])))
     if len(tasks) != 1:
         raise ValueError(f"lm_eval:{task} names a group of {len(tasks)} tasks: calibrate on one task at a time")
     instance = tasks[0]
     delimiter = instance.config.target_delimiter or ""
+    generation = instance.config.output_type == "generate_until"
     for doc in itertools.islice(instance.eval_docs, skip_docs, None):
         target = instance.doc_to_target(doc)
+        if generation:
+            answers = target if isinstance(target, list) else [target]
+            prefix = instance.doc_to_prefix(doc) or ""
+            yield str(instance.doc_to_text(doc)), f"{delimiter}{prefix} {', '.join(str(a) for a in answers)}".rstrip()
+            continue
         if isinstance(target, list):
             target = target[0] if target else ""
         if isinstance(target, int) and instance.config.doc_to_choice is not None:

@@ -42,3 +42,75 @@ def _task_manager(include_path: tuple[str, ...], metadata_json: str):
     ours = tasks_dir()
     paths = ([] if ours.is_relative_to(Path(lm_eval.__file__).parent) else [str(ours)]) + list(include_path)
     return TaskManager(include_path=paths or None, metadata=json.loads(metadata_json) or None)
+
+
+def load_as_evaluated(manager, names: list[str]) -> dict:
+    """`manager.load_task_or_group(names)` under the random seeds lm-eval's simple_evaluate sets before it loads
+    tasks (its defaults), so a generated task (RULER draws needles and depths from the global RNGs at load time)
+    gives the documents an evaluation scores. The global random states are restored afterwards."""
+    import random
+
+    import numpy as np
+    import torch
+    from lm_eval.defaults import DEFAULT_OTHER_SEED, DEFAULT_RANDOM_SEED
+
+    states = random.getstate(), np.random.get_state(), torch.get_rng_state()
+    try:
+        random.seed(DEFAULT_RANDOM_SEED)
+        np.random.seed(DEFAULT_OTHER_SEED)
+        torch.manual_seed(DEFAULT_OTHER_SEED)
+        return manager.load_task_or_group(names)
+    finally:
+        random.setstate(states[0])
+        np.random.set_state(states[1])
+        torch.set_rng_state(states[2])
+
+
+def save_tokenizer(tokenizer, out: Path) -> Path:
+    """Write `tokenizer` (for example one read from a GGUF file) as a folder that `AutoTokenizer.from_pretrained`
+    and lm-eval's RULER tasks (`tokenizer=`) read: written beside `out`, then renamed into place. Refuses a folder
+    that holds anything already."""
+    import os
+    import tempfile
+
+    out = Path(out)
+    if out.exists() and (not out.is_dir() or any(out.iterdir())):
+        raise ValueError(f"{out} exists and is not an empty folder: pass a new folder for the tokenizer")
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(dir=out.parent, prefix=f".{out.name}."))
+    tokenizer.save_pretrained(tmp)
+    os.replace(tmp, out)
+    return out
+
+
+def tokenizer_metadata(model_id: str, gguf_file: str | None, tokenizer) -> dict[str, str]:
+    """What `lm_eval --model_args pretrained=<model_id>[,gguf_file=...]` hands a generated task to size its documents
+    (lm-eval's RULER reads `tokenizer`, else `pretrained`). A GGUF file has no tokenizer folder RULER could read, so
+    its tokenizer is written once under $KVCORE_CACHE_DIR/tokenizers/<content hash>/ and named as `tokenizer`."""
+    if gguf_file is None:
+        return {"pretrained": model_id}
+    return {"pretrained": model_id, "gguf_file": gguf_file, "tokenizer": str(cached_tokenizer_dir(tokenizer))}
+
+
+def cached_tokenizer_dir(tokenizer) -> Path:
+    """A folder holding `tokenizer`, named by the hash of its saved files (written once, reused after)."""
+    import hashlib
+    import os
+    import shutil
+    import tempfile
+
+    from kvcore_eval.data import CACHE_ENV
+
+    root = Path(os.environ.get(CACHE_ENV, "~/.cache/kvcore-eval")).expanduser() / "tokenizers"
+    root.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(dir=root, prefix=".tmp."))
+    tokenizer.save_pretrained(tmp)
+    digest = hashlib.sha256()
+    for path in sorted(tmp.iterdir()):
+        digest.update(path.name.encode() + b"\0" + path.read_bytes())
+    final = root / digest.hexdigest()[:16]
+    if final.is_dir():
+        shutil.rmtree(tmp)
+    else:
+        os.replace(tmp, final)
+    return final

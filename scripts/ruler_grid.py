@@ -1,0 +1,119 @@
+"""Accuracy of `hf` and `kvcore_hf` on long-context generation tasks, cell by cell, with one model load.
+
+The README's RULER table on SmolLM2 (CPU) comes from this script. Each cell (task, context length, basis, truncated
+kind, rank) scores the first `--limit` documents of the task generated at that length; finished cells are kept in
+`<out>/cells/*.json` and skipped by a rerun, so the grid can be stopped and continued. The baseline is lm-eval's own
+`hf` model on the same weights; `kvcore_hf` cells swap rank plans on one loaded model.
+
+    python scripts/ruler_grid.py --model $SMOL/SmolLM2-135M-Instruct.Q4_1.gguf --out runs/ruler-grid \\
+        --prose runs/smol-prose --task-basis niah_single_1=runs/smol-niah1 --cells cells.txt
+
+`--cells` lists one cell a line: `task length basis kind rank` (basis: hf, prose or task; kind: keys, values, both;
+rank: a fraction of D), run in the order given.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import time
+from pathlib import Path
+
+logger = logging.getLogger("ruler_grid")
+
+
+def parse_cells(path: Path) -> list[tuple[str, int, str, str, float]]:
+    cells = []
+    for line in path.read_text().splitlines():
+        if line.strip() and not line.lstrip().startswith("#"):
+            task, length, basis, kind, rank = line.split()
+            cells.append((task, int(length), basis, kind, float(rank)))
+    return cells
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--model", required=True, help="model folder or .gguf file")
+    parser.add_argument("--out", required=True, help="output folder (cells/*.json, grid.md)")
+    parser.add_argument("--prose", required=True, help="calibration artifact of English prose (basis `prose`)")
+    parser.add_argument("--task-basis", action="append", default=[], help="TASK=ARTIFACT (basis `task`)")
+    parser.add_argument("--cells", required=True, help="file of cells: task length basis kind rank")
+    parser.add_argument("--limit", type=int, default=5, help="documents per cell (the first of the task)")
+    parser.add_argument("--gen-kwargs", default="", help="lm-eval --gen_kwargs for every cell, e.g. max_gen_toks=16")
+    parser.add_argument("--batch-size", type=int, default=1)
+    args = parser.parse_args()
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+
+    import lm_eval
+    from lm_eval.models.huggingface import HFLM
+
+    from kvcore_eval import models
+    from kvcore_eval.lm_tasks import task_manager, tokenizer_metadata
+    from kvcore_eval.rank_plan import TruncationConfig
+    from kvcore_eval.wrapper import KVCoreHFLM
+
+    out = Path(args.out)
+    (out / "cells").mkdir(parents=True, exist_ok=True)
+    task_basis = dict(item.split("=", 1) for item in args.task_basis)
+    cells = parse_cells(Path(args.cells))
+    model_id, gguf_file = models.gguf_location(args.model, None)
+    model = models.load_causal_lm(model_id, None, "cpu", "float32", gguf_file)
+    tokenizer = models.load_tokenizer(model_id, None, gguf_file)
+    base_metadata = tokenizer_metadata(model_id, gguf_file, tokenizer)
+    hf = kv = None
+    for task, length, basis, kind, rank in cells:
+        name = f"{task}_{length}_{basis}_{kind}_{rank:g}"
+        path = out / "cells" / f"{name}.json"
+        if path.exists():
+            continue
+        manager = task_manager(None, None, {**base_metadata, "max_seq_lengths": [length]})
+        if basis == "hf":
+            hf = hf or HFLM(pretrained=model, tokenizer=tokenizer, batch_size=args.batch_size)
+            lm = hf
+        else:
+            artifact = args.prose if basis == "prose" else task_basis[task]
+            spec = f"{rank:g}" if rank < 1 else "full"
+            truncation = TruncationConfig(
+                calibration=artifact,
+                key_rank=spec if kind in ("keys", "both") else None,
+                value_rank=spec if kind in ("values", "both") else None,
+                truncate=kind,
+            )
+            if kv is None:
+                kv = KVCoreHFLM(pretrained=model, tokenizer=tokenizer, batch_size=args.batch_size, **vars(truncation))
+            else:
+                kv.set_truncation(truncation)
+            lm = kv
+        start = time.time()
+        results = lm_eval.simple_evaluate(
+            model=lm,
+            tasks=[task],
+            limit=args.limit,
+            task_manager=manager,
+            gen_kwargs=args.gen_kwargs or None,
+            log_samples=True,
+        )
+        values = {key.split(",")[0]: value for key, value in results["results"][task].items()}
+        samples = results["samples"][task]
+        record = {
+            "task": task,
+            "length": length,
+            "basis": basis,
+            "artifact": None if basis == "hf" else artifact,
+            "kind": kind,
+            "rank": rank,
+            "limit": args.limit,
+            "gen_kwargs": args.gen_kwargs,
+            "accuracy": float(values[str(length)]),
+            "seconds": round(time.time() - start, 1),
+            "answers": [
+                {"target": s["target"], "response": s["filtered_resps"][0], "score": s[str(length)]} for s in samples
+            ],
+        }
+        path.write_text(json.dumps(record, indent=1))
+        logger.info("%s: %.2f (%.0f s)", name, record["accuracy"], record["seconds"])
+
+
+if __name__ == "__main__":
+    main()
