@@ -5,8 +5,10 @@ ranks over layers (uniform; energy, ner, sensitivity: a `rank_budget` spent by t
 the bits of the stored latents. For each budget (a fraction of the full cache's bytes per token) each method's one
 free knob (the uniform rank, or the total dimensions of a budget plan) is set by bisection to the largest value
 whose **measured** bytes per token (what a `LowRankCache` really holds after a probe forward over `seq_len`
-held-out tokens: latents, scales, rotary tables, per-sequence bases) stay within the budget. A method without a
-knob (int8, int4 at full rank) is one point at its measured bytes, whatever the budget.
+held-out tokens: latents, scales, rotary tables, per-sequence bases) stay within the budget. A row reports the
+bytes per token the evaluation's own caches held (kvcore_hf's measurement over the scored documents) where
+kvcore_hf measures them, else the probe's. A method without a knob (int8, int4 at full rank) is one point at its
+measured bytes, whatever the budget.
 
 Each task is scored on its first `num_samples` documents and calibrated on the documents after them, as in
 `sweep` (whose machinery this reuses: `open_session`, `task_calibration`, `run_point`, `layer_nd_ppl`). The
@@ -443,6 +445,9 @@ def _row(session, plan: TaskPlan, name: str, method: Method, budget, knob, point
     from kvcore_eval import metrics, study
 
     raw, base = point["value"], plan.baseline["value"]
+    # bytes per token: what the evaluation's own caches held where kvcore_hf measures it, else the probe's
+    evaluated_on_documents = bool(point.get("measured_cache_bytes"))
+    evaluated = point["measured_cache_bytes"]["bytes_per_token"] if evaluated_on_documents else measured
     row = {
         "task": plan.name,
         "method": name,
@@ -451,9 +456,11 @@ def _row(session, plan: TaskPlan, name: str, method: Method, budget, knob, point
         "bits": _bits(session, method),
         "budget": budget,
         "knob": knob,
-        "bytes_per_token": measured,
-        "fraction_of_full": measured / plan.full_bytes,
-        "within_budget": None if budget is None else measured <= budget * plan.full_bytes * (1 + 1e-9),
+        "bytes_per_token": evaluated,
+        "fraction_of_full": evaluated / plan.full_bytes,
+        "within_budget": None if budget is None else evaluated <= budget * plan.full_bytes * (1 + 1e-9),
+        "probe_bytes_per_token": measured,
+        "bytes_measured_on": "scored documents" if evaluated_on_documents else f"probe of {plan.probe.shape[1]} tokens",
         "metric": f"nd_ppl({plan.metric})" if plan.perplexity else plan.metric,
         "value": metrics.nd_ppl(raw, base) if plan.perplexity else raw,
         "raw": raw,
@@ -568,7 +575,7 @@ def to_markdown(rows: list[dict[str, Any]], config: FrontierConfig) -> str:
 
     budgets = config.budget_list()
     lines = [
-        f"# Bytes–quality frontier: {config.model}",
+        f"# Bytes–quality frontier: {Path(config.model).name or config.model}",
         "",
         f"Each task scored on its first {config.num_samples} documents; its data bases from "
         f"{config.calibration_tokens} tokens of its documents after those (disjoint). Bytes per token measured from "
@@ -660,6 +667,7 @@ def plot_frontier(rows: list[dict[str, Any]], config: FrontierConfig, path: Path
             ax.axvline(budget * full["bytes_per_token"], color="0.6", lw=0.8, ls=":")
         if full["higher_is_better"] is False:
             ax.set_yscale("symlog", linthresh=0.01)  # ND-PPL spans orders of magnitude
+            ax.set_ylim(bottom=min(0.0, *(r["value"] for r in task_rows)))
         ax.set(xlabel="bytes per token (measured)", ylabel=full["metric"], title=task.removeprefix("kvcore_"))
         ax.grid(alpha=0.3)
     axes[-1].legend(frameon=False, fontsize=8, ncol=2)

@@ -212,6 +212,8 @@ def run_point(
         "metrics": values,
         "per_document": {str(k): v for k, v in per_document_values(samples, metric).items()},
         "cache_bytes_per_token": session.lm.kvcore_cache_bytes,
+        # what the evaluation's caches held, per cached position (kvcore_hf's measurement, where it has one)
+        "measured_cache_bytes": getattr(session.lm, "kvcore_measured_bytes", lambda: None)(),
     }
     path.parent.mkdir(parents=True, exist_ok=True)
     record["calibration_overlap"] = session.lm.get_model_info()["kvcore"]["calibration_overlap"].get(task)
