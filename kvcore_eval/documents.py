@@ -75,3 +75,10 @@ def per_document_values(samples: list[dict[str, Any]], metric: str) -> dict[int,
         else:
             values[int(sample["doc_id"])] = float(entry)
     return dict(sorted(values.items()))
+
+
+def per_document_counts(samples: list[dict[str, Any]], metric: str) -> dict[int, float] | None:
+    """doc_id -> the weight lm-eval gives that document in a perplexity (its bytes or words); None for other metrics."""
+    if metric not in PERPLEXITY_METRICS:
+        return None
+    return dict(sorted((int(sample["doc_id"]), float(sample[metric][1])) for sample in samples))

@@ -177,7 +177,7 @@ def run_point(
     same settings is reused; other settings are an error."""
     import lm_eval
 
-    from kvcore_eval.documents import per_document_values
+    from kvcore_eval.documents import per_document_counts, per_document_values
 
     config = session.config
     metric = metric or config.metric
@@ -211,6 +211,7 @@ def run_point(
         "rank_plan": session.lm.kvcore_plan.to_dict(),
         "metrics": values,
         "per_document": {str(k): v for k, v in per_document_values(samples, metric).items()},
+        "per_document_weight": {str(k): v for k, v in (per_document_counts(samples, metric) or {}).items()},
         "cache_bytes_per_token": session.lm.kvcore_cache_bytes,
         # what the evaluation's caches held, per cached position (kvcore_hf's measurement, where it has one)
         "measured_cache_bytes": getattr(session.lm, "kvcore_measured_bytes", lambda: None)(),
