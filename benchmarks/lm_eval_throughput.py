@@ -1,7 +1,10 @@
 """lm-eval throughput: the same loglikelihood task through `hf` and `kvcore_hf` (full rank, and rank 0.25 with
 attention over the reconstruction and over the latents), same batch size, requests/s side by side in one run.
 
-Each model is loaded before the clock starts; what is timed is `simple_evaluate` on the task.
+Each model is loaded before the clock starts; what is timed is `simple_evaluate` on the task. The candidates share
+one model instance (each sets its attention implementation before its turn) and are timed interleaved over rounds
+(hf, kvcore..., then the reverse order, ...): requests/s is the median over rounds, the ratio to hf the median
+(min-max) of the per-round ratios.
 
     python benchmarks/lm_eval_throughput.py                       # SmolLM2-135M where installed, on examples/real-text
     python benchmarks/lm_eval_throughput.py --model examples/tiny-llama --data-dir examples/data
@@ -10,11 +13,12 @@ Each model is loaded before the clock starts; what is timed is `simple_evaluate`
 from __future__ import annotations
 
 import argparse
+import statistics
 import tempfile
 import time
 from pathlib import Path
 
-from common import SMOLLM2_GGUF, smollm2_folder
+from common import SMOLLM2_GGUF, add_timing_arguments, interleave, paired_ratio, smollm2_folder
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -27,12 +31,13 @@ def main() -> None:
     parser.add_argument("--data-dir", default=str(REPO / "examples" / "real-text"))
     parser.add_argument("--task", default="kvcore_alpaca")
     parser.add_argument("--batch-size", type=int, default=4)
-    parser.add_argument("--repeats", type=int, default=3, help="timed evaluations per model (the best is reported)")
+    add_timing_arguments(parser, rounds=3)
     args = parser.parse_args()
 
     import lm_eval
     from lm_eval.models.huggingface import HFLM
 
+    from kvcore_eval import latent
     from kvcore_eval.calibrate import calibrate
     from kvcore_eval.config import CalibrationConfig
     from kvcore_eval.lm_tasks import task_manager
@@ -72,23 +77,29 @@ def main() -> None:
                 calibration=str(artifact), key_rank=0.25, value_rank=0.25, key_space=k, attention=a, **common
             )
     manager = task_manager(args.data_dir)
-    rows = []
-    for name, build in candidates.items():
-        lm = build()
-        best, requests = float("inf"), 0
-        for _ in range(args.repeats):
-            start = time.perf_counter()
-            results = lm_eval.simple_evaluate(model=lm, tasks=[args.task], task_manager=manager)
-            best = min(best, time.perf_counter() - start)
-            requests = results["n-samples"][args.task]["effective"]
-        rows.append((name, requests / best, results["results"][args.task]["byte_perplexity,none"]))
-    print(
-        f"model: {model_path}; task {args.task} on {args.data_dir}, batch size {args.batch_size}, best of {args.repeats}"
-    )
+    original = model.config._attn_implementation
+    lms = {name: build() for name, build in candidates.items()}
+    results = {}
+
+    def evaluate(name: str) -> float:
+        """Requests/s of one evaluation; the model runs the attention this candidate set up."""
+        lm = lms[name]
+        latent_attention = getattr(lm, "_latent", False)
+        model.set_attn_implementation(latent.NAME if latent_attention else original)
+        start = time.perf_counter()
+        results[name] = lm_eval.simple_evaluate(model=lm, tasks=[args.task], task_manager=manager)
+        elapsed = time.perf_counter() - start
+        return results[name]["n-samples"][args.task]["effective"] / elapsed
+
+    speeds = interleave({name: (lambda n=name: evaluate(n)) for name in lms}, args.rounds)
+    print(f"model: {model_path}; task {args.task} on {args.data_dir}, batch size {args.batch_size}")
+    print(f"timing: {args.rounds} interleaved rounds after a warm-up evaluation of each")
     print("| model | requests/s | vs hf | byte perplexity |")
     print("|---|---:|---:|---:|")
-    for name, speed, perplexity in rows:
-        print(f"| {name} | {speed:,.2f} | {speed / rows[0][1]:.2f} | {perplexity:.4f} |")
+    for name in lms:
+        perplexity = results[name]["results"][args.task]["byte_perplexity,none"]
+        ratio = paired_ratio(speeds[name], speeds["hf"])
+        print(f"| {name} | {statistics.median(speeds[name]):,.2f} | {ratio} | {perplexity:.4f} |")
 
 
 if __name__ == "__main__":
