@@ -309,7 +309,7 @@ class EvalConfig:
     )
     limit: int | None = option(None, help="documents per task (lm-eval --limit)")
     batch_size: int = option(1, help="lm-eval batch size")
-    device: str = option("cpu", help="cpu, cuda, cuda:N")
+    device: str = option("auto", help="cpu, cuda, cuda:N, or auto (what lm-eval picks: cuda when available, else cpu)")
     dtype: ModelDtype = option("float32", help="model dtype")
     output: str | None = option(None, help="write lm-eval's results JSON here", identity=False)
     allow_overlap: bool = option(
@@ -390,7 +390,7 @@ class SweepConfig:
     )
     gguf_file: str | None = option(None, help="GGUF file inside --model's folder or hub repo")
     batch_size: int = option(1, help="lm-eval batch size")
-    device: str = option("cpu", help="cpu, cuda, cuda:N")
+    device: str = option("auto", help="cpu, cuda, cuda:N, or auto (what lm-eval picks: cuda when available, else cpu)")
     dtype: ModelDtype = option("float32", help="model dtype")
     allow_overlap: bool = option(
         False,

@@ -9,6 +9,7 @@ from typing import Any
 
 from kvcore_eval.config import EvalConfig, split_paths
 from kvcore_eval.lm_tasks import task_manager
+from kvcore_eval.models import resolve_device
 from kvcore_eval.outputs import atomic_write_text
 
 logger = logging.getLogger(__name__)
@@ -29,7 +30,7 @@ def run_lm_eval(
         model_args=config.model_args(),
         tasks=[t.strip() for t in config.tasks.split(",") if t.strip()],
         batch_size=config.batch_size,
-        device=config.device,
+        device=resolve_device(config.device),
         limit=config.limit,
         log_samples=log_samples,
         task_manager=task_manager(config.data_dir, split_paths(config.include_path), metadata),

@@ -28,6 +28,8 @@ from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 from typing import Any
 
+from kvcore_eval.metrics import bootstrap_stderr_of_mean
+
 logger = logging.getLogger(__name__)
 
 PROMPT_VERSION = "kvcore-gpt-score-v1"
@@ -292,6 +294,7 @@ def judge_samples(samples_path: str | Path, config: JudgeConfig, out_path: str |
     return {
         "samples": len(samples),
         "gpt_score": sum(scores) / len(scores) if scores else None,
+        "gpt_score_stderr": bootstrap_stderr_of_mean(scores) if len(scores) > 1 else None,  # seeded bootstrap
         "output": str(out_path),
         **judge.summary(),
     }

@@ -47,6 +47,18 @@ def residual_energy(eigenvalues: np.ndarray, rank: int) -> float:
     return float(energy[rank:].sum() / energy.sum()) if energy.sum() > 0 else 0.0
 
 
+def residual_energy_under(eigenvalues: np.ndarray, eigenvectors: np.ndarray, basis: np.ndarray) -> float:
+    """‖K − K·P·Pᵀ‖_F² / ‖K‖_F² = (tr G − tr PᵀGP) / tr G for another basis P (D, r), with G = KᵀK = V·diag(λ)·Vᵀ
+    given by its eigenvalues (D,) and eigenvectors (D, D): tr PᵀGP = Σ_i λ_i ‖Pᵀv_i‖². With P = V's top r columns
+    it equals `residual_energy`."""
+    energy = np.clip(np.asarray(eigenvalues, dtype=np.float64), 0.0, None)
+    total = energy.sum()
+    if total <= 0:
+        return 0.0
+    captured = ((np.asarray(basis, dtype=np.float64).T @ np.asarray(eigenvectors, dtype=np.float64)) ** 2).sum(axis=0)
+    return float(max(0.0, total - (energy * captured).sum()) / total)
+
+
 def nd_ppl(ppl_truncated: float, ppl_full: float) -> float:
     """Normalized delta perplexity: (PPL_truncated − PPL_full) / PPL_full."""
     if ppl_full <= 0:
@@ -54,9 +66,54 @@ def nd_ppl(ppl_truncated: float, ppl_full: float) -> float:
     return (ppl_truncated - ppl_full) / ppl_full
 
 
+BOOTSTRAP_ITERATIONS = 2000
+CONFIDENCE = 0.95
+
+
+def paired_bootstrap_nd_ppl(
+    truncated: dict[str, tuple[float, float]],
+    full: dict[str, tuple[float, float]],
+    iterations: int = BOOTSTRAP_ITERATIONS,
+    seed: int = 0,
+) -> dict[str, float]:
+    """A 95 % percentile interval for the ND-PPL of a weighted perplexity, exp(−Σll/Σcount), by a paired bootstrap
+    over documents: each resample draws documents with replacement and takes the same documents' log-likelihoods
+    under the truncation and under the full cache. `truncated`, `full`: doc_id -> (loglikelihood, count).
+    `within_noise` is True when the interval holds 0."""
+    if truncated.keys() != full.keys() or not full:
+        raise ValueError("a paired bootstrap needs the same, non-empty documents at both points: rerun both")
+    docs = sorted(full)
+    ll_truncated = np.array([truncated[d][0] for d in docs], dtype=np.float64)
+    ll_full = np.array([full[d][0] for d in docs], dtype=np.float64)
+    counts = np.array([full[d][1] for d in docs], dtype=np.float64)
+    picks = np.random.default_rng(seed).integers(0, len(docs), size=(iterations, len(docs)))  # (iterations, n)
+    deltas = np.expm1((ll_full[picks].sum(1) - ll_truncated[picks].sum(1)) / counts[picks].sum(1))
+    low, high = np.quantile(deltas, [(1 - CONFIDENCE) / 2, (1 + CONFIDENCE) / 2])
+    return {
+        "low": float(low),
+        "high": float(high),
+        "stderr": float(deltas.std(ddof=1)) if iterations > 1 else float("nan"),
+        "n": len(docs),
+        "within_noise": bool(low <= 0 <= high),
+    }
+
+
+def bootstrap_stderr_of_mean(values, iterations: int = BOOTSTRAP_ITERATIONS, seed: int = 0) -> float:
+    """The standard error of a mean by a seeded bootstrap over the values (NaN below 2 values)."""
+    values = np.asarray([v for v in values if v is not None], dtype=np.float64)
+    if len(values) < 2:
+        return float("nan")
+    picks = np.random.default_rng(seed).integers(0, len(values), size=(iterations, len(values)))
+    return float(values[picks].mean(1).std(ddof=1))
+
+
+MIN_POINTS_FOR_P = 4  # with 3 points a rank correlation of ±1 has p = 1/3 at best: no p-value worth printing
+
+
 def correlation(x, y) -> dict[str, float]:
     """Pearson r and Spearman ρ with their two-sided p-values (scipy.stats), and n. NaN where they are undefined
-    (fewer than 3 points, or a constant input), never a made-up number."""
+    (fewer than 3 points, or a constant input), and p-values NaN below MIN_POINTS_FOR_P points: never a made-up
+    number."""
     import warnings
 
     from scipy import stats
@@ -76,10 +133,11 @@ def correlation(x, y) -> dict[str, float]:
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")  # scipy warns on near-constant input; the NaN it returns says it
         pearson, spearman = stats.pearsonr(x, y), stats.spearmanr(x, y)
+    with_p = len(x) >= MIN_POINTS_FOR_P
     return {
         "pearson": float(pearson.statistic),
-        "pearson_p": float(pearson.pvalue),
+        "pearson_p": float(pearson.pvalue) if with_p else float("nan"),
         "spearman": float(spearman.statistic),
-        "spearman_p": float(spearman.pvalue),
+        "spearman_p": float(spearman.pvalue) if with_p else float("nan"),
         "n": len(x),
     }

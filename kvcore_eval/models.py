@@ -170,6 +170,15 @@ def model_identity(
     return identity
 
 
+def resolve_device(device: str) -> str:
+    """`auto` as lm-eval's HFLM resolves a device it is not given: cuda when available, else cpu."""
+    if device != "auto":
+        return device
+    import torch
+
+    return "cuda" if torch.cuda.is_available() else "cpu"
+
+
 def resolve_dtype(name: str) -> torch.dtype:
     import torch
 

@@ -139,6 +139,8 @@ def documents_markdown(correlations: dict[str, dict[str, Any]]) -> list[str]:
 def _stat(c: dict[str, float]) -> str:
     if np.isnan(c["pearson"]):
         return f"n/a (n={c['n']})"
+    if np.isnan(c["pearson_p"]):
+        return f"r={c['pearson']:+.2f}, ρ={c['spearman']:+.2f}, n={c['n']} (too few points for a p-value)"
     return (
         f"r={c['pearson']:+.2f} (p={c['pearson_p']:.2g}), ρ={c['spearman']:+.2f} (p={c['spearman_p']:.2g}), n={c['n']}"
     )
@@ -157,7 +159,8 @@ def to_markdown(summary: dict[str, Any]) -> str:
     ]
     for task in summary["tasks"]:
         ner = summary["ner"][task]
-        cells = " | ".join(f"{summary['nd_ppl'][task][r]:.4f}" for r in ranks)
+        intervals = summary.get("nd_ppl_interval", {})
+        cells = " | ".join(with_interval(summary["nd_ppl"][task][r], intervals.get(r, {}).get(task)) for r in ranks)
         lines.append(
             f"| {task} | {ner['key']:.3f} | {ner['value']:.3f} | {summary['baseline_perplexity'][task]:.3f} | {cells} |"
         )
@@ -194,6 +197,14 @@ def design_sentence(design: dict[str, Any]) -> str:
     )
 
 
+def with_interval(value: float, interval: dict[str, float] | None) -> str:
+    """An ND-PPL with its bootstrap interval, marked when the interval holds 0."""
+    if not interval:
+        return f"{value:.4f}"
+    mark = " (within noise)" if interval["within_noise"] else ""
+    return f"{value:.4f} [{interval['low']:.4f}, {interval['high']:.4f}]{mark}"
+
+
 def per_layer_markdown(layers: dict[str, Any]) -> str:
     lines = [f"# Per-layer sensitivity: one layer truncated to rank {layers['rank']:g} of D, the rest full", ""]
     for task, table in layers["nd_ppl"].items():
@@ -203,13 +214,23 @@ def per_layer_markdown(layers: dict[str, Any]) -> str:
             "| layer | ND-PPL K | ND-PPL V | NER K | NER V | residual energy K | residual energy V |",
             "|---:|---:|---:|---:|---:|---:|---:|",
         ]
+        intervals = layers.get("nd_ppl_interval", {}).get(task, {})
         for layer in range(len(table["key"])):
-            row = (
-                [table[k][layer] for k in KINDS]
-                + [layers["ner"][task][k][layer] for k in KINDS]
-                + [layers["residual_energy"][task][k][layer] for k in KINDS]
-            )
-            lines.append(f"| {layer} | " + " | ".join(f"{v:.4f}" for v in row) + " |")
+            nd = [with_interval(table[k][layer], (intervals.get(k) or [None] * (layer + 1))[layer]) for k in KINDS]
+            row = [layers["ner"][task][k][layer] for k in KINDS] + [
+                layers["residual_energy"][task][k][layer] for k in KINDS
+            ]
+            lines.append(f"| {layer} | " + " | ".join(nd + [f"{v:.4f}" for v in row]) + " |")
+        if intervals:
+            noisy = sum(bool(i and i["within_noise"]) for values in intervals.values() for i in values)
+            lines += [
+                "",
+                f"ND-PPL with its 95 % paired bootstrap interval over the {layers.get('num_samples')} scored "
+                "documents; "
+                f"**{noisy}** of {sum(len(v) for v in intervals.values())} lie within noise (the interval holds 0). "
+                "Raise --num-samples or lower --per-layer-rank to lift them above it before spending a budget by "
+                "them (budget_method=sensitivity).",
+            ]
         lines += [
             "",
             "Correlation of a layer's ND-PPL with its NER and with its residual energy:",

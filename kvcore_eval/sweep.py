@@ -212,6 +212,7 @@ def run_point(
         "metrics": values,
         "per_document": {str(k): v for k, v in per_document_values(samples, metric).items()},
         "per_document_weight": {str(k): v for k, v in (per_document_counts(samples, metric) or {}).items()},
+        "per_document_loglikelihood": document_loglikelihoods(samples, metric),
         "cache_bytes_per_token": session.lm.kvcore_cache_bytes,
         # what the evaluation's caches held, per cached position (kvcore_hf's measurement, where it has one)
         "measured_cache_bytes": getattr(session.lm, "kvcore_measured_bytes", lambda: None)(),
@@ -220,6 +221,24 @@ def run_point(
     record["calibration_overlap"] = session.lm.get_model_info()["kvcore"]["calibration_overlap"].get(task)
     outputs.atomic_write_json(path, record)
     return record
+
+
+def document_loglikelihoods(samples: list[dict[str, Any]], metric: str) -> dict[str, list[float]] | None:
+    """doc_id -> [loglikelihood, count] of a weighted-perplexity metric (what a paired bootstrap resamples); None for
+    other metrics."""
+    pairs = {str(s["doc_id"]): s[metric] for s in samples}
+    if not all(isinstance(v, list | tuple) and len(v) == 2 for v in pairs.values()):
+        return None
+    return {doc: [float(ll), float(count)] for doc, (ll, count) in sorted(pairs.items(), key=lambda i: int(i[0]))}
+
+
+def nd_ppl_interval(point: dict[str, Any], baseline: dict[str, Any]) -> dict[str, float] | None:
+    """The paired bootstrap interval over documents of a point's ND-PPL against its baseline (None for points
+    written without per-document log-likelihoods, or a metric that is not a weighted perplexity)."""
+    truncated, full = point.get("per_document_loglikelihood"), baseline.get("per_document_loglikelihood")
+    if truncated is None or full is None:
+        return None
+    return metrics.paired_bootstrap_nd_ppl(truncated, full)
 
 
 def open_session(
@@ -246,7 +265,7 @@ def open_session(
     out.mkdir(parents=True, exist_ok=True)
     outputs.write_config(out, kind, asdict(config))
     model_id, gguf_file = models.gguf_location(config.model, config.gguf_file)
-    model = models.load_causal_lm(model_id, None, config.device, config.dtype, gguf_file)
+    model = models.load_causal_lm(model_id, None, models.resolve_device(config.device), config.dtype, gguf_file)
     tokenizer = models.load_tokenizer(model_id, None, gguf_file)
     return Session(config, out, manager, model, tokenizer, tasks, selectors)
 
@@ -269,8 +288,8 @@ def check_shared_overlap(config: SweepConfig, tasks: list[str]) -> None:
         if seen:
             raise ValueError(
                 f"--calibration {shared} saw {seen} of the {count} documents of {task} the sweep scores: "
-                "its ND-PPL would be in-sample (optimistic). Use --basis-scope per-task, calibrate the shared basis on other "
-                "documents, or pass --allow-overlap"
+                "its ND-PPL would be in-sample (optimistic). Use --basis-scope per-task, calibrate the shared basis on "
+                "other documents, or pass --allow-overlap"
             )
 
 
@@ -318,7 +337,7 @@ def run_sweep(config: SweepConfig) -> dict[str, Any]:
     baseline = {task: point["value"] for task, point in baseline_points.items()}
     truncation = config.truncation
     keys, values = truncation.truncates_keys, truncation.truncates_values
-    perplexity, per_document = {}, {}
+    perplexity, per_document, intervals = {}, {}, {}
     for rank in config.rank_list():
         spec = "full" if rank == 1 else str(rank)
         points = {
@@ -333,6 +352,7 @@ def run_sweep(config: SweepConfig) -> dict[str, Any]:
             for task in tasks
         }
         perplexity[f"{rank:g}"] = {task: point["value"] for task, point in points.items()}
+        intervals[f"{rank:g}"] = {task: nd_ppl_interval(point, baseline_points[task]) for task, point in points.items()}
         per_document[f"{rank:g}"] = {
             task: study.document_nd_ppl(point["per_document"], baseline_points[task]["per_document"])
             for task, point in points.items()
@@ -351,6 +371,7 @@ def run_sweep(config: SweepConfig) -> dict[str, Any]:
         "basis_per_task": {task: str(path) for task, path in basis.items()},
     }
     summary = study.summarize(tasks, baseline, perplexity, ner, design)
+    summary["nd_ppl_interval"] = intervals
     documents = {task: task_document_ner(session, task) for task in tasks}
     summary["documents"], summary["correlation"]["across_documents"] = study.summarize_documents(
         documents, per_document
@@ -360,7 +381,7 @@ def run_sweep(config: SweepConfig) -> dict[str, Any]:
     study.plot_nd_ppl(summary, session.out / "nd_ppl.png")
     study.plot_ner_vs_nd_ppl(summary, session.out / "ner_vs_nd_ppl.png")
     if config.per_layer:
-        summary["per_layer"] = run_per_layer(session, tasks, basis, baseline, tables)
+        summary["per_layer"] = run_per_layer(session, tasks, basis, baseline_points, tables, calibrations)
     return summary
 
 
@@ -399,36 +420,79 @@ def load_width(basis: Path) -> int:
     return KVGeometry(**read_metadata(basis)["model"]["geometry"]).width
 
 
+def task_residual_energy(own: Path, basis: Path, space: str, rank: int, layers: int) -> list[float]:
+    """Per layer, the fraction of the task's own energy tr(G_t) outside the basis used: Σ_{i>r} λ_i of its own
+    spectrum when the basis is its own; (tr G_t − tr P_rᵀ G_t P_r) / tr G_t under another (--basis shared)."""
+    from kvcore_eval.artifact import load_calibration
+
+    task = load_calibration(own, eigenvectors=Path(own) != Path(basis))
+    if Path(own) == Path(basis):
+        return [metrics.residual_energy(task.eigenvalues[space][layer].numpy(), rank) for layer in range(layers)]
+    shared = load_calibration(basis, eigenvectors=False)
+    return [
+        metrics.residual_energy_under(
+            task.eigenvalues[space][layer].numpy(),
+            task.eigenvectors[space][layer].numpy(),
+            shared.basis(space, layer, rank, "layer").numpy(),
+        )
+        for layer in range(layers)
+    ]
+
+
 def run_per_layer(
-    session: Session, tasks: list[str], basis: dict[str, Path], baseline: dict[str, float], tables
+    session: Session,
+    tasks: list[str],
+    basis: dict[str, Path],
+    baseline_points: dict[str, dict[str, Any]],
+    tables,
+    calibrations: dict[str, Path],
 ) -> dict[str, Any]:
-    """Each layer's ND-PPL with only that layer's keys (then values) truncated to `per_layer_rank` of D."""
+    """Each layer's ND-PPL with only that layer's keys (then values) truncated to `per_layer_rank` of D, beside the
+    layer's NER and residual energy on the task's own data (its own calibration's Gram) under the basis used."""
     from kvcore_eval.artifact import load_calibration
 
     config = session.config
-    nd_ppl, layer_ner, residual = {}, {}, {}
+    nd_ppl, layer_ner, residual, intervals = {}, {}, {}, {}
     for task in tasks:
-        calibration = load_calibration(basis[task])
+        calibration = load_calibration(basis[task], eigenvectors=False)
         width, layers = calibration.geometry.width, calibration.geometry.num_layers
         rank = max(1, round(config.per_layer_rank * width))
         spaces = {"key": KEY_SPACES[config.truncation.key_space], "value": "value"}
-        nd_ppl[task] = layer_nd_ppl(
-            session,
-            basis[task],
-            rank,
-            layers,
-            baseline[task],
-            lambda name, truncation, task=task: evaluate_point(session, task, name, truncation),
-        )
+        records: dict[str, dict[str, Any]] = {}
+
+        def evaluate(name: str, truncation, task: str = task, records=records) -> float:
+            records[name] = run_point(session, task, name, truncation)
+            return records[name]["value"]
+
+        nd_ppl[task] = layer_nd_ppl(session, basis[task], rank, layers, baseline_points[task]["value"], evaluate)
+        intervals[task] = {
+            kind: [
+                nd_ppl_interval(records[f"layer{layer}_{kind}_{rank}"], baseline_points[task])
+                for layer in range(layers)
+            ]
+            for kind in ("key", "value")
+        }
         layer_ner[task] = {kind: [stats[space].ner for stats in tables[task]] for kind, space in spaces.items()}
         residual[task] = {
-            kind: [
-                metrics.residual_energy(calibration.eigenvalues[space][layer].numpy(), rank) for layer in range(layers)
-            ]
+            kind: task_residual_energy(calibrations[task], basis[task], space, rank, layers)
             for kind, space in spaces.items()
         }
     layers_summary = study.summarize_layers(nd_ppl, layer_ner, residual, config.per_layer_rank)
     layers_summary["key_space"] = config.truncation.key_space
+    layers_summary["nd_ppl_interval"] = intervals
+    layers_summary["num_samples"] = config.num_samples
+    for task, kinds in intervals.items():
+        noisy = sum(bool(i and i["within_noise"]) for values in kinds.values() for i in values)
+        if noisy:
+            logger.warning(
+                "%s: %d of %d single-layer ND-PPLs lie within noise (their 95%% paired bootstrap interval over %d "
+                "documents holds 0): raise --num-samples or lower --per-layer-rank to lift them above it before "
+                "spending a budget by them (budget_method=sensitivity)",
+                task,
+                noisy,
+                sum(len(values) for values in kinds.values()),
+                config.num_samples,
+            )
     outputs.atomic_write_json(session.out / "per_layer.json", layers_summary)
     outputs.atomic_write_text(session.out / "per_layer.md", study.per_layer_markdown(layers_summary))
     study.plot_per_layer(layers_summary, session.out / "per_layer.png")

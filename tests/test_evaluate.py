@@ -114,3 +114,18 @@ def test_kvcore_hf_without_calibration_names_the_argument():
 
     with pytest.raises(ValueError, match="kvcore_hf needs calibration=<artifact folder>"):
         KVCoreHFLM(pretrained=str(EXAMPLE_MODEL), key_rank=0.5)
+
+
+def test_eval_and_sweep_default_to_the_device_lm_eval_picks(monkeypatch):
+    """On a machine with a GPU lm-eval runs on it; so do eval and sweep unless told otherwise."""
+    import torch
+
+    from kvcore_eval.config import SweepConfig
+    from kvcore_eval.models import resolve_device
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    assert resolve_device(EvalConfig(model="m", tasks="t").device) == "cuda"
+    assert resolve_device(SweepConfig(model="m", out="o").device) == "cuda"
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    assert resolve_device(EvalConfig(model="m", tasks="t").device) == "cpu"
+    assert resolve_device("cuda:1") == "cuda:1"

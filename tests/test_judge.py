@@ -6,6 +6,7 @@ import subprocess
 import sys
 import time
 
+import numpy as np
 import pytest
 from conftest import EXAMPLE_DATA, EXAMPLE_MODEL, REPO
 from judge_server import JudgeServer
@@ -150,6 +151,8 @@ def test_kill_mid_run_loses_nothing(tmp_path):
     assert summary["cache_hits"] == done and summary["calls"] == 12 - done
     judged = [json.loads(line) for line in (tmp_path / "samples.judged.jsonl").read_text().splitlines()]
     assert [row["gpt_score"] for row in judged] == [float(i % 9 + 1) for i in range(12)]
+    scores = [float(i % 9 + 1) for i in range(12)]
+    assert summary["gpt_score_stderr"] == pytest.approx(np.std(scores, ddof=1) / np.sqrt(12), rel=0.15)
     for path in tmp_path.rglob("*"):
         if path.is_file():
             assert KEY.encode() not in path.read_bytes(), f"the key leaked into {path}"

@@ -63,3 +63,52 @@ def test_correlation_reports_r_rho_p_and_n():
     for x_bad, y_bad in (([1.0, 1.0, 1.0], [1.0, 2.0, 3.0]), ([1.0, 2.0], [2.0, 1.0])):
         undefined = metrics.correlation(x_bad, y_bad)
         assert np.isnan(undefined["pearson"]) and np.isnan(undefined["spearman_p"]) and undefined["n"] == len(x_bad)
+
+
+def test_residual_energy_under_another_basis_is_the_projection_error():
+    from kvcore_eval.metrics import residual_energy, residual_energy_under
+
+    rng = np.random.default_rng(0)
+    keys = rng.normal(size=(200, 12)) @ np.diag(np.linspace(3, 0.1, 12))  # (tokens, D)
+    eigenvalues, eigenvectors = np.linalg.eigh(keys.T @ keys)
+    eigenvalues, eigenvectors = eigenvalues[::-1], eigenvectors[:, ::-1]
+    basis, _ = np.linalg.qr(rng.normal(size=(12, 4)))  # (D, r) orthonormal, not the keys' own
+    direct = np.linalg.norm(keys - keys @ basis @ basis.T) ** 2 / np.linalg.norm(keys) ** 2
+    assert residual_energy_under(eigenvalues, eigenvectors, basis) == pytest.approx(direct, rel=1e-10)
+    own = residual_energy_under(eigenvalues, eigenvectors, eigenvectors[:, :4])
+    assert own == pytest.approx(residual_energy(eigenvalues, 4), rel=1e-10)
+
+
+def test_no_p_value_from_fewer_than_four_points():
+    from kvcore_eval.study import _stat
+
+    three = metrics.correlation([0.1, 0.2, 0.3], [3.0, 2.0, 1.0])
+    assert three["spearman"] == pytest.approx(-1.0) and np.isnan(three["spearman_p"]) and np.isnan(three["pearson_p"])
+    assert "p=" not in _stat(three) and "too few points for a p-value" in _stat(three)
+    four = metrics.correlation([0.1, 0.2, 0.3, 0.5], [3.0, 2.0, 1.5, 1.0])
+    assert four["spearman_p"] == pytest.approx(stats.spearmanr([0.1, 0.2, 0.3, 0.5], [3.0, 2.0, 1.5, 1.0]).pvalue)
+
+
+def test_paired_bootstrap_interval_of_nd_ppl():
+    rng = np.random.default_rng(1)
+    counts = rng.integers(50, 200, size=30).astype(float)
+    full = {str(i): (-1.2 * c + rng.normal(scale=5), c) for i, c in enumerate(counts)}
+    # every document 5 % worse per byte in log space: every resample gives the same ND-PPL, exp(0.05) - 1
+    shifted = {d: (ll - 0.05 * c, c) for d, (ll, c) in full.items()}
+    exact = metrics.paired_bootstrap_nd_ppl(shifted, full)
+    assert exact["low"] == pytest.approx(np.expm1(0.05)) == pytest.approx(exact["high"])
+    assert not exact["within_noise"] and exact["n"] == 30
+    # documents that get better or worse at random around no change: an interval around 0, within noise
+    noisy = {d: (ll + rng.normal(scale=3), c) for d, (ll, c) in full.items()}
+    interval = metrics.paired_bootstrap_nd_ppl(noisy, full)
+    point = np.expm1((sum(v[0] for v in full.values()) - sum(v[0] for v in noisy.values())) / counts.sum())
+    assert interval["low"] <= point <= interval["high"] and interval["within_noise"]
+    assert metrics.paired_bootstrap_nd_ppl(noisy, full) == interval, "seeded: the same interval every run"
+    with pytest.raises(ValueError, match="same, non-empty documents"):
+        metrics.paired_bootstrap_nd_ppl({"0": (1.0, 1.0)}, full)
+
+
+def test_bootstrap_stderr_of_a_mean_is_close_to_the_textbook_one():
+    values = np.random.default_rng(2).normal(size=400)
+    assert metrics.bootstrap_stderr_of_mean(values) == pytest.approx(values.std(ddof=1) / 20, rel=0.1)
+    assert np.isnan(metrics.bootstrap_stderr_of_mean([1.0]))

@@ -269,3 +269,48 @@ def test_compare(tmp_path):
     other = _results(tmp_path / "c.json", {"kvcore_alpaca": 3.0})
     with pytest.raises(ValueError, match="different tasks"):
         compare(a, other)
+
+
+def test_shared_basis_per_layer_residual_energy_is_each_tasks_own(shared_artifact, tmp_path):
+    """Under --basis-scope shared, a layer's residual energy is the task's own energy outside the shared basis,
+    (tr G_t − tr P_rᵀ G_t P_r) / tr G_t, not the shared artifact's spectrum repeated for every task."""
+    from kvcore_eval.artifact import load_calibration
+    from kvcore_eval.metrics import residual_energy, residual_energy_under
+
+    out = tmp_path / "shared-layers"
+    config = sweep_config(
+        out,
+        tasks="kvcore_codealpaca,kvcore_medalpaca",
+        ranks="0.5",
+        basis_scope="shared",
+        truncation=TruncationConfig(calibration=str(shared_artifact)),
+        per_layer=True,
+        per_layer_rank=0.25,
+    )
+    summary = run_sweep(config)
+    residual = summary["per_layer"]["residual_energy"]
+    # every ND-PPL carries its paired bootstrap interval over the 4 scored documents, per task and per layer
+    for task in ("kvcore_codealpaca", "kvcore_medalpaca"):
+        interval = summary["nd_ppl_interval"]["0.5"][task]
+        assert interval["n"] == 4 and interval["low"] <= interval["high"]
+        layers = summary["per_layer"]["nd_ppl_interval"][task]
+        assert [i["n"] for i in layers["key"] + layers["value"]] == [4] * 8
+    assert "paired bootstrap interval over the 4 scored documents" in (out / "per_layer.md").read_text()
+    assert " [" in (out / "sweep.md").read_text()
+    shared = load_calibration(shared_artifact)
+    rank = round(0.25 * shared.geometry.width)
+    for task in ("kvcore_codealpaca", "kvcore_medalpaca"):
+        own = load_calibration(out / "calibrations" / task)
+        expected = [
+            residual_energy_under(
+                own.eigenvalues["value"][layer].numpy(),
+                own.eigenvectors["value"][layer].numpy(),
+                shared.eigenvectors["value"][layer][:, :rank].numpy(),
+            )
+            for layer in range(4)
+        ]
+        assert residual[task]["value"] == pytest.approx(expected, rel=1e-9)
+        assert residual[task]["value"] != pytest.approx(
+            [residual_energy(shared.eigenvalues["value"][layer].numpy(), rank) for layer in range(4)], rel=1e-3
+        )
+    assert residual["kvcore_codealpaca"]["value"] != pytest.approx(residual["kvcore_medalpaca"]["value"], rel=1e-3)
