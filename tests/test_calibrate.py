@@ -552,7 +552,10 @@ def test_packing_reaches_max_tokens_whenever_the_data_holds_them(llama_dir):
 
     from kvcore_eval.data import iter_texts, pack_sequences
 
-    tokenizer = AutoTokenizer.from_pretrained(llama_dir)
+    tokenizer = AutoTokenizer.from_pretrained(llama_dir)  # one token a byte
+    short = [f"Note {i:03d}." for i in range(100)]  # 9 tokens + EOS each: 1,000 tokens of data
+    # after 7 notes one sequence of 64 is out and 6 tokens wait: the run must read on to reach 100, not stop at 70
+    assert sum(len(s) for s in pack_sequences(iter(short), tokenizer, 64, 100)) == 100
     texts = list(iter_texts(str(EXAMPLE_DATA / "alpaca.jsonl"), prompt_format="alpaca"))
     for max_tokens in range(960, 1024, 3):  # every remainder after 15 sequences of 64
         assert sum(len(s) for s in pack_sequences(iter(texts), tokenizer, 64, max_tokens)) == max_tokens, max_tokens
