@@ -12,6 +12,7 @@ each checkpoint is one file (Grams, counters and run identity) written and renam
 
 from __future__ import annotations
 
+import contextlib
 import itertools
 import json
 import logging
@@ -93,6 +94,8 @@ def _prepare_work_dir(config: CalibrationConfig, out: Path, work: Path) -> None:
     if work != out and not config.resume:
         outputs.remove_own(work, KIND, OWN_NAMES)
     outputs.check_run_folder(work, KIND, OWN_NAMES)
+    for folder in {out, work, work / CHECKPOINT_DIR}:  # what a killed run of ours left half-written
+        outputs.clear_own_temporaries(folder)
     if (work / CHECKPOINT_DIR).exists() and not config.resume:
         if not config.overwrite:
             raise FileExistsError(
@@ -221,14 +224,19 @@ def calibrate(
     config: CalibrationConfig, on_checkpoint: Callable[[int], None] | None = None, model=None, tokenizer=None
 ) -> Path:
     """Run the calibration; returns the artifact directory. `on_checkpoint(batches_done)` runs after each checkpoint.
-    `model` and `tokenizer`, when given, are `config.model` already loaded (the sweep loads it once)."""
+    `model` and `tokenizer`, when given, are `config.model` already loaded (the sweep loads it once).
+    One writer per `--out`: a second calibration into it is refused while this one runs (`outputs.run_lock`)."""
     from accelerate import PartialState
 
     # Under torchrun/accelerate on a machine without CUDA, "auto" means CPU processes that shard and all-reduce.
     state = PartialState(cpu=config.device == "cpu" or (config.device == "auto" and not torch.cuda.is_available()))
-    device = state.device if config.device == "auto" else torch.device(config.device)
-    out = Path(config.out)
+    out = outputs.resolve_run_folder(Path(config.out))
+    with outputs.run_lock(out) if state.is_main_process else contextlib.nullcontext():
+        return _calibrate(config, on_checkpoint, model, tokenizer, state, out)
 
+
+def _calibrate(config: CalibrationConfig, on_checkpoint, model, tokenizer, state, out: Path) -> Path:
+    device = state.device if config.device == "auto" else torch.device(config.device)
     # Every input is checked before any output is touched: model, tokenizer, the dataset's first record.
     model_id, gguf_file = models.gguf_location(config.model, config.gguf_file)
     if model is None:
@@ -358,6 +366,11 @@ def _run(
             "digest": log.fingerprint(),
             "normalization": overlap.NORMALIZATION,
         }
+        logger.info(
+            "eigendecomposing the Grams of %d layers (3 spaces, D=%d, and each head's block)",
+            geometry.num_layers,
+            geometry.width,
+        )
         calibration = artifact.decompose(accumulator.grams, accumulator.token_count, geometry, metadata)
         calibration.weights_sample = models.weights_sample(model)
         calibration.document_digests = log.tensor()

@@ -1,28 +1,101 @@
-"""Output folders that never lose a user's files: atomic writes, and run folders that know their kind.
+"""Output folders that never lose a user's files: atomic writes, run folders that know their kind, one writer each.
 
 Every run (`calibrate`, `sweep`) writes `config.json` with its `kind`. A run refuses a folder that holds
 files it did not write, or a run of another kind; it deletes only names it owns, and only in its own folders.
-Files are written to a temporary name beside the target and renamed over it (atomic on POSIX), so a crash or
-a full disk leaves the previous version intact.
+Files are written to a temporary name beside the target (`.<name>.kvcore-tmp`) and renamed over it (atomic on
+POSIX), so a crash or a full disk leaves the previous version intact; a temporary left by a kill is recognized
+as the tool's own and cleared by the next run. A run holds `<folder>.kvcore-lock` (an flock naming its pid,
+host and start time) while it writes: a second run into the same folder is refused, and a lock whose holder
+died is taken over.
 """
 
 from __future__ import annotations
 
+import contextlib
+import errno
 import json
+import logging
 import os
+import re
 import shutil
-from collections.abc import Iterable
+import socket
+import sys
+from collections.abc import Iterable, Iterator
+from datetime import datetime
 from pathlib import Path
 from typing import Any
 
+logger = logging.getLogger(__name__)
+
 CONFIG_FILE = "config.json"
+TEMPORARY_SUFFIX = ".kvcore-tmp"
+LOCK_SUFFIX = ".kvcore-lock"
+# Temporaries of earlier versions: `.<own name>.tmp`, and safetensors' own `.tmpXXXXXX` beside the target.
+_LEGACY_TEMPORARY = re.compile(r"^\.(tmp[A-Za-z0-9]{6}|.+\.tmp)$")
+
+
+class DiskFullError(OSError):
+    """No space left while writing an output; the previous files are intact."""
+
+
+def temporary_path(path: Path) -> Path:
+    return path.with_name(f".{path.name}{TEMPORARY_SUFFIX}")
+
+
+def is_own_temporary(name: str) -> bool:
+    """A temporary name the tool writes (checked only inside folders that are the tool's runs)."""
+    return (name.startswith(".") and name.endswith(TEMPORARY_SUFFIX)) or bool(_LEGACY_TEMPORARY.match(name))
+
+
+def clear_own_temporaries(folder: Path) -> list[str]:
+    """Delete the temporaries a killed run of the tool left in `folder` (one of its run folders)."""
+    if not folder.is_dir() or folder.is_symlink():
+        return []
+    cleared = []
+    for entry in folder.iterdir():
+        if is_own_temporary(entry.name) and not entry.is_symlink():
+            shutil.rmtree(entry) if entry.is_dir() else entry.unlink()
+            cleared.append(entry.name)
+    if cleared:
+        logger.info("cleared temporary files a killed run left in %s: %s", folder, ", ".join(sorted(cleared)))
+    return cleared
+
+
+def _file_mode() -> int:
+    """The mode a plain open() gives a new file (0666 less the umask)."""
+    mask = os.umask(0)
+    os.umask(mask)
+    return 0o666 & ~mask
+
+
+def _is_disk_full(err: BaseException) -> bool:
+    if isinstance(err, OSError):
+        return err.errno in (errno.ENOSPC, errno.EDQUOT)
+    text = str(err)  # safetensors' SafetensorError wraps the OS error in its text
+    return "No space left on device" in text or "StorageFull" in text or "QuotaExceeded" in text
+
+
+@contextlib.contextmanager
+def _disk_full_is_one_line(path: Path) -> Iterator[None]:
+    try:
+        yield
+    except Exception as err:
+        if not _is_disk_full(err):
+            raise
+        full = DiskFullError(
+            f"no space left on the device while writing {path.name} into {path.parent}: nothing was lost (the files "
+            f"already in {path.parent} are intact and no partial file is left); free some space and run the same "
+            "command again"
+        )
+        full.errno = errno.ENOSPC
+        raise full from err
 
 
 def atomic_write_text(path: Path, text: str) -> None:
     """Write `text` to `path` through a temporary file and a rename: readers see the old or the new file."""
-    temporary = path.with_name(f".{path.name}.tmp")
+    temporary = temporary_path(path)
     try:
-        with open(temporary, "w", encoding="utf-8") as f:
+        with _disk_full_is_one_line(path), open(temporary, "w", encoding="utf-8") as f:
             f.write(text)
             f.flush()
             os.fsync(f.fileno())
@@ -36,15 +109,87 @@ def atomic_write_json(path: Path, data: Any) -> None:
 
 
 def atomic_save_safetensors(tensors: dict, path: Path, metadata: dict[str, str] | None = None) -> None:
-    """safetensors through a temporary file and a rename: a kill at any point leaves the previous file intact."""
+    """safetensors through a temporary folder of ours and a rename: a kill at any point leaves the previous file
+    intact, and whatever it leaves (safetensors' own `.tmpXXXXXX` included) sits in `.<name>.kvcore-tmp/`, which
+    the next run recognizes. The file gets the umask's mode, like every other output (safetensors makes it 0600)."""
     from safetensors.torch import save_file
 
-    temporary = path.with_name(f".{path.name}.tmp")
+    temporary = temporary_path(path)
+    shutil.rmtree(temporary, ignore_errors=True)
     try:
-        save_file(tensors, str(temporary), metadata=metadata)
-        os.replace(temporary, path)
+        temporary.mkdir()
+        with _disk_full_is_one_line(path):
+            save_file(tensors, str(temporary / path.name), metadata=metadata)
+        os.chmod(temporary / path.name, _file_mode())
+        os.replace(temporary / path.name, path)
     finally:
-        temporary.unlink(missing_ok=True)
+        shutil.rmtree(temporary, ignore_errors=True)
+
+
+def resolve_run_folder(folder: Path) -> Path:
+    """A run folder given as a symbolic link is the folder it points to (the link stays as it is)."""
+    if not folder.is_symlink():
+        return folder
+    target = folder.resolve()
+    if not target.exists():
+        raise FileNotFoundError(
+            f"{folder} is a symbolic link to {target}, which does not exist: create that folder, or remove the link"
+        )
+    logger.info("%s is a symbolic link: writing into %s", folder, target)
+    return target
+
+
+def _holder() -> dict[str, Any]:
+    return {
+        "pid": os.getpid(),
+        "host": socket.gethostname(),
+        "started": datetime.now().astimezone().isoformat(timespec="seconds"),
+        "command": " ".join(sys.argv),
+    }
+
+
+def _describe(holder: bytes) -> str:
+    try:
+        info = json.loads(holder)
+        return f"pid {info['pid']} on {info['host']}, started {info['started']}"
+    except (ValueError, KeyError, TypeError):
+        return "a holder that did not record itself"
+
+
+@contextlib.contextmanager
+def run_lock(folder: Path) -> Iterator[Path]:
+    """Hold `<folder>.kvcore-lock` while writing `folder`: an flock, released by the kernel when the holder exits
+    however it exits, and a file naming the holder. A second writer is refused with the holder's pid, host and
+    start time; a lock file whose holder died is recognized (its flock is free) and taken over."""
+    import fcntl
+
+    path = folder.with_name(folder.name + LOCK_SUFFIX)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    while True:
+        fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            holder = _describe(os.read(fd, 65536))
+            os.close(fd)
+            raise FileExistsError(
+                f"{folder} is being written by another kvcore-eval run ({holder}; lock {path}): wait for it to "
+                "finish or stop it, or choose another output folder"
+            ) from None
+        with contextlib.suppress(FileNotFoundError):
+            if os.stat(path).st_ino == os.fstat(fd).st_ino:  # not a file its last holder removed meanwhile
+                break
+        os.close(fd)
+    try:
+        if previous := os.read(fd, 65536):
+            logger.warning("took over the lock of %s: that run is no longer running", _describe(previous))
+        os.ftruncate(fd, 0)
+        os.lseek(fd, 0, os.SEEK_SET)
+        os.write(fd, json.dumps(_holder()).encode())
+        yield path
+    finally:
+        path.unlink(missing_ok=True)
+        os.close(fd)
 
 
 def read_json(path: Path, what: str) -> Any:
@@ -79,12 +224,13 @@ def check_run_folder(folder: Path, kind: str, own_names: Iterable[str]) -> None:
         raise FileExistsError(
             f"{folder} holds a `kvcore-eval {recorded}` run, not a {kind} run: choose another output folder"
         )
-    foreign = sorted(entry.name for entry in folder.iterdir() if entry.name not in set(own_names))
+    own = set(own_names)
+    foreign = sorted(e.name for e in folder.iterdir() if e.name not in own and not is_own_temporary(e.name))
     if foreign or recorded is None:
         listed = ", ".join(foreign[:5]) + (", ..." if len(foreign) > 5 else "")
         raise FileExistsError(
-            f"{folder} holds files kvcore-eval did not write ({listed or CONFIG_FILE + ' without a run kind'}): it never "
-            "writes into or deletes such a folder; choose another output folder"
+            f"{folder} holds files kvcore-eval did not write ({listed or CONFIG_FILE + ' without a run kind'}): "
+            "it never writes into or deletes such a folder; choose another output folder"
         )
 
 
@@ -94,6 +240,8 @@ def write_config(folder: Path, kind: str, settings: dict[str, Any]) -> None:
 
 def remove_own(folder: Path, kind: str, own_names: Iterable[str]) -> None:
     """Delete a folder only after checking it is a run of this kind holding nothing but its own files."""
+    if folder.is_symlink():
+        raise FileExistsError(f"{folder} is a symbolic link: kvcore-eval deletes only folders it made; remove the link")
     check_run_folder(folder, kind, own_names)
     if folder.is_dir():
         shutil.rmtree(folder)

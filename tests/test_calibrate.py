@@ -448,10 +448,10 @@ def test_torchrun_with_device_auto_shards_on_cpu(finished_run, llama_dir, tmp_pa
 
 
 def test_disk_full_is_one_line_and_keeps_the_previous_artifact(finished_run, llama_dir, tmp_path, monkeypatch, caplog):
-    import errno
     import shutil
 
     import safetensors.torch
+    from safetensors import SafetensorError
 
     from kvcore_eval.cli import main
 
@@ -461,8 +461,8 @@ def test_disk_full_is_one_line_and_keeps_the_previous_artifact(finished_run, lla
     real_save = safetensors.torch.save_file
 
     def save(tensors, path, metadata=None):
-        if "basis" in str(path):
-            raise OSError(errno.ENOSPC, "No space left on device", str(path))
+        if "basis" in str(path):  # what safetensors raises on a full disk (checked on a 64 kB tmpfs)
+            raise SafetensorError("Error while serializing: I/O error: No space left on device (os error 28)")
         real_save(tensors, path, metadata=metadata)
 
     monkeypatch.setattr(safetensors.torch, "save_file", save)
@@ -488,7 +488,10 @@ def test_disk_full_is_one_line_and_keeps_the_previous_artifact(finished_run, lla
             ]
         )
     assert exit_info.value.code == 2
-    assert any("No space left on device" in record.getMessage() for record in caplog.records)
+    errors = [record.getMessage() for record in caplog.records if record.levelname == "ERROR"]
+    assert len(errors) == 1 and "\n" not in errors[0], errors
+    assert "no space left on the device" in errors[0] and "nothing was lost" in errors[0]
+    assert f"into {out.with_name(out.name + '.kvcore-staging')}" in errors[0], "names the folder it was writing"
     assert _snapshot(out) == before
 
 
@@ -543,6 +546,68 @@ def test_resume_with_a_larger_max_tokens_is_bit_identical(finished_run, llama_di
     calibrate(config(llama_dir, out, max_tokens=3000, resume=True))
     resumed, uninterrupted = load_file(str(out / BASIS_FILE)), load_file(str(finished_run / BASIS_FILE))
     assert int(resumed["token_count"][0]) == 3000
+
+
+def test_basis_has_the_mode_of_every_other_output(finished_run):
+    modes = {path.name: path.stat().st_mode & 0o777 for path in finished_run.iterdir() if path.is_file()}
+    assert modes[BASIS_FILE] == modes["kvcore.json"] == modes["config.json"], modes
+
+
+_KILLED_IN_THE_FINAL_WRITE = """
+import os, signal, sys
+import safetensors.torch
+from kvcore_eval import cli
+
+real = safetensors.torch.save_file
+
+def save(tensors, path, metadata=None):
+    if "basis" in str(path):
+        with open(path, "wb") as f:
+            f.write(b"half a basis")
+        os.kill(os.getpid(), signal.SIGKILL)
+    real(tensors, path, metadata=metadata)
+
+safetensors.torch.save_file = save
+cli.main(sys.argv[1:])
+"""
+
+
+@pytest.mark.parametrize("again", ["--resume", "--overwrite"])
+def test_temporaries_of_a_kill_during_the_final_write_are_cleared(again, finished_run, llama_dir, tmp_path):
+    """kill -9 while basis.safetensors is being written, then the same command with --resume or --overwrite:
+    the temporaries left behind are recognized as the tool's own, and the run ends as an uninterrupted one."""
+    out = tmp_path / "killed"
+    cli = [
+        "calibrate",
+        "--model",
+        str(llama_dir),
+        "--dataset",
+        str(EXAMPLE_DATA / "alpaca.jsonl"),
+        "--prompt-format",
+        "alpaca",
+        "--max-tokens",
+        "3000",
+        "--seq-len",
+        "64",
+        "--batch-size",
+        "3",
+        "--device",
+        "cpu",
+        "--checkpoint-every",
+        "400",
+        "--out",
+        str(out),
+    ]
+    killed = _run_cli([sys.executable, "-c", _KILLED_IN_THE_FINAL_WRITE, *cli])
+    assert killed.returncode == -9
+    (out / ".tmpAb12Cd").write_bytes(b"x")  # what earlier versions (and safetensors itself) left beside the target
+    (out / ".kvcore.json.tmp").write_text("{")
+    assert {".basis.safetensors.kvcore-tmp", ".tmpAb12Cd", ".kvcore.json.tmp"} <= {p.name for p in out.iterdir()}
+    rerun = _run_cli([sys.executable, "-m", "kvcore_eval", *cli, again])
+    assert rerun.returncode == 0, rerun.stderr[-3000:]
+    assert sorted(p.name for p in out.iterdir()) == [BASIS_FILE, "config.json", "kvcore.json"]
+    assert not list(tmp_path.glob("*.kvcore-*")), "no staging folder or lock is left behind"
+    resumed, uninterrupted = load_file(str(out / BASIS_FILE)), load_file(str(finished_run / BASIS_FILE))
     for key, tensor in uninterrupted.items():
         assert torch.equal(resumed[key], tensor), key
 
@@ -575,3 +640,70 @@ def test_resume_refuses_another_dtype_and_changed_data(llama_dir, tmp_path, monk
     data.write_text("".join(json.dumps(r) + "\n" for r in records))  # same file name, other content
     with pytest.raises(ValueError, match="data of .*docs.jsonl changed since the checkpoint"):
         calibrate(config(llama_dir, out, dataset=str(data), max_tokens=3000, resume=True))
+
+
+def test_overwrite_through_a_symbolic_link_writes_the_folder_it_points_to(finished_run, llama_dir, tmp_path):
+    import shutil
+
+    real, link = tmp_path / "real", tmp_path / "latest"
+    shutil.copytree(finished_run, real)
+    link.symlink_to(real, target_is_directory=True)
+    calibrate(config(llama_dir, link, overwrite=True, seq_len=32))
+    assert link.is_symlink() and link.resolve() == real, "the user's link is kept"
+    assert load_calibration(real).metadata["seq_len"] == 32
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["latest", "real"]
+    dangling = tmp_path / "dangling"
+    dangling.symlink_to(tmp_path / "nowhere")
+    with pytest.raises(FileNotFoundError, match="symbolic link to .*nowhere, which does not exist"):
+        calibrate(config(llama_dir, dangling))
+
+
+def _long_calibration(llama_dir, tmp_path, out):
+    long = tmp_path / "long.jsonl"  # enough text that the run is still going while the test looks at it
+    long.write_text((EXAMPLE_DATA / "alpaca.jsonl").read_text() * 2000)
+    command = [sys.executable, "-m", "kvcore_eval", "calibrate", "--model", str(llama_dir), "--dataset", str(long)]
+    command += ["--prompt-format", "alpaca", "--max-tokens", "5000000", "--seq-len", "64", "--device", "cpu"]
+    return subprocess.Popen([*command, "--out", str(out)], cwd=REPO, stderr=subprocess.PIPE, text=True)
+
+
+def test_one_writer_per_folder_a_second_calibration_is_refused_and_named(llama_dir, tmp_path):
+    import signal
+    import socket
+    import time
+
+    out = tmp_path / "busy"
+    first = _long_calibration(llama_dir, tmp_path, out)
+    deadline = time.time() + 120
+    while not (out / "config.json").exists() and time.time() < deadline:
+        time.sleep(0.05)
+    try:
+        lock = json.loads((tmp_path / "busy.kvcore-lock").read_text())
+        assert lock["pid"] == first.pid and lock["host"] == socket.gethostname() and lock["started"]
+        for second in (
+            config(llama_dir, out),
+            config(llama_dir, out, resume=True),
+            config(llama_dir, out, overwrite=True),
+        ):
+            with pytest.raises(
+                FileExistsError, match=f"being written by another kvcore-eval run \\(pid {first.pid} on "
+            ):
+                calibrate(second)
+    finally:
+        first.send_signal(signal.SIGINT)
+        first.communicate(timeout=120)
+    assert not (tmp_path / "busy.kvcore-lock").exists(), "the lock goes with its holder"
+    assert (out / "config.json").exists(), "the refused --overwrite deleted nothing"
+
+
+def test_a_lock_left_by_a_dead_run_is_recognized_and_taken_over(llama_dir, tmp_path, caplog):
+    import logging
+
+    dead = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True)
+    pid = int(dead.stdout)
+    (tmp_path / "stale.kvcore-lock").write_text(
+        json.dumps({"pid": pid, "host": "here", "started": "2026-11-30T06:00:00+00:00", "command": "kvcore-eval"})
+    )
+    with caplog.at_level(logging.WARNING, logger="kvcore_eval"):
+        calibrate(config(llama_dir, tmp_path / "stale", max_tokens=500))
+    assert any(f"took over the lock of pid {pid} on here" in record.getMessage() for record in caplog.records)
+    assert not (tmp_path / "stale.kvcore-lock").exists()
