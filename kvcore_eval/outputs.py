@@ -224,7 +224,7 @@ def check_run_folder(folder: Path, kind: str, own_names: Iterable[str]) -> None:
         raise FileExistsError(
             f"{folder} holds a `kvcore-eval {recorded}` run, not a {kind} run: choose another output folder"
         )
-    own = set(own_names)
+    own = set(own_names) if recorded is not None else set()  # without a run kind, nothing in it is ours
     foreign = sorted(e.name for e in folder.iterdir() if e.name not in own and not is_own_temporary(e.name))
     if foreign or recorded is None:
         listed = ", ".join(foreign[:5]) + (", ..." if len(foreign) > 5 else "")

@@ -37,6 +37,11 @@ def space_stats(eigenvalues: np.ndarray, head_eigenvalues: np.ndarray) -> SpaceS
     return SpaceStats(metrics.normalized_effective_rank(singular), metrics.effective_rank(singular), *ranks, head_ner)
 
 
+def model_path(model: dict) -> str:
+    """The model as it was given: the hub id or folder, or the .gguf file inside its folder."""
+    return str(Path(model["model_id"]) / model["gguf"]["file"]) if model.get("gguf") else model["model_id"]
+
+
 def model_label(model: dict) -> str:
     """A model as people name it: the folder or hub id's last part, and the GGUF file where there is one."""
     name = Path(model["model_id"]).name or model["model_id"]
@@ -65,7 +70,7 @@ def to_markdown(calibration: Calibration, table: list[dict[str, SpaceStats]]) ->
     meta = calibration.metadata
     width = calibration.geometry.width
     lines = [
-        f"# KV-CoRE report: {meta['model']['model_id']} on {meta['dataset']['spec']}",
+        f"# KV-CoRE report: {model_path(meta['model'])} on {meta['dataset']['spec']}",
         "",
         f"{meta['tokens']} tokens (of {meta.get('tokens_requested', meta['tokens'])} asked for), {len(table)} layers, D = {width} (kv_heads x head_dim = "
         f"{calibration.geometry.kv_heads} x {calibration.geometry.head_dim}).",
@@ -108,16 +113,25 @@ def plot_ner(table: list[dict[str, SpaceStats]], title: str, path: Path) -> None
     fig.savefig(path)
 
 
+REPORT_KIND = "report"
+REPORT_NAMES = (outputs.CONFIG_FILE, "report.md", "report.json", "ner.png")
+
+
 def write_report(artifact_dir: str | Path, out_dir: str | Path | None = None) -> dict[str, Path]:
-    """Write report.md, report.json and ner.png (default: into the artifact directory). Returns their paths."""
+    """Write report.md, report.json and ner.png (default: into the artifact directory). Returns their paths.
+    Another `out_dir` becomes a report folder: refused if it holds files kvcore-eval did not write."""
     calibration = load_calibration(artifact_dir)
     out = Path(out_dir or artifact_dir)
-    out.mkdir(parents=True, exist_ok=True)
+    if out.resolve() != Path(artifact_dir).resolve():
+        outputs.check_run_folder(out, REPORT_KIND, REPORT_NAMES)
+        out.mkdir(parents=True, exist_ok=True)
+        outputs.write_config(out, REPORT_KIND, {"artifact": str(artifact_dir)})
     table = layer_table(calibration)
     paths = {"markdown": out / "report.md", "json": out / "report.json", "plot": out / "ner.png"}
     outputs.atomic_write_text(paths["markdown"], to_markdown(calibration, table))
     summary = {
         "model": calibration.metadata["model"]["model_id"],
+        "model_path": model_path(calibration.metadata["model"]),
         "dataset": calibration.metadata["dataset"]["spec"],
         "tokens": calibration.metadata["tokens"],
         "tokens_requested": calibration.metadata.get("tokens_requested"),

