@@ -204,7 +204,7 @@ def build_parser() -> argparse.ArgumentParser:
         "judge", help="GPT-score an lm-eval samples file of a _gen task through an OpenAI-compatible judge"
     )
     judge.add_argument("samples", help="lm-eval samples .jsonl (written with --log_samples)")
-    judge.add_argument("--out", default=None, help="judged samples .jsonl (default: <samples>.judged.jsonl)")
+    judge.add_argument("--out", default=None, help="judged samples .jsonl (default: judged_<samples name>, beside it)")
     add_dataclass_arguments(judge, JudgeConfig)
     judge.set_defaults(run=_judge)
     return parser

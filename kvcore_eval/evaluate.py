@@ -10,9 +10,17 @@ from typing import Any
 from kvcore_eval.config import EvalConfig, split_paths
 from kvcore_eval.lm_tasks import task_manager
 from kvcore_eval.models import resolve_device
-from kvcore_eval.outputs import atomic_write_text
+from kvcore_eval.outputs import atomic_write_text, check_output_file
 
 logger = logging.getLogger(__name__)
+
+
+def _is_results_file(path: Path) -> bool:
+    """An lm-eval results JSON (what --output writes), which a rerun may replace."""
+    try:
+        return isinstance(results := json.loads(path.read_text(encoding="utf-8")), dict) and "results" in results
+    except (ValueError, UnicodeDecodeError):
+        return False
 
 
 def run_lm_eval(
@@ -24,6 +32,8 @@ def run_lm_eval(
 
     import kvcore_eval.wrapper  # noqa: F401  registers kvcore_hf
 
+    if config.output:  # before the evaluation, not after it
+        check_output_file(Path(config.output), "--output", _is_results_file)
     model = "kvcore_hf" if config.truncation.calibration is not None else "hf"
     results = lm_eval.simple_evaluate(
         model=model,

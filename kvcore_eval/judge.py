@@ -21,6 +21,7 @@ import logging
 import os
 import re
 import sqlite3
+import sys
 import threading
 import typing
 from concurrent.futures import ThreadPoolExecutor
@@ -129,11 +130,17 @@ class JudgeCache:
         self.path = Path(path).expanduser()
         self.path.parent.mkdir(parents=True, exist_ok=True)
         self._lock = threading.Lock()
-        self._db = sqlite3.connect(self.path, check_same_thread=False)
-        self._db.execute(
-            "CREATE TABLE IF NOT EXISTS judgements (key TEXT PRIMARY KEY, score REAL, raw TEXT, record TEXT)"
-        )
-        self._db.commit()
+        try:
+            self._db = sqlite3.connect(self.path, check_same_thread=False)
+            self._db.execute(
+                "CREATE TABLE IF NOT EXISTS judgements (key TEXT PRIMARY KEY, score REAL, raw TEXT, record TEXT)"
+            )
+            self._db.commit()
+        except sqlite3.DatabaseError as err:
+            raise ValueError(
+                f"judge cache {self.path} is not an sqlite database ({err}): point --cache-path "
+                f"({env_name('cache_path')}) at a new file, or at the judge.sqlite of an earlier run"
+            ) from err
 
     @staticmethod
     def key(model: str, instruction: str, answer: str, reference: str | None) -> str:
@@ -181,9 +188,16 @@ class GPTJudge:
         )
         self.cache = JudgeCache(config.cache_path)
         self.stats = JudgeStats()
+        httpx_logger = logging.getLogger("httpx")  # one INFO line per request otherwise
+        httpx_logger.setLevel(max(httpx_logger.getEffectiveLevel(), logging.WARNING))
         self._stats_lock = threading.Lock()
 
+    @property
+    def where(self) -> str:
+        return self.config.base_url or "https://api.openai.com/v1"
+
     def _ask(self, messages: list[dict[str, str]]) -> str:
+        """One chat completion; every way a server can fail is a JudgeUnavailable naming the judge's URL."""
         import openai
 
         extra = {"seed": self.config.seed} if self.config.seed is not None else {}
@@ -193,8 +207,7 @@ class GPTJudge:
             )
         except (openai.AuthenticationError, openai.PermissionDeniedError) as err:
             raise JudgeUnavailable(
-                f"judge at {self.config.base_url or 'api.openai.com'} refused the key in {self.config.api_key_env}: "
-                "set it to a valid key"
+                f"judge at {self.where} refused the key in {self.config.api_key_env}: set it to a valid key"
             ) from err
         except (
             openai.APIConnectionError,
@@ -203,10 +216,35 @@ class GPTJudge:
             openai.InternalServerError,
         ) as err:
             raise JudgeUnavailable(
-                f"judge {self.config.model} at {self.config.base_url or 'api.openai.com'} did not answer after "
+                f"judge {self.config.model} at {self.where} did not answer after "
                 f"{self.config.max_retries} retries ({type(err).__name__}); every score obtained so far is kept in "
                 f"{self.cache.path}: rerun once the server is up to continue"
             ) from err
+        except openai.NotFoundError as err:
+            raise JudgeUnavailable(
+                f"judge at {self.where} answered 404 for model {self.config.model!r} ({err.message}): check the judge "
+                f"model name (--model, {env_name('model')}) and the URL (--base-url, {env_name('base_url')})"
+            ) from err
+        except openai.APIError as err:  # 400, 422, a reply the client cannot read ...
+            status = getattr(err, "status_code", None)
+            raise JudgeUnavailable(
+                f"judge at {self.where} refused the request for model {self.config.model!r} "
+                f"({status or type(err).__name__}: {err.message}): check --model and --base-url"
+            ) from err
+        return self._content(response)
+
+    def _content(self, response: Any) -> str:
+        """The reply's text, from an OpenAI-shaped response; anything else names the URL."""
+        if isinstance(response, str | bytes):  # the client hands over a body that is not JSON as it is
+            raise JudgeUnavailable(
+                f"judge at {self.where} did not reply with JSON (it sent {str(response)[:60]!r}): --base-url must be "
+                "an OpenAI-compatible endpoint, usually ending in /v1"
+            )
+        if not getattr(response, "choices", None) or getattr(response.choices[0], "message", None) is None:
+            raise JudgeUnavailable(
+                f"judge at {self.where} replied without `choices` (not an OpenAI chat completion): --base-url must be "
+                "an OpenAI-compatible chat-completions endpoint"
+            )
         with self._stats_lock:
             self.stats.calls += 1
             if response.usage is not None:
@@ -248,8 +286,11 @@ class GPTJudge:
 
     def score_many(self, items: list[tuple[str, str, str | None]]) -> list[Judgement]:
         """(instruction, answer, reference) triples, at most `max_concurrency` in flight; order kept."""
+        from tqdm.auto import tqdm
+
         with ThreadPoolExecutor(max_workers=self.config.max_concurrency) as pool:
-            judgements = list(pool.map(lambda item: self.score(*item), items))
+            answers = pool.map(lambda item: self.score(*item), items)
+            judgements = list(tqdm(answers, total=len(items), desc="judge", unit="answer"))
         self.stats.missing += sum(j.score is None for j in judgements)
         return judgements
 
@@ -257,39 +298,85 @@ class GPTJudge:
         return {"judge_model": self.config.model, "prompt_version": PROMPT_VERSION, **asdict(self.stats)}
 
 
-def judge_samples(samples_path: str | Path, config: JudgeConfig, out_path: str | Path | None = None) -> dict[str, Any]:
-    """Score an lm-eval samples file (--log_samples) of a generation task; writes <samples>.judged.jsonl."""
-    samples_path = Path(samples_path)
+JUDGED_PREFIX = "judged_"
+JUDGED_FIELDS = ("doc_id", "gpt_score", "judge_raw")
+
+
+def judged_path(samples_path: Path) -> Path:
+    """`judged_<samples file name>` beside it: outside lm-eval's `samples_*.jsonl` glob, so a rerun of
+    `kvcore-eval judge .../samples_<task>_*.jsonl` never takes the scores for samples."""
+    return samples_path.with_name(JUDGED_PREFIX + samples_path.name)
+
+
+def read_samples(samples_path: Path) -> tuple[list[dict[str, Any]], list[tuple[str, str, str | None]]]:
+    """The samples of an lm-eval samples file and their (instruction, answer, reference); errors name the line."""
     if not samples_path.is_file():
         raise FileNotFoundError(f"samples file {samples_path} does not exist (lm-eval writes it with --log_samples)")
+    samples, items = [], []
     try:
-        samples = [json.loads(line) for line in samples_path.read_text(encoding="utf-8").splitlines() if line.strip()]
-    except (json.JSONDecodeError, UnicodeDecodeError) as err:
-        raise ValueError(
-            f"{samples_path} is not an lm-eval samples file (JSON lines): pass the samples_<task>_*.jsonl "
-            "that lm-eval writes with --log_samples"
-        ) from err
-    items = []
-    for sample in samples:
-        if (
-            not isinstance(sample, dict)
-            or "prompt" not in (doc := sample.get("doc") or {})
-            or not sample.get("filtered_resps")
-        ):
+        lines = samples_path.read_text(encoding="utf-8").splitlines()
+    except UnicodeDecodeError as err:
+        raise ValueError(f"{samples_path} is not text: pass the samples_<task>_*.jsonl lm-eval writes") from err
+    for number, line in enumerate(lines, start=1):
+        if not line.strip():
+            continue
+        try:
+            sample = json.loads(line)
+        except json.JSONDecodeError as err:
             raise ValueError(
-                f"{samples_path}: sample {sample.get('doc_id')} has no doc.prompt or filtered_resps: judge a kvcore _gen task's samples"
+                f"{samples_path} line {number} is not JSON: it is not an lm-eval samples file (JSON lines); pass the "
+                "samples_<task>_*.jsonl that lm-eval writes with --log_samples"
+            ) from err
+        doc = sample.get("doc") if isinstance(sample, dict) else None
+        if not isinstance(doc, dict) or "prompt" not in doc or not sample.get("filtered_resps"):
+            raise ValueError(
+                f"{samples_path} line {number} is not an lm-eval sample of a kvcore _gen task (a JSON object with "
+                "doc.prompt and filtered_resps): judge the samples_<task>_*.jsonl of a kvcore _gen task"
             )
         answer = sample["filtered_resps"][0]
+        samples.append(sample)
         items.append((doc["prompt"], answer if isinstance(answer, str) else answer[0], doc.get("response")))
+    return samples, items
+
+
+def check_judged_out(out_path: Path, samples_path: Path) -> None:
+    """--out may replace only an earlier judged file: never the samples, a folder, or a file of the user's."""
+    if out_path.resolve() == samples_path.resolve():
+        raise ValueError(
+            f"--out {out_path} is the samples file itself: the scores would replace the generations; "
+            f"drop --out (default {judged_path(samples_path).name}) or name another file"
+        )
+    if out_path.is_dir():
+        raise ValueError(f"--out {out_path} is a folder: name a file, e.g. {out_path / judged_path(samples_path).name}")
+    if out_path.exists():
+        first = out_path.read_text(encoding="utf-8", errors="replace").partition("\n")[0]
+        try:
+            ours = set(json.loads(first)) == set(JUDGED_FIELDS)
+        except (json.JSONDecodeError, TypeError):
+            ours = False
+        if not ours:
+            raise FileExistsError(
+                f"--out {out_path} exists and is not a judged file kvcore-eval wrote: it is never replaced; "
+                "name another file"
+            )
+
+
+def judge_samples(samples_path: str | Path, config: JudgeConfig, out_path: str | Path | None = None) -> dict[str, Any]:
+    """Score an lm-eval samples file (--log_samples) of a generation task; writes judged_<samples name>.
+    The samples and --out are checked before the judge is asked anything."""
+    samples_path = Path(samples_path)
+    samples, items = read_samples(samples_path)
+    out_path = Path(out_path) if out_path is not None else judged_path(samples_path)
+    check_judged_out(out_path, samples_path)
     judge = GPTJudge(config)
     judgements = judge.score_many(items)
-    out_path = Path(out_path or samples_path.with_suffix(".judged.jsonl"))
-    with out_path.open("w") as f:
-        for sample, judgement in zip(samples, judgements):
-            f.write(
-                json.dumps({"doc_id": sample.get("doc_id"), "gpt_score": judgement.score, "judge_raw": judgement.raw})
-                + "\n"
-            )
+    rows = [
+        {"doc_id": sample.get("doc_id"), "gpt_score": judgement.score, "judge_raw": judgement.raw}
+        for sample, judgement in zip(samples, judgements, strict=True)
+    ]
+    from kvcore_eval.outputs import atomic_write_text
+
+    atomic_write_text(out_path, "".join(json.dumps(row) + "\n" for row in rows))
     scores = [j.score for j in judgements if j.score is not None]
     return {
         "samples": len(samples),
@@ -324,12 +411,17 @@ def score_for_task(instruction: str, answer: str, reference: str | None) -> dict
         try:
             judgement = judge_from_env().score(instruction, answer, reference)
             return {"gpt_score": judgement.score, "gpt_score_missing": float(judgement.score is None)}
-        except (JudgeUnavailable, ValueError) as err:
+        except (JudgeUnavailable, ValueError, OSError) as err:
             _judge_error = str(err)
+            kept = (
+                "the samples file this run writes (--log_samples) keeps every generation"
+                if {"--log_samples", "-s"} & set(sys.argv)
+                else "rerun lm_eval with --log_samples to keep the generations in a samples file"
+            )
             task_logger.error(
-                "GPT-score not available (%s). The generations are kept: run lm_eval with --log_samples and "
-                "score them afterwards with `kvcore-eval judge <samples_*.jsonl> --model ...`; every "
-                "answer of this run is reported as missing",
+                "GPT-score not available (%s). Every answer of this run is reported as missing; %s: score it "
+                "afterwards with `kvcore-eval judge <samples_*.jsonl> --model ...`",
                 err,
+                kept,
             )
     return {"gpt_score": None, "gpt_score_missing": 1.0}

@@ -195,7 +195,9 @@ def load_config(model_id: str, revision: str | None, gguf_file: str | None = Non
     from transformers import AutoConfig
 
     local = Path(model_id)
-    if (local.is_absolute() or model_id.startswith(".") or local.exists()) and not local.is_dir():
+    # A hub id is `name` or `org/name`; a trailing slash, a leading . or /, or more parts can only be a path.
+    looks_local = local.is_absolute() or model_id.startswith(".") or model_id.endswith("/") or model_id.count("/") > 1
+    if (looks_local or local.exists()) and not local.is_dir():
         raise FileNotFoundError(
             f"model folder {model_id} does not exist: pass a folder holding config.json, a .gguf file, or a hub id"
         )

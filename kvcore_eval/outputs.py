@@ -20,7 +20,8 @@ import re
 import shutil
 import socket
 import sys
-from collections.abc import Iterable, Iterator
+import tempfile
+from collections.abc import Callable, Iterable, Iterator
 from datetime import datetime
 from pathlib import Path
 from typing import Any
@@ -124,6 +125,32 @@ def atomic_save_safetensors(tensors: dict, path: Path, metadata: dict[str, str] 
         os.replace(temporary / path.name, path)
     finally:
         shutil.rmtree(temporary, ignore_errors=True)
+
+
+def check_path_component(name: str, what: str) -> None:
+    """A name that becomes one folder or file name under an output folder: never a path that leaves it."""
+    if not name or name in (".", "..") or any(c in name for c in ("/", "\\", "\0")):
+        raise ValueError(
+            f"{what} {name!r} cannot be used as a file name (it is empty, '.' or '..', or holds '/', '\\' or NUL), "
+            "and outputs are written under a folder named after it: rename it"
+        )
+
+
+def check_output_file(path: Path, option: str, is_ours: Callable[[Path], bool]) -> None:
+    """Before any work: `path` can be written as a file, and replaces nothing of the user's (`is_ours` tells an
+    earlier output of this kind)."""
+    if path.is_dir():
+        raise ValueError(f"{option} {path} is a folder: name a file inside it, e.g. {path / 'results.json'}")
+    existing = next(parent for parent in path.absolute().parents if parent.exists())
+    if not existing.is_dir():
+        raise ValueError(f"{option} {path} cannot be written: {existing} is a file, not a folder")
+    if path.exists() and not is_ours(path):
+        raise FileExistsError(f"{option} {path} exists and was not written by kvcore-eval: name another file")
+    try:  # permissions, read-only mounts, ACLs: the only sure test is to write
+        with tempfile.TemporaryFile(dir=path.parent if path.parent.is_dir() else existing):
+            pass
+    except OSError as err:
+        raise ValueError(f"{option} {path} cannot be written ({err.strerror}): choose a writable path") from err
 
 
 def resolve_run_folder(folder: Path) -> Path:

@@ -146,6 +146,11 @@ def measured_sensitivity(config: TruncationConfig, spaces: list[str], num_layers
 
     from kvcore_eval.outputs import read_json
 
+    if not Path(config.sensitivity).is_file():
+        raise ValueError(
+            f"sensitivity={config.sensitivity} does not exist: pass the per_layer.json that "
+            "`kvcore-eval sweep --per-layer` writes"
+        )
     table = read_json(Path(config.sensitivity), "per-layer sensitivity table")
     if not isinstance(table, dict) or "nd_ppl" not in table:
         raise ValueError(

@@ -79,7 +79,10 @@ def perplexity_tasks(config: SweepConfig, manager) -> list[str]:
             f"--tasks {', '.join(generating)}: generation tasks have no perplexity; the sweep needs perplexity tasks "
             "(kvcore_alpaca, ...). Score generations with lm_eval and `kvcore-eval judge`"
         )
-    return sorted({t.config.task for t in tasks})
+    found = sorted({t.config.task for t in tasks})
+    for task in found:  # each names folders under --out (calibrations/<task>, points/<task>)
+        outputs.check_path_component(task, "task name")
+    return found
 
 
 def task_calibration(session: Session, task: str) -> Path:

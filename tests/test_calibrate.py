@@ -105,6 +105,15 @@ def test_bad_input_gets_errors_that_name_the_fix(llama_dir, tmp_path):
         config(llama_dir, tmp_path / "e", dtype="int8")
 
 
+@pytest.mark.parametrize("name", ["no-such-model/", "models/no-such-model/", "a/b/c"])
+def test_a_model_path_that_does_not_exist_is_named_as_a_path(name, tmp_path, monkeypatch):
+    from kvcore_eval.models import load_config
+
+    monkeypatch.chdir(tmp_path)
+    with pytest.raises(FileNotFoundError, match=f"model folder {name} does not exist"):
+        load_config(name, None)
+
+
 def test_not_a_causal_lm_is_refused(tmp_path):
     from transformers import ViTConfig
 

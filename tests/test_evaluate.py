@@ -129,3 +129,42 @@ def test_eval_and_sweep_default_to_the_device_lm_eval_picks(monkeypatch):
     monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
     assert resolve_device(EvalConfig(model="m", tasks="t").device) == "cpu"
     assert resolve_device("cuda:1") == "cuda:1"
+
+
+@pytest.fixture
+def count_evaluations(monkeypatch):
+    import lm_eval
+
+    calls, real = [], lm_eval.simple_evaluate
+    monkeypatch.setattr(lm_eval, "simple_evaluate", lambda *a, **k: calls.append(k) or real(*a, **k))
+    return calls
+
+
+def test_an_output_that_cannot_be_written_fails_before_the_evaluation(tmp_path, count_evaluations):
+    from kvcore_eval.evaluate import run_lm_eval
+
+    def run(output):
+        run_lm_eval(
+            EvalConfig(
+                model=str(EXAMPLE_MODEL), tasks="kvcore_alpaca", data_dir=str(EXAMPLE_DATA), limit=2, output=str(output)
+            )
+        )
+
+    (tmp_path / "a-file").write_text("mine")
+    (tmp_path / "notes.json").write_text('{"my": "notes"}')
+    with pytest.raises(ValueError, match="is a folder: name a file inside it"):
+        run(tmp_path)
+    with pytest.raises(ValueError, match="cannot be written: .*a-file is a file, not a folder"):
+        run(tmp_path / "a-file" / "results.json")
+    with pytest.raises(FileExistsError, match="exists and was not written by kvcore-eval"):
+        run(tmp_path / "notes.json")
+    if os.geteuid() != 0:  # root writes anywhere
+        locked = tmp_path / "locked"
+        locked.mkdir(mode=0o555)
+        with pytest.raises(ValueError, match="cannot be written \\(Permission denied\\)"):
+            run(locked / "results.json")
+    assert count_evaluations == [] and (tmp_path / "notes.json").read_text() == '{"my": "notes"}'
+    run(tmp_path / "new" / "results.json")
+    run(tmp_path / "new" / "results.json")  # an earlier results file is replaced
+    assert len(count_evaluations) == 2
+    assert "kvcore_alpaca" in json.loads((tmp_path / "new" / "results.json").read_text())["results"]

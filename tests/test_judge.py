@@ -1,5 +1,6 @@
 import json
 import os
+import re
 import signal
 import sqlite3
 import subprocess
@@ -149,7 +150,7 @@ def test_kill_mid_run_loses_nothing(tmp_path):
     assert result.returncode == 0, result.stderr[-2000:]
     summary = json.loads(result.stdout)
     assert summary["cache_hits"] == done and summary["calls"] == 12 - done
-    judged = [json.loads(line) for line in (tmp_path / "samples.judged.jsonl").read_text().splitlines()]
+    judged = [json.loads(line) for line in (tmp_path / "judged_samples.jsonl").read_text().splitlines()]
     assert [row["gpt_score"] for row in judged] == [float(i % 9 + 1) for i in range(12)]
     scores = [float(i % 9 + 1) for i in range(12)]
     assert summary["gpt_score_stderr"] == pytest.approx(np.std(scores, ddof=1) / np.sqrt(12), rel=0.15)
@@ -266,3 +267,103 @@ def test_gen_run_with_the_judge_down_keeps_every_generation_for_a_later_judge(tm
         assert sorted(server.attempts) == sorted(answer.strip() for answer in generations), (
             "the kept generations, not new ones"
         )
+
+
+def test_judge_out_never_replaces_the_samples_or_a_users_file(server, judge_config, tmp_path):
+    samples = _samples(tmp_path / "samples_kvcore_alpaca_gen_2026.jsonl", ["a score=3", "b score=4"])
+    before = samples.read_bytes()
+    with pytest.raises(ValueError, match="is the samples file itself: the scores would replace the generations"):
+        judge_samples(samples, judge_config, samples)
+    mine = tmp_path / "notes.jsonl"
+    mine.write_text('{"my": "notes"}\n')
+    with pytest.raises(FileExistsError, match="is not a judged file kvcore-eval wrote"):
+        judge_samples(samples, judge_config, mine)
+    with pytest.raises(ValueError, match="is a folder"):
+        judge_samples(samples, judge_config, tmp_path)
+    assert samples.read_bytes() == before and mine.read_text() == '{"my": "notes"}\n'
+    assert server.requests == 0, "refused before the judge is asked anything"
+
+
+def test_judge_reruns_with_the_readmes_glob(server, judge_config, tmp_path):
+    """README: `kvcore-eval judge runs/gen/*/samples_kvcore_alpaca_gen_*.jsonl`, run twice."""
+    _samples(tmp_path / "samples_kvcore_alpaca_gen_2026.jsonl", ["a score=3", "b score=4"])
+    for _ in range(2):
+        (samples,) = tmp_path.glob("samples_kvcore_alpaca_gen_*.jsonl")
+        summary = judge_samples(samples, judge_config)
+        assert summary["gpt_score"] == 3.5
+    assert summary["cache_hits"] == 2 and sorted(p.name for p in tmp_path.glob("*.jsonl")) == [
+        "judged_samples_kvcore_alpaca_gen_2026.jsonl",
+        "samples_kvcore_alpaca_gen_2026.jsonl",
+    ]
+
+
+def _judge_cli(samples, base_url, cache, caplog, model="judge-1"):
+    from kvcore_eval.cli import main
+
+    command = ["judge", str(samples), "--model", model, "--base-url", base_url, "--api-key-env", "KVCORE_TEST_KEY"]
+    with pytest.raises(SystemExit) as exit_info:
+        main([*command, "--cache-path", str(cache), "--max-retries", "0"])
+    errors = [r.getMessage() for r in caplog.records if r.levelname == "ERROR"]
+    assert exit_info.value.code == 2 and len(errors) == 1 and "\n" not in errors[0], errors
+    return errors[0]
+
+
+@pytest.mark.parametrize(
+    "server_kind,model,message",
+    [
+        ({"models": ("judge-1",)}, "judge-l", "answered 404 for model 'judge-l'.*check the judge model name"),
+        ({"fault": "no-choices"}, "judge-1", "replied without `choices`"),
+        ({"fault": "not-json"}, "judge-1", "did not reply with JSON \\(it sent '<html>"),
+    ],
+    ids=["404", "no choices", "not JSON"],
+)
+def test_a_misbehaving_judge_is_one_line_naming_its_url(server_kind, model, message, tmp_path, monkeypatch, caplog):
+    monkeypatch.setenv("KVCORE_TEST_KEY", KEY)
+    samples = _samples(tmp_path / "samples.jsonl", ["a score=3"])
+    with JudgeServer(**server_kind) as bad:
+        error = _judge_cli(samples, bad.base_url, tmp_path / "judge.sqlite", caplog, model=model)
+    assert bad.base_url in error and re.search(message, error), error
+    assert not (tmp_path / "judged_samples.jsonl").exists()
+
+
+def test_bad_samples_lines_and_cache_files_are_one_line_naming_the_file(server, tmp_path, monkeypatch, caplog):
+    monkeypatch.setenv("KVCORE_TEST_KEY", KEY)
+    samples = _samples(tmp_path / "samples.jsonl", ["a score=3"])
+    samples.write_text(samples.read_text() + "[1, 2]\n")
+    error = _judge_cli(samples, server.base_url, tmp_path / "judge.sqlite", caplog)
+    assert f"{samples} line 2 is not an lm-eval sample" in error
+    caplog.clear()
+    not_a_database = tmp_path / "scores.csv"
+    not_a_database.write_text("doc,score\n" * 200)
+    error = _judge_cli(_samples(tmp_path / "ok.jsonl", ["a score=3"]), server.base_url, not_a_database, caplog)
+    assert f"judge cache {not_a_database} is not an sqlite database" in error
+    assert not_a_database.read_text() == "doc,score\n" * 200 and server.requests == 0
+
+
+@pytest.mark.parametrize("server_kind", [{"models": ("judge-1",)}, {"fault": "no-choices"}], ids=["404", "no choices"])
+def test_gen_run_with_a_misbehaving_judge_keeps_every_generation(server_kind, tmp_path):
+    """Plain lm_eval with --log_samples: a judge answering 404 (a mistyped name) or 200 without choices costs
+    no generation: the task finishes, the samples file is written, one error names the judge's URL."""
+    with JudgeServer(**server_kind) as bad:
+        env = {
+            **os.environ,
+            "KVCORE_TEST_KEY": KEY,
+            "KVCORE_JUDGE_MODEL": "judge-l",
+            "KVCORE_JUDGE_BASE_URL": bad.base_url,
+            "KVCORE_JUDGE_API_KEY_ENV": "KVCORE_TEST_KEY",
+            "KVCORE_JUDGE_CACHE_PATH": str(tmp_path / "judge.sqlite"),
+            "KVCORE_DATA_DIR": str(EXAMPLE_DATA),
+        }
+        command = [sys.executable, "-m", "lm_eval", "--model", "hf", "--model_args", f"pretrained={EXAMPLE_MODEL}"]
+        command += ["--tasks", "kvcore_alpaca_gen", "--limit", "3", "--gen_kwargs", "max_gen_toks=8", "--log_samples"]
+        command += ["--output_path", str(tmp_path / "out")]
+        run = subprocess.run(command, env=env, cwd=tmp_path, capture_output=True, text=True, timeout=600)
+    assert run.returncode == 0, run.stderr[-3000:]
+    assert bad.requests == 1, "after the first failure, later answers are not sent"
+    errors = [line for line in run.stderr.splitlines() if "GPT-score not available" in line]
+    assert len(errors) == 1 and bad.base_url in errors[0] and "keeps every generation" in errors[0], errors
+    assert "HTTP Request" not in run.stderr, "no httpx line per request"
+    samples = next((tmp_path / "out").rglob("samples_kvcore_alpaca_gen_*.jsonl"))
+    assert len(samples.read_text().splitlines()) == 3
+    results = json.loads(next((tmp_path / "out").rglob("results_*.json")).read_text())
+    assert results["results"]["kvcore_alpaca_gen"]["gpt_score_missing,none"] == 1.0

@@ -108,3 +108,6 @@ def test_sensitivity_budget_meets_the_budget_and_follows_the_measurement(tmp_pat
         make_plan(TruncationConfig(**{**vars(config), "key_space": "post_rope"}), calibration)
     with pytest.raises(ValueError, match="go together"):
         TruncationConfig(calibration="x", rank_budget=0.4, budget_method="sensitivity")
+    missing = TruncationConfig(**{**vars(config), "sensitivity": str(tmp_path / "runs" / "per_layer.json")})
+    with pytest.raises(ValueError, match="per_layer.json does not exist: pass the per_layer.json that `kvcore-eval"):
+        make_plan(missing, calibration)

@@ -229,6 +229,22 @@ def test_a_custom_task_runs_end_to_end_with_include_path(tmp_path):
     )
 
 
+def test_a_task_name_that_is_a_path_is_refused_before_anything_is_written(tmp_path, count_loads):
+    """A task named `../escape` (a user's YAML) would put its calibration and points outside --out."""
+    folder = tmp_path / "my_tasks"
+    folder.mkdir()
+    (folder / "notes.jsonl").write_text(json.dumps({"text": "The river rose overnight."}) + "\n")
+    (folder / "escape.yaml").write_text(
+        f"task: ../escape\ndataset_path: json\ndataset_kwargs:\n  data_files: {folder / 'notes.jsonl'}\n"
+        "test_split: train\noutput_type: loglikelihood_rolling\ndoc_to_text: ''\ndoc_to_target: '{{text}}'\n"
+        "metric_list:\n  - metric: byte_perplexity\n"
+    )
+    out = tmp_path / "runs" / "sweep"
+    with pytest.raises(ValueError, match="task name '../escape' cannot be used as a file name"):
+        run_sweep(sweep_config(out, tasks="../escape", include_path=str(folder)))
+    assert count_loads == [] and not (tmp_path / "runs").exists()
+
+
 def test_per_layer_sensitivity_one_load_a_row_per_layer_and_correlations(tmp_path, count_loads):
     out = tmp_path / "layers"
     summary = run_sweep(sweep_config(out, tasks="kvcore_codealpaca", ranks="0.5", per_layer=True, per_layer_rank=0.25))
