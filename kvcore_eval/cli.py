@@ -144,6 +144,9 @@ def build_parser() -> argparse.ArgumentParser:
     from kvcore_eval.judge import JudgeConfig
 
     parser = argparse.ArgumentParser(prog="kvcore-eval", description=__doc__)
+    from kvcore_eval import __version__
+
+    parser.add_argument("--version", action="version", version=f"kvcore-eval {__version__}")
     parser.add_argument("--log-level", default="INFO", help="logging level (default: INFO)")
     commands = parser.add_subparsers(dest="command", required=True)
 

@@ -1,23 +1,40 @@
 """How users install: in a fresh venv, `pip install .` and `pip install -e .`, then the plain `lm_eval` command.
 
-The venv sees this machine's packages (torch, transformers...) but gets its own lm-eval, so that the task
-folder lm-eval indexes is the venv's, as after a real install."""
+The venv sees the packages of the interpreter running the tests (torch, transformers...: a `.pth` file lists its
+site-packages folders; `system_site_packages` would show the base interpreter's instead, which in a user's venv
+has none of them) but gets its own lm-eval, so that the task folder lm-eval indexes is the venv's, as after a
+real install."""
 
 from __future__ import annotations
 
 import json
+import os
 import shutil
 import subprocess
+import sys
 import venv
+from pathlib import Path
 
 import pytest
 from conftest import EXAMPLE_DATA, EXAMPLE_MODEL, REPO
 
 
 def _run(command, **kwargs):
-    result = subprocess.run(command, capture_output=True, text=True, timeout=900, **kwargs)
+    env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}  # as a user's shell: no checkout on the path
+    result = subprocess.run(command, capture_output=True, text=True, timeout=900, env=env, **kwargs)
     assert result.returncode == 0, (command, result.stdout[-2000:], result.stderr[-4000:])
     return result
+
+
+def make_venv(env_dir: Path) -> str:
+    """A fresh venv that sees this interpreter's site-packages after its own (their .pth files are not run, so an
+    editable kvcore-eval installed here stays out of it); returns its python."""
+    venv.EnvBuilder(with_pip=True).create(env_dir)
+    python = str(env_dir / "bin" / "python")
+    own = _run([python, "-c", "import sysconfig; print(sysconfig.get_path('purelib'))"]).stdout.strip()
+    ours = [p for p in sys.path if Path(p).name in ("site-packages", "dist-packages") and Path(p).is_dir()]
+    (Path(own) / "_kvcore_test_outer_site.pth").write_text("\n".join(ours) + "\n")
+    return python
 
 
 @pytest.fixture(scope="module")
@@ -49,8 +66,7 @@ def test_plain_lm_eval_runs_kvcore_hf_after_install(editable, tiny_artifact, tmp
             (checkout / name).parent.mkdir(parents=True, exist_ok=True)
             shutil.copy2(REPO / name, checkout / name)
     env_dir = tmp_path / "venv"
-    venv.EnvBuilder(system_site_packages=True, with_pip=True).create(env_dir)
-    python = str(env_dir / "bin" / "python")
+    python = make_venv(env_dir)
     pip = [python, "-m", "pip", "install", "--quiet", "--disable-pip-version-check", "--no-deps"]
     _run([*pip, "--ignore-installed", f"lm-eval=={lm_eval.__version__}"])
     _run([*pip, *(["-e"] if editable else []), str(checkout)])

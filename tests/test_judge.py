@@ -367,3 +367,16 @@ def test_gen_run_with_a_misbehaving_judge_keeps_every_generation(server_kind, tm
     assert len(samples.read_text().splitlines()) == 3
     results = json.loads(next((tmp_path / "out").rglob("results_*.json")).read_text())
     assert results["results"]["kvcore_alpaca_gen"]["gpt_score_missing,none"] == 1.0
+
+
+def test_help_prints_each_default_once_and_the_version(capsys):
+    from kvcore_eval import __version__
+    from kvcore_eval.cli import main
+
+    with pytest.raises(SystemExit):
+        main(["judge", "--help"])
+    text = " ".join(capsys.readouterr().out.split())
+    assert "(default: OpenAI)" in text and "(default: OpenAI) (default: None)" not in text
+    with pytest.raises(SystemExit):
+        main(["--version"])
+    assert capsys.readouterr().out.strip() == f"kvcore-eval {__version__}"
