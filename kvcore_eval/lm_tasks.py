@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import functools
 import json
+import logging
 from pathlib import Path
 from typing import Any
 
@@ -34,10 +35,38 @@ def task_manager(
     return _task_manager(tuple(include_path or ()), json.dumps(metadata, sort_keys=True))
 
 
+class _OncePerTask(logging.Filter):
+    """lm-eval warns "Custom kwargs can be passed to `--metadata`" each time a task with a custom dataset loads;
+    a sweep loads each task at every point (24 times in a small sweep): once per task says it."""
+
+    MESSAGE = "Custom kwargs can be passed to `--metadata`"
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.seen: set[str] = set()
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        message = record.getMessage()
+        if self.MESSAGE not in message:
+            return True
+        task = message.partition(":")[0]
+        first = task not in self.seen
+        self.seen.add(task)
+        return first
+
+
+def _quiet_repeated_warnings() -> None:
+    task_logger = logging.getLogger("lm_eval.api.task")
+    if not any(isinstance(f, _OncePerTask) for f in task_logger.filters):
+        task_logger.addFilter(_OncePerTask())
+
+
 @functools.lru_cache(maxsize=8)
 def _task_manager(include_path: tuple[str, ...], metadata_json: str):
     import lm_eval
     from lm_eval.tasks import TaskManager
+
+    _quiet_repeated_warnings()
 
     ours = tasks_dir()
     paths = ([] if ours.is_relative_to(Path(lm_eval.__file__).parent) else [str(ours)]) + list(include_path)

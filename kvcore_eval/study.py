@@ -250,11 +250,31 @@ def per_layer_markdown(layers: dict[str, Any]) -> str:
     return "\n".join(lines)
 
 
-def _figure(width: float, height: float, panels: int = 1):
+def _figure(width: float, height: float, panels: int = 1, stacked: bool = False):
     from matplotlib.figure import Figure
 
     figure = Figure(figsize=(width, height), dpi=130, layout="constrained")
-    return figure, figure.subplots(1, panels, squeeze=False)[0]
+    grid = figure.subplots(panels, 1, squeeze=False)[:, 0] if stacked else figure.subplots(1, panels, squeeze=False)[0]
+    return figure, grid
+
+
+def _nd_ppl_scale(ax, values: list[float], label: str) -> None:
+    """A linear y axis when the ND-PPLs span less than two decades; else symlog, with a labelled tick at every
+    decade on both sides of 0 (ND-PPL can be negative: truncation can help), the linear part below the smallest."""
+    import matplotlib.ticker
+
+    magnitudes = np.abs([v for v in values if np.isfinite(v) and v != 0])
+    if magnitudes.size == 0 or magnitudes.max() / magnitudes.min() < 100:
+        ax.set_ylabel(label)
+        return
+    low, high = np.floor(np.log10(magnitudes.min())), np.ceil(np.log10(magnitudes.max()))
+    decades = 10.0 ** np.arange(low, high + 1)
+    negative = max((-v for v in values if v < 0), default=0.0)
+    ticks = [0.0, *decades, *(-d for d in decades if negative and d <= 10 ** np.ceil(np.log10(negative)))]
+    ax.set_yscale("symlog", linthresh=10.0**low)
+    ax.yaxis.set_major_locator(matplotlib.ticker.FixedLocator(sorted(ticks)))
+    ax.yaxis.set_minor_locator(matplotlib.ticker.NullLocator())
+    ax.set_ylabel(f"{label} (symlog)")
 
 
 def plot_nd_ppl(summary: dict[str, Any], path: Path) -> None:
@@ -268,12 +288,12 @@ def plot_nd_ppl(summary: dict[str, Any], path: Path) -> None:
             ms=4,
             label=task.removeprefix("kvcore_"),
         )
-    ax.set(
-        xlabel="rank kept (fraction of D)",
-        ylabel="ND-PPL (symlog)",
-        title=f"ND-PPL vs rank: {summary['design']['model_name']}",
-    )
-    ax.set_yscale("symlog", linthresh=0.01)  # ND-PPL spans orders of magnitude as rank falls
+    ax.set(xlabel="rank kept (fraction of D)", title=f"ND-PPL vs rank: {summary['design']['model_name']}")
+    _nd_ppl_scale(ax, [v for task in summary["tasks"] for v in summary["nd_ppl"][task].values()], "ND-PPL")
+    ax.set_xticks(ranks, [f"{r:g}" for r in ranks])  # the ranks measured, one tick each
+    if len(ranks) == 1:
+        ax.set_xlim(ranks[0] + 0.1, ranks[0] - 0.1)
+    ax.axhline(0, color="0.5", lw=0.8)
     ax.invert_xaxis()
     ax.grid(alpha=0.3)
     ax.legend(frameon=False, fontsize=8, ncol=2)
@@ -295,23 +315,14 @@ def plot_ner_vs_nd_ppl(summary: dict[str, Any], path: Path) -> None:
                 label=task.removeprefix("kvcore_"),
             )
         c = summary["correlation"]["across_tasks"][rank][kind]
-        ax.text(
-            0.03,
-            0.97,
-            _stat(c).replace(", ρ", "\nρ").replace(", n", "\nn"),
-            transform=ax.transAxes,
-            va="top",
-            fontsize=9,
-            bbox={"facecolor": "white", "alpha": 0.8, "edgecolor": "0.8"},
-        )
-        ax.set(
+        ax.set(  # the statistics in the title: nothing drawn inside the axes can cover a point
             xlabel=f"mean NER of {'keys' if kind == 'key' else 'values'} over layers",
             ylabel=f"ND-PPL at rank {rank}",
-            title=f"{'Keys' if kind == 'key' else 'Values'}",
         )
+        ax.set_title(f"{'Keys' if kind == 'key' else 'Values'}\n{_stat(c)}", fontsize=10)
         ax.grid(alpha=0.3)
         ax.margins(0.15)
-    axes[1].legend(frameon=False, fontsize=8, loc="lower right")
+    figure.legend(*axes[0].get_legend_handles_labels(), frameon=False, fontsize=8, loc="outside right center")
     figure.suptitle(
         f"NER vs ND-PPL across tasks: {summary['design']['model_name']}, rank {rank} of D, "
         f"{summary['design']['basis_scope']} bases"
@@ -321,7 +332,7 @@ def plot_ner_vs_nd_ppl(summary: dict[str, Any], path: Path) -> None:
 
 def plot_per_layer(layers: dict[str, Any], path: Path) -> None:
     tasks = list(layers["nd_ppl"])
-    figure, axes = _figure(9, 3.2 * len(tasks), panels=1) if len(tasks) == 1 else _figure(9, 3.6, panels=len(tasks))
+    figure, axes = _figure(9, 2.2 + 2.4 * len(tasks), panels=len(tasks), stacked=True)  # a full-width row per task
     for ax, task in zip(axes, tasks):
         count = len(layers["nd_ppl"][task]["key"])
         offsets = {"key": -0.2, "value": 0.2}
@@ -332,12 +343,10 @@ def plot_per_layer(layers: dict[str, Any], path: Path) -> None:
                 width=0.4,
                 label="keys" if kind == "key" else "values",
             )
-        ax.set(
-            xlabel="layer truncated alone",
-            ylabel="ND-PPL (symlog)",
-            title=f"{task}: one layer at rank {layers['rank']:g} of D",
-        )
-        ax.set_yscale("symlog", linthresh=0.001)
+        ax.set(xlabel="layer truncated alone", title=task, xlim=(-0.7, count - 0.3))
+        _nd_ppl_scale(ax, [v for kind in KINDS for v in layers["nd_ppl"][task][kind]], "ND-PPL")
+        ax.axhline(0, color="0.5", lw=0.8)
         ax.grid(alpha=0.3, axis="y")
-        ax.legend(frameon=False, fontsize=8)
+    figure.legend(*axes[0].get_legend_handles_labels(), frameon=False, fontsize=8, loc="outside upper right")
+    figure.suptitle(f"ND-PPL with one layer truncated at rank {layers['rank']:g} of D, the others at full rank")
     figure.savefig(path)

@@ -17,8 +17,9 @@ from __future__ import annotations
 
 import dataclasses
 import logging
+import time
 from collections.abc import Callable
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -50,6 +51,28 @@ POINT_SELECTORS = ("tasks", "ranks", "per_layer", "per_layer_rank")
 
 
 @dataclass
+class Progress:
+    """Which point of how many, with the time left estimated from the points computed so far (reused ones cost
+    nothing and are not counted in the estimate)."""
+
+    total: int = 0  # 0: not known (the frontier's search)
+    done: int = 0
+    computed: int = 0
+    seconds: float = 0.0
+
+    def point_done(self, task: str, name: str, started: float | None) -> None:
+        self.done += 1
+        if started is not None:
+            self.computed += 1
+            self.seconds += time.monotonic() - started
+        left = max(self.total - self.done, 0)
+        estimate = f"; about {left * self.seconds / self.computed / 60:.1f} min left" if self.computed and left else ""
+        how = "reused" if started is None else f"{time.monotonic() - started:.0f} s"
+        of = f" of {self.total}" if self.total else ""
+        logger.info("sweep point %d%s done: %s, %s (%s)%s", self.done, of, task, name, how, estimate)
+
+
+@dataclass
 class Session:
     """What one sweep loads once."""
 
@@ -61,6 +84,7 @@ class Session:
     tasks: list[str]  # the leaf perplexity tasks of config.tasks
     selectors: tuple[str, ...] = POINT_SELECTORS  # config fields that choose points, not a point's number
     lm: Any = None  # KVCoreHFLM, built on first use
+    progress: Progress = field(default_factory=Progress)
 
 
 def perplexity_tasks(config: SweepConfig, manager) -> list[str]:
@@ -197,7 +221,9 @@ def run_point(
                 f"{path} was run with other settings ({'; '.join(differences)}): use another --out, "
                 "or delete it to rerun"
             )
+        session.progress.point_done(task, name, None)
         return saved
+    started = time.monotonic()
     chosen = {"samples": {task: documents}} if documents is not None else {"limit": config.num_samples}
     results = lm_eval.simple_evaluate(
         model=session.lm, tasks=[task], task_manager=session.manager, log_samples=True, **chosen
@@ -223,6 +249,7 @@ def run_point(
     path.parent.mkdir(parents=True, exist_ok=True)
     record["calibration_overlap"] = session.lm.get_model_info()["kvcore"]["calibration_overlap"].get(task)
     outputs.atomic_write_json(path, record)
+    session.progress.point_done(task, name, started)
     return record
 
 
@@ -323,12 +350,15 @@ def task_document_ner(session: Session, task: str) -> list[dict[str, Any]]:
 
 
 def run_sweep(config: SweepConfig) -> dict[str, Any]:
+    from kvcore_eval import models
     from kvcore_eval.artifact import load_calibration
     from kvcore_eval.report import layer_table, mean_ner
 
     session = open_session(config)
     tasks = session.tasks
     calibrations = {task: task_calibration(session, task) for task in tasks}
+    layers = models.kv_geometry(session.model.config).num_layers
+    session.progress.total = len(tasks) * (1 + len(config.rank_list()) + (2 * layers if config.per_layer else 0))
     basis = {
         task: Path(config.truncation.calibration) if config.basis_scope == "shared" else calibrations[task]
         for task in tasks

@@ -123,8 +123,11 @@ def to_markdown(table: dict[str, Any]) -> str:
     return "\n".join(lines) + "\n"
 
 
-def plot_heatmap(model: str, per_dataset: dict[str, dict[str, Any]], path: Path) -> None:
-    """Layer × dataset NER, one panel for keys and one for values, on a shared 0-1 colour scale."""
+KEY_SPACE_NAMES = {"pre_rope": "keys (pre-RoPE)", "post_rope": "keys (post-RoPE)"}
+
+
+def plot_heatmap(model: str, per_dataset: dict[str, dict[str, Any]], path: Path, key_space: str) -> None:
+    """Layer × dataset NER, one panel for keys (in `key_space`) and one for values, on a shared 0-1 colour scale."""
     from matplotlib.figure import Figure
 
     datasets = sorted(per_dataset)
@@ -133,7 +136,7 @@ def plot_heatmap(model: str, per_dataset: dict[str, dict[str, Any]], path: Path)
         figsize=(max(6.0, 1.1 * len(datasets) * 2 + 2), max(3.0, 0.22 * layers + 1.5)), dpi=130, layout="constrained"
     )
     axes = figure.subplots(1, 2, sharey=True)
-    for ax, kind, title in zip(axes, ("layers_key", "layers_value"), ("keys", "values")):
+    for ax, kind, title in zip(axes, ("layers_key", "layers_value"), (KEY_SPACE_NAMES[key_space], "values")):
         grid = np.array([per_dataset[d][kind] for d in datasets]).T  # (layers, datasets)
         image = ax.imshow(grid, aspect="auto", vmin=0, vmax=1, cmap="viridis", origin="lower")
         ax.set_xticks(range(len(datasets)), datasets, rotation=45, ha="right")
@@ -158,6 +161,6 @@ def write_table(config: TableConfig) -> dict[str, Path]:
     outputs.atomic_write_json(paths["json"], table)
     for model in table["models"]:
         path = out / "heatmaps" / f"{''.join(c if c.isalnum() or c in '-_.' else '_' for c in model)}.png"
-        plot_heatmap(model, table["cells"][model], path)
+        plot_heatmap(model, table["cells"][model], path, config.key_space)
         paths[f"heatmap {model}"] = path
     return paths

@@ -171,9 +171,17 @@ def test_shared_basis_reproduces_a_plain_kvcore_hf_run(shared_artifact, tmp_path
     )
 
 
-def test_rerun_reuses_points_and_calibrations_and_refuses_other_settings(tmp_path):
+def test_rerun_reuses_points_and_calibrations_and_refuses_other_settings(tmp_path, caplog):
+    import logging
+
     out = tmp_path / "resume"
-    first = run_sweep(sweep_config(out, tasks="kvcore_codealpaca", ranks="0.5"))
+    with caplog.at_level(logging.INFO):
+        first = run_sweep(sweep_config(out, tasks="kvcore_codealpaca", ranks="0.5"))
+    messages = [record.getMessage() for record in caplog.records]
+    progress = [m for m in messages if m.startswith("sweep point")]
+    assert progress[0].startswith("sweep point 1 of 2 done: kvcore_codealpaca, baseline") and "min left" in progress[0]
+    assert progress[1].startswith("sweep point 2 of 2 done: kvcore_codealpaca, rank_0.5"), progress
+    assert sum("Custom kwargs can be passed" in m for m in messages) <= 1, "lm-eval's advice once, not per point"
     point = out / "points" / "kvcore_codealpaca" / "rank_0.5.json"
     saved = json.loads(point.read_text())
     saved["value"] = 2 * first["baseline_perplexity"]["kvcore_codealpaca"]  # a reused point is read, not recomputed
