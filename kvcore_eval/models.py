@@ -218,8 +218,8 @@ def load_causal_lm(
             "AutoModelForCausalLM: pass a decoder-only LM (Llama, Mistral, Qwen2/3, Gemma, Phi-3, GPT-2, ...)"
         )
     kv_geometry(config)
-    model = AutoModelForCausalLM.from_pretrained(
-        model_id, revision=revision, dtype=resolve_dtype(dtype), gguf_file=gguf_file
+    model = AutoModelForCausalLM.from_pretrained(  # config=: a GGUF's metadata is parsed once for it, not twice
+        model_id, config=config, revision=revision, dtype=resolve_dtype(dtype), gguf_file=gguf_file
     )
     return model.to(device).eval()
 
