@@ -22,7 +22,9 @@ from typing import Any, Literal
 from kvcore_eval.spaces import DEFAULT_KEY_SPACE, Granularity, KeySpace, Truncate
 
 ModelDtype = Literal["float32", "bfloat16", "float16"]
-BudgetMethod = Literal["energy", "ner", "sensitivity"]
+BudgetMethod = Literal["energy", "ner", "sensitivity", "uniform"]
+Basis = Literal["data", "weights", "random", "sequence"]
+LATENT_BITS = (16, 8, 4)
 Attention = Literal["reconstruct", "latent"]
 OverlapPolicy = Literal["warn", "refuse"]
 BasisScope = Literal["per-task", "shared"]
@@ -132,7 +134,8 @@ class TruncationConfig:
     budget_method: BudgetMethod = option(
         "energy",
         help="energy: keep the largest normalized eigenvalues across layers; ner: ranks proportional to NER; "
-        "sensitivity: proportional to each layer's measured ND-PPL (needs sensitivity=)",
+        "sensitivity: proportional to each layer's measured ND-PPL (needs sensitivity=); uniform: one rank for all, "
+        "the largest that fits. The budget is in bytes and includes rotary tables and quantization scales",
     )
     key_space: KeySpace = option(
         DEFAULT_KEY_SPACE, help="pre_rope (the paper's K = X·W_k) or post_rope (the cached keys)"
@@ -152,9 +155,23 @@ class TruncationConfig:
         help="scored documents the calibration saw: warn (log loudly, record the fraction) or refuse",
         identity=False,
     )
+    basis: Basis = option(
+        "data",
+        help="data: calibrated (calibration=); weights: SVD of [W_k | b_k], [W_v | b_v] (data-free); random: seeded "
+        "random orthonormal (basis_seed=); sequence: each sequence's own prefill SVD, stored in the cache",
+    )
+    basis_seed: int = option(0, help="seed of basis=random")
+    latent_bits: int | None = option(
+        None,
+        help="16: latents stored as 16-bit floats; 8 or 4: symmetric absmax integers per token and group of 32 "
+        "channels with float16 scales (4 bits packed two a byte); unset: the model's dtype",
+    )
 
     def __post_init__(self) -> None:
         check_choices(self)
+        if self.latent_bits is not None and self.latent_bits not in LATENT_BITS:
+            raise ValueError(f"latent_bits={self.latent_bits}: use 16, 8 or 4, or leave it unset for the model's dtype")
+        self._check_basis()
         if (self.budget_method == "sensitivity") != (self.sensitivity is not None):
             raise ValueError(
                 "budget_method=sensitivity and sensitivity=<per_layer.json of `kvcore-eval sweep --per-layer`> "
@@ -180,6 +197,43 @@ class TruncationConfig:
                 raise ValueError(
                     "rank_budget is planned over layer spectra: use granularity=layer, or give key_rank/value_rank"
                 )
+            self._check_budget_basis()
+
+    def _check_basis(self) -> None:
+        if self.basis == "weights" and self.key_space == "post_rope" and self.truncates_keys:
+            raise ValueError(
+                "basis=weights with key_space=post_rope: post-RoPE keys are rotated by their position, so the "
+                "projection weights give no basis for them: use key_space=pre_rope, or truncate=values"
+            )
+        if self.basis == "sequence" and self.granularity != "layer":
+            raise ValueError("basis=sequence computes one basis per layer and sequence: use granularity=layer")
+        if self.basis == "sequence" and self.attention == "latent":
+            raise ValueError(
+                "basis=sequence with attention=latent: latent attention reads one basis per layer, not one per "
+                "sequence: use attention=reconstruct"
+            )
+
+    def _check_budget_basis(self) -> None:
+        if self.basis == "sequence":
+            raise ValueError(
+                "rank_budget with basis=sequence: each sequence stores its own bases, whose bytes per token depend "
+                "on its length, so no plan can meet a budget: give key_rank/value_rank and read the measured bytes"
+            )
+        if self.basis == "random" and self.budget_method != "uniform":
+            raise ValueError(
+                f"budget_method={self.budget_method} needs a spectrum and basis=random has none: use "
+                "budget_method=uniform, or give key_rank/value_rank"
+            )
+        if self.basis != "data" and self.budget_method == "sensitivity":
+            raise ValueError(
+                "budget_method=sensitivity reads ND-PPL measured with the calibrated bases, not "
+                f"basis={self.basis}: use basis=data, or budget_method=energy|ner|uniform"
+            )
+
+    @property
+    def runs_kvcore(self) -> bool:
+        """Whether these options ask for kvcore_hf at all (a calibration, or a data-free basis)."""
+        return self.calibration is not None or self.basis != "data"
 
     @property
     def ranks_given(self) -> list[str]:
@@ -194,14 +248,18 @@ class TruncationConfig:
         return self.truncate in ("values", "both")
 
     def check_runnable(self) -> None:
-        """What kvcore_hf needs beyond a consistent configuration: an artifact and something to truncate."""
-        if self.calibration is None:
+        """What kvcore_hf needs beyond a consistent configuration: bases (an artifact for basis=data) and something
+        to truncate or quantize."""
+        if self.calibration is None and self.basis == "data":
             raise ValueError(
-                "kvcore_hf needs calibration=<artifact folder> (written by `kvcore-eval calibrate`); "
-                "for the uncompressed baseline use --model hf"
+                "kvcore_hf needs calibration=<artifact folder> (written by `kvcore-eval calibrate`), or a data-free "
+                "basis=weights|random|sequence; for the uncompressed baseline use --model hf"
             )
         if self.rank_budget is None and not self.ranks_given:
-            raise ValueError("no truncation asked for: pass key_rank=, value_rank= (e.g. 0.25) or rank_budget=")
+            raise ValueError(
+                "no truncation asked for: pass key_rank=, value_rank= (e.g. 0.25) or rank_budget= "
+                "(key_rank=full,value_rank=full,latent_bits=8 is the plain int8 cache)"
+            )
 
 
 @dataclass
@@ -322,17 +380,20 @@ class EvalConfig:
     def __post_init__(self) -> None:
         check_choices(self)
         truncation = self.truncation
-        if truncation.calibration is None and (truncation.ranks_given or truncation.rank_budget is not None):
-            raise ValueError("ranks given without --calibration: pass the artifact directory the ranks refer to")
-        if self.truncation.calibration is not None:
-            self.truncation.check_runnable()
+        if not truncation.runs_kvcore and (truncation.ranks_given or truncation.rank_budget is not None):
+            raise ValueError(
+                "ranks given without --calibration: pass the artifact directory the ranks refer to, or a data-free "
+                "--basis weights|random|sequence"
+            )
+        if truncation.runs_kvcore:
+            truncation.check_runnable()
 
     def model_args(self) -> dict[str, Any]:
         """lm-eval model_args: `hf`'s, plus kvcore_hf's (every option not left at None) with a calibration."""
         args = {"pretrained": self.model, "dtype": self.dtype}
         if self.gguf_file is not None:
             args["gguf_file"] = self.gguf_file
-        if self.truncation.calibration is not None:
+        if self.truncation.runs_kvcore:
             args.update({k: v for k, v in dataclasses.asdict(self.truncation).items() if v is not None})
             args["overlap"] = "warn" if self.allow_overlap else "refuse"
         return args

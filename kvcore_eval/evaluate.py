@@ -34,7 +34,7 @@ def run_lm_eval(
 
     if config.output:  # before the evaluation, not after it
         check_output_file(Path(config.output), "--output", _is_results_file)
-    model = "kvcore_hf" if config.truncation.calibration is not None else "hf"
+    model = "kvcore_hf" if config.truncation.runs_kvcore else "hf"
     results = lm_eval.simple_evaluate(
         model=model,
         model_args=config.model_args(),

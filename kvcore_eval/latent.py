@@ -65,7 +65,7 @@ def _scores(query: torch.Tensor, layer: LowRankLayer, kv_heads: int) -> torch.Te
         )  # (batch, heads, kv_len, head_dim)
         return query @ keys.transpose(-1, -2)
     projected = torch.einsum("bhqd,hdr->bhqr", query, _per_query_head(basis, kv_heads, heads).to(query.dtype))
-    latents = layer.keys.to(query.dtype)
+    latents = layer.stored("key", query.dtype).to(query.dtype)
     if basis.ndim == 2:  # (batch, kv_len, r), shared by every head
         return torch.einsum("bhqr,bsr->bhqs", projected, latents)
     return projected @ latents.repeat_interleave(heads // kv_heads, dim=1).transpose(-1, -2)
@@ -76,8 +76,8 @@ def _context(probs: torch.Tensor, layer: LowRankLayer, kv_heads: int) -> torch.T
     heads = probs.shape[1]
     basis = layer.bases.value
     if basis is None:
-        return probs @ layer.values.to(probs.dtype).repeat_interleave(heads // kv_heads, dim=1)
-    latents = layer.values.to(probs.dtype)
+        return probs @ layer.stored("value", probs.dtype).to(probs.dtype).repeat_interleave(heads // kv_heads, dim=1)
+    latents = layer.stored("value", probs.dtype).to(probs.dtype)
     if basis.ndim == 2:
         mixed = torch.einsum("bhqs,bsr->bhqr", probs, latents)
     else:

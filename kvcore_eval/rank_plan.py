@@ -2,13 +2,15 @@
 
 A rank is given as an int (dimensions kept), a float in (0, 1) (a fraction of the width), `full` (no
 truncation), a per-layer list (`[8, 16]` in Python, `8:16` in lm-eval model_args, where commas separate
-arguments), or a `rank_budget`: a fraction of the truncated cache's memory that the calibration distributes
-over layers. A bare `1` or `1.0` is refused: one dimension and full rank are too easy to confuse.
+arguments), or a `rank_budget`: a fraction of the truncated cache's memory, in bytes with every overhead (rotary
+tables, quantization scales), that the spectrum distributes over layers. A bare `1` or `1.0` is refused: one
+dimension and full rank are too easy to confuse.
 Width is D = kv_heads·head_dim for granularity=layer, head_dim (the rank of every head) for granularity=head.
 """
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
@@ -99,14 +101,29 @@ def budget_ranks(
     ner: list[float] | None = None,
     sensitivity: list[float] | None = None,
 ) -> list[int]:
-    """Split a budget of round(budget·Σ widths) dimensions over the given spectra (one per layer and kind).
+    """Split a budget of round(budget·Σ widths) dimensions over the given spectra (one per layer and kind): the
+    budget in dimensions alone, without overheads (`make_plan` with `bytes_per_token` meets one in bytes)."""
+    widths = [len(values) for values in eigenvalues]
+    total = max(len(widths), round(budget * sum(widths)))
+    return allocate(eigenvalues, total, method, ner, sensitivity)
+
+
+def allocate(
+    eigenvalues: list[np.ndarray],
+    total: int,
+    method: str,
+    ner: list[float] | None = None,
+    sensitivity: list[float] | None = None,
+) -> list[int]:
+    """Split `total` dimensions over the given spectra (one per layer and kind), each rank in [1, width].
 
     energy: keep the largest trace-normalized eigenvalues across all spectra, which minimizes the sum of the
     layers' relative reconstruction errors Σ_l Σ_{i>r_l} λ_li / tr_l. ner: ranks proportional to NER.
     sensitivity: ranks proportional to each layer's measured ND-PPL when truncated alone (the layers that cost
-    most when truncated keep most)."""
+    most when truncated keep most). uniform: one rank for all, total // spectra."""
     widths = [len(values) for values in eigenvalues]
-    total = max(len(widths), round(budget * sum(widths)))
+    if method == "uniform":
+        return [min(width, max(1, total // len(widths))) for width in widths]
     if method in ("ner", "sensitivity"):
         share = np.asarray(ner if method == "ner" else sensitivity, dtype=np.float64)
         weights = (np.clip(share, 0, None) + 1e-9) * np.asarray(widths)
@@ -125,6 +142,21 @@ def budget_ranks(
         ranks[owners[position]] += 1
         remaining -= 1
     return ranks.tolist()
+
+
+def fit_budget(
+    allocate_total: Callable[[int], list[int]], cost: Callable[[list[int]], float], target: float, low: int, high: int
+) -> list[int]:
+    """The allocation of the largest total in [low, high] dimensions whose cost (bytes per token, overheads
+    included) stays within `target`; bisection, cost taken as growing with the total."""
+    if cost(allocate_total(high)) <= target:
+        return allocate_total(high)
+    if cost(allocate_total(low)) > target:
+        raise ValueError("over budget")
+    while high - low > 1:
+        middle = (low + high) // 2
+        low, high = (middle, high) if cost(allocate_total(middle)) <= target else (low, middle)
+    return allocate_total(low)
 
 
 def _round_to_total(ideal: np.ndarray, widths: np.ndarray, total: int) -> list[int]:
@@ -174,8 +206,13 @@ def measured_sensitivity(config: TruncationConfig, spaces: list[str], num_layers
     return values
 
 
-def make_plan(config: TruncationConfig, calibration) -> RankPlan:
-    """The per-layer ranks a `TruncationConfig` asks for, against a loaded `Calibration`."""
+def make_plan(
+    config: TruncationConfig, calibration, bytes_per_token: Callable[[RankPlan], dict] | None = None
+) -> RankPlan:
+    """The per-layer ranks a `TruncationConfig` asks for, against a loaded `Calibration` (or any basis source of
+    `kvcore_eval.bases`). A `rank_budget` is met in bytes when `bytes_per_token` (`cache.cache_bytes_per_token` of a
+    plan) is given: the truncated kinds' bytes per token, with rotary tables and quantization scales, stay within
+    rank_budget of their full-cache bytes, as close as whole dimensions allow; without it, in dimensions alone."""
     from kvcore_eval import metrics
 
     geometry = calibration.geometry
@@ -200,8 +237,33 @@ def make_plan(config: TruncationConfig, calibration) -> RankPlan:
     sensitivity = (
         measured_sensitivity(config, spaces, geometry.num_layers) if config.budget_method == "sensitivity" else None
     )
-    ranks = budget_ranks(spectra, float(config.rank_budget), config.budget_method, ner, sensitivity)
-    per_space = {
-        space: ranks[i * geometry.num_layers : (i + 1) * geometry.num_layers] for i, space in enumerate(spaces)
-    }
-    return RankPlan(per_space.get(key_space), per_space.get("value"), width, config.granularity, config.key_space)
+
+    def plan_of(ranks: list[int]) -> RankPlan:
+        per_space = {space: ranks[i * len(layers) : (i + 1) * len(layers)] for i, space in enumerate(spaces)}
+        return RankPlan(per_space.get(key_space), per_space.get("value"), width, config.granularity, config.key_space)
+
+    budget = float(config.rank_budget)
+    if bytes_per_token is None:
+        return plan_of(budget_ranks(spectra, budget, config.budget_method, ner, sensitivity))
+
+    def budgeted(ranks: list[int]) -> float:  # bytes per token of the truncated kinds, overheads included
+        parts = bytes_per_token(plan_of(ranks))
+        kinds = (["keys"] if config.truncates_keys else []) + (["values"] if config.truncates_values else [])
+        return sum(parts[kind] for kind in kinds) + parts["rope_tables"]
+
+    target = budget * bytes_per_token(plan_of([width] * len(spectra)))["full"] / 2 * len(spaces)
+    try:
+        ranks = fit_budget(
+            lambda total: allocate(spectra, total, config.budget_method, ner, sensitivity),
+            budgeted,
+            target,
+            len(spectra),
+            width * len(spectra),
+        )
+    except ValueError:
+        least = budgeted([1] * len(spectra)) / (target / budget)
+        raise ValueError(
+            f"rank_budget={budget} cannot be met: one dimension per layer and kind, with the rotary tables and scales, "
+            f"already costs {least:.1%} of the full cache: raise rank_budget"
+        ) from None
+    return plan_of(ranks)

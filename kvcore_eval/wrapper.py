@@ -18,7 +18,7 @@ import torch
 from lm_eval.api.registry import register_model
 from lm_eval.models.huggingface import HFLM
 
-from kvcore_eval import latent
+from kvcore_eval import bases, latent
 from kvcore_eval.artifact import Calibration, load_calibration, read_metadata
 from kvcore_eval.cache import (
     LowRankCache,
@@ -38,6 +38,7 @@ from kvcore_eval.models import (
     weights_sample,
 )
 from kvcore_eval.overlap import OverlapCounter
+from kvcore_eval.quantize import Codec
 from kvcore_eval.rank_plan import make_plan
 from kvcore_eval.rope import RopeTap
 from kvcore_eval.selfcheck import check_key_recovery
@@ -89,6 +90,17 @@ def _mismatch(message: str, allow_mismatch: bool) -> None:
     logger.warning("!" * 20 + " %s; allow_mismatch=true, going on " + "!" * 20, message)
 
 
+def _basis_source(truncation: TruncationConfig, model_config) -> Calibration:
+    """What a plan is made against before the weights load: the checked artifact (basis=data), random bases, or a
+    flat spectrum standing in for bases that need the weights (weights) or the sequence (sequence)."""
+    if truncation.basis == "data":
+        return _checked_artifact(truncation, model_config)
+    geometry = kv_geometry(model_config)
+    if truncation.basis == "random":
+        return bases.random_bases(geometry, truncation.basis_seed)
+    return bases.flat_spectrum(geometry, truncation.basis)
+
+
 _HFLM_OPTIONS = set(inspect.signature(HFLM.__init__).parameters) - {"self", "kwargs"}
 
 
@@ -104,31 +116,70 @@ class KVCoreHFLM(HFLM):
             options, hf_options = split_options(TruncationConfig, kwargs, others=_HFLM_OPTIONS)
             truncation = TruncationConfig(**options)
             truncation.check_runnable()
+            if truncation.basis == "sequence" and str(hf_options.get("batch_size", 1)) != "1":
+                raise ValueError(_SEQUENCE_BATCH)
             model_config = _model_config(
                 hf_options.get("pretrained"), hf_options.get("revision"), hf_options.get("gguf_file")
             )
-            artifact = _checked_artifact(truncation, model_config)
-            plan = make_plan(truncation, artifact)
+            source = _basis_source(truncation, model_config)
+            make_plan(truncation, source)  # rank errors before any weights load
         except (ValueError, OSError) as err:
             logger.error("kvcore_hf: %s", err)
             raise
         super().__init__(**hf_options)  # the weights load here, after every check that needs none
         self._tap = RopeTap(self.model)  # stays on the model: records the rotary tables of every forward
         self._keys_checked = False
+        self._weight_bases: dict[bool, Calibration] = {}  # by whether keys are truncated
         self._attention_implementation = self.model.config._attn_implementation  # what the reconstruction path uses
-        self._apply(truncation, artifact, plan)
+        self._apply(truncation, source)
 
     def set_truncation(self, truncation: TruncationConfig) -> None:
-        """Swap the rank plan (and its artifact) of the loaded model: many sweep points, one model load."""
-        artifact = _checked_artifact(truncation, self.model.config)
-        self._apply(truncation, artifact, make_plan(truncation, artifact))
+        """Swap the rank plan (and its bases) of the loaded model: many sweep points, one model load. The measured
+        bytes start again from zero."""
+        truncation.check_runnable()
+        self._apply(truncation, _basis_source(truncation, self.model.config))
 
-    def _apply(self, truncation: TruncationConfig, artifact: Calibration, plan) -> None:
-        self.kvcore_config, self.kvcore_plan = truncation, plan
-        self._overlap = OverlapCounter(artifact.document_digests)
-        self._artifact_metadata = artifact.metadata
-        self._check_weights(artifact)
-        self._setup_cache(artifact)
+    def _apply(self, truncation: TruncationConfig, source: Calibration) -> None:
+        if truncation.basis == "sequence" and str(self.batch_size) != "1":
+            raise ValueError(_SEQUENCE_BATCH)
+        self.kvcore_config = truncation
+        # data-free bases saw no document: nothing of a task can be in-sample
+        self._overlap = OverlapCounter(source.document_digests if truncation.basis == "data" else _NO_DOCUMENTS)
+        self._artifact_metadata = source.metadata if truncation.basis == "data" else None
+        if truncation.basis == "data":
+            self._check_weights(source)
+        if truncation.key_space == "pre_rope" and truncation.truncates_keys and self._tap.has_rope:
+            self._check_keys()
+        if truncation.basis == "weights":
+            truncates_keys = truncation.truncates_keys
+            if truncates_keys not in self._weight_bases:
+                self._weight_bases[truncates_keys] = bases.weight_bases(self.model, self._tap, truncates_keys)
+            source = self._weight_bases[truncates_keys]
+        self._codec = Codec(truncation.latent_bits, self.model.dtype)
+        self.kvcore_plan = make_plan(truncation, source, self._bytes_per_token)
+        self._setup_cache(source)
+        self._measured = {"bytes": dict.fromkeys(_PARTS, 0), "positions": 0, "caches": 0}
+
+    def _check_keys(self) -> None:
+        if not self._keys_checked:
+            check_key_recovery(self.model, self._tap)  # also leaves this forward's tables in the tap
+            self._keys_checked = True
+
+    def _rope_table_bytes(self, plan) -> int:
+        """Bytes per token of the rotary tables the cache keeps: once per rotary group of truncated pre-RoPE keys."""
+        if plan.key_space != "pre_rope" or not self._tap.has_rope:
+            return 0
+        truncated = [layer for layer, rank in enumerate(plan.key_rank_per_layer or []) if rank < plan.width]
+        groups = {self._tap.group_of(layer) for layer in truncated}
+        tables = [self._tap.tables(group).cos for group in groups]
+        return sum(2 * cos.shape[-1] * cos.element_size() for cos in tables)
+
+    def _bytes_per_token(self, plan) -> dict[str, float]:
+        geometry = kv_geometry(self.model.config)
+        element_size = torch.empty(0, dtype=self.model.dtype).element_size()
+        return cache_bytes_per_token(
+            plan, geometry.kv_heads, geometry.num_layers, element_size, self._rope_table_bytes(plan), self._codec
+        )
 
     def _check_weights(self, artifact: Calibration) -> None:
         """Same weights as the calibration: bit for bit in the same dtype, within the two dtypes' rounding across
@@ -151,36 +202,28 @@ class KVCoreHFLM(HFLM):
             self.kvcore_config.allow_mismatch,
         )
 
-    def _setup_cache(self, artifact: Calibration) -> None:
-        geometry = artifact.geometry
+    def _setup_cache(self, source: Calibration) -> None:
+        geometry = source.geometry
         plan = self.kvcore_plan
-        self._bases = layer_bases(artifact, plan, self.device)
+        self._bases = layer_bases(source, plan, self.device, sequence=self.kvcore_config.basis == "sequence")
         self._kv_heads = geometry.kv_heads
-        truncated_keys = [layer for layer, bases in enumerate(self._bases) if bases.key is not None]
-        rope_table_bytes = 0
-        self._cache_tap = None  # only truncated pre-RoPE keys of a RoPE model undo and redo RoPE
-        if plan.key_space == "pre_rope" and truncated_keys and self._tap.has_rope:
-            if not self._keys_checked:
-                check_key_recovery(self.model, self._tap)  # also leaves this forward's tables in the tap
-                self._keys_checked = True
-            self._cache_tap = self._tap
-            groups = {self._tap.group_of(layer) for layer in truncated_keys}
-            rope_table_bytes = sum(
-                2 * self._tap.tables(g).cos.shape[-1] * self._tap.tables(g).cos.element_size() for g in groups
-            )
-        element_size = torch.empty(0, dtype=self.model.dtype).element_size()
-        self.kvcore_cache_bytes = cache_bytes_per_token(
-            plan, geometry.kv_heads, geometry.num_layers, element_size, rope_table_bytes
-        )
+        truncates_keys = any(layer_bases.truncates("key") for layer_bases in self._bases)
+        # only truncated pre-RoPE keys of a RoPE model undo and redo RoPE
+        pre_rope = plan.key_space == "pre_rope" and truncates_keys and self._tap.has_rope
+        self._cache_tap = self._tap if pre_rope else None
+        self.kvcore_cache_bytes = self._bytes_per_token(plan)
         self.kvcore_model_cache = compare_with_model_cache(
             self.kvcore_cache_bytes, sliding_window_layers(self.model.config), geometry.num_layers
         )
         logger.info(
-            "kvcore_hf: %s key ranks %s, value ranks %s of %d; cache %.1f%% of a full cache (%d vs %d bytes/token)",
+            "kvcore_hf: basis=%s, %s key ranks %s, value ranks %s of %d%s; cache %.1f%% of a full cache "
+            "(%d vs %d bytes/token)",
+            self.kvcore_config.basis,
             plan.key_space,
             _ranks(plan.key_rank_per_layer),
             _ranks(plan.value_rank_per_layer),
             plan.width,
+            "" if self.kvcore_config.latent_bits is None else f", latents in {self.kvcore_config.latent_bits} bits",
             100 * self.kvcore_cache_bytes["ratio"],
             self.kvcore_cache_bytes["low_rank"],
             self.kvcore_cache_bytes["full"],
@@ -199,7 +242,30 @@ class KVCoreHFLM(HFLM):
         self.model.set_attn_implementation(latent.NAME if self._latent else self._attention_implementation)
 
     def _cache(self, is_latent: bool) -> LowRankCache:
-        return LowRankCache(self._bases, self._kv_heads, self._cache_tap, latent=is_latent)
+        return LowRankCache(self._bases, self._kv_heads, self._cache_tap, latent=is_latent, codec=self._codec)
+
+    def _measure(self, cache: LowRankCache) -> None:
+        """Add what one cache held at its end to the evaluation's measured bytes."""
+        for part, size in cache.stored_bytes().items():
+            self._measured["bytes"][part] += size
+        self._measured["positions"] += cache.stored_positions()
+        self._measured["caches"] += 1
+
+    def kvcore_measured_bytes(self) -> dict[str, Any] | None:
+        """Bytes per token measured over every cache this evaluation created (since the last plan): what the caches
+        held at their end (latents or codes, scales, rotary tables, per-sequence bases, in their stored dtypes)
+        divided by the token positions they held, against a full cache in the model's dtype. None before any."""
+        positions = self._measured["positions"]
+        if positions == 0:
+            return None
+        total = sum(self._measured["bytes"].values())
+        return {
+            "bytes_per_token": total / positions,
+            "ratio": total / positions / self.kvcore_cache_bytes["full"],
+            "parts_per_token": {part: size / positions for part, size in self._measured["bytes"].items()},
+            "positions": positions,
+            "caches": self._measured["caches"],
+        }
 
     def new_cache(self) -> LowRankCache:
         """A fresh, empty low-rank cache sharing this model's bases."""
@@ -245,6 +311,8 @@ class KVCoreHFLM(HFLM):
     ) -> torch.Tensor:
         if attn_mask is not None or labels is not None:
             raise NotImplementedError("kvcore_hf supports decoder-only causal LMs")
+        if self.kvcore_config.basis == "sequence" and inps.shape[0] != 1:
+            raise ValueError(_SEQUENCE_BATCH)
         cache = self.new_cache()
         with (
             torch.no_grad(),
@@ -255,15 +323,19 @@ class KVCoreHFLM(HFLM):
                 enabled=self.mixed_precision_dtype is not None,
             ),
         ):
-            return self.model(inps, cache=cache, use_cache=True).logits
+            logits = self.model(inps, cache=cache, use_cache=True).logits
+        self._measure(cache)
+        return logits
 
     def _model_generate(
         self, context: torch.Tensor, max_length: int, stop: list[str], **generation_kwargs
     ) -> torch.Tensor:
         cache = self.new_cache()
+        cache.set_token_mask(generation_kwargs.get("attention_mask"))  # basis=sequence: padding stays out of bases
         with latent.active(cache):
             output = super()._model_generate(context, max_length, stop, cache=cache, **generation_kwargs)
         check_cache_kept(cache, output, self.model.config)
+        self._measure(cache)
         return output
 
     def get_model_info(self) -> dict[str, Any]:
@@ -275,14 +347,18 @@ class KVCoreHFLM(HFLM):
             "truncation": {k: v for k, v in vars(self.kvcore_config).items() if k != "calibration"},
             "rank_plan": self.kvcore_plan.to_dict(),
             "cache_bytes_per_token": self.kvcore_cache_bytes,
+            "measured_cache_bytes_per_token": self.kvcore_measured_bytes(),
             "model_cache_comparison": self.kvcore_model_cache,
             "calibration_overlap": self._overlap.summary(),
         }
         return info
 
 
-def describe_artifact(metadata: dict[str, Any]) -> dict[str, Any]:
-    """What names an artifact in the results, wherever the folder moves: checksum, model, data, tokens."""
+def describe_artifact(metadata: dict[str, Any] | None) -> dict[str, Any] | None:
+    """What names an artifact in the results, wherever the folder moves: checksum, model, data, tokens (None for a
+    data-free basis, which reads no artifact)."""
+    if metadata is None:
+        return None
     model = metadata["model"]
     return {
         "basis_sha256": metadata.get("basis_sha256"),
@@ -297,6 +373,14 @@ def describe_artifact(metadata: dict[str, Any]) -> dict[str, Any]:
         "seq_len": metadata.get("seq_len"),
         "tokenization": metadata.get("tokenization"),
     }
+
+
+_PARTS = ("keys", "values", "scales", "sequence_bases", "rope_tables")
+_NO_DOCUMENTS = torch.zeros((0, 2), dtype=torch.int64)
+_SEQUENCE_BATCH = (
+    "basis=sequence computes each sequence's basis from its own tokens, and lm-eval right-pads loglikelihood batches "
+    "without a mask, so padding would enter the bases: use batch_size=1"
+)
 
 
 def _ranks(per_layer: list[int] | None) -> str:

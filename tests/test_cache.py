@@ -260,3 +260,109 @@ def test_full_rank_cache_equals_models_own_cache_past_the_original_length(family
         stepwise(DynamicCache()),
     )
     assert torch.allclose(ours, plain, atol=1e-5)
+
+
+def _method_cache(method: str, model, calibration):
+    """(cache, plan, codec, sequence basis numbers per row) of one frontier method at about a quarter of the width."""
+    from kvcore_eval import bases
+    from kvcore_eval.quantize import Codec
+
+    geometry = calibration.geometry
+    width, layers = geometry.width, geometry.num_layers
+    low = [width // 4] * layers
+    plans = {
+        "data": (low, low, "layer", None, calibration),
+        "data_head": ([geometry.head_dim // 4] * layers, None, "head", None, calibration),
+        "weights": (low, low, "layer", None, bases.weight_bases(model, tap_of(model), True)),
+        "random": (low, low, "layer", None, bases.random_bases(geometry, 0)),
+        "sequence": (low, low, "layer", None, bases.flat_spectrum(geometry, "sequence")),
+        "int8": (None, None, "layer", 8, calibration),
+        "int4": (None, None, "layer", 4, calibration),
+        "float16": (None, None, "layer", 16, calibration),
+        "low_rank_int8": ([width // 2] * layers, [width // 2] * layers, "layer", 8, calibration),
+        "low_rank_int4_head": ([3] * layers, [5] * layers, "head", 4, calibration),
+    }
+    keys, values, granularity, bits, source = plans[method]
+    plan = RankPlan(keys, values, width if granularity == "layer" else geometry.head_dim, granularity, "pre_rope")
+    codec = Codec(bits, torch.float32)
+    bases_of_layers = layer_bases(source, plan, sequence=method == "sequence")
+    cache = LowRankCache(bases_of_layers, geometry.kv_heads, tap_of(model), codec=codec)
+    sequence_numbers = 2 * layers * width * (width // 4) if method == "sequence" else 0
+    return cache, plan, codec, sequence_numbers
+
+
+@pytest.mark.parametrize(
+    "method",
+    ["data", "data_head", "weights", "random", "sequence", "int8", "int4", "float16", "low_rank_int8",
+     "low_rank_int4_head"],
+)  # fmt: skip
+def test_measured_bytes_per_token_equal_the_expected_count(method, family_models, calibrations):
+    """One row of 40 tokens (its rotary tables are its own): the bytes the cache holds, per token, are what
+    `cache_bytes_per_token` counts (latents or codes, float16 scales, rotary tables), plus for basis=sequence the
+    row's own bases (D·r numbers per layer and kind, in the model's dtype)."""
+    model, calibration = family_models["llama"], calibrations["llama"]
+    geometry = calibration.geometry
+    cache, plan, codec, sequence_numbers = _method_cache(method, model, calibration)
+    tokens = torch.randint(3, 259, (1, 40), generator=torch.Generator().manual_seed(6))
+    logits(model, tokens[:, :30], cache)
+    for position in range(30, 40):
+        logits(model, tokens[:, position : position + 1], cache)
+    stored = cache.stored_bytes()
+    assert cache.stored_positions() == 40
+    rotary_dim = tap_of(model).tables(0).cos.shape[-1]
+    rope = 2 * rotary_dim * 4
+    expected = cache_bytes_per_token(plan, geometry.kv_heads, geometry.num_layers, 4, rope, codec)
+    assert sum(stored.values()) / 40 == pytest.approx(expected["low_rank"] + sequence_numbers * 4 / 40)
+    assert stored["sequence_bases"] == sequence_numbers * 4
+    assert stored["rope_tables"] == (40 * rope if plan.key_rank_per_layer else 0)
+    assert (stored["scales"] > 0) == (codec.bits in (8, 4))
+
+
+@pytest.mark.parametrize("bits,tolerance", [(16, 2e-3), (8, 2e-2), (4, 0.3)])
+def test_quantized_full_rank_cache_stays_near_the_plain_model(bits, tolerance, family_models, token_batch):
+    """key_rank=value_rank=full with latent_bits: the plain quantized cache. Max logit error relative to the largest
+    logit: float16 within 2e-3, int8 within 2e-2, int4 within 0.3 (the fixtures' weights are scaled up, so attention
+    is sharp); each finer format strictly better than the next."""
+    from kvcore_eval.quantize import Codec
+
+    model = family_models["llama"]
+    geometry = kv_geometry_of(model)
+    plain = logits(model, token_batch)
+    full = [LayerBases(None, None)] * geometry.num_layers
+    errors = {}
+    for b in (16, 8, 4):
+        cache = LowRankCache(full, geometry.kv_heads, codec=Codec(b, torch.float32))
+        errors[b] = ((logits(model, token_batch, cache) - plain).abs().max() / plain.abs().max()).item()
+    assert errors[bits] < tolerance
+    assert errors[16] < errors[8] < errors[4]
+    assert errors[16] > 0, "16 bits on a float32 model stores float16: not exact"
+
+
+def kv_geometry_of(model):
+    from kvcore_eval.models import kv_geometry
+
+    return kv_geometry(model.config)
+
+
+@pytest.mark.parametrize("granularity", ["layer", "head"])
+def test_latent_attention_reads_quantized_latents(granularity, family_models, calibrations, token_batch):
+    """attention=latent with int8 latents equals the reconstruction path over the same codes."""
+    from kvcore_eval import latent
+    from kvcore_eval.quantize import Codec
+
+    model, calibration = family_models["llama"], calibrations["llama"]
+    geometry = calibration.geometry
+    width = geometry.width if granularity == "layer" else geometry.head_dim
+    plan = RankPlan([width // 2] * 2, [width // 4] * 2, width, granularity, "post_rope")
+    bases_of_layers = layer_bases(calibration, plan)
+    latent.register()
+    implementation = model.config._attn_implementation
+    results = []
+    for is_latent in (False, True):
+        cache = LowRankCache(bases_of_layers, geometry.kv_heads, latent=is_latent, codec=Codec(8, torch.float32))
+        model.set_attn_implementation(latent.NAME if is_latent else implementation)
+        with latent.active(cache):
+            results.append(logits(model, token_batch, cache))
+    model.set_attn_implementation(implementation)
+    assert torch.allclose(results[0], results[1], atol=1e-4)
+    assert cache.layers[0].keys.dtype == torch.int8

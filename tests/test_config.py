@@ -56,6 +56,9 @@ OTHER_VALUES = {
     "allow_mismatch": True,
     "attention": "latent",
     "overlap": "refuse",
+    "basis": "random",
+    "basis_seed": 5,
+    "latent_bits": 8,
     "allow_overlap": True,
 }
 
@@ -121,7 +124,7 @@ def test_identity_names_the_fields_that_differ():
         ({"key_space": "rope"}, "key_space='rope': use pre_rope or post_rope"),
         ({"truncate": "all"}, "use keys, values or both"),
         ({"attention": "fast"}, "use reconstruct or latent"),
-        ({"budget_method": "magic"}, "use energy, ner or sensitivity"),
+        ({"budget_method": "magic"}, "use energy, ner, sensitivity or uniform"),
     ],
 )
 def test_allowed_values_come_from_the_declared_literal(options, message):

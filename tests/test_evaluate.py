@@ -28,6 +28,8 @@ def test_model_args_view():
         "allow_mismatch": False,
         "attention": "reconstruct",
         "overlap": "refuse",
+        "basis": "data",
+        "basis_seed": 0,
     }
     assert EvalConfig(model="m", tasks="t").model_args() == {"pretrained": "m", "dtype": "float32"}
 

@@ -73,11 +73,48 @@ def test_ner_budget_meets_the_budget_after_rounding(budget):
         ({"rank_budget": 0.5, "granularity": "head"}, "granularity=layer"),
         ({"value_rank": 0.5, "truncate": "keys"}, "value_rank=0.5 with truncate=keys truncates nothing"),
         ({"key_rank": 0.25, "truncate": "values"}, "key_rank=0.25 with truncate=values truncates nothing"),
+        ({"key_rank": 4, "basis": "svd"}, "use data, weights, random or sequence"),
+        ({"key_rank": 4, "basis": "data", "calibration": None}, "kvcore_hf needs calibration="),
+        ({"key_rank": 4, "basis": "weights", "key_space": "post_rope"}, "projection weights give no basis"),
+        ({"rank_budget": 0.5, "basis": "random"}, "needs a spectrum and basis=random has none"),
+        ({"rank_budget": 0.5, "basis": "sequence", "budget_method": "uniform"}, "depend on its length"),
+        ({"key_rank": 4, "basis": "sequence", "granularity": "head"}, "use granularity=layer"),
+        ({"key_rank": 4, "basis": "sequence", "attention": "latent"}, "use attention=reconstruct"),
+        ({"key_rank": 4, "latent_bits": 2}, "use 16, 8 or 4"),
+        ({"key_rank": 4, "budget_method": "greedy"}, "energy, ner, sensitivity or uniform"),
     ],
 )
 def test_truncation_config_validation(kwargs, message):
     with pytest.raises(ValueError, match=message):
-        TruncationConfig(calibration="x", **kwargs).check_runnable()
+        TruncationConfig(**{"calibration": "x", **kwargs}).check_runnable()
+
+
+def test_new_options_parse_from_model_arg_strings():
+    from kvcore_eval.config import split_options
+
+    options, _ = split_options(
+        TruncationConfig,
+        {"basis": "random", "basis_seed": "7", "latent_bits": "8", "key_rank": "full", "value_rank": "full"},
+        others=set(),
+    )
+    config = TruncationConfig(**options)
+    config.check_runnable()
+    assert (config.basis_seed, config.latent_bits, config.calibration) == (7, 8, None)
+    assert TruncationConfig(calibration="x", rank_budget=0.5, basis="random", budget_method="uniform").basis == "random"
+
+
+def test_fit_budget_takes_the_largest_allocation_within_the_target():
+    """The cost (bytes) of an allocation grows with its total; the fit is the largest total whose cost fits."""
+    from kvcore_eval.rank_plan import allocate, fit_budget
+
+    spectra = [np.array([0.9, 0.05, 0.03, 0.02]), np.array([0.25, 0.25, 0.25, 0.25])]
+    cost = lambda ranks: 10 + 3 * sum(ranks)  # noqa: E731  (a fixed overhead of 10 and 3 bytes a dimension)
+    ranks = fit_budget(lambda total: allocate(spectra, total, "energy"), cost, target=30, low=2, high=8)
+    assert cost(ranks) <= 30 < cost(ranks) + 3 and sum(ranks) == 6
+    assert fit_budget(lambda t: allocate(spectra, t, "energy"), cost, target=100, low=2, high=8) == [4, 4]
+    with pytest.raises(ValueError):
+        fit_budget(lambda t: allocate(spectra, t, "energy"), cost, target=12, low=2, high=8)
+    assert allocate(spectra, 5, "uniform") == [2, 2] and allocate(spectra, 100, "uniform") == [4, 4]
 
 
 def test_sensitivity_budget_meets_the_budget_and_follows_the_measurement(tmp_path, family_models, calibration_tokens):

@@ -137,10 +137,105 @@ def test_other_weights_are_refused(family_dirs, artifact_dir, tmp_path):
 
 def test_rank_budget_turns_into_per_layer_ranks(llama_dir, artifact_dir):
     lm = KVCoreHFLM(
-        pretrained=str(llama_dir), calibration=str(artifact_dir), rank_budget=0.25, batch_size=1, device="cpu"
+        pretrained=str(llama_dir), calibration=str(artifact_dir), rank_budget=0.4, batch_size=1, device="cpu"
     )
-    plan = lm.kvcore_plan
-    assert sum(plan.key_rank_per_layer) + sum(plan.value_rank_per_layer) == round(0.25 * 4 * 32)
+    plan, per_token = lm.kvcore_plan, lm.kvcore_cache_bytes  # 2 layers, D = 32: rotary tables 25 % of a full cache
+    assert 0.39 <= per_token["ratio"] <= 0.4 and per_token["rope_tables"] > 0, "the budget pays for the rotary tables"
+    dims = sum(plan.key_rank_per_layer) + sum(plan.value_rank_per_layer)
+    assert dims * 4 + per_token["rope_tables"] == per_token["low_rank"]
+
+
+@pytest.fixture(scope="module")
+def example_artifact(tmp_path_factory, calibration_tokens):
+    """A calibration of the embedded default model (examples/tiny-llama: 4 layers, D = 32, rotary tables 12.5 % of
+    a full cache per token)."""
+    from conftest import EXAMPLE_MODEL
+    from transformers import AutoModelForCausalLM
+
+    model = AutoModelForCausalLM.from_pretrained(EXAMPLE_MODEL, dtype=torch.float32).eval()
+    calibration = calibrate_in_memory(model, calibration_tokens)
+    calibration.metadata = {
+        "model": {**model_identity(model, str(EXAMPLE_MODEL), None), "has_rope": True},
+        "dataset": {"spec": "random tokens"},
+        "tokens": calibration_tokens.numel(),
+        "model_dtype": "float32",
+    }
+    calibration.weights_sample = weights_sample(model)
+    out = tmp_path_factory.mktemp("example-artifact")
+    save_calibration(calibration, out)
+    return out
+
+
+@pytest.mark.parametrize(
+    "budget,method,bits,within",
+    [(0.4, "energy", None, 0.01), (0.4, "ner", None, 0.01), (0.25, "energy", 8, 0.01), (0.4, "uniform", None, 0.07)],
+)  # fmt: skip
+def test_rank_budget_is_met_in_measured_bytes_including_overheads(budget, method, bits, within, example_artifact):
+    """On the embedded model, rank_budget=0.4 with energy gave a cache of 52.3 % before the rotary tables were
+    counted. Now the bytes the caches really hold over an evaluation (batch 1: each row keeps its own tables) are
+    within 1 % of the budget, below it, with rotary tables and quantization scales included; uniform (one rank for
+    all) within one rank step (16 bytes of 256 here). (int8 at full rank is 28 % of the cache here, so an int8 budget
+    above that keeps every rank full and stays below it.)"""
+    from conftest import EXAMPLE_MODEL
+
+    lm = KVCoreHFLM(
+        pretrained=str(EXAMPLE_MODEL),
+        calibration=str(example_artifact),
+        rank_budget=budget,
+        budget_method=method,
+        latent_bits=bits,
+        batch_size=1,
+        device="cpu",
+    )
+    assert lm.kvcore_measured_bytes() is None
+    run(lm, "loglikelihood_rolling")
+    measured = lm.get_model_info()["kvcore"]["measured_cache_bytes_per_token"]
+    assert measured["parts_per_token"]["rope_tables"] > 0
+    assert (measured["parts_per_token"]["scales"] > 0) == (bits is not None)
+    assert measured["ratio"] == pytest.approx(lm.kvcore_cache_bytes["ratio"])  # computed = measured at batch 1
+    assert budget * (1 - within) <= measured["ratio"] <= budget
+
+
+def test_budget_below_the_overheads_is_refused(example_artifact):
+    from conftest import EXAMPLE_MODEL
+
+    with pytest.raises(ValueError, match=r"rank_budget=0.1 cannot be met: .* already costs 15.6% of the full cache"):
+        KVCoreHFLM(pretrained=str(EXAMPLE_MODEL), calibration=str(example_artifact), rank_budget=0.1, device="cpu")
+
+
+def test_quantized_full_cache_is_the_plain_quantized_baseline(llama_dir, artifact_dir, baseline):
+    """key_rank=full,value_rank=full,latent_bits=8: no projection, every key and value in int8 with a float16 scale
+    per 32 channels: measured 1 + 2/16 bytes per number of head_dim 16 (vs 4 in float32), scores near hf's."""
+    lm = KVCoreHFLM(
+        pretrained=str(llama_dir),
+        calibration=str(artifact_dir),
+        key_rank="full",
+        value_rank="full",
+        latent_bits=8,
+        batch_size=2,
+        device="cpu",
+    )
+    got, expected = [r[0] for r in run(lm, "loglikelihood")], [r[0] for r in run(baseline, "loglikelihood")]
+    assert got != expected and got == pytest.approx(expected, rel=2e-2)
+    measured = lm.get_model_info()["kvcore"]["measured_cache_bytes_per_token"]
+    assert measured["ratio"] == pytest.approx((16 + 2) / (16 * 4))
+    assert measured["parts_per_token"]["rope_tables"] == 0  # nothing projected pre-RoPE: no tables kept
+
+
+@pytest.mark.parametrize("basis", ["weights", "random", "sequence"])
+def test_data_free_bases_run_without_a_calibration(basis, llama_dir, baseline):
+    """basis=weights|random|sequence need no artifact; the results record the basis and the measured bytes; at
+    rank 8 of 32 each changes the scores; sequence stores its bases (D·r per layer, kind and sequence)."""
+    lm = KVCoreHFLM(pretrained=str(llama_dir), basis=basis, key_rank=8, value_rank=8, batch_size=1, device="cpu")
+    got, expected = [r[0] for r in run(lm, "loglikelihood")], [r[0] for r in run(baseline, "loglikelihood")]
+    assert all(abs(a - b) > 1e-4 for a, b in zip(got, expected, strict=True))
+    info = lm.get_model_info()["kvcore"]
+    assert info["truncation"]["basis"] == basis and info["calibration"] is None
+    measured = info["measured_cache_bytes_per_token"]
+    assert measured["caches"] == 2
+    assert (measured["parts_per_token"]["sequence_bases"] > 0) == (basis == "sequence")
+    if basis == "sequence":  # two sequences, each with D·r numbers per layer and kind, in float32
+        assert measured["parts_per_token"]["sequence_bases"] * measured["positions"] == 2 * (2 * 2 * 32 * 8 * 4)
 
 
 @pytest.mark.parametrize(
@@ -159,6 +254,10 @@ def test_rank_budget_turns_into_per_layer_ranks(llama_dir, artifact_dir):
         ({"key_rank": 4, "key_space": "rope"}, ValueError, "use pre_rope or post_rope"),
         ({"calibration": None, "key_rank": 4}, ValueError, "kvcore_hf needs calibration="),
         ({}, ValueError, "no truncation asked for"),
+        ({"key_rank": 4, "basis": "sequence", "batch_size": 2}, ValueError, "use batch_size=1"),
+        ({"basis": "random", "rank_budget": 0.5}, ValueError, "budget_method=uniform"),
+        ({"key_rank": 4, "latent_bits": 3}, ValueError, "use 16, 8 or 4"),
+        ({"key_rank": 4, "basis": "spectral"}, ValueError, "use data, weights, random or sequence"),
     ],
 )
 def test_bad_input_fails_before_weights_load_and_is_logged_first(
