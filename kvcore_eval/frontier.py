@@ -474,9 +474,29 @@ def _row(session, plan: TaskPlan, name: str, method: Method, budget, knob, point
     return row
 
 
+def within_reach(session, truncation, geometry):
+    """`truncation` in place on the session's model, or, where its rank_budget (met in bytes, overheads included)
+    is below what one dimension per layer and kind already costs, that one-dimension plan: the point then reports
+    its measured bytes, over the budget."""
+    from kvcore_eval.sweep import use_truncation
+
+    try:
+        use_truncation(session, truncation)
+        return truncation
+    except ValueError as err:
+        if truncation.rank_budget is None or "cannot be met" not in str(err):
+            raise
+    ones = ":".join(["1"] * geometry.num_layers)
+    floor = replace(
+        truncation, rank_budget=None, budget_method="energy", sensitivity=None, key_rank=ones, value_rank=ones
+    )
+    use_truncation(session, floor)
+    return floor
+
+
 def method_rows(session, plan: TaskPlan, name: str, budgets: list[float]) -> list[dict[str, Any]]:
     """One row per budget (one row in all for a method without a knob), each at its measured bytes."""
-    from kvcore_eval.sweep import run_point, use_truncation
+    from kvcore_eval.sweep import run_point
 
     config, method = session.config, METHODS[name]
     memo: dict[int | None, float] = {}
@@ -484,7 +504,8 @@ def method_rows(session, plan: TaskPlan, name: str, budgets: list[float]) -> lis
     def bytes_of(knob: int | None) -> float:
         if knob not in memo:
             truncation = truncation_for(config, method, knob, plan.basis, plan.geometry, plan.sensitivity)
-            memo[knob] = probe_bytes(use_truncation(session, truncation), plan.probe)
+            within_reach(session, truncation, plan.geometry)
+            memo[knob] = probe_bytes(session.lm, plan.probe)
         return memo[knob]
 
     placed = (
@@ -495,7 +516,9 @@ def method_rows(session, plan: TaskPlan, name: str, budgets: list[float]) -> lis
     rows = []
     for budget, knob in placed:
         measured = bytes_of(knob)
-        truncation = truncation_for(config, method, knob, plan.basis, plan.geometry, plan.sensitivity)
+        truncation = within_reach(
+            session, truncation_for(config, method, knob, plan.basis, plan.geometry, plan.sensitivity), plan.geometry
+        )
         point_name = f"{name}/{'full' if knob is None else knob}"
         point = run_point(session, plan.name, point_name, truncation, metric=plan.metric)
         rows.append({**_row(session, plan, name, method, budget, knob, point, measured), "point": point_name})
