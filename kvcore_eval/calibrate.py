@@ -215,7 +215,8 @@ def _accumulate(
         )
     if bad := accumulator.nonfinite_layers():
         raise FloatingPointError(
-            f"NaN/inf in the keys or values of layer(s) {bad}: the model overflows in {config.dtype}; try --dtype float32"
+            f"NaN/inf in the keys or values of layer(s) {bad}: the model overflows in {config.dtype}; "
+            "try --dtype float32"
         )
     return int(attention_mask.sum())
 
@@ -349,7 +350,8 @@ def _run(
     total_tokens = int(accumulator.token_count[0])
     if total_tokens < config.seq_len:
         raise ValueError(
-            f"{config.dataset} gave {total_tokens} tokens, fewer than one sequence (--seq-len {config.seq_len}): add data or lower --seq-len"
+            f"{config.dataset} gave {total_tokens} tokens, fewer than one sequence (--seq-len {config.seq_len}): "
+            "add data or lower --seq-len"
         )
     if total_tokens < config.max_tokens:
         logger.warning(

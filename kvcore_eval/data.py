@@ -149,7 +149,7 @@ _TURN = re.compile(r"(USER|ASSISTANT|FUNCTION RESPONSE):\s*")
 def chat_turns(chat: str) -> list[tuple[str, str]]:
     """Glaive's `chat` as (role, text) turns, end-of-text markers removed."""
     parts = _TURN.split(chat)
-    return [(role, _END_OF_TEXT.sub("", text).strip()) for role, text in zip(parts[1::2], parts[2::2])]
+    return [(role, _END_OF_TEXT.sub("", text).strip()) for role, text in zip(parts[1::2], parts[2::2], strict=False)]
 
 
 def resolve_source(name: str) -> DataSource:
@@ -184,11 +184,13 @@ def read_json_records(path: Path) -> Iterator[dict[str, Any]]:
                     record = json.loads(line)
                 except json.JSONDecodeError as err:
                     raise ValueError(
-                        f"{path}, line {number}: not valid JSON ({err.msg}, column {err.colno}): fix or remove that line"
+                        f"{path}, line {number}: not valid JSON ({err.msg}, column {err.colno}): "
+                        "fix or remove that line"
                     ) from None
                 if not isinstance(record, dict):
                     raise ValueError(
-                        f"{path}, line {number}: a JSON {type(record).__name__}, not an object: write one object per line"
+                        f"{path}, line {number}: a JSON {type(record).__name__}, not an object: "
+                        "write one object per line"
                     )
                 yield record
     except UnicodeDecodeError as err:
@@ -342,8 +344,8 @@ def iter_texts(*args, **kwargs) -> Iterator[str]:
 
 
 TOKENIZATION = (
-    "each document as lm-eval's HFLM encodes it (add_bos_token unset: the tokenizer's own special tokens, none when the "
-    "text already starts with BOS), documents joined by EOS and packed"
+    "each document as lm-eval's HFLM encodes it (add_bos_token unset: the tokenizer's own special tokens, "
+    "none when the text already starts with BOS), documents joined by EOS and packed"
 )
 
 

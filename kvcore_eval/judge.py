@@ -75,7 +75,8 @@ class JudgeConfig:
 
     @classmethod
     def from_env(cls) -> JudgeConfig:
-        """The judge of lm-eval `_gen` tasks: each field from KVCORE_JUDGE_<FIELD> (KVCORE_JUDGE_MODEL, KVCORE_JUDGE_BASE_URL, ...)."""
+        """The judge of lm-eval `_gen` tasks: each field from KVCORE_JUDGE_<FIELD> (KVCORE_JUDGE_MODEL,
+        KVCORE_JUDGE_BASE_URL, ...)."""
         hints = typing.get_type_hints(cls)
         settings: dict[str, Any] = {}
         for f in fields(cls):

@@ -72,7 +72,8 @@ def _scores(query: torch.Tensor, layer: LowRankLayer, kv_heads: int) -> torch.Te
 
 
 def _context(probs: torch.Tensor, layer: LowRankLayer, kv_heads: int) -> torch.Tensor:
-    """softmax(s)·V for every query head: (batch, query_heads, q_len, head_dim). probs: (batch, heads, q_len, kv_len)."""
+    """softmax(s)·V for every query head: (batch, query_heads, q_len, head_dim).
+    probs: (batch, heads, q_len, kv_len)."""
     heads = probs.shape[1]
     basis = layer.bases.value
     if basis is None:
@@ -107,7 +108,8 @@ def latent_attention(
     )
     if unsupported:
         raise ValueError(
-            f"kvcore_latent attention does not implement {', '.join(unsupported)} (used by this model): use attention=reconstruct"
+            f"kvcore_latent attention does not implement {', '.join(unsupported)} (used by this model): "
+            "use attention=reconstruct"
         )
     layer = cache.layers[module.layer_idx]
     scaling = scaling if scaling is not None else query.shape[-1] ** -0.5

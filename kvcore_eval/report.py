@@ -72,7 +72,8 @@ def to_markdown(calibration: Calibration, table: list[dict[str, SpaceStats]]) ->
     lines = [
         f"# KV-CoRE report: {model_path(meta['model'])} on {meta['dataset']['spec']}",
         "",
-        f"{meta['tokens']} tokens (of {meta.get('tokens_requested', meta['tokens'])} asked for), {len(table)} layers, D = {width} (kv_heads x head_dim = "
+        f"{meta['tokens']} tokens (of {meta.get('tokens_requested', meta['tokens'])} asked for), {len(table)} layers, "
+        f"D = {width} (kv_heads x head_dim = "
         f"{calibration.geometry.kv_heads} x {calibration.geometry.head_dim}).",
         "",
         "| layer | NER K pre-RoPE | NER K post-RoPE | NER V | erank K pre | erank V | K pre r90/95/99 | V r90/95/99 |",
@@ -86,7 +87,8 @@ def to_markdown(calibration: Calibration, table: list[dict[str, SpaceStats]]) ->
         )
     means = {space: mean_ner(table, space) for space in SPACES}
     lines.append(
-        f"| **mean** | **{means['key_pre_rope']:.3f}** | **{means['key_post_rope']:.3f}** | **{means['value']:.3f}** | | | | |"
+        f"| **mean** | **{means['key_pre_rope']:.3f}** | **{means['key_post_rope']:.3f}** | "
+        f"**{means['value']:.3f}** | | | | |"
     )
     return "\n".join(lines) + "\n"
 

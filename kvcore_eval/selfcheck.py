@@ -127,7 +127,7 @@ def check_key_recovery(model: nn.Module, tap: RopeTap) -> dict[int, float]:
             hook.remove()
     tolerance = TOLERANCE.get(model.dtype, 3e-2)
     errors = {}
-    for layer, source in sources.items():
+    for layer, _source in sources.items():
         if layer not in derived:
             raise ValueError(
                 f"{family}: layer {layer} never passed its keys through transformers' Cache.update: not supported"

@@ -56,6 +56,7 @@ def summarize_layers(
     """Per task: each layer's ND-PPL when only it is truncated, and its correlation with the layer's NER and with
     its residual energy at that rank, across layers (K, V) and across layers with K and V pooled."""
     correlations = {}
+    tables = {"ner": layer_ner, "residual": residual, "nd_ppl": nd_ppl}
     for task in nd_ppl:
         scopes = {
             kind: {
@@ -64,10 +65,10 @@ def summarize_layers(
             }
             for kind in KINDS
         }
-        pooled = lambda table: table[task]["key"] + table[task]["value"]  # noqa: E731
+        pooled = {name: table[task]["key"] + table[task]["value"] for name, table in tables.items()}
         scopes["key_and_value"] = {
-            "ner": metrics.correlation(pooled(layer_ner), pooled(nd_ppl)),
-            "residual_energy": metrics.correlation(pooled(residual), pooled(nd_ppl)),
+            "ner": metrics.correlation(pooled["ner"], pooled["nd_ppl"]),
+            "residual_energy": metrics.correlation(pooled["residual"], pooled["nd_ppl"]),
         }
         correlations[task] = scopes
     return {"rank": rank, "nd_ppl": nd_ppl, "ner": layer_ner, "residual_energy": residual, "correlation": correlations}
@@ -305,7 +306,7 @@ def plot_ner_vs_nd_ppl(summary: dict[str, Any], path: Path) -> None:
     rank = summary["ranks"][-1]
     figure, axes = _figure(9, 4, panels=2)
     colors = {task: f"C{i % 10}" for i, task in enumerate(summary["tasks"])}
-    for ax, kind in zip(axes, KINDS):
+    for ax, kind in zip(axes, KINDS, strict=False):
         for task in summary["tasks"]:
             ax.scatter(
                 summary["ner"][task][kind],
@@ -333,7 +334,7 @@ def plot_ner_vs_nd_ppl(summary: dict[str, Any], path: Path) -> None:
 def plot_per_layer(layers: dict[str, Any], path: Path) -> None:
     tasks = list(layers["nd_ppl"])
     figure, axes = _figure(9, 2.2 + 2.4 * len(tasks), panels=len(tasks), stacked=True)  # a full-width row per task
-    for ax, task in zip(axes, tasks):
+    for ax, task in zip(axes, tasks, strict=False):
         count = len(layers["nd_ppl"][task]["key"])
         offsets = {"key": -0.2, "value": 0.2}
         for kind in KINDS:

@@ -136,7 +136,8 @@ def plot_heatmap(model: str, per_dataset: dict[str, dict[str, Any]], path: Path,
         figsize=(max(6.0, 1.1 * len(datasets) * 2 + 2), max(3.0, 0.22 * layers + 1.5)), dpi=130, layout="constrained"
     )
     axes = figure.subplots(1, 2, sharey=True)
-    for ax, kind, title in zip(axes, ("layers_key", "layers_value"), (KEY_SPACE_NAMES[key_space], "values")):
+    titles = (KEY_SPACE_NAMES[key_space], "values")
+    for ax, kind, title in zip(axes, ("layers_key", "layers_value"), titles, strict=True):
         grid = np.array([per_dataset[d][kind] for d in datasets]).T  # (layers, datasets)
         image = ax.imshow(grid, aspect="auto", vmin=0, vmax=1, cmap="viridis", origin="lower")
         ax.set_xticks(range(len(datasets)), datasets, rotation=45, ha="right")

@@ -32,10 +32,8 @@ def low_rank_cache(
     bases = layer_bases(calibration, plan)
     if full_basis:  # rank D as an explicit orthonormal basis, so the projection code runs (layer_bases skips it)
         space = "key_pre_rope" if key_space == "pre_rope" else "key_post_rope"
-        full = lambda s, l: (
-            calibration.eigenvectors[s][l] if granularity == "layer" else calibration.head_eigenvectors[s][l]
-        )  # noqa: E731
-        bases = [LayerBases(full(space, l), full("value", l)) for l in range(geometry.num_layers)]
+        vectors = calibration.eigenvectors if granularity == "layer" else calibration.head_eigenvectors
+        bases = [LayerBases(vectors[space][i], vectors["value"][i]) for i in range(geometry.num_layers)]
     return LowRankCache(bases, geometry.kv_heads, tap_of(model) if key_space == "pre_rope" else None)
 
 

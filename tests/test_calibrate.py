@@ -555,6 +555,8 @@ def test_resume_with_a_larger_max_tokens_is_bit_identical(finished_run, llama_di
     calibrate(config(llama_dir, out, max_tokens=3000, resume=True))
     resumed, uninterrupted = load_file(str(out / BASIS_FILE)), load_file(str(finished_run / BASIS_FILE))
     assert int(resumed["token_count"][0]) == 3000
+    assert resumed.keys() == uninterrupted.keys()
+    assert all(torch.equal(resumed[key], uninterrupted[key]) for key in resumed), "bit-identical to one run"
 
 
 def test_basis_has_the_mode_of_every_other_output(finished_run):

@@ -24,7 +24,7 @@ OTHER_VALUES = {
     "data_dir": "data",
     "skip_docs": 7,
     "include_path": "mine",
-    "metadata": "{\"max_seq_lengths\": [1024]}",
+    "metadata": '{"max_seq_lengths": [1024]}',
     "text_field": "body",
     "prompt_format": "question",
     "max_tokens": 1234,

@@ -72,7 +72,8 @@ def test_plain_lm_eval_runs_kvcore_hf_after_install(editable, tiny_artifact, tmp
     _run([*pip, *(["-e"] if editable else []), str(checkout)])
     if editable:  # a task added after the install is seen without reinstalling
         (checkout / "tasks" / "domains" / "kvcore_probe_edit.yaml").write_text(
-            "include: ../_kvcore_perplexity.yaml\ntask: kvcore_probe_edit\nmetadata:\n  version: 1.0\n  source: codealpaca\n"
+            "include: ../_kvcore_perplexity.yaml\ntask: kvcore_probe_edit\n"
+            "metadata:\n  version: 1.0\n  source: codealpaca\n"
         )
     task = "kvcore_probe_edit" if editable else "kvcore_alpaca"
     out = tmp_path / "out"

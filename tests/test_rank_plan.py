@@ -58,7 +58,7 @@ def test_ner_budget_meets_the_budget_after_rounding(budget):
     ner = [0.02, 0.31, 0.33, 0.34, 0.9, 0.95, 0.97]
     ranks = budget_ranks([np.ones(w) for w in widths], budget=budget, method="ner", ner=ner)
     assert sum(ranks) == max(len(widths), round(budget * sum(widths)))
-    assert all(1 <= r <= w for r, w in zip(ranks, widths))
+    assert all(1 <= r <= w for r, w in zip(ranks, widths, strict=False))
     assert ranks == sorted(ranks), "a larger NER never gets fewer dimensions"
 
 

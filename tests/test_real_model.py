@@ -108,8 +108,9 @@ def test_pre_rope_and_value_grams_equal_the_hook_grams(smollm2, real_tokens):
     model, _ = smollm2
     captured: dict[str, list[torch.Tensor]] = {"k_proj": [], "v_proj": []}
     hooks = [
-        module.register_forward_hook(lambda m, i, out, kind=name.rsplit(".", 1)[-1]: captured[kind].append(out))
+        module.register_forward_hook(lambda m, i, out, kind=kind: captured[kind].append(out))
         for name, module in model.named_modules()
+        for kind in (name.rsplit(".", 1)[-1],)
         if name.endswith(("self_attn.k_proj", "self_attn.v_proj"))
     ]
     with torch.no_grad():
@@ -154,7 +155,7 @@ def test_full_basis_cache_reproduces_real_logits(smollm2, real_artifact, real_to
     model, _ = smollm2
     calibration = load_calibration(real_artifact)
     bases = [
-        LayerBases(calibration.eigenvectors["key_pre_rope"][l], calibration.eigenvectors["value"][l]) for l in range(30)
+        LayerBases(calibration.eigenvectors["key_pre_rope"][i], calibration.eigenvectors["value"][i]) for i in range(30)
     ]
     tap = RopeTap(model)
     with torch.no_grad():

@@ -219,7 +219,8 @@ def test_a_custom_task_runs_end_to_end_with_include_path(tmp_path):
     ]
     (folder / "notes.jsonl").write_text("\n".join(lines) + "\n")
     (folder / "my_notes.yaml").write_text(
-        f"task: my_notes\ndataset_path: json\ndataset_kwargs:\n  data_files: {folder / 'notes.jsonl'}\ntest_split: train\n"
+        f"task: my_notes\ndataset_path: json\ndataset_kwargs:\n  data_files: {folder / 'notes.jsonl'}\n"
+        "test_split: train\n"
         "output_type: loglikelihood_rolling\ndoc_to_text: ''\ndoc_to_target: '{{text}}'\n"
         "metric_list:\n  - metric: byte_perplexity\n  - metric: word_perplexity\n"
     )
