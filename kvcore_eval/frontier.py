@@ -150,7 +150,7 @@ class FrontierConfig:
     )
     gguf_file: str | None = option(None, help="GGUF file inside --model's folder or hub repo")
     batch_size: int = option(1, help="lm-eval batch size")
-    device: str = option("cpu", help="cpu, cuda, cuda:N")
+    device: str = option("auto", help="cpu, cuda, cuda:N, or auto (what lm-eval picks: cuda when available, else cpu)")
     dtype: ModelDtype = option("float32", help="model dtype")
 
     def __post_init__(self) -> None:
