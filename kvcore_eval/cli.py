@@ -98,6 +98,7 @@ def _sweep(args: argparse.Namespace) -> None:
 
 
 def _frontier(args: argparse.Namespace) -> None:
+    """`kvcore-eval frontier`: every method at each budget of measured bytes; prints frontier.md."""
     from kvcore_eval.frontier import FrontierConfig, run_frontier
 
     config = config_from_args(FrontierConfig, args)
@@ -121,6 +122,7 @@ def _table(args: argparse.Namespace) -> None:
 
 
 def _tokenizer(args: argparse.Namespace) -> None:
+    """`kvcore-eval tokenizer`: write a GGUF model's tokenizer to a folder lm-eval's RULER tasks can read."""
     from kvcore_eval import models
     from kvcore_eval.lm_tasks import save_tokenizer
 

@@ -92,6 +92,7 @@ class JudgeConfig:
 
 
 def env_name(field_name: str) -> str:
+    """The environment variable that sets a JudgeConfig field inside lm-eval (KVCORE_JUDGE_<FIELD>)."""
     return f"KVCORE_JUDGE_{field_name.upper()}"
 
 
@@ -107,6 +108,7 @@ class JudgeUnavailable(RuntimeError):
 
 
 def parse_rating(reply: str) -> float | None:
+    """The judge's [[rating]] from its reply, 1 to 10; None when absent or out of range."""
     match = _RATING.search(reply or "")
     if match is None:
         return None
@@ -115,6 +117,7 @@ def parse_rating(reply: str) -> float | None:
 
 
 def render_prompt(instruction: str, answer: str, reference: str | None) -> str:
+    """The user message for one answer, with the reference answer when the task has one."""
     has_reference = bool(reference and reference.strip())
     return USER_TEMPLATE.format(
         instruction=instruction.strip(),
@@ -145,15 +148,18 @@ class JudgeCache:
 
     @staticmethod
     def key(model: str, instruction: str, answer: str, reference: str | None) -> str:
+        """One judgement's cache key: judge model, prompt version, instruction, reference and answer."""
         payload = json.dumps([model, PROMPT_VERSION, instruction, reference or "", answer])
         return hashlib.sha256(payload.encode()).hexdigest()
 
     def get(self, key: str) -> Judgement | None:
+        """The cached judgement of `key`, or None."""
         with self._lock:
             row = self._db.execute("SELECT score, raw FROM judgements WHERE key = ?", (key,)).fetchone()
         return None if row is None else Judgement(row[0], row[1], cached=True)
 
     def put(self, key: str, judgement: Judgement, record: dict[str, Any]) -> None:
+        """Store one judgement with its record, committed at once (a crash loses nothing judged)."""
         with self._lock:
             self._db.execute(
                 "INSERT OR REPLACE INTO judgements VALUES (?, ?, ?, ?)",
@@ -195,6 +201,7 @@ class GPTJudge:
 
     @property
     def where(self) -> str:
+        """The judge's URL, as errors name it."""
         return self.config.base_url or "https://api.openai.com/v1"
 
     def _ask(self, messages: list[dict[str, str]]) -> str:
@@ -254,6 +261,7 @@ class GPTJudge:
         return response.choices[0].message.content or ""
 
     def score(self, instruction: str, answer: str, reference: str | None = None) -> Judgement:
+        """One answer's judgement: from the cache, else asked (unparsed replies once more, never cached)."""
         key = JudgeCache.key(self.config.model, instruction, answer, reference)
         if (cached := self.cache.get(key)) is not None:
             with self._stats_lock:
@@ -296,6 +304,7 @@ class GPTJudge:
         return judgements
 
     def summary(self) -> dict[str, Any]:
+        """Judge model, prompt version and this run's counts: calls, cache hits, missing scores, tokens."""
         return {"judge_model": self.config.model, "prompt_version": PROMPT_VERSION, **asdict(self.stats)}
 
 

@@ -124,6 +124,7 @@ def summarize_documents(
 
 
 def documents_markdown(correlations: dict[str, dict[str, Any]]) -> list[str]:
+    """Markdown lines of the across-documents scope: per-document NER against ND-PPL, per task and pooled."""
     lines = [
         "",
         "Correlation of a document's own NER (mean over layers, from that document's Grams) with its own ND-PPL "
@@ -138,6 +139,7 @@ def documents_markdown(correlations: dict[str, dict[str, Any]]) -> list[str]:
 
 
 def _stat(c: dict[str, float]) -> str:
+    """r, ρ with their p-values and n of one correlation, or n/a when it is undefined."""
     if np.isnan(c["pearson"]):
         return f"n/a (n={c['n']})"
     if np.isnan(c["pearson_p"]):
@@ -148,6 +150,7 @@ def _stat(c: dict[str, float]) -> str:
 
 
 def to_markdown(summary: dict[str, Any]) -> str:
+    """sweep.md: the design sentence, ND-PPL per task and rank, and the correlations by scope."""
     design = summary["design"]
     ranks = summary["ranks"]
     lines = [
@@ -207,6 +210,7 @@ def with_interval(value: float, interval: dict[str, float] | None) -> str:
 
 
 def per_layer_markdown(layers: dict[str, Any]) -> str:
+    """per_layer.md: each layer's ND-PPL, NER and residual energy per task, and their correlations."""
     lines = [f"# Per-layer sensitivity: one layer truncated to rank {layers['rank']:g} of D, the rest full", ""]
     for task, table in layers["nd_ppl"].items():
         lines += [
@@ -252,6 +256,7 @@ def per_layer_markdown(layers: dict[str, Any]) -> str:
 
 
 def _figure(width: float, height: float, panels: int = 1, stacked: bool = False):
+    """A matplotlib Figure (object API, no pyplot state) and its row of axes, or column when stacked."""
     from matplotlib.figure import Figure
 
     figure = Figure(figsize=(width, height), dpi=130, layout="constrained")
@@ -279,6 +284,7 @@ def _nd_ppl_scale(ax, values: list[float], label: str) -> None:
 
 
 def plot_nd_ppl(summary: dict[str, Any], path: Path) -> None:
+    """nd_ppl.png: ND-PPL against the rank kept, one line per task."""
     figure, (ax,) = _figure(6.5, 4.2)
     ranks = [float(r) for r in summary["ranks"]]
     for task in summary["tasks"]:
@@ -332,6 +338,7 @@ def plot_ner_vs_nd_ppl(summary: dict[str, Any], path: Path) -> None:
 
 
 def plot_per_layer(layers: dict[str, Any], path: Path) -> None:
+    """per_layer.png: each layer's ND-PPL when truncated alone, keys and values, one panel per task."""
     tasks = list(layers["nd_ppl"])
     figure, axes = _figure(9, 2.2 + 2.4 * len(tasks), panels=len(tasks), stacked=True)  # a full-width row per task
     for ax, task in zip(axes, tasks, strict=False):
