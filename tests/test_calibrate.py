@@ -424,7 +424,8 @@ def test_ctrl_c_during_calibrate_says_how_to_resume(llama_dir, tmp_path):
     while not (tmp_path / "c" / "config.json").exists() and time.time() < deadline:  # inputs checked, run started
         time.sleep(0.05)
     process.send_signal(signal.SIGINT)
-    _, stderr = process.communicate(timeout=120)
+    # Python handles SIGINT between bytecodes: a loaded machine can keep it in a long native call (tokenizing) a while
+    _, stderr = process.communicate(timeout=600)
     assert process.returncode == 130 and "--resume" in stderr and "Traceback" not in stderr
 
 
