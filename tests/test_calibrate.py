@@ -419,7 +419,9 @@ def test_ctrl_c_during_calibrate_says_how_to_resume(llama_dir, tmp_path):
         "--out",
         str(tmp_path / "c"),
     ]
-    process = subprocess.Popen(command, cwd=REPO, stderr=subprocess.PIPE, text=True)
+    # a shell without job control starts background jobs with SIGINT ignored, and children inherit that: restore it
+    reset = lambda: signal.signal(signal.SIGINT, signal.SIG_DFL)  # noqa: E731
+    process = subprocess.Popen(command, cwd=REPO, stderr=subprocess.PIPE, text=True, preexec_fn=reset)
     deadline = time.time() + 120
     while not (tmp_path / "c" / "config.json").exists() and time.time() < deadline:  # inputs checked, run started
         time.sleep(0.05)
