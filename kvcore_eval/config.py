@@ -349,26 +349,32 @@ def split_paths(paths: str | None) -> list[str]:
     return [p.strip() for p in (paths or "").split(",") if p.strip()]
 
 
-@dataclass
-class EvalConfig:
+@dataclass(kw_only=True)
+class LMEvalRunConfig:
+    """The model and task-loading options of every lm-eval run the CLI makes (eval, sweep, frontier)."""
+
+    model: str = option(help="Hugging Face hub id, local directory, or .gguf file")
+    gguf_file: str | None = option(None, help="GGUF file inside --model's folder or hub repo (dequantized on load)")
+    data_dir: str | None = option(None, help="folder of <source>.jsonl files read instead of the hub")
+    include_path: str | None = option(
+        None, help="extra lm-eval task folders, comma-separated (lm-eval's --include_path)"
+    )
+    batch_size: int = option(1, help="lm-eval batch size")
+    device: str = option("auto", help="cpu, cuda, cuda:N, or auto (what lm-eval picks: cuda when available, else cpu)")
+    dtype: ModelDtype = option("float32", help="model dtype")
+
+
+@dataclass(kw_only=True)
+class EvalConfig(LMEvalRunConfig):
     """What `kvcore-eval eval` runs: one lm-eval evaluation, with kvcore_hf, or plain hf without --calibration."""
 
-    model: str = option(help="Hugging Face hub id or local directory (lm-eval's pretrained=)")
     tasks: str = option(help="comma-separated lm-eval tasks or groups, e.g. kvcore_domains")
     truncation: TruncationConfig = option(
         TruncationConfig,
         help="kvcore_hf's options; without --calibration the plain `hf` model runs (the baseline)",
         cli_skip=("overlap",),  # --allow-overlap says it
     )
-    gguf_file: str | None = option(None, help="GGUF file inside --model's folder (lm-eval's gguf_file=)")
-    data_dir: str | None = option(None, help="folder of <source>.jsonl files read instead of the hub")
-    include_path: str | None = option(
-        None, help="extra lm-eval task folders, comma-separated (lm-eval's --include_path)"
-    )
     limit: int | None = option(None, help="documents per task (lm-eval --limit)")
-    batch_size: int = option(1, help="lm-eval batch size")
-    device: str = option("auto", help="cpu, cuda, cuda:N, or auto (what lm-eval picks: cuda when available, else cpu)")
-    dtype: ModelDtype = option("float32", help="model dtype")
     output: str | None = option(None, help="write lm-eval's results JSON here", identity=False)
     allow_overlap: bool = option(
         False,
@@ -390,9 +396,12 @@ class EvalConfig:
 
     def model_args(self) -> dict[str, Any]:
         """lm-eval model_args: `hf`'s, plus kvcore_hf's (every option not left at None) with a calibration."""
-        args = {"pretrained": self.model, "dtype": self.dtype}
-        if self.gguf_file is not None:
-            args["gguf_file"] = self.gguf_file
+        from kvcore_eval.models import gguf_location
+
+        pretrained, gguf_file = gguf_location(self.model, self.gguf_file)
+        args = {"pretrained": pretrained, "dtype": self.dtype}
+        if gguf_file is not None:
+            args["gguf_file"] = gguf_file
         if self.truncation.runs_kvcore:
             args.update({k: v for k, v in dataclasses.asdict(self.truncation).items() if v is not None})
             args["overlap"] = "warn" if self.allow_overlap else "refuse"
@@ -403,11 +412,10 @@ class EvalConfig:
 PER_POINT = ("key_rank", "value_rank", "rank_budget", "budget_method", "sensitivity", "overlap")
 
 
-@dataclass
-class SweepConfig:
+@dataclass(kw_only=True)
+class SweepConfig(LMEvalRunConfig):
     """What `kvcore-eval sweep` runs: ND-PPL per task and rank, NER per task, their correlation, one model load."""
 
-    model: str = option(help="Hugging Face hub id, local directory, or .gguf file")
     out: str = option(
         help="output directory (finished points and calibrations are reused: an interrupted sweep resumes)",
         identity=False,
@@ -445,14 +453,6 @@ class SweepConfig:
         False, help="also measure each layer's ND-PPL with only that layer truncated (keys, then values)"
     )
     per_layer_rank: float = option(0.25, help="fraction of D kept by the one truncated layer in --per-layer")
-    data_dir: str | None = option(None, help="folder of <source>.jsonl files read instead of the hub")
-    include_path: str | None = option(
-        None, help="extra lm-eval task folders, comma-separated (lm-eval's --include_path)"
-    )
-    gguf_file: str | None = option(None, help="GGUF file inside --model's folder or hub repo")
-    batch_size: int = option(1, help="lm-eval batch size")
-    device: str = option("auto", help="cpu, cuda, cuda:N, or auto (what lm-eval picks: cuda when available, else cpu)")
-    dtype: ModelDtype = option("float32", help="model dtype")
     allow_overlap: bool = option(
         False,
         help="with --basis-scope shared: score documents the shared calibration saw (in-sample: optimistic ND-PPL)",

@@ -26,7 +26,7 @@ from dataclasses import dataclass, field, fields, replace
 from pathlib import Path
 from typing import Any, ClassVar
 
-from kvcore_eval.config import MIN_SEQ_LEN, ModelDtype, TruncationConfig, check_choices, option
+from kvcore_eval.config import MIN_SEQ_LEN, LMEvalRunConfig, TruncationConfig, check_choices, option
 
 logger = logging.getLogger(__name__)
 
@@ -99,14 +99,13 @@ PER_POINT = (
 SELECTORS = ("tasks", "budgets", "methods", "sensitivity", "sensitivity_tokens", "sensitivity_rank")
 
 
-@dataclass
-class FrontierConfig:
+@dataclass(kw_only=True)
+class FrontierConfig(LMEvalRunConfig):
     """What `kvcore-eval frontier` runs: every method at each budget of measured bytes per token, one model load."""
 
     # The bases are always each task's own held-out calibration: a scored document is never calibrated on.
     allow_overlap: ClassVar[bool] = False
 
-    model: str = option(help="Hugging Face hub id, local directory, or .gguf file")
     out: str = option(
         help="output directory (finished points are reused: an interrupted frontier resumes)", identity=False
     )
@@ -144,14 +143,6 @@ class FrontierConfig:
     sensitivity_rank: float = option(
         0.25, help="fraction of D the one truncated layer keeps when sensitivity is measured"
     )
-    data_dir: str | None = option(None, help="folder of <source>.jsonl files read instead of the hub")
-    include_path: str | None = option(
-        None, help="extra lm-eval task folders, comma-separated (lm-eval's --include_path)"
-    )
-    gguf_file: str | None = option(None, help="GGUF file inside --model's folder or hub repo")
-    batch_size: int = option(1, help="lm-eval batch size")
-    device: str = option("auto", help="cpu, cuda, cuda:N, or auto (what lm-eval picks: cuda when available, else cpu)")
-    dtype: ModelDtype = option("float32", help="model dtype")
 
     def __post_init__(self) -> None:
         check_choices(self)

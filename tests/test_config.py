@@ -167,3 +167,22 @@ def test_key_space_default_is_written_once():
                 ]
     assert literals == []
     assert 'DEFAULT_KEY_SPACE: KeySpace = "pre_rope"' in (PACKAGE / "spaces.py").read_text()
+
+
+def test_model_loading_options_are_declared_once_for_every_lm_eval_run():
+    from kvcore_eval.frontier import FrontierConfig
+
+    shared = {f.name: f for f in dataclasses.fields(C.LMEvalRunConfig)}
+    assert set(shared) == {"model", "gguf_file", "data_dir", "include_path", "batch_size", "device", "dtype"}
+    for config_class in (C.EvalConfig, SweepConfig, FrontierConfig):
+        fields = {f.name: f for f in dataclasses.fields(config_class)}
+        for name, declared in shared.items():
+            assert fields[name].metadata is declared.metadata, f"{config_class.__name__}.{name} is declared again"
+
+
+def test_eval_splits_a_gguf_path_into_lm_evals_pretrained_and_gguf_file(tmp_path):
+    (tmp_path / "m.gguf").write_bytes(b"GGUF")
+    args = C.EvalConfig(model=str(tmp_path / "m.gguf"), tasks="kvcore_alpaca").model_args()
+    assert (args["pretrained"], args["gguf_file"]) == (str(tmp_path), "m.gguf")
+    with pytest.raises(FileNotFoundError, match="does not exist"):
+        C.EvalConfig(model=str(tmp_path / "missing.gguf"), tasks="kvcore_alpaca").model_args()
