@@ -1,7 +1,9 @@
 """`kvcore-eval calibrate`: stream a dataset through a causal LM, accumulate per-layer K/V Grams, write the artifact.
 
-Runs on CPU, one GPU, or several processes under `accelerate launch` (each process takes every
-world_size-th sequence; the Grams are summed across processes and rank 0 writes one artifact).
+Runs on CPU, one GPU, or several processes under `torchrun` or `accelerate launch --multi_gpu` (each process takes
+every world_size-th sequence; the Grams are summed across processes, gloo on CPU, and rank 0 writes one artifact).
+`accelerate launch --cpu --num_processes N` starts one process (accelerate runs several CPU processes only through
+mpirun): it is refused rather than recorded as one process.
 Checkpoints every `checkpoint_every` tokens; `--resume` continues and ends bit-identical to an uninterrupted run.
 
 Outputs are safe (`outputs.py`): inputs are validated before any output is touched; `--out` is refused if it
@@ -16,6 +18,7 @@ import contextlib
 import itertools
 import json
 import logging
+import os
 import shutil
 from collections.abc import Callable, Iterator
 from dataclasses import asdict
@@ -229,11 +232,32 @@ def calibrate(
     One writer per `--out`: a second calibration into it is refused while this one runs (`outputs.run_lock`)."""
     from accelerate import PartialState
 
+    check_launcher(os.environ)
     # Under torchrun/accelerate on a machine without CUDA, "auto" means CPU processes that shard and all-reduce.
     state = PartialState(cpu=config.device == "cpu" or (config.device == "auto" and not torch.cuda.is_available()))
     out = outputs.resolve_run_folder(Path(config.out))
     with outputs.run_lock(out) if state.is_main_process else contextlib.nullcontext():
         return _calibrate(config, on_checkpoint, model, tokenizer, state, out)
+
+
+# What a launcher that really started several processes sets (torchrun / accelerate's torchrun, or MPI).
+_WORLD_SIZE_VARIABLES = ("WORLD_SIZE", "PMI_SIZE", "OMPI_COMM_WORLD_SIZE", "MV2_COMM_WORLD_SIZE")
+
+
+def check_launcher(environment) -> None:
+    """Refuse `accelerate launch --cpu --num_processes N` (N > 1) without mpirun: accelerate's simple launcher then
+    starts one process (it sets MASTER_ADDR and ACCELERATE_USE_CPU but no WORLD_SIZE), which would calibrate alone
+    and record `processes: 1` while the user asked for N."""
+    asked_cpu = environment.get("ACCELERATE_USE_CPU", "").lower() in ("1", "true", "yes")
+    several = "MASTER_ADDR" in environment
+    if asked_cpu and several and not any(name in environment for name in _WORLD_SIZE_VARIABLES):
+        raise ValueError(
+            "accelerate launch --cpu with --num_processes > 1 starts one process here (accelerate runs several CPU "
+            "processes only through mpirun, --mpirun_hostfile): launch with `torchrun --nproc_per_node N -m "
+            "kvcore_eval calibrate ...` or `accelerate launch --multi_gpu --num_processes N -m kvcore_eval calibrate "
+            "...` (on a machine without CUDA both run N CPU processes that all-reduce their Grams over gloo), or drop "
+            "--num_processes for one process"
+        )
 
 
 def _calibrate(config: CalibrationConfig, on_checkpoint, model, tokenizer, state, out: Path) -> Path:

@@ -136,15 +136,26 @@ def _run_cli(args, **env):
     return subprocess.run([*args], cwd=REPO, capture_output=True, text=True, timeout=300, env={**os.environ, **env})
 
 
-def test_two_processes_sum_to_the_single_process_grams(finished_run, llama_dir, tmp_path):
-    """torchrun starts 2 CPU processes (gloo); accelerate's PartialState picks them up, as under `accelerate launch`."""
-    out = tmp_path / "two"
-    cli = [
+LAUNCHERS = {
+    "torchrun": [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2"],
+    "accelerate --multi_gpu": [
+        sys.executable,
+        "-m",
+        "accelerate.commands.launch",
+        "--multi_gpu",
+        "--num_processes",
+        "2",
+    ],
+}
+
+
+def _calibrate_cli(model_dir, out, *extra):
+    return [
         "-m",
         "kvcore_eval",
         "calibrate",
         "--model",
-        str(llama_dir),
+        str(model_dir),
         "--dataset",
         str(EXAMPLE_DATA / "alpaca.jsonl"),
         "--prompt-format",
@@ -155,19 +166,35 @@ def test_two_processes_sum_to_the_single_process_grams(finished_run, llama_dir, 
         "64",
         "--batch-size",
         "3",
-        "--device",
-        "cpu",
         "--out",
         str(out),
+        *extra,
     ]
-    result = _run_cli(
-        [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", *cli], OMP_NUM_THREADS="1"
-    )
+
+
+@pytest.mark.parametrize("launcher", LAUNCHERS)
+def test_two_processes_sum_to_the_single_process_grams(finished_run, llama_dir, tmp_path, launcher):
+    """Two real CPU processes (gloo; accelerate's --multi_gpu launcher is torchrun, and on a machine without CUDA
+    PartialState runs them on CPU): each accumulates every other sequence, the Grams are all-reduced, and the
+    spectra equal the one-process run's to float64 rounding."""
+    out = tmp_path / "two"
+    result = _run_cli([*LAUNCHERS[launcher], *_calibrate_cli(llama_dir, out, "--device", "cpu")], OMP_NUM_THREADS="1")
     assert result.returncode == 0, result.stderr[-3000:]
     two, one = load_calibration(out), load_calibration(finished_run)
     assert two.metadata["processes"] == 2 and two.metadata["tokens"] == one.metadata["tokens"]
+    assert torch.equal(two.token_count, one.token_count)
     for space, values in one.eigenvalues.items():
         assert torch.allclose(two.eigenvalues[space], values, rtol=1e-10, atol=1e-12 * values.max().item()), space
+
+
+def test_accelerate_cpu_with_two_processes_is_refused_before_the_model_loads(llama_dir, tmp_path):
+    """`accelerate launch --cpu --num_processes 2` starts one process (no mpirun): refused, not run as one."""
+    out = tmp_path / "one"
+    launcher = [sys.executable, "-m", "accelerate.commands.launch", "--cpu", "--num_processes", "2"]
+    result = _run_cli([*launcher, *_calibrate_cli(llama_dir, out)], OMP_NUM_THREADS="1")
+    assert result.returncode != 0, result.stderr[-3000:]  # the launcher exits 1 when its one child exits 2
+    assert "starts one process" in result.stderr and "torchrun --nproc_per_node" in result.stderr
+    assert "Loading weights" not in result.stderr and not out.exists()
 
 
 def test_cli_calibrate_and_report(llama_dir, tmp_path):
