@@ -6,7 +6,9 @@ token, shared by every head). Then, for a query head h reading KV head g(h):
   post-RoPE keys:   q·(Z_k·P_gᵀ)ᵀ        = (q·P_g)·Z_kᵀ              project the query once, score against Z_k
 (head granularity: the same with each head's own basis and latents). Pre-RoPE keys cannot be absorbed (RoPE
 depends on each key's position): they are reconstructed and rotated as in `LowRankLayer.read_keys`, while their
-values still stay latent. Decoding then reads r numbers a token instead of D.
+values still stay latent. Decoding then reads r numbers a token instead of D. Both run as one fused
+`scaled_dot_product_attention` over the latents (grouped heads: `enable_gqa`), so no (q_len, kv_len) score matrix
+is materialized in Python, at prefill as at decode.
 
 Transformers hands attention functions no cache, so the wrapper names the active `LowRankCache` in a context
 variable around each forward (`active`). `register()` adds `kvcore_latent` to transformers' AttentionInterface
@@ -55,35 +57,21 @@ def _per_query_head(basis: torch.Tensor, kv_heads: int, query_heads: int) -> tor
     return basis.repeat_interleave(query_heads // kv_heads, dim=0)
 
 
-def _scores(query: torch.Tensor, layer: LowRankLayer, kv_heads: int) -> torch.Tensor:
-    """q·Kᵀ for every query head: (batch, query_heads, q_len, kv_len). query: (batch, query_heads, q_len, head_dim)."""
-    heads = query.shape[1]
+def _keys(query: torch.Tensor, layer: LowRankLayer, kv_heads: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """(query, keys) whose products are q·Kᵀ: post-RoPE latent keys pair q·P_g (batch, query_heads, q_len, r) with
+    Z_k (batch, 1 or kv_heads, kv_len, r); keys stored in full or pre-RoPE (their rotation depends on the position)
+    pair the query itself with the rebuilt keys (batch, kv_heads, kv_len, head_dim)."""
     basis = layer.bases.key
-    if basis is None or layer.rope is not None:  # stored in full, or pre-RoPE (its rotation depends on the position)
-        keys = layer.read_keys(query.dtype).repeat_interleave(
-            heads // kv_heads, dim=1
-        )  # (batch, heads, kv_len, head_dim)
-        return query @ keys.transpose(-1, -2)
-    projected = torch.einsum("bhqd,hdr->bhqr", query, _per_query_head(basis, kv_heads, heads).to(query.dtype))
-    latents = layer.stored("key", query.dtype).to(query.dtype)
-    if basis.ndim == 2:  # (batch, kv_len, r), shared by every head
-        return torch.einsum("bhqr,bsr->bhqs", projected, latents)
-    return projected @ latents.repeat_interleave(heads // kv_heads, dim=1).transpose(-1, -2)
+    if basis is None or layer.rope is not None:
+        return query, layer.read_keys(query.dtype)
+    projected = torch.einsum("bhqd,hdr->bhqr", query, _per_query_head(basis, kv_heads, query.shape[1]).to(query.dtype))
+    return projected, _heads_first(layer.stored("key", query.dtype).to(query.dtype))
 
 
-def _context(probs: torch.Tensor, layer: LowRankLayer, kv_heads: int) -> torch.Tensor:
-    """softmax(s)·V for every query head: (batch, query_heads, q_len, head_dim).
-    probs: (batch, heads, q_len, kv_len)."""
-    heads = probs.shape[1]
-    basis = layer.bases.value
-    if basis is None:
-        return probs @ layer.stored("value", probs.dtype).to(probs.dtype).repeat_interleave(heads // kv_heads, dim=1)
-    latents = layer.stored("value", probs.dtype).to(probs.dtype)
-    if basis.ndim == 2:
-        mixed = torch.einsum("bhqs,bsr->bhqr", probs, latents)
-    else:
-        mixed = probs @ latents.repeat_interleave(heads // kv_heads, dim=1)
-    return torch.einsum("bhqr,hdr->bhqd", mixed, _per_query_head(basis, kv_heads, heads).to(probs.dtype))
+def _heads_first(latents: torch.Tensor) -> torch.Tensor:
+    """Layer-basis latents (batch, kv_len, r), shared by every head, as one KV head (batch, 1, kv_len, r); head-basis
+    latents (batch, kv_heads, kv_len, r) as they are."""
+    return latents.unsqueeze(1) if latents.ndim == 3 else latents
 
 
 def latent_attention(
@@ -97,7 +85,10 @@ def latent_attention(
     **kwargs,
 ) -> tuple[torch.Tensor, None]:
     """An AttentionInterface function. query: (batch, heads, q_len, head_dim); `key`/`value` (what the cache's
-    update returned) are not read: the active cache's latents are. Returns (batch, q_len, heads, head_dim)."""
+    update returned) are not read: the active cache's latents are. Returns (batch, q_len, heads, head_dim).
+
+    One fused `scaled_dot_product_attention` over the latents (no (q_len, kv_len) score matrix is built in Python):
+    softmax(scaling·(q·P_g)·Z_kᵀ + mask)·Z_v, then ·P_gᵀ per query head; the scale stays head_dim's."""
     cache = _ACTIVE.get()
     if cache is None:
         raise RuntimeError(
@@ -111,13 +102,22 @@ def latent_attention(
             f"kvcore_latent attention does not implement {', '.join(unsupported)} (used by this model): "
             "use attention=reconstruct"
         )
-    layer = cache.layers[module.layer_idx]
+    layer, kv_heads, heads = cache.layers[module.layer_idx], cache.kv_heads, query.shape[1]
     scaling = scaling if scaling is not None else query.shape[-1] ** -0.5
-    scores = _scores(query, layer, cache.kv_heads).float() * scaling
-    if attention_mask is not None:
-        scores = scores + attention_mask[..., : scores.shape[-1]].float()
-    probs = torch.softmax(scores, dim=-1).to(query.dtype)
-    return _context(probs, layer, cache.kv_heads).transpose(1, 2).contiguous(), None
+    query, keys = _keys(query, layer, kv_heads)
+    value_basis = layer.bases.value
+    values = layer.stored("value", query.dtype).to(query.dtype)
+    values = _heads_first(values) if value_basis is not None else values  # latents, or (batch, kv_heads, kv_len, hd)
+    if keys.shape[1] != values.shape[1]:  # one latent head on one side, kv_heads on the other: a view, no copy
+        shared = max(keys.shape[1], values.shape[1])
+        keys, values = (t.expand(-1, shared, -1, -1) for t in (keys, values))
+    mask = attention_mask[..., : keys.shape[-2]].to(query.dtype) if attention_mask is not None else None
+    context = torch.nn.functional.scaled_dot_product_attention(
+        query, keys, values, attn_mask=mask, scale=scaling, enable_gqa=True
+    )  # (batch, heads, q_len, r_v or head_dim)
+    if value_basis is not None:
+        context = torch.einsum("bhqr,hdr->bhqd", context, _per_query_head(value_basis, kv_heads, heads).to(query.dtype))
+    return context.transpose(1, 2).contiguous(), None
 
 
 def check_against_reconstruction(model: nn.Module, new_cache, reconstruct_implementation: str) -> float:

@@ -2,7 +2,8 @@
 
 The README's RULER table on SmolLM2 (CPU) comes from this script. Each cell (task, context length, basis, truncated
 kind, rank) scores the first `--limit` documents of the task generated at that length; finished cells are kept in
-`<out>/cells/*.json` and skipped by a rerun, so the grid can be stopped and continued. The baseline is lm-eval's own
+`<out>/cells/*.json` and skipped by a rerun, so the grid can be stopped and continued. Each task is built once per
+length (RULER generates its documents at load) and shared by the cells that follow it. The baseline is lm-eval's own
 `hf` model on the same weights; `kvcore_hf` cells swap rank plans on one loaded model.
 
     python scripts/ruler_grid.py --model $SMOL/SmolLM2-135M-Instruct.Q4_1.gguf --out runs/ruler-grid \\
@@ -47,6 +48,7 @@ def main() -> None:
 
     import lm_eval
     from lm_eval.models.huggingface import HFLM
+    from lm_eval.tasks import get_task_dict
 
     from kvcore_eval import models
     from kvcore_eval.lm_tasks import task_manager, tokenizer_metadata
@@ -62,14 +64,19 @@ def main() -> None:
     tokenizer = models.load_tokenizer(model_id, None, gguf_file)
     base_metadata = tokenizer_metadata(model_id, gguf_file, tokenizer)
     hf = kv = None
+    built: dict[tuple[str, int], object] = {}  # RULER generates 500 documents per load: once per task and length
     for task, length, basis, kind, rank in cells:
         name = f"{task}_{length}_{basis}_{kind}_{rank:g}"
         path = out / "cells" / f"{name}.json"
         if path.exists():
             continue
-        manager = task_manager(None, None, {**base_metadata, "max_seq_lengths": [length]})
+        if (task, length) not in built:
+            manager = task_manager(None, None, {**base_metadata, "max_seq_lengths": [length]})
+            built = {(task, length): get_task_dict([task], manager)[task]}
         if basis == "hf":
-            hf = hf or HFLM(pretrained=model, tokenizer=tokenizer, batch_size=args.batch_size)
+            if hf is None:  # its own copy of the weights: kvcore_hf hooks the model it wraps
+                own = models.load_causal_lm(model_id, None, "cpu", "float32", gguf_file)
+                hf = HFLM(pretrained=own, tokenizer=tokenizer, batch_size=args.batch_size)
             lm = hf
         else:
             artifact = args.prose if basis == "prose" else task_basis[task]
@@ -88,9 +95,8 @@ def main() -> None:
         start = time.time()
         results = lm_eval.simple_evaluate(
             model=lm,
-            tasks=[task],
+            tasks=[built[task, length]],
             limit=args.limit,
-            task_manager=manager,
             gen_kwargs=args.gen_kwargs or None,
             log_samples=True,
         )
@@ -107,6 +113,7 @@ def main() -> None:
             "gen_kwargs": args.gen_kwargs,
             "accuracy": float(values[str(length)]),
             "seconds": round(time.time() - start, 1),
+            "calibration_overlap": None if lm is hf else lm.get_model_info()["kvcore"]["calibration_overlap"].get(task),
             "answers": [
                 {"target": s["target"], "response": s["filtered_resps"][0], "score": s[str(length)]} for s in samples
             ],
