@@ -10,7 +10,8 @@ length (RULER generates its documents at load) and shared by the cells that foll
         --prose runs/smol-prose --task-basis niah_single_1=runs/smol-niah1 --cells cells.txt
 
 `--cells` lists one cell a line: `task length basis kind rank` (basis: hf, prose or task; kind: keys, values, both;
-rank: a fraction of D), run in the order given.
+rank: a fraction of D), run in the order given. `<out>/grid.md` (printed at the end) holds each finished cell's mean
+score (RULER's, in [0, 1]) with its number of documents.
 """
 
 from __future__ import annotations
@@ -31,6 +32,26 @@ def parse_cells(path: Path) -> list[tuple[str, int, str, str, float]]:
             task, length, basis, kind, rank = line.split()
             cells.append((task, int(length), basis, kind, float(rank)))
     return cells
+
+
+def write_table(out: Path) -> str:
+    """grid.md: mean score of every finished cell, a row per (task, length), a column per (basis, kind, rank)."""
+    cells = [json.loads(path.read_text()) for path in sorted((out / "cells").glob("*.json"))]
+    order = {"hf": 0, "prose": 1, "task": 2}
+    columns = sorted({(c["basis"], c["kind"], c["rank"]) for c in cells}, key=lambda k: (order[k[0]], -k[2], k[1]))
+    rows = sorted({(c["task"], c["length"]) for c in cells})
+    found = {(c["task"], c["length"], c["basis"], c["kind"], c["rank"]): c for c in cells}
+    names = ["hf" if b == "hf" else f"{b} {k} {r:g}" for b, k, r in columns]
+    lines = ["| task | length | " + " | ".join(names) + " |", "|---|---:|" + "---:|" * len(columns)]
+    for task, length in rows:
+        values = []
+        for column in columns:
+            cell = found.get((task, length, *column))
+            values.append("" if cell is None else f"{cell['accuracy']:.2f} ({len(cell['answers'])})")
+        lines.append(f"| {task} | {length} | " + " | ".join(values) + " |")
+    table = "\n".join(lines) + "\n"
+    (out / "grid.md").write_text(table)
+    return table
 
 
 def main() -> None:
@@ -120,6 +141,8 @@ def main() -> None:
         }
         path.write_text(json.dumps(record, indent=1))
         logger.info("%s: %.2f (%.0f s)", name, record["accuracy"], record["seconds"])
+        write_table(out)
+    print(write_table(out))
 
 
 if __name__ == "__main__":
