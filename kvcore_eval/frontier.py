@@ -459,10 +459,23 @@ def _row(session, plan: TaskPlan, name: str, method: Method, budget, knob, point
         "higher_is_better": False if plan.perplexity else plan.higher_is_better,
         "rank_plan": point["rank_plan"],
     }
+    row.update(uncertainty(plan, point))
     if plan.documents:
         deltas = study.document_nd_ppl(point["per_document"], plan.baseline["per_document"])
         row["across_documents"] = study.across_documents(plan.documents, deltas)
     return row
+
+
+def uncertainty(plan: TaskPlan, point: dict[str, Any]) -> dict[str, Any]:
+    """A point's noise over documents: for ND-PPL, the 95 % paired bootstrap interval against the full cache on the
+    same documents (the sweep's `nd_ppl_interval`; None for the baseline itself and for points saved without
+    per-document log-likelihoods); for another metric, the bootstrap standard error of its mean over documents."""
+    from kvcore_eval import metrics
+    from kvcore_eval.sweep import nd_ppl_interval
+
+    if not plan.perplexity:
+        return {"stderr": metrics.bootstrap_stderr_of_mean(point["per_document"].values())}
+    return {"nd_ppl_interval": None if point is plan.baseline else nd_ppl_interval(point, plan.baseline)}
 
 
 def within_reach(session, truncation, geometry):
@@ -559,6 +572,7 @@ def run_frontier(config: FrontierConfig) -> list[dict[str, Any]]:
             rows += method_rows(session, plan, name, config.budget_list())
     for row, front in zip(rows, pareto(rows), strict=True):
         row["pareto"] = front
+    warn_noise(rows)
     outputs.atomic_write_json(session.out / "frontier.json", rows)
     outputs.atomic_write_text(session.out / "frontier.md", to_markdown(rows, config))
     plot_frontier(rows, config, session.out / "frontier.png")
@@ -566,6 +580,25 @@ def run_frontier(config: FrontierConfig) -> list[dict[str, Any]]:
 
 
 # --- reporting --------------------------------------------------------------------------------------------------
+
+
+def within_noise(row: dict[str, Any]) -> bool:
+    return bool((row.get("nd_ppl_interval") or {}).get("within_noise"))
+
+
+def warn_noise(rows: list[dict[str, Any]]) -> None:
+    for task in dict.fromkeys(row["task"] for row in rows):
+        noisy = [r for r in rows if r["task"] == task and within_noise(r)]
+        if noisy:
+            logger.warning(
+                "%s: %d of %d frontier points have an ND-PPL within noise (their 95%% paired bootstrap interval over "
+                "%d documents holds 0): %s; raise --num-samples to tell them from the full cache",
+                task,
+                len(noisy),
+                sum(r["task"] == task and r["method"] != "full" for r in rows),
+                noisy[0]["nd_ppl_interval"]["n"],
+                ", ".join(r["point"] for r in noisy),
+            )
 
 
 def winners(rows: list[dict[str, Any]], budgets: list[float]) -> dict[str, dict[float, dict[str, Any] | None]]:
@@ -585,7 +618,7 @@ def winners(rows: list[dict[str, Any]], budgets: list[float]) -> dict[str, dict[
 
 
 def to_markdown(rows: list[dict[str, Any]], config: FrontierConfig) -> str:
-    from kvcore_eval.study import _stat
+    from kvcore_eval.study import _stat, with_interval
 
     budgets = config.budget_list()
     lines = [
@@ -594,7 +627,9 @@ def to_markdown(rows: list[dict[str, Any]], config: FrontierConfig) -> str:
         f"Each task scored on its first {config.num_samples} documents; its data bases from "
         f"{config.calibration_tokens} tokens of its documents after those (disjoint). Bytes per token measured from "
         f"what the cache holds after a probe over {config.seq_len} held-out tokens; a budget is a fraction of the full "
-        "cache's. ★: on the task's Pareto front (no other row has as few bytes and as good a quality, one strictly).",
+        "cache's. ★: on the task's Pareto front (no other row has as few bytes and as good a quality, one strictly). "
+        "ND-PPL in brackets: its 95 % paired bootstrap interval over the scored documents against the full cache on "
+        "the same documents, *within noise* when it holds 0; another metric: ± its bootstrap standard error.",
         "",
     ]
     for task in dict.fromkeys(row["task"] for row in rows):
@@ -611,7 +646,7 @@ def to_markdown(rows: list[dict[str, Any]], config: FrontierConfig) -> str:
             budget = "-" if r["budget"] is None else f"{r['budget']:g}"
             lines.append(
                 f"| {r['method']} | {r['basis']} | {r['allocation']} | {r['bits']} | {budget} | "
-                f"{r['bytes_per_token']:.0f} | {100 * r['fraction_of_full']:.1f} | {r['value']:.4f} | "
+                f"{r['bytes_per_token']:.0f} | {100 * r['fraction_of_full']:.1f} | {_quality(r, with_interval)} | "
                 f"{'★' if r['pareto'] else ''} |"
             )
         lines += ["", "Best method within each budget (measured bytes):", ""]
@@ -636,6 +671,12 @@ def to_markdown(rows: list[dict[str, Any]], config: FrontierConfig) -> str:
                 lines.append(f"| {r['method']} | {budget} | {_stat(c['key'])} | {_stat(c['value'])} |")
         lines.append("")
     return "\n".join(lines)
+
+
+def _quality(row: dict[str, Any], with_interval) -> str:
+    if "stderr" in row:
+        return f"{row['value']:.4f} ± {row['stderr']:.4f}"
+    return with_interval(row["value"], row.get("nd_ppl_interval"))
 
 
 def plot_frontier(rows: list[dict[str, Any]], config: FrontierConfig, path: Path) -> None:

@@ -172,3 +172,106 @@ def test_per_document_ner_is_each_documents_own_gram(frontier_run):
     row = next(r for r in rows if r["method"] == "uniform" and r["budget"] == 0.25)
     assert row["across_documents"]["key"]["n"] == 3
     assert "across documents" in (out / "frontier.md").read_text()
+
+
+def test_each_points_nd_ppl_carries_its_paired_bootstrap_interval(frontier_run):
+    """The interval is the sweep's: a paired bootstrap over the scored documents against the full cache on the same
+    documents; the point's ND-PPL is what those documents' log-likelihoods give; frontier.md prints it and marks a
+    point whose interval holds 0 as within noise."""
+    from kvcore_eval.metrics import paired_bootstrap_nd_ppl
+
+    out, rows = frontier_run
+    baseline = json.loads((out / "points" / TASK / "baseline.json").read_text())["per_document_loglikelihood"]
+    markdown = (out / "frontier.md").read_text()
+    for row in rows:
+        if row["method"] == "full":
+            assert row["nd_ppl_interval"] is None
+            continue
+        truncated = json.loads((out / "points" / TASK / f"{row['point']}.json").read_text())[
+            "per_document_loglikelihood"
+        ]
+        assert row["nd_ppl_interval"] == paired_bootstrap_nd_ppl(truncated, baseline)
+        assert row["nd_ppl_interval"]["n"] == 3
+        full_ll, cut_ll = (sum(ll for ll, _ in d.values()) for d in (baseline, truncated))
+        count = sum(c for _, c in baseline.values())
+        assert np.expm1((full_ll - cut_ll) / count) == pytest.approx(row["value"], rel=1e-9)
+        interval = row["nd_ppl_interval"]
+        assert interval["within_noise"] == (interval["low"] <= 0 <= interval["high"])
+        assert f"{row['value']:.4f} [{interval['low']:.4f}, {interval['high']:.4f}]" in markdown
+    noisy = sum(bool(r["nd_ppl_interval"] and r["nd_ppl_interval"]["within_noise"]) for r in rows)
+    assert markdown.count("(within noise)") == noisy
+
+
+CHOICE_TASK = """task: tiny_choice
+dataset_path: json
+dataset_kwargs:
+  data_files:
+    test: {data}
+test_split: test
+output_type: multiple_choice
+doc_to_text: "{{{{instruction}}}}"
+doc_to_choice: "{{{{[output, 'I do not know.']}}}}"
+doc_to_target: 0
+metric_list:
+  - metric: acc
+    aggregation: mean
+    higher_is_better: true
+"""
+
+
+def test_an_accuracy_point_carries_its_bootstrap_standard_error(tmp_path):
+    """A task scored by accuracy (not a perplexity): each point's accuracy comes with the bootstrap standard error of
+    its mean over the scored documents, in frontier.json and frontier.md."""
+    from kvcore_eval.metrics import bootstrap_stderr_of_mean
+
+    tasks = tmp_path / "tasks"
+    tasks.mkdir()
+    (tasks / "tiny_choice.yaml").write_text(CHOICE_TASK.format(data=EXAMPLE_DATA / "alpaca.jsonl"))
+    out = tmp_path / "run"
+    config = frontier_config(
+        out, tasks="tiny_choice", include_path=str(tasks), methods="uniform", budgets="0.25", num_samples=8
+    )
+    rows = run_frontier(config)
+    assert [r["method"] for r in rows] == ["full", "uniform"]
+    markdown = (out / "frontier.md").read_text()
+    for row in rows:
+        assert row["metric"] == "acc" and row["higher_is_better"] and "nd_ppl_interval" not in row
+        point = json.loads((out / "points" / "tiny_choice" / f"{row['point']}.json").read_text())
+        values = list(point["per_document"].values())
+        assert len(values) == 8 and set(values) <= {0.0, 1.0} and np.mean(values) == pytest.approx(row["value"])
+        assert row["stderr"] == bootstrap_stderr_of_mean(values)
+        assert f"{row['value']:.4f} ± {row['stderr']:.4f}" in markdown
+
+
+def test_a_point_whose_interval_holds_zero_is_marked_within_noise(tmp_path, caplog):
+    from kvcore_eval.frontier import to_markdown, warn_noise
+
+    def row(method, value, interval):
+        return {
+            "task": TASK,
+            "method": method,
+            "point": f"{method}/3",
+            "basis": "data",
+            "allocation": "uniform",
+            "bits": 32,
+            "budget": None if method == "full" else 0.5,
+            "bytes_per_token": 1024 if method == "full" else 500,
+            "fraction_of_full": 1 if method == "full" else 500 / 1024,
+            "metric": "nd_ppl(byte_perplexity)",
+            "value": value,
+            "higher_is_better": False,
+            "pareto": True,
+            "nd_ppl_interval": interval,
+        }
+
+    rows = [
+        row("full", 0.0, None),
+        row("uniform", 0.002, {"low": -0.001, "high": 0.005, "stderr": 0.001, "n": 3, "within_noise": True}),
+        row("energy", 0.2, {"low": 0.1, "high": 0.3, "stderr": 0.05, "n": 3, "within_noise": False}),
+    ]
+    markdown = to_markdown(rows, frontier_config(tmp_path))
+    assert "| 0.0020 [-0.0010, 0.0050] (within noise) |" in markdown
+    assert "| 0.2000 [0.1000, 0.3000] |" in markdown and markdown.count("within noise") == 2  # the legend, one row
+    with caplog.at_level("WARNING"):
+        warn_noise(rows)
+    assert "1 of 2 frontier points" in caplog.text and "uniform/3" in caplog.text
