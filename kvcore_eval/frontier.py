@@ -123,7 +123,9 @@ class FrontierConfig(LMEvalRunConfig):
         cli_skip=PER_POINT,
     )
     metric: str = option(
-        "byte_perplexity", help="perplexity metric of ND-PPL; a task that lacks it is scored by its own first metric"
+        "byte_perplexity",
+        help="perplexity metric of ND-PPL (every perplexity task must report it); a task that reports no perplexity "
+        "is scored by its own first metric",
     )
     num_samples: int = option(
         200, help="documents scored per task (its first); its calibration reads only the documents after them"
@@ -162,6 +164,11 @@ class FrontierConfig(LMEvalRunConfig):
                 f"--methods {', '.join(lacking)}: this version of kvcore_hf has no "
                 f"{', '.join(sorted(set(lacking.values())))}= option yet; drop those methods"
             )
+        for name in self.method_list():  # each method's own kvcore_hf options, as its points will set them
+            try:
+                truncation_for(self, METHODS[name], 1, Path("bases"), _SOME_GEOMETRY, "sensitivity.json")
+            except ValueError as err:
+                raise ValueError(f"--methods {name} cannot run with these options: {err}") from err
         budgeted = [m for m in self.method_list() if METHODS[m].allocation in BUDGET_ALLOCATIONS]
         if budgeted and self.truncation.granularity != "layer":
             raise ValueError(
@@ -198,6 +205,10 @@ class FrontierConfig(LMEvalRunConfig):
     @property
     def measures_sensitivity(self) -> bool:
         return "sensitivity" in self.method_list() and self.sensitivity is None
+
+
+# Any geometry will do to build each method's TruncationConfig before the model loads (its checks need no shapes).
+_SOME_GEOMETRY = type("Geometry", (), {"num_layers": 2, "width": 2})
 
 
 # --- placing a method at a budget -------------------------------------------------------------------------------
@@ -293,6 +304,12 @@ def _task_metrics(config: FrontierConfig, manager, tasks: list[str]) -> dict[str
         names = [entry["metric"] for entry in instance.config.metric_list or []]
         if not names:
             raise ValueError(f"{instance.config.task} declares no metric: give it a metric_list")
+        perplexities = [name for name in names if name in _perplexities()]
+        if config.metric not in names and perplexities:
+            raise ValueError(
+                f"--metric {config.metric}: {instance.config.task} reports {', '.join(perplexities)} (its "
+                "metric_list), not it: pass one of those"
+            )
         metric = config.metric if config.metric in names else names[0]
         higher = bool(instance.higher_is_better().get(metric, False))
         found[instance.config.task] = (metric, higher, len(list(instance.eval_docs)))
@@ -550,6 +567,27 @@ def pareto(rows: list[dict[str, Any]]) -> list[bool]:
     return flags
 
 
+def check_sensitivity_file(config: FrontierConfig) -> None:
+    """Before the model loads: --sensitivity is a per_layer.json of this key space and this model's layer count (the
+    model's config is read, not its weights)."""
+    from kvcore_eval import models
+    from kvcore_eval.rank_plan import measured_sensitivity
+    from kvcore_eval.spaces import KEY_SPACES
+
+    model_id, gguf_file = models.gguf_location(config.model, config.gguf_file)
+    layers = models.kv_geometry(models.load_config(model_id, None, gguf_file)).num_layers
+    plan = replace(config.truncation, sensitivity=config.sensitivity, budget_method="sensitivity", rank_budget=0.5)
+    try:
+        measured_sensitivity(plan, [KEY_SPACES[config.truncation.key_space], "value"], layers)
+    except (ValueError, KeyError, TypeError) as err:
+        raise ValueError(
+            f"--sensitivity: {err}"
+            if isinstance(err, ValueError)
+            else f"--sensitivity {config.sensitivity}: not the per_layer.json of `kvcore-eval sweep "
+            f"--per-layer` ({err!r})"
+        ) from err
+
+
 def run_frontier(config: FrontierConfig) -> list[dict[str, Any]]:
     from tqdm.auto import tqdm
 
@@ -561,6 +599,8 @@ def run_frontier(config: FrontierConfig) -> list[dict[str, Any]]:
     def check(manager, tasks):
         found.update(_task_metrics(config, manager, tasks))
         _check_documents(config, found)
+        if config.sensitivity is not None and "sensitivity" in config.method_list():
+            check_sensitivity_file(config)
 
     session = open_session(config, KIND, OWN_NAMES, check, SELECTORS)
     rows = []

@@ -275,3 +275,30 @@ def test_a_point_whose_interval_holds_zero_is_marked_within_noise(tmp_path, capl
     with caplog.at_level("WARNING"):
         warn_noise(rows)
     assert "1 of 2 frontier points" in caplog.text and "uniform/3" in caplog.text
+
+
+def test_every_option_is_checked_before_anything_is_written_or_loaded(tmp_path):
+    """Each method's own kvcore_hf options, the metric of each task (from its metric_list) and the --sensitivity
+    table (key space, layers, format) are refused before the output folder, a calibration or the model exists."""
+    from kvcore_eval.config import TruncationConfig
+
+    with pytest.raises(ValueError, match="--methods weights cannot run.*post_rope"):
+        frontier_config(tmp_path, methods="uniform,weights", truncation=TruncationConfig(key_space="post_rope"))
+    with pytest.raises(ValueError, match="--methods sequence cannot run.*attention=latent"):
+        frontier_config(tmp_path, methods="sequence", truncation=TruncationConfig(attention="latent"))
+    out = tmp_path / "run"
+    with pytest.raises(ValueError, match="--metric byte_perplexty: kvcore_codealpaca reports .*byte_perplexity"):
+        run_frontier(frontier_config(out, metric="byte_perplexty"))
+    assert not out.exists()
+    table = tmp_path / "per_layer.json"
+    layers = {"key": [0.1] * 4, "value": [0.2] * 4}
+    for content, match in (
+        ({"key_space": "post_rope", "nd_ppl": {TASK: layers}}, "measured on post_rope keys"),
+        ({"key_space": "pre_rope", "nd_ppl": {TASK: {"key": [0.1] * 3, "value": [0.2] * 3}}}, "has 3 layers.*4"),
+        ({"key_space": "pre_rope", "nd_ppl": {TASK: {"keys": [0.1] * 4}}}, "not the per_layer.json"),
+        ([1, 2], "not the per_layer.json"),
+    ):
+        table.write_text(json.dumps(content))
+        with pytest.raises(ValueError, match=match):
+            run_frontier(frontier_config(out, sensitivity=str(table)))
+        assert not out.exists(), "nothing written: no folder, no calibration"
