@@ -588,6 +588,29 @@ def check_sensitivity_file(config: FrontierConfig) -> None:
         ) from err
 
 
+def left_out(out: Path, rows: list[dict[str, Any]]) -> list[str]:
+    """The finished points in `out` this run's rows do not report: rows of the previous frontier.json whose task,
+    method and budget are not among them, then saved points (points/<task>/<name>.json) no row of either refers to
+    (an earlier run interrupted before its frontier.json)."""
+    from kvcore_eval import outputs
+
+    path = out / "frontier.json"
+    previous = outputs.read_json(path, "previous frontier") if path.exists() else []
+    placed = {(r["task"], r["method"], r["budget"]) for r in rows}
+    referred = {(r["task"], r.get("point")) for r in [*rows, *previous]}
+    dropped = [
+        f"{r['task']} {r['method']}" + ("" if r["budget"] is None else f" at budget {r['budget']:g}")
+        for r in previous
+        if (r["task"], r["method"], r["budget"]) not in placed
+    ]
+    points = out / "points"
+    for saved in sorted(set(points.glob("*/**/*.json"))):
+        task, *name = saved.relative_to(points).with_suffix("").parts
+        if (task, "/".join(name)) not in referred:
+            dropped.append(f"{task} point {'/'.join(name)} (points/{saved.relative_to(points)})")
+    return dropped
+
+
 def run_frontier(config: FrontierConfig) -> list[dict[str, Any]]:
     from tqdm.auto import tqdm
 
@@ -613,8 +636,17 @@ def run_frontier(config: FrontierConfig) -> list[dict[str, Any]]:
     for row, front in zip(rows, pareto(rows), strict=True):
         row["pareto"] = front
     warn_noise(rows)
+    dropped = left_out(session.out, rows)
+    if dropped:
+        logger.warning(
+            "this frontier leaves out %d finished points of an earlier run into %s (fewer --tasks, --budgets or "
+            "--methods): %s; they stay in points/, and a rerun that asks for them again reuses them",
+            len(dropped),
+            session.out,
+            "; ".join(dropped),
+        )
     outputs.atomic_write_json(session.out / "frontier.json", rows)
-    outputs.atomic_write_text(session.out / "frontier.md", to_markdown(rows, config))
+    outputs.atomic_write_text(session.out / "frontier.md", to_markdown(rows, config, dropped))
     plot_frontier(rows, config, session.out / "frontier.png")
     return rows
 
@@ -657,7 +689,7 @@ def winners(rows: list[dict[str, Any]], budgets: list[float]) -> dict[str, dict[
     return best
 
 
-def to_markdown(rows: list[dict[str, Any]], config: FrontierConfig) -> str:
+def to_markdown(rows: list[dict[str, Any]], config: FrontierConfig, dropped: list[str] | None = None) -> str:
     from kvcore_eval.study import _stat, with_interval
 
     budgets = config.budget_list()
@@ -672,6 +704,12 @@ def to_markdown(rows: list[dict[str, Any]], config: FrontierConfig) -> str:
         "the same documents, *within noise* when it holds 0; another metric: ± its bootstrap standard error.",
         "",
     ]
+    if dropped:
+        lines += [
+            f"**Left out**: {len(dropped)} finished points of an earlier run into this folder are not in this "
+            f"frontier (fewer --tasks, --budgets or --methods; they stay in points/): {'; '.join(dropped)}.",
+            "",
+        ]
     for task in dict.fromkeys(row["task"] for row in rows):
         task_rows = sorted((r for r in rows if r["task"] == task), key=lambda r: (r["method"], -r["bytes_per_token"]))
         lines += [

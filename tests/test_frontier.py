@@ -131,13 +131,44 @@ def test_rerun_reuses_finished_points_and_refuses_changed_settings(frontier_run,
     assert count_evaluations == [], "every point was reused"
     assert [r["value"] for r in again] == [r["value"] for r in rows]
     point = out / "points" / TASK / "baseline.json"
-    saved = json.loads(point.read_text())
+    original = point.read_text()
+    saved = json.loads(original)
     saved["settings"]["batch_size"] = 7  # a point made with another setting is never reused silently
     point.write_text(json.dumps(saved))
-    with pytest.raises(ValueError, match="other settings.*batch_size"):
-        run_frontier(frontier_config(out))
+    try:
+        with pytest.raises(ValueError, match="other settings.*batch_size"):
+            run_frontier(frontier_config(out))
+    finally:
+        point.write_text(original)
     with pytest.raises(ValueError, match="calibrated with other settings"):
         run_frontier(frontier_config(out, calibration_tokens=900))
+
+
+def test_a_rerun_with_fewer_budgets_and_methods_says_which_finished_points_it_left_out(
+    frontier_run, count_evaluations, caplog
+):
+    out, rows = frontier_run
+    reports = {name: (out / name).read_bytes() for name in ("frontier.json", "frontier.md", "frontier.png")}
+    try:
+        with caplog.at_level("WARNING"):
+            fewer = run_frontier(frontier_config(out, budgets="0.5", methods="uniform,ner"))
+        assert count_evaluations == [], "every point was reused"
+        assert {(r["method"], r["budget"]) for r in fewer} == {("full", None), ("uniform", 0.5), ("ner", 0.5)}
+        dropped = [f"{TASK} {m} at budget {b:g}" for m in ("uniform", "ner", "sensitivity") for b in BUDGETS]
+        dropped = [d for d in dropped if not d.endswith(("uniform at budget 0.5", "ner at budget 0.5"))]
+        markdown = (out / "frontier.md").read_text()
+        assert "**Left out**: 4 finished points" in markdown and "leaves out 4 finished points" in caplog.text
+        for line in dropped:
+            assert line in markdown and line in caplog.text
+        (out / "frontier.json").unlink()  # as after an interrupted run: the saved points still tell
+        caplog.clear()
+        with caplog.at_level("WARNING"):
+            run_frontier(frontier_config(out, budgets="0.5", methods="uniform,ner"))
+        unreported = {r["point"] for r in rows} - {r["point"] for r in fewer}
+        assert unreported and all(f"{TASK} point {name} " in caplog.text for name in unreported)
+    finally:
+        for name, content in reports.items():
+            (out / name).write_bytes(content)
 
 
 def test_too_few_held_out_documents_are_refused_before_the_model_loads(tmp_path):
