@@ -69,7 +69,6 @@ def main() -> None:
 
     import lm_eval
     from lm_eval.models.huggingface import HFLM
-    from lm_eval.tasks import get_task_dict
 
     from kvcore_eval import models
     from kvcore_eval.lm_tasks import task_manager, tokenizer_metadata
@@ -93,7 +92,7 @@ def main() -> None:
             continue
         if (task, length) not in built:
             manager = task_manager(None, None, {**base_metadata, "max_seq_lengths": [length]})
-            built = {(task, length): get_task_dict([task], manager)[task]}
+            built = {(task, length): manager.load(task)["tasks"][task]}
         if basis == "hf":
             if hf is None:  # its own copy of the weights: kvcore_hf hooks the model it wraps
                 own = models.load_causal_lm(model_id, None, "cpu", "float32", gguf_file)
