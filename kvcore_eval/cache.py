@@ -359,21 +359,28 @@ class LowRankCache(Cache):
 
 
 def layer_bases(
-    calibration: Calibration, plan: RankPlan, device: torch.device | str = "cpu", sequence: bool = False
+    calibration: Calibration,
+    plan: RankPlan,
+    device: torch.device | str | list[torch.device] = "cpu",
+    sequence: bool = False,
 ) -> list[LayerBases]:
-    """The plan's top-r right singular vectors per layer, float32 on `device`; full rank means stored in full.
+    """The plan's top-r right singular vectors per layer, float32 on `device` (one for all layers, or one per layer:
+    `models.layer_devices` of a model split by a device_map); full rank means stored in full.
     `sequence`: no fixed bases; each sequence computes its own rank-r basis at prefill (basis=sequence)."""
     key_space = KEY_SPACES[plan.key_space]
+    num_layers = calibration.geometry.num_layers
+    devices = device if isinstance(device, list) else [device] * num_layers
+    if len(devices) != num_layers:
+        raise ValueError(f"{len(devices)} layer devices for {num_layers} layers: the model and the bases disagree")
 
     def basis(space: str, layer: int, rank: int) -> torch.Tensor | None:
         if rank >= plan.width or sequence:
             return None
-        return calibration.basis(space, layer, rank, plan.granularity).to(device, torch.float32).contiguous()
+        return calibration.basis(space, layer, rank, plan.granularity).to(devices[layer], torch.float32).contiguous()
 
     def sequence_rank(rank: int) -> int | None:
         return rank if sequence and rank < plan.width else None
 
-    num_layers = calibration.geometry.num_layers
     key_ranks = plan.key_rank_per_layer or [plan.width] * num_layers
     value_ranks = plan.value_rank_per_layer or [plan.width] * num_layers
     return [

@@ -77,6 +77,33 @@ UNIT_ROUNDOFF = {"float32": 2.0**-24, "float16": 2.0**-11, "bfloat16": 2.0**-8}
 SUBNORMAL = 2.0**-24  # float16's smallest subnormal: the absolute error of values flushed near zero
 
 
+_KEY_PROJECTIONS = ("k_proj", "qkv_proj", "query_key_value", "c_attn")  # own, Phi-3, GPT-NeoX, GPT-2
+
+
+def layer_devices(model: torch.nn.Module) -> list[torch.device]:
+    """Each decoder layer's device, read from the loaded model: where its attention's key projection weight lives
+    (k_proj, or the fused projection that holds it), or where accelerate's hook runs it when that weight is offloaded
+    (device_map with cpu/disk offload, parallelize=True). A model split by a device_map has its layers on several
+    devices; each layer's bases and latents go where its keys are computed."""
+    import torch
+
+    from kvcore_eval.rope import attention_modules
+
+    devices = []
+    for layer_idx, attention in attention_modules(model).items():
+        projection = next((getattr(attention, n) for n in _KEY_PROJECTIONS if hasattr(attention, n)), attention)
+        weight = next(projection.parameters(), None)
+        hooked = next((m._hf_hook.execution_device for m in (projection, attention) if hasattr(m, "_hf_hook")), None)
+        if weight is not None and (weight.device.type != "meta" or hooked is None):
+            device = weight.device
+        else:
+            device = hooked
+        if device is None:
+            raise ValueError(f"layer {layer_idx}'s attention holds no key projection weight to place its bases by")
+        devices.append(torch.device(device))
+    return devices
+
+
 def weights_sample(model: torch.nn.Module) -> torch.Tensor:
     """A strided sample of every parameter, in name order: (parameters, WEIGHT_SAMPLE) float32 on the CPU.
     Reads 64 values a parameter and moves them in one transfer: no full copy, no sync per parameter."""

@@ -32,6 +32,7 @@ from kvcore_eval.models import (
     config_fingerprint,
     dtype_name,
     kv_geometry,
+    layer_devices,
     load_config,
     same_weights,
     weights_fingerprint,
@@ -205,7 +206,10 @@ class KVCoreHFLM(HFLM):
     def _setup_cache(self, source: Calibration) -> None:
         geometry = source.geometry
         plan = self.kvcore_plan
-        self._bases = layer_bases(source, plan, self.device, sequence=self.kvcore_config.basis == "sequence")
+        # each layer's bases on its own layer's device (a device_map or parallelize=True spreads the layers)
+        self._bases = layer_bases(
+            source, plan, layer_devices(self.model), sequence=self.kvcore_config.basis == "sequence"
+        )
         self._kv_heads = geometry.kv_heads
         truncates_keys = any(layer_bases.truncates("key") for layer_bases in self._bases)
         # only truncated pre-RoPE keys of a RoPE model undo and redo RoPE

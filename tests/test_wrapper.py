@@ -391,3 +391,34 @@ def test_results_name_the_artifact_fully(llama_dir, artifact_dir):
     assert info["artifact"]["tokens"] == metadata["tokens"]
     assert info["rank_plan"]["key_space"] == "pre_rope" and info["rank_plan"]["key_rank_per_layer"] == [4, 4]
     assert info["cache_bytes_per_token"]["low_rank"] < info["cache_bytes_per_token"]["full"]
+
+
+def test_each_layers_bases_go_to_the_device_of_its_key_projection(family_dirs, llama_dir):
+    """A model loaded with a device_map goes through the per-layer placement: each layer's bases live on the device
+    its key projection's weight holds, read from the model whenever a plan is applied (not assumed from lm.device).
+    A second device is stood in for by `meta`: moving layer 1's k_proj there moves its bases there at the next plan.
+    On a GPU machine tests/test_gpu.py splits the layers between cuda and cpu and checks the same, with scores."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from kvcore_eval.models import layer_devices
+    from kvcore_eval.rope import attention_modules
+
+    cpu, meta = torch.device("cpu"), torch.device("meta")
+    for family, path in family_dirs.items():  # own k_proj, fused qkv_proj / query_key_value / c_attn: all found
+        model = AutoModelForCausalLM.from_pretrained(path)
+        assert layer_devices(model) == [cpu] * len(attention_modules(model)) == [cpu] * 2, family
+    model = AutoModelForCausalLM.from_pretrained(llama_dir, dtype=torch.float32, device_map={"": "cpu"}).eval()
+    lm = KVCoreHFLM(
+        pretrained=model,
+        tokenizer=AutoTokenizer.from_pretrained(llama_dir),
+        basis="random",
+        key_rank=8,
+        value_rank=8,
+        batch_size=1,
+    )
+    assert [(layer.bases.key.device, layer.bases.value.device) for layer in lm.new_cache().layers] == [(cpu, cpu)] * 2
+    lm.model.model.layers[1].self_attn.k_proj.to("meta")
+    assert layer_devices(lm.model) == [cpu, meta]
+    lm.set_truncation(lm.kvcore_config)
+    placed = [(layer.bases.key.device, layer.bases.value.device) for layer in lm.new_cache().layers]
+    assert placed == [(cpu, cpu), (meta, meta)]
