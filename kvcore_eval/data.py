@@ -468,8 +468,9 @@ def lm_eval_task_documents(
 
     `metadata` reaches the task as lm-eval's --metadata does. Generated tasks (RULER, kvcore_ruler) draw their
     documents at load time from the global random state and the tokenizer named in it, so they are loaded the way
-    an evaluation loads them (`lm_tasks.load_as_evaluated`); a generation task's response is its answer prefix
-    (gen_prefix) and every reference answer."""
+    an evaluation loads them (`lm_tasks.load_as_evaluated`); a generation task's prompt is the context lm-eval sends
+    (its answer prefix, gen_prefix, included: what `overlap` matches a scored request by) and its response every
+    reference answer."""
     from kvcore_eval.lm_tasks import load_as_evaluated, task_manager
 
     # Every record of a kvcore task, in its seeded order (the YAML's num_samples would cap the pool that lies
@@ -486,13 +487,28 @@ def lm_eval_task_documents(
         if generation:
             answers = target if isinstance(target, list) else [target]
             prefix = instance.doc_to_prefix(doc) or ""
-            yield str(instance.doc_to_text(doc)), f"{delimiter}{prefix} {', '.join(str(a) for a in answers)}".rstrip()
+            text = str(instance.doc_to_text(doc))
+            yield _generation_split(
+                instance, doc, text + f"{delimiter}{prefix} {', '.join(map(str, answers))}".rstrip()
+            )
             continue
         if isinstance(target, list):
             target = target[0] if target else ""
         if isinstance(target, int) and instance.config.doc_to_choice is not None:
             target = instance.doc_to_choice(doc)[target]
         yield str(instance.doc_to_text(doc)), f"{delimiter}{target}"
+
+
+def _generation_split(instance, doc, whole: str) -> tuple[str, str]:
+    """(prompt, response) of a generation document whose calibrated text is `whole`: the prompt is the context lm-eval
+    sends the model (doc_to_text, the target delimiter and the answer prefix, 0-shot), so that the calibration's
+    prompt digest is the digest of the scored request's context (`overlap`); where that context is not a prefix of
+    the text (a description or few-shot examples), doc_to_text."""
+    context = instance.fewshot_context(doc, num_fewshot=0, gen_prefix=instance.doc_to_prefix(doc))
+    if isinstance(context, str) and whole.startswith(context):
+        return context, whole[len(context) :]
+    text = str(instance.doc_to_text(doc))
+    return text, whole[len(text) :]
 
 
 def leaf_tasks(loaded) -> Iterator[Any]:

@@ -174,3 +174,45 @@ def test_tokenizer_command_writes_a_folder_ruler_reads(tmp_path, capsys, count_t
     assert len(get_tokenizer(str(tmp_path / "tok"))(text).input_ids) == count_tokens(text)
     with pytest.raises(ValueError, match="not an empty folder"):
         save_tokenizer(get_tokenizer(str(tmp_path / "tok")), tmp_path / "tok")
+
+
+@pytest.mark.parametrize("skip_docs,seen", [(0, 2), (2, 0)])
+def test_overlap_of_a_calibration_on_a_generated_task_with_its_scored_documents(skip_docs, seen, tmp_path):
+    """Calibrated on `lm_eval:niah_single_1` (documents generated at load time), then scored by kvcore_hf on
+    niah_single_1 with --limit 2: the results count both scored documents as seen when the calibration read them,
+    none when --skip-docs 2 kept them apart. The generation request's context holds the answer prefix, so the
+    calibration's prompt is that context."""
+    import json
+
+    import lm_eval
+
+    from kvcore_eval.calibrate import calibrate
+    from kvcore_eval.config import CalibrationConfig
+    from kvcore_eval.wrapper import KVCoreHFLM
+
+    artifact = calibrate(
+        CalibrationConfig(
+            model=str(EXAMPLE_MODEL),
+            dataset="lm_eval:niah_single_1",
+            metadata=json.dumps({"max_seq_lengths": [LENGTH]}),
+            skip_docs=skip_docs,
+            out=str(tmp_path / "artifact"),
+            max_tokens=2 * LENGTH,
+            seq_len=256,
+            device="cpu",
+        )
+    )
+    lm = KVCoreHFLM(
+        pretrained=str(EXAMPLE_MODEL),
+        device="cpu",
+        batch_size=1,
+        max_length=4096,
+        calibration=str(artifact),
+        key_rank="full",
+        value_rank="full",
+    )
+    results = lm_eval.simple_evaluate(
+        model=lm, tasks=["niah_single_1"], limit=2, task_manager=manager(), gen_kwargs="max_gen_toks=2"
+    )
+    overlap = results["config"]["kvcore"]["calibration_overlap"]["niah_single_1"]
+    assert overlap == {"scored": 2, "seen": seen, "fraction": seen / 2}
