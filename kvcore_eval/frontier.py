@@ -16,7 +16,10 @@ Each task is scored on its first `num_samples` documents and calibrated on the d
 scored documents) as the token perplexity of one direct forward per layer and kind (2 x layers forwards per task,
 seconds, where lm-eval per layer would dominate the whole frontier), or read from `--sensitivity` (the
 per_layer.json of `sweep --per-layer`, lm-eval's metric on that sweep's scored documents).
-Outputs: frontier.json (one row per task, method and budget), frontier.md, frontier.png.
+Outputs: frontier.json (one row per task, method and budget), frontier.md, frontier.png. Each ND-PPL carries the
+sweep's 95 % paired bootstrap interval over the scored documents against the full cache (`nd_ppl_interval`, within
+noise when it holds 0), another metric the bootstrap standard error of its mean (`stderr`). Every option is checked
+before the model loads; a rerun with fewer tasks, budgets or methods names the finished points it leaves out.
 """
 
 from __future__ import annotations
