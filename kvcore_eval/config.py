@@ -125,7 +125,9 @@ def split_options(config_class: type, options: Mapping[str, Any], others: set[st
 class TruncationConfig:
     """What `kvcore_hf` truncates: its model_args beyond lm-eval's `hf` ones, checked before any weights load."""
 
-    calibration: str | None = option(None, help="artifact directory written by `kvcore-eval calibrate`")
+    # Paths are not identities: what reuses a result keys it on the files' content (basis_sha256, sensitivity_sha256),
+    # so a moved or copied run folder is reused, and an artifact rewritten in place is not.
+    calibration: str | None = option(None, help="artifact directory written by `kvcore-eval calibrate`", identity=False)
     key_rank: RankSpec = option(None, help="int, fraction of the width, full, or per-layer list a:b:c")
     value_rank: RankSpec = option(None, help="int, fraction of the width, full, or per-layer list a:b:c")
     rank_budget: float | None = option(
@@ -144,7 +146,9 @@ class TruncationConfig:
     truncate: Truncate = option("both", help="keys, values or both")
     allow_mismatch: bool = option(False, help="use an artifact calibrated on another model or revision (loud warning)")
     sensitivity: str | None = option(
-        None, help="per_layer.json of `kvcore-eval sweep --per-layer`, read by budget_method=sensitivity"
+        None,
+        help="per_layer.json of `kvcore-eval sweep --per-layer`, read by budget_method=sensitivity",
+        identity=False,
     )
     attention: Attention = option(
         "reconstruct",

@@ -71,25 +71,37 @@ PAIRED = {
 }
 
 
-def _replace(config, name, value):
+# A second value for the options that are valid only with their pair: a paired change is compared with the same
+# pair holding this value, so that only the option itself differs.
+ALTERNATE = {"calibration": "another-artifact", "sensitivity": "another_per_layer.json"}
+
+
+def _replace(config, name, value, alternate=None):
+    """(config with `name` changed, the config it is compared with)."""
     try:
-        return dataclasses.replace(config, **{name: value})
+        return dataclasses.replace(config, **{name: value}), config
     except ValueError:
-        return dataclasses.replace(config, **{name: value, **PAIRED[name]})
+        pair = PAIRED[name]
+        return dataclasses.replace(config, **{name: value, **pair}), dataclasses.replace(
+            config, **{name: alternate, **pair}
+        )
 
 
 def _variants(config):
-    """(field path, its metadata, a config with only that option changed) for every field, embedded ones too."""
+    """(field path, its metadata, a config with only that option changed, the config to compare it with) for every
+    field, embedded ones too."""
     for field in dataclasses.fields(config):
         value = getattr(config, field.name)
         if dataclasses.is_dataclass(value):
             skipped = field.metadata.get("cli_skip", ())
-            for name, metadata, inner in _variants(value):
+            for name, metadata, inner, _ in _variants(value):
                 if name not in skipped:
-                    yield f"{field.name}.{name}", metadata, _replace(config, field.name, inner)
+                    alternate = dataclasses.replace(value, **{name: ALTERNATE[name]}) if name in ALTERNATE else value
+                    yield f"{field.name}.{name}", metadata, *_replace(config, field.name, inner, alternate)
         else:
             assert field.name in OTHER_VALUES, f"give {field.name} another value in OTHER_VALUES"
-            yield field.name, field.metadata, _replace(config, field.name, OTHER_VALUES[field.name])
+            value = OTHER_VALUES[field.name]
+            yield field.name, field.metadata, *_replace(config, field.name, value, ALTERNATE.get(field.name))
 
 
 @pytest.mark.parametrize(
@@ -102,8 +114,8 @@ def _variants(config):
     ids=["calibration", "sweep", "truncation"],
 )
 def test_every_number_changing_field_changes_the_identity_and_no_other(base):
-    for name, metadata, changed in _variants(base):
-        differs = identity(changed) != identity(base)
+    for name, metadata, changed, reference in _variants(base):
+        differs = identity(changed) != identity(reference)
         assert differs == metadata.get("identity", True), name
 
 
@@ -186,3 +198,12 @@ def test_eval_splits_a_gguf_path_into_lm_evals_pretrained_and_gguf_file(tmp_path
     assert (args["pretrained"], args["gguf_file"]) == (str(tmp_path), "m.gguf")
     with pytest.raises(FileNotFoundError, match="does not exist"):
         C.EvalConfig(model=str(tmp_path / "missing.gguf"), tasks="kvcore_alpaca").model_args()
+
+
+def test_paths_of_artifacts_are_not_identities_their_content_is():
+    """A sweep or frontier folder moved elsewhere reuses its points: they are keyed on basis_sha256 and
+    sensitivity_sha256 (sweep.point_settings), not on where the files lie."""
+    moved = TruncationConfig(calibration="/elsewhere/artifact", sensitivity="/elsewhere/per_layer.json")
+    here = TruncationConfig(calibration="runs/artifact", sensitivity="runs/per_layer.json")
+    assert identity(moved) == identity(here)
+    assert identity(dataclasses.replace(moved, key_rank=0.5)) != identity(here)
