@@ -203,7 +203,9 @@ def test_eval_splits_a_gguf_path_into_lm_evals_pretrained_and_gguf_file(tmp_path
 def test_paths_of_artifacts_are_not_identities_their_content_is():
     """A sweep or frontier folder moved elsewhere reuses its points: they are keyed on basis_sha256 and
     sensitivity_sha256 (sweep.point_settings), not on where the files lie."""
-    moved = TruncationConfig(calibration="/elsewhere/artifact", sensitivity="/elsewhere/per_layer.json")
-    here = TruncationConfig(calibration="runs/artifact", sensitivity="runs/per_layer.json")
+    moved = TruncationConfig(
+        calibration="/elsewhere/artifact", sensitivity="/elsewhere/per_layer.json", budget_method="sensitivity"
+    )
+    here = TruncationConfig(calibration="runs/artifact", sensitivity="runs/per_layer.json", budget_method="sensitivity")
     assert identity(moved) == identity(here)
     assert identity(dataclasses.replace(moved, key_rank=0.5)) != identity(here)
