@@ -45,16 +45,17 @@ def add_dataclass_arguments(parser: argparse.ArgumentParser, config_class: type,
         )
 
 
-def config_from_args(config_class: type, args: argparse.Namespace):
-    """The configuration the flags of `add_dataclass_arguments` describe (embedded configurations built whole)."""
+def config_from_args(config_class: type, args: argparse.Namespace, skip: tuple[str, ...] = ()):
+    """The configuration the flags of `add_dataclass_arguments` describe (embedded configurations built whole; the
+    fields their `cli_skip` names keep their defaults, even where the outer configuration has a flag of that name)."""
     from kvcore_eval.config import field_type
 
     values = {}
     for field in dataclasses.fields(config_class):
         kind = field_type(config_class, field.name)
         if dataclasses.is_dataclass(kind):
-            values[field.name] = config_from_args(kind, args)
-        elif hasattr(args, field.name):
+            values[field.name] = config_from_args(kind, args, field.metadata.get("cli_skip", ()))
+        elif field.name not in skip and hasattr(args, field.name):
             values[field.name] = getattr(args, field.name)
     return config_class(**values)
 

@@ -414,11 +414,15 @@ class EvalConfig(LMEvalRunConfig):
 
 # The sweep sets these per point (overlap: from --allow-overlap); its command line does not offer them.
 PER_POINT = ("key_rank", "value_rank", "rank_budget", "budget_method", "sensitivity", "overlap")
+# ... and the kind truncated, which the sweep's own --truncate lists (each kind its own points).
+SWEEP_PER_POINT = (*PER_POINT, "truncate")
+KINDS_TRUNCATED = ("keys", "values", "both")
 
 
 @dataclass(kw_only=True)
 class SweepConfig(LMEvalRunConfig):
-    """What `kvcore-eval sweep` runs: ND-PPL per task and rank, NER per task, their correlation, one model load."""
+    """What `kvcore-eval sweep` runs: ND-PPL per task and rank, NER per task, their correlation; other tasks
+    (generation: RULER, ...) by their own metric per rank, kind and context length; one model load."""
 
     out: str = option(
         help="output directory (finished points and calibrations are reused: an interrupted sweep resumes)",
@@ -426,7 +430,8 @@ class SweepConfig(LMEvalRunConfig):
     )
     tasks: str = option(
         "kvcore_domains",
-        help="comma-separated lm-eval perplexity tasks or groups (kvcore's or yours, with --include-path)",
+        help="comma-separated lm-eval tasks or groups (kvcore's or yours, with --include-path): perplexity tasks "
+        "give ND-PPL, others (generation: RULER, ...) their own metric",
     )
     basis_scope: BasisScope = option(
         "per-task",
@@ -435,13 +440,34 @@ class SweepConfig(LMEvalRunConfig):
     )
     truncation: TruncationConfig = option(
         TruncationConfig,
-        help="the truncation every point shares; the sweep sets the ranks",
-        cli_skip=PER_POINT,
+        help="the truncation every point shares; the sweep sets the ranks and the kind truncated",
+        cli_skip=SWEEP_PER_POINT,
     )
     ranks: str = option("1.0,0.75,0.5,0.25,0.125", help="comma-separated fractions of D in (0, 1]")
+    truncate: str = option(
+        "both",
+        help="keys, values or both, or several comma-separated (each kind its own points; perplexity tasks' "
+        "ND-PPL study takes one)",
+    )
     metric: str = option(
         "byte_perplexity",
-        help="perplexity metric ND-PPL is computed from (byte_perplexity: independent of the tokenizer)",
+        help="the perplexity metric of ND-PPL (byte_perplexity: independent of the tokenizer), and task=metric pairs, "
+        "comma-separated, for any task's own metric; a task without one is scored by the metric named by its "
+        "context length where its metric_list names lengths (RULER), else by the first of its metric_list",
+    )
+    metadata: str | None = option(
+        None,
+        help="lm-eval's --metadata JSON for every task; its max_seq_lengths (e.g. [1024, 2048]) runs generation "
+        "tasks that build their documents (RULER, kvcore_ruler) at each length, each its own points and held-out "
+        "calibration",
+    )
+    gen_kwargs: str | None = option(
+        None, help="lm-eval's --gen_kwargs for generation tasks, e.g. max_gen_toks=16 (part of their points' identity)"
+    )
+    position_buckets: str | None = option(
+        None,
+        help="rolling-perplexity tasks: also ND-PPL by position in the context window, in buckets with these inner "
+        "edges (e.g. 256,512,1024; 'default': 256, 512, 1k, 2k, ... below the model's max length)",
     )
     num_samples: int = option(
         200,
@@ -466,8 +492,16 @@ class SweepConfig(LMEvalRunConfig):
     def __post_init__(self) -> None:
         check_choices(self)
         self.rank_list()
-        if given := [name for name in PER_POINT if getattr(self.truncation, name) != getattr(TruncationConfig, name)]:
-            raise ValueError(f"the sweep sets {', '.join(given)} itself at each point: leave them out")
+        if given := [
+            name for name in SWEEP_PER_POINT if getattr(self.truncation, name) != getattr(TruncationConfig, name)
+        ]:
+            raise ValueError(
+                f"the sweep sets {', '.join(given)} itself at each point: leave them out (kinds: --truncate)"
+            )
+        self.truncate_kinds()
+        self.metric_choice()
+        self.context_lengths()
+        self._check_generation_options()
         shared = self.truncation.calibration is not None
         if self.basis_scope == "shared" and not shared:
             raise ValueError(
@@ -484,6 +518,47 @@ class SweepConfig(LMEvalRunConfig):
             raise ValueError(f"--seq-len {self.seq_len} is below the minimum of {MIN_SEQ_LEN} tokens")
         if not 0 < self.per_layer_rank < 1:
             raise ValueError(f"--per-layer-rank {self.per_layer_rank}: a fraction in (0, 1)")
+
+    def truncate_kinds(self) -> list[str]:
+        """The kinds truncated, each its own points: keys, values and/or both."""
+        kinds = list(dict.fromkeys(k.strip() for k in self.truncate.split(",") if k.strip()))
+        if not kinds or any(k not in KINDS_TRUNCATED for k in kinds):
+            raise ValueError(f"--truncate {self.truncate!r}: use keys, values or both, or several comma-separated")
+        return kinds
+
+    def metric_choice(self) -> tuple[str, dict[str, str]]:
+        """(the perplexity tasks' metric, {task: its own metric}) from --metric."""
+        items = [item.strip() for item in self.metric.split(",") if item.strip()]
+        bare = [item for item in items if "=" not in item]
+        pairs = [item.split("=", 1) for item in items if "=" in item]
+        if len(bare) > 1 or any(not task.strip() or not name.strip() for task, name in pairs):
+            raise ValueError(
+                f"--metric {self.metric!r}: give one perplexity metric and task=metric pairs, e.g. "
+                "byte_perplexity,niah_single_1=1024"
+            )
+        return (bare[0] if bare else "byte_perplexity"), {task.strip(): name.strip() for task, name in pairs}
+
+    def task_metadata(self) -> dict[str, Any]:
+        """--metadata without max_seq_lengths (each length is its own set of points)."""
+        return {k: v for k, v in parse_metadata(self.metadata).items() if k != "max_seq_lengths"}
+
+    def context_lengths(self) -> list[int]:
+        """--metadata's max_seq_lengths, in increasing order ([] when not given)."""
+        lengths = parse_metadata(self.metadata).get("max_seq_lengths", [])
+        if not isinstance(lengths, list) or not all(isinstance(n, int) and n >= MIN_SEQ_LEN for n in lengths):
+            raise ValueError(
+                f"--metadata max_seq_lengths {lengths!r}: give a list of token counts of at least {MIN_SEQ_LEN}, "
+                "e.g. [1024, 2048]"
+            )
+        return sorted(set(lengths))
+
+    def _check_generation_options(self) -> None:
+        if self.gen_kwargs is not None and any("=" not in item for item in self.gen_kwargs.split(",")):
+            raise ValueError(f"--gen-kwargs {self.gen_kwargs!r}: give key=value pairs, e.g. max_gen_toks=16")
+        if self.position_buckets is not None:
+            from kvcore_eval.positions import parse_edges
+
+            parse_edges(self.position_buckets, 1 << 30)
 
     def rank_list(self) -> list[float]:
         try:

@@ -192,9 +192,11 @@ def design_sentence(design: dict[str, Any]) -> str:
         if per_task
         else f"every task truncated with the bases of `{truncation['calibration']}` (`--basis-scope shared`)"
     )
+    kind = design.get("truncate", truncation["truncate"])  # the sweep's kind; the truncation's in older sweeps
     return (
-        f"{basis}, truncating {truncation['truncate']} ({truncation['key_space']} keys); "
-        f"ND-PPL = (PPL_r − PPL_full) / PPL_full on {design['metric']}, over the first {design['num_samples']} "
+        f"{basis}, truncating {kind} ({truncation['key_space']} keys); "
+        f"ND-PPL = (PPL_r − PPL_full) / PPL_full on {design.get('perplexity_metric', design['metric'])}, over the "
+        f"first {design['num_samples']} "
         f"documents of each task. NER from each task's calibration on {design['calibration_tokens']} tokens of its "
         "documents after those: calibration and evaluation documents are disjoint"
         + ("." if per_task else "; the shared artifact's own data is whatever it was calibrated on.")

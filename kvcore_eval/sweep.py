@@ -1,4 +1,5 @@
-"""`kvcore-eval sweep`: ND-PPL per task and rank, NER per task, and how well NER predicts ND-PPL.
+"""`kvcore-eval sweep`: ND-PPL per task and rank, NER per task, and how well NER predicts ND-PPL; other tasks
+(generation: RULER, kvcore_ruler, ...) by their own metric per rank, kind truncated and context length.
 
 One model load: the model is loaded once and shared by every per-task calibration and by one `kvcore_hf`
 whose rank plan is swapped between points (`KVCoreHFLM.set_truncation`).
@@ -11,11 +12,21 @@ for a user's own (`--include-path`) alike. That calibration gives the task's NER
 Every finished point (`points/<task>/<name>.json`) and calibration (`calibrations/<task>/`) is reused by a rerun
 after checking the settings that made it; other settings are an error. `--per-layer` adds each layer's ND-PPL
 with only that layer truncated. Outputs: sweep.json/.md, nd_ppl.png, ner_vs_nd_ppl.png (+ per_layer.*).
+
+A task whose metric is not a perplexity (`--metric task=metric`, else its own: see `choose_metric`) is scored by that
+metric at full rank (the baseline) and at each rank below it for each `--truncate` kind; a task that builds its
+documents (RULER) runs at each length of `--metadata '{"max_seq_lengths": [...]}'`, each length its own points and
+held-out calibration (`<task>@<length>`): a table in sweep.md and accuracy.png (context length x rank, a panel per
+kind). `--position-buckets` adds, for rolling-perplexity tasks, ND-PPL by position in the context window
+(`kvcore_eval.positions`): a table in sweep.md and position_nd_ppl.png. Every option is checked, the chosen metric
+against each task's metric_list included, before the model loads. Finished points of an earlier run that this run
+does not include are named in sweep.md and in a warning.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import json
 import logging
 import time
 from collections.abc import Callable
@@ -25,6 +36,7 @@ from typing import Any
 
 from kvcore_eval import metrics, outputs, study
 from kvcore_eval.config import CalibrationConfig, SweepConfig, identity, identity_differences, split_paths
+from kvcore_eval.documents import PERPLEXITY_METRICS
 from kvcore_eval.spaces import KEY_SPACES
 
 logger = logging.getLogger(__name__)
@@ -42,12 +54,50 @@ OWN_NAMES = (
     "per_layer.md",
     "per_layer.png",
     "documents",
+    "positions",
+    "accuracy.png",
+    "position_nd_ppl.png",
 )
 # Every record of a kvcore task, in its seeded order: the sweep scores the first num_samples (--limit) and
 # calibrates on the rest.
 TASK_METADATA = {"num_samples": None}
 # Fields of a sweep's configuration that choose which points run, not what a point's number is.
-POINT_SELECTORS = ("tasks", "ranks", "per_layer", "per_layer_rank")
+# metric, metadata and gen_kwargs change numbers: the part each point depends on is in its own settings.
+POINT_SELECTORS = (
+    "tasks",
+    "ranks",
+    "per_layer",
+    "per_layer_rank",
+    "truncate",
+    "metric",
+    "metadata",
+    "gen_kwargs",
+    "position_buckets",
+)
+
+
+@dataclass(frozen=True)
+class Unit:
+    """One task at one context length (None: no length asked), scored by one metric: its own points and held-out
+    calibration, under `name`."""
+
+    task: str
+    length: int | None
+    output_type: str
+    metric: str
+
+    @property
+    def name(self) -> str:
+        return self.task if self.length is None else f"{self.task}@{self.length}"
+
+    @property
+    def perplexity(self) -> bool:
+        """Whether it belongs to the ND-PPL study (its metric is a perplexity), rather than the accuracy table."""
+        return self.metric in PERPLEXITY_METRICS
+
+    @property
+    def generation(self) -> bool:
+        return self.output_type == "generate_until"
 
 
 @dataclass
@@ -81,10 +131,35 @@ class Session:
     manager: Any  # lm-eval TaskManager
     model: Any
     tokenizer: Any
-    tasks: list[str]  # the leaf perplexity tasks of config.tasks
+    tasks: list[str]  # the leaf perplexity tasks of config.tasks (the sweep: names of its perplexity units)
     selectors: tuple[str, ...] = POINT_SELECTORS  # config fields that choose points, not a point's number
     lm: Any = None  # KVCoreHFLM, built on first use
     progress: Progress = field(default_factory=Progress)
+    units: dict[str, Unit] = field(default_factory=dict)  # the sweep's, by name (the frontier has none)
+    task_metadata: dict[str, Any] = field(default_factory=lambda: dict(TASK_METADATA))  # what every task is handed
+    used: set[Path] = field(default_factory=set)  # the points this run read or wrote
+
+
+def unit_metadata(session: Session, unit: Unit | None) -> dict[str, Any]:
+    """What lm-eval hands the unit's task: every record, the model's tokenizer, --metadata and the unit's length."""
+    length = {"max_seq_lengths": [unit.length]} if unit is not None and unit.length is not None else {}
+    return {**session.task_metadata, **length}
+
+
+def point_metadata(session: Session, unit: Unit) -> dict[str, Any]:
+    """The part of a unit's task metadata that the run's identity does not hold already: --metadata (without its
+    max_seq_lengths) and the unit's own length."""
+    length = {"max_seq_lengths": [unit.length]} if unit.length is not None else {}
+    return {**getattr(session.config, "task_metadata", dict)(), **length}
+
+
+def unit_manager(session: Session, unit: Unit | None):
+    """The TaskManager that loads the unit's task as the sweep scores it (the session's own for a plain task)."""
+    from kvcore_eval.lm_tasks import task_manager
+
+    if unit is None:
+        return session.manager
+    return task_manager(session.config.data_dir, split_paths(session.config.include_path), unit_metadata(session, unit))
 
 
 def perplexity_tasks(config: SweepConfig, manager) -> list[str]:
@@ -109,17 +184,117 @@ def perplexity_tasks(config: SweepConfig, manager) -> list[str]:
     return found
 
 
+def metric_names(instance) -> list[str]:
+    """The metrics a task declares (its metric_list), in order."""
+    return [str(entry["metric"]) for entry in instance.config.metric_list or []]
+
+
+def choose_metric(config: SweepConfig, instance, length: int | None) -> str:
+    """The metric a task is scored by, checked against its metric_list without running it: `task=metric` of --metric;
+    else, where every metric is named by a context length (RULER), the unit's length; else, for a perplexity task
+    (rolling, or declaring a perplexity metric), --metric's perplexity metric; else the task's first metric."""
+    task, names = instance.config.task, metric_names(instance)
+    perplexity, pairs = config.metric_choice()
+    by_length = bool(names) and all(name.isdigit() for name in names)
+    if by_length:
+        if task in pairs:
+            raise ValueError(
+                f"--metric {task}={pairs[task]}: {task} names its metric by the context length; drop the pair "
+                "and give the lengths with --metadata '{\"max_seq_lengths\": [...]}'"
+            )
+        if length is None:
+            raise ValueError(
+                f"{task} is scored at a context length: give the lengths with --metadata "
+                "'{\"max_seq_lengths\": [1024, 2048]}'"
+            )
+        return str(length)
+    if task in pairs:
+        wanted = pairs[task]
+    elif instance.config.output_type == "loglikelihood_rolling" or set(names) & set(PERPLEXITY_METRICS):
+        wanted = perplexity  # a perplexity task: the ND-PPL study's metric
+    elif names:
+        return names[0]
+    else:
+        raise ValueError(f"{task} declares no metric: give it a metric_list")
+    if wanted not in names:
+        raise ValueError(
+            f"--metric: {task} declares no {wanted!r} (its metric_list: {', '.join(names) or 'none'}): "
+            f"pass {task}=<one of them>"
+        )
+    return wanted
+
+
+def sweep_units(config: SweepConfig, manager_for: Callable[[int | None], Any]) -> dict[str, Unit]:
+    """The leaf tasks of `config.tasks` as units, each with its metric; a generation task at each --metadata
+    max_seq_lengths (where given). Unknown tasks, metrics, kinds and document counts are refused here, before any
+    output is touched or any model loads."""
+    from kvcore_eval.data import leaf_tasks
+    from kvcore_eval.lm_tasks import load_as_evaluated
+
+    names = [t.strip() for t in config.tasks.split(",") if t.strip()]
+    lengths = config.context_lengths() or [None]
+    if unknown := [name for name in names if name not in manager_for(None).all_tasks]:
+        raise ValueError(
+            f"--tasks {', '.join(unknown)}: not a task or group lm-eval knows; pass its folder with --include-path"
+        )
+    instances = {length: list(leaf_tasks(load_as_evaluated(manager_for(length), names))) for length in lengths}
+    found = {i.config.task for i in instances[lengths[0]]}
+    for task in sorted(found):  # each names folders under --out (calibrations/<task>, points/<task>)
+        outputs.check_path_component(task, "task name")
+    if stray := sorted(set(config.metric_choice()[1]) - found):
+        raise ValueError(f"--metric {', '.join(stray)}=...: not among the tasks swept ({', '.join(sorted(found))})")
+    units = {}
+    for length in lengths:
+        for instance in sorted(instances[length], key=lambda i: i.config.task):
+            generation = instance.config.output_type == "generate_until"
+            if not generation and length != lengths[0]:
+                continue  # a task that does not generate is scored once, whatever the lengths
+            unit_length = length if generation else None
+            unit = Unit(instance.config.task, unit_length, instance.config.output_type, "")
+            unit = dataclasses.replace(unit, metric=choose_metric(config, instance, unit_length))
+            check_document_count(config, unit, len(list(instance.eval_docs)))
+            units[unit.name] = unit
+    check_kinds(config, list(units.values()))
+    return units
+
+
+def check_document_count(config: SweepConfig, unit: Unit, count: int) -> None:
+    if config.basis_scope == "per-task" and count <= config.num_samples:
+        raise ValueError(
+            f"{unit.name} has {count} documents: the sweep scores the first --num-samples {config.num_samples} and "
+            "calibrates on the documents after them; lower --num-samples"
+        )
+
+
+def check_kinds(config: SweepConfig, units: list[Unit]) -> None:
+    perplexity = [unit.name for unit in units if unit.perplexity]
+    if len(config.truncate_kinds()) > 1 and perplexity:
+        raise ValueError(
+            f"--truncate {config.truncate}: the ND-PPL study of {', '.join(perplexity)} takes one kind; run one sweep "
+            "per kind, or sweep several kinds over tasks scored by their own metric"
+        )
+    if config.position_buckets and not any(u.perplexity and u.output_type == "loglikelihood_rolling" for u in units):
+        raise ValueError(
+            "--position-buckets needs a rolling-perplexity task (kvcore_longtext, ...): add one to --tasks or drop it"
+        )
+
+
 def task_calibration(session: Session, task: str) -> Path:
-    """The task's own calibration on its held-out documents (reused when made with the same settings)."""
+    """The task's own calibration on its held-out documents (reused when made with the same settings); `task` is a
+    unit name in a sweep (a RULER task at one length is calibrated on documents of that length)."""
     from kvcore_eval import artifact
     from kvcore_eval.calibrate import calibrate
 
     config = session.config
+    unit = session.units.get(task)
+    # what the scoring hands the task beyond what calibrate adds itself (every record, the model's tokenizer)
+    metadata = point_metadata(session, unit) if unit is not None else {}
     wanted = CalibrationConfig(
         model=config.model,
         gguf_file=config.gguf_file,
-        dataset=f"lm_eval:{task}",
+        dataset=f"lm_eval:{unit.task if unit else task}",
         skip_docs=config.num_samples,
+        metadata=json.dumps(metadata, sort_keys=True) if unit is not None and metadata else None,
         include_path=config.include_path,
         data_dir=config.data_dir,
         max_tokens=config.calibration_tokens,
@@ -166,6 +341,11 @@ def point_settings(session: Session, task: str, truncation, documents: list[int]
         "documents": documents,
         "metric": metric,
     }
+    if (unit := session.units.get(task)) is not None:  # what else sets the unit's number
+        settings["task"] = unit.task
+        settings.update({"length": unit.length} if unit.length is not None else {})
+        settings.update({"metadata": metadata} if (metadata := session.config.task_metadata()) else {})
+        settings.update({"gen_kwargs": gen} if unit.generation and (gen := session.config.gen_kwargs) else {})
     if truncation.sensitivity is not None:  # the table's content, not its path, sets the plan
         from kvcore_eval.models import file_sha256
 
@@ -207,8 +387,10 @@ def run_point(
     from kvcore_eval.documents import per_document_counts, per_document_values
 
     config = session.config
-    metric = metric or config.metric
+    unit = session.units.get(task)
+    metric = metric or (unit.metric if unit is not None else config.metric)
     path = session.out / "points" / task / f"{name}.json"
+    session.used.add(path)
     # the plan the truncation resolves to is part of the identity: a budget spent by other rules is another point
     settings = {
         **point_settings(session, task, truncation, documents, metric),
@@ -224,16 +406,19 @@ def run_point(
         session.progress.point_done(task, name, None)
         return saved
     started = time.monotonic()
-    chosen = {"samples": {task: documents}} if documents is not None else {"limit": config.num_samples}
+    scored = task if unit is None else unit.task  # the lm-eval task
+    chosen = {"samples": {scored: documents}} if documents is not None else {"limit": config.num_samples}
+    if unit is not None and unit.generation and config.gen_kwargs:
+        chosen["gen_kwargs"] = config.gen_kwargs
     results = lm_eval.simple_evaluate(
-        model=session.lm, tasks=[task], task_manager=session.manager, log_samples=True, **chosen
+        model=session.lm, tasks=[scored], task_manager=unit_manager(session, unit), log_samples=True, **chosen
     )
-    values = {key.split(",")[0]: value for key, value in results["results"][task].items()}
+    values = {key.split(",")[0]: value for key, value in results["results"][scored].items()}
     if metric not in values:
         raise ValueError(
             f"{task} reports no {metric!r} (it reports {', '.join(sorted(values))}): pass another --metric"
         )
-    samples = results["samples"][task]
+    samples = results["samples"][scored]
     record = {
         "settings": settings,
         "value": float(values[metric]),
@@ -247,7 +432,7 @@ def run_point(
         "measured_cache_bytes": getattr(session.lm, "kvcore_measured_bytes", lambda: None)(),
     }
     path.parent.mkdir(parents=True, exist_ok=True)
-    record["calibration_overlap"] = session.lm.get_model_info()["kvcore"]["calibration_overlap"].get(task)
+    record["calibration_overlap"] = session.lm.get_model_info()["kvcore"]["calibration_overlap"].get(scored)
     outputs.atomic_write_json(path, record)
     session.progress.point_done(task, name, started)
     return record
@@ -279,28 +464,62 @@ def open_session(
     selectors: tuple[str, ...] = POINT_SELECTORS,
 ) -> Session:
     """Check everything that needs no model (and `check(manager, tasks)`), claim the output folder, then load the
-    model once. `config` is a SweepConfig or a config with the same fields (the frontier's); `selectors` are its
-    fields that choose which points run rather than what a point's number is."""
-    from kvcore_eval import models
+    model once. `config` is a config with a SweepConfig's model, task and output fields (the frontier's: perplexity
+    tasks only); `selectors` are its fields that choose which points run rather than what a point's number is."""
     from kvcore_eval.lm_tasks import task_manager
 
-    out = Path(config.out)
     manager = task_manager(config.data_dir, split_paths(config.include_path), TASK_METADATA)
     tasks = perplexity_tasks(config, manager)  # refuses unknown and generation tasks before any output
-    if getattr(config, "basis_scope", None) == "shared" and not config.allow_overlap:
-        check_shared_overlap(config, tasks)
     if check is not None:
         check(manager, tasks)
+    out, model, tokenizer = claim_and_load(config, kind, own_names)
+    return Session(config, out, manager, model, tokenizer, tasks, selectors)
+
+
+def claim_and_load(config, kind: str, own_names: tuple[str, ...], tokenizer=None) -> tuple[Path, Any, Any]:
+    """After every check: claim the output folder (config.json), then load the model (and its tokenizer)."""
+    from kvcore_eval import models
+
+    out = Path(config.out)
     outputs.check_run_folder(out, kind, own_names)
     out.mkdir(parents=True, exist_ok=True)
     outputs.write_config(out, kind, asdict(config))
     model_id, gguf_file = models.gguf_location(config.model, config.gguf_file)
     model = models.load_causal_lm(model_id, None, models.resolve_device(config.device), config.dtype, gguf_file)
+    return out, model, tokenizer or models.load_tokenizer(model_id, None, gguf_file)
+
+
+def open_sweep(config: SweepConfig) -> Session:
+    """The sweep's session: its units (each task at each length, with its metric) and every option checked against
+    the tasks (metrics in their metric_list, kinds, documents, a shared basis's overlap) before the output folder is
+    claimed or the model loads. Only the tokenizer loads first: tasks that build their documents (RULER) need it."""
+    from kvcore_eval import models
+    from kvcore_eval.lm_tasks import task_manager, tokenizer_metadata
+
+    model_id, gguf_file = models.gguf_location(config.model, config.gguf_file)
     tokenizer = models.load_tokenizer(model_id, None, gguf_file)
-    return Session(config, out, manager, model, tokenizer, tasks, selectors)
+    # what `lm_eval --model_args pretrained=... --metadata ...` hands every task, as in calibrate
+    metadata = {**TASK_METADATA, **tokenizer_metadata(model_id, gguf_file, tokenizer), **config.task_metadata()}
+
+    def manager_for(length: int | None):
+        lengths = {"max_seq_lengths": [length]} if length is not None else {}
+        return task_manager(config.data_dir, split_paths(config.include_path), {**metadata, **lengths})
+
+    units = sweep_units(config, manager_for)
+    if config.basis_scope == "shared":
+        from kvcore_eval.artifact import read_metadata
+
+        read_metadata(config.truncation.calibration)  # an artifact is there, in a format this version reads
+        if not config.allow_overlap:
+            check_shared_overlap(config, list(units.values()), manager_for)
+    out, model, tokenizer = claim_and_load(config, KIND, OWN_NAMES, tokenizer)
+    perplexity = [name for name, unit in units.items() if unit.perplexity]
+    session = Session(config, out, manager_for(None), model, tokenizer, perplexity, POINT_SELECTORS)
+    session.units, session.task_metadata = units, metadata
+    return session
 
 
-def check_shared_overlap(config: SweepConfig, tasks: list[str]) -> None:
+def check_shared_overlap(config: SweepConfig, units: list[Unit], manager_for: Callable[[int | None], Any]) -> None:
     """Before any model loads: refuse a shared calibration that saw documents the sweep scores."""
     import itertools
 
@@ -312,14 +531,15 @@ def check_shared_overlap(config: SweepConfig, tasks: list[str]) -> None:
     if digests is None:
         logger.warning("%s records no document digests: its overlap with the scored documents is unknown", shared)
         return
-    for task in tasks:
-        scored = data.lm_eval_task_documents(task, 0, config.data_dir, split_paths(config.include_path))
+    for unit in units:
+        metadata = manager_for(unit.length).metadata  # as the evaluation hands it to the task
+        scored = data.lm_eval_task_documents(unit.task, 0, config.data_dir, split_paths(config.include_path), metadata)
         seen, count = overlap.documents_seen(digests, itertools.islice(scored, config.num_samples))
         if seen:
             raise ValueError(
-                f"--calibration {shared} saw {seen} of the {count} documents of {task} the sweep scores: "
-                "its ND-PPL would be in-sample (optimistic). Use --basis-scope per-task, calibrate the shared basis on "
-                "other documents, or pass --allow-overlap"
+                f"--calibration {shared} saw {seen} of the {count} documents of {unit.name} the sweep scores: "
+                "its numbers would be in-sample (optimistic). Use --basis-scope per-task, calibrate the shared basis "
+                "on other documents, or pass --allow-overlap"
             )
 
 
@@ -334,11 +554,20 @@ def task_document_ner(session: Session, task: str) -> list[dict[str, Any]]:
     config = session.config
     path = session.out / "documents" / f"{task}.json"
     settings = {"task": task, "run": identity(config, exclude=session.selectors)}
+    unit = session.units.get(task)
+    if unit is not None and (metadata := point_metadata(session, unit)):
+        settings["metadata"] = metadata
     if path.exists():
         saved = outputs.read_json(path, "per-document NER")
         if saved["settings"] == settings:
             return saved["documents"]
-    scored = lm_eval_task_documents(task, 0, config.data_dir, split_paths(config.include_path))
+    scored = lm_eval_task_documents(
+        unit.task if unit else task,
+        0,
+        config.data_dir,
+        split_paths(config.include_path),
+        unit_metadata(session, unit) if unit else None,
+    )
     texts = [prompt + response for prompt, response in itertools.islice(scored, config.num_samples)]
     rows = [
         {"doc_id": doc_id, **row}
@@ -351,37 +580,64 @@ def task_document_ner(session: Session, task: str) -> list[dict[str, Any]]:
 
 def run_sweep(config: SweepConfig) -> dict[str, Any]:
     from kvcore_eval import models
+
+    session = open_sweep(config)
+    units = session.units
+    calibrations = {name: task_calibration(session, name) for name in units}
+    layers = models.kv_geometry(session.model.config).num_layers
+    below_full = [rank for rank in config.rank_list() if rank < 1]
+    session.progress.total = len(session.tasks) * (
+        1 + len(config.rank_list()) + (2 * layers if config.per_layer else 0)
+    ) + (len(units) - len(session.tasks)) * (1 + len(config.truncate_kinds()) * len(below_full))
+    basis = {
+        name: Path(config.truncation.calibration) if config.basis_scope == "shared" else calibrations[name]
+        for name in units
+    }
+    design = {
+        **asdict(config),
+        "model_name": Path(config.model).name or config.model,
+        "basis_per_task": {name: str(path) for name, path in basis.items()},
+        "perplexity_metric": perplexity_metric(units),
+    }
+    summary: dict[str, Any] = {"design": design}
+    if session.tasks:
+        summary, baseline_points, tables = perplexity_study(session, calibrations, basis, design)
+    if accuracy_units := [unit for unit in units.values() if not unit.perplexity]:
+        summary["accuracy"] = run_accuracy(session, accuracy_units, basis, design)
+    if config.position_buckets:
+        summary["positions"] = run_positions(session, basis)
+    per_layer = config.per_layer and bool(session.tasks)
+    write_summary(session, summary, final=not per_layer)
+    if per_layer:
+        summary["per_layer"] = run_per_layer(session, session.tasks, basis, baseline_points, tables, calibrations)
+        write_summary(session, summary, final=True)  # the per-layer points are this run's too
+    return summary
+
+
+def perplexity_metric(units: dict[str, Unit]) -> str:
+    """The metric of the ND-PPL study, as the design sentence names it."""
+    chosen = {name: unit.metric for name, unit in units.items() if unit.perplexity}
+    if len(set(chosen.values())) <= 1:
+        return next(iter(chosen.values()), "")
+    return "each task's own (" + ", ".join(f"{name}: {metric}" for name, metric in chosen.items()) + ")"
+
+
+def perplexity_study(session: Session, calibrations: dict[str, Path], basis: dict[str, Path], design: dict[str, Any]):
+    """ND-PPL per perplexity task and rank (one kind), NER, and their correlations across tasks and documents."""
     from kvcore_eval.artifact import load_calibration
     from kvcore_eval.report import layer_table, mean_ner
 
-    session = open_session(config)
-    tasks = session.tasks
-    calibrations = {task: task_calibration(session, task) for task in tasks}
-    layers = models.kv_geometry(session.model.config).num_layers
-    session.progress.total = len(tasks) * (1 + len(config.rank_list()) + (2 * layers if config.per_layer else 0))
-    basis = {
-        task: Path(config.truncation.calibration) if config.basis_scope == "shared" else calibrations[task]
-        for task in tasks
-    }
+    config, tasks = session.config, session.tasks
+    (kind,) = config.truncate_kinds()  # sweep_units refuses several kinds with perplexity tasks
     baseline_points = {
         task: run_point(session, task, "baseline", _truncation(session, basis[task], "full", "full", "both"))
         for task in tasks
     }
     baseline = {task: point["value"] for task, point in baseline_points.items()}
-    truncation = config.truncation
-    keys, values = truncation.truncates_keys, truncation.truncates_values
     perplexity, per_document, intervals = {}, {}, {}
     for rank in config.rank_list():
-        spec = "full" if rank == 1 else str(rank)
         points = {
-            task: run_point(
-                session,
-                task,
-                f"rank_{rank:g}",
-                _truncation(
-                    session, basis[task], spec if keys else None, spec if values else None, truncation.truncate
-                ),
-            )
+            task: run_point(session, task, f"rank_{rank:g}", rank_truncation(session, basis[task], rank, kind))
             for task in tasks
         }
         perplexity[f"{rank:g}"] = {task: point["value"] for task, point in points.items()}
@@ -398,24 +654,140 @@ def run_sweep(config: SweepConfig) -> dict[str, Any]:
         }
         for task in tasks
     }
-    design = {
-        **asdict(config),
-        "model_name": Path(config.model).name or config.model,
-        "basis_per_task": {task: str(path) for task, path in basis.items()},
-    }
     summary = study.summarize(tasks, baseline, perplexity, ner, design)
     summary["nd_ppl_interval"] = intervals
     documents = {task: task_document_ner(session, task) for task in tasks}
     summary["documents"], summary["correlation"]["across_documents"] = study.summarize_documents(
         documents, per_document
     )
-    outputs.atomic_write_json(session.out / "sweep.json", summary)
-    outputs.atomic_write_text(session.out / "sweep.md", study.to_markdown(summary))
-    study.plot_nd_ppl(summary, session.out / "nd_ppl.png")
-    study.plot_ner_vs_nd_ppl(summary, session.out / "ner_vs_nd_ppl.png")
-    if config.per_layer:
-        summary["per_layer"] = run_per_layer(session, tasks, basis, baseline_points, tables, calibrations)
-    return summary
+    return summary, baseline_points, tables
+
+
+def rank_truncation(session: Session, basis: Path, rank: float, kind: str):
+    """The truncation of `kind` (keys, values or both) at `rank` of D (1: full)."""
+    spec = "full" if rank == 1 else str(rank)
+    keys, values = kind in ("keys", "both"), kind in ("values", "both")
+    return _truncation(session, basis, spec if keys else None, spec if values else None, kind)
+
+
+def run_accuracy(session: Session, units: list[Unit], basis: dict[str, Path], design: dict[str, Any]) -> dict:
+    """Each unit's own metric at full rank (the baseline: kvcore_hf at full rank is `hf`) and at every rank below it
+    for every --truncate kind."""
+    from kvcore_eval import accuracy
+
+    config = session.config
+    full = {
+        u.name: run_point(session, u.name, "baseline", rank_truncation(session, basis[u.name], 1, "both"))
+        for u in units
+    }
+    scores = {
+        kind: {
+            f"{rank:g}": {
+                u.name: run_point(
+                    session, u.name, f"{kind}_rank_{rank:g}", rank_truncation(session, basis[u.name], rank, kind)
+                )["value"]
+                for u in units
+            }
+            for rank in config.rank_list()
+            if rank < 1
+        }
+        for kind in config.truncate_kinds()
+    }
+    rows = [{"name": u.name, "task": u.task, "length": u.length, "metric": u.metric} for u in units]
+    return accuracy.summarize(rows, {name: point["value"] for name, point in full.items()}, scores, design)
+
+
+def run_positions(session: Session, basis: dict[str, Path]) -> dict[str, Any]:
+    """ND-PPL by position bucket for each rolling perplexity task, at each rank of the study's kind."""
+    from kvcore_eval import positions
+
+    config = session.config
+    (kind,) = config.truncate_kinds()
+    rolling = [name for name in session.tasks if session.units[name].output_type == "loglikelihood_rolling"]
+    tables = {}
+    for name in rolling:
+        base = point_positions(session, name, "baseline", rank_truncation(session, basis[name], 1, "both"))
+        ranks = {
+            f"{rank:g}": point_positions(
+                session, name, f"rank_{rank:g}", rank_truncation(session, basis[name], rank, kind)
+            )
+            for rank in config.rank_list()
+        }
+        tables[name] = positions.summarize(base, ranks)
+    return {"truncate": kind, "key_space": config.truncation.key_space, "tasks": tables}
+
+
+def point_positions(session: Session, task: str, name: str, truncation) -> dict[str, Any]:
+    """A rolling task's log-likelihood by position bucket over its scored documents under `truncation`, checked to
+    sum back to the point's own (lm-eval's) log-likelihood; saved in positions/<task>/<name>.json, reused when made
+    with the same settings."""
+    import itertools
+    import math
+
+    from kvcore_eval import positions
+    from kvcore_eval.data import leaf_tasks
+    from kvcore_eval.lm_tasks import load_as_evaluated
+
+    point = outputs.read_json(session.out / "points" / task / f"{name}.json", "sweep point")  # the study's
+    path = session.out / "positions" / task / f"{name}.json"
+    lm = use_truncation(session, truncation)
+    edges = positions.parse_edges(session.config.position_buckets, lm.max_length)
+    settings = {**point["settings"], "edges": edges, "max_length": lm.max_length}
+    if path.exists() and (saved := outputs.read_json(path, "position table"))["settings"] == settings:
+        return saved["positions"]
+    unit = session.units[task]
+    (instance,) = leaf_tasks(load_as_evaluated(unit_manager(session, unit), [unit.task]))
+    texts = [instance.doc_to_target(doc) for doc in itertools.islice(instance.eval_docs, session.config.num_samples)]
+    buckets = positions.score_documents(lm, texts, edges)
+    total = sum(bucket["loglikelihood"] for bucket in buckets.values())
+    expected = sum(ll for ll, _ in (point["per_document_loglikelihood"] or {}).values())
+    if point["per_document_loglikelihood"] is None or not math.isclose(total, expected, rel_tol=1e-4, abs_tol=1e-3):
+        raise RuntimeError(
+            f"{task} {name}: the position buckets sum to a log-likelihood of {total:.4f}, lm-eval's rolling "
+            f"perplexity to {expected:.4f}: the windows differ from lm-eval's, so no position table is written"
+        )
+    result = {"edges": edges, "max_length": lm.max_length, "documents": len(texts), "buckets": buckets}
+    path.parent.mkdir(parents=True, exist_ok=True)
+    outputs.atomic_write_json(path, {"settings": settings, "positions": result})
+    return result
+
+
+def left_out_points(session: Session) -> list[str]:
+    """Finished points in the output folder (of an earlier run) that this run neither read nor wrote."""
+    folder = session.out / "points"
+    found = sorted(folder.glob("*/*.json")) if folder.is_dir() else []
+    return [str(path.relative_to(session.out)) for path in found if path not in session.used]
+
+
+def write_summary(session: Session, summary: dict[str, Any], final: bool = True) -> None:
+    """sweep.json, sweep.md and the figures of what the run holds; finished points it left out are named (and,
+    once the run is done, `final`, logged)."""
+    from kvcore_eval import accuracy, positions
+
+    out = session.out
+    summary["left_out"] = left_out_points(session)
+    sections = [study.to_markdown(summary)] if session.tasks else [f"# Sweep: {summary['design']['model']}\n"]
+    if session.tasks:
+        study.plot_nd_ppl(summary, out / "nd_ppl.png")
+        study.plot_ner_vs_nd_ppl(summary, out / "ner_vs_nd_ppl.png")
+    if "accuracy" in summary:
+        sections.append(accuracy.to_markdown(summary["accuracy"]))
+        accuracy.plot_heatmap(summary["accuracy"], out / "accuracy.png")
+    if "positions" in summary:
+        table = positions.to_markdown(summary["positions"]).splitlines()
+        sections.append("\n".join("#" + line if line.startswith("#") else line for line in table) + "\n")
+        positions.plot(summary["positions"], out / "position_nd_ppl.png")
+    if left := summary["left_out"]:
+        shown = ", ".join(left[:12]) + (f" and {len(left) - 12} more" if len(left) > 12 else "")
+        line = (
+            f"{len(left)} finished point(s) of an earlier run in {out} are not in these tables (other ranks, kinds, "
+            f"tasks or lengths than this run's): {shown}. Rerun with those settings to include them."
+        )
+        if final:
+            logger.warning(line)
+        sections.append(f"**Left out:** {line}\n")
+    outputs.atomic_write_json(out / "sweep.json", summary)
+    outputs.atomic_write_text(out / "sweep.md", "\n".join(sections))
 
 
 def layer_nd_ppl(

@@ -38,7 +38,10 @@ def test_flags_build_the_configuration_whole():
     config = config_from_args(EvalConfig, args)
     assert config.truncation == TruncationConfig(calibration="c", key_rank="0.25", attention="latent")
     args = build_parser().parse_args(["sweep", "--model", "m", "--out", "o", "--truncate", "values"])
-    assert config_from_args(SweepConfig, args).truncation.truncate == "values"
+    config = config_from_args(SweepConfig, args)  # the sweep's kinds, never the per-point truncation's
+    assert (config.truncate, config.truncation.truncate) == ("values", "both")
+    args = build_parser().parse_args(["sweep", "--model", "m", "--out", "o", "--truncate", "keys,values"])
+    assert config_from_args(SweepConfig, args).truncate_kinds() == ["keys", "values"]
 
 
 def test_choices_come_from_the_declaration(capsys):

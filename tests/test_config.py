@@ -25,6 +25,8 @@ OTHER_VALUES = {
     "skip_docs": 7,
     "include_path": "mine",
     "metadata": '{"max_seq_lengths": [1024]}',
+    "gen_kwargs": "max_gen_toks=16",
+    "position_buckets": "256,512",
     "text_field": "body",
     "prompt_format": "question",
     "max_tokens": 1234,
@@ -122,11 +124,11 @@ def test_every_number_changing_field_changes_the_identity_and_no_other(base):
 def test_identity_names_the_fields_that_differ():
     a = identity(SweepConfig(model="m", out="o"))
     b = identity(
-        SweepConfig(model="m", out="o2", metric="word_perplexity", truncation=TruncationConfig(truncate="keys"))
+        SweepConfig(model="m", out="o2", metric="word_perplexity", truncation=TruncationConfig(key_space="post_rope"))
     )
     assert identity_differences(a, b) == [
         "metric: 'byte_perplexity' then, 'word_perplexity' now",
-        "truncation.truncate: 'both' then, 'keys' now",
+        "truncation.key_space: 'pre_rope' then, 'post_rope' now",
     ]
 
 

@@ -1,3 +1,4 @@
+import dataclasses
 import json
 
 import numpy as np
@@ -194,19 +195,58 @@ def test_rerun_reuses_points_and_calibrations_and_refuses_other_settings(tmp_pat
     with pytest.raises(ValueError, match="other settings"):
         run_sweep(sweep_config(out, tasks="kvcore_codealpaca", ranks="0.5", num_samples=3))
     # every number-changing setting is in a point's identity: another metric is never read under the old label
-    with pytest.raises(ValueError, match="sweep.metric: 'byte_perplexity' then, 'word_perplexity' now"):
+    with pytest.raises(ValueError, match="metric: 'byte_perplexity' then, 'word_perplexity' now"):
         run_sweep(sweep_config(out, tasks="kvcore_codealpaca", ranks="0.5", metric="word_perplexity"))
 
 
-def test_generation_tasks_and_foreign_folders_are_refused_before_anything_runs(tmp_path, count_loads):
-    with pytest.raises(ValueError, match="kvcore_alpaca_gen: generation tasks have no perplexity"):
-        run_sweep(sweep_config(tmp_path / "gen", tasks="kvcore_alpaca_gen"))
+@pytest.mark.parametrize(
+    "options,message",
+    [
+        ({"metric": "bleu"}, "kvcore_codealpaca declares no 'bleu'"),
+        ({"metric": "kvcore_alpaca_gen=bleu"}, "kvcore_alpaca_gen declares no 'bleu'"),
+        ({"metric": "kvcore_medalpaca=word_perplexity"}, "kvcore_medalpaca=...: not among the tasks swept"),
+        ({"truncate": "keys,values"}, "ND-PPL study of kvcore_codealpaca takes one kind"),
+        ({"tasks": "kvcore_alpaca_gen", "position_buckets": "default"}, "needs a rolling-perplexity task"),
+        ({"num_samples": 1000}, r"kvcore_\w+ has \d+ documents"),
+        ({"tasks": "kvcore_ruler_niah_single_2"}, "give the lengths with --metadata"),
+        ({"tasks": "kvcore_nothing"}, "not a task or group lm-eval knows"),
+        (
+            {"basis_scope": "shared", "truncation": TruncationConfig(calibration="no-such"), "allow_overlap": True},
+            "no calibration artifact at no-such",
+        ),
+    ],
+)
+def test_every_option_is_checked_against_the_tasks_before_the_model_loads(tmp_path, count_loads, options, message):
+    """A metric the task does not declare (read from its metric_list), several kinds for the ND-PPL study, too few
+    documents to hold out: refused before any model loads, calibration runs or output is written."""
+    out = tmp_path / "sweep"
+    with pytest.raises((ValueError, FileNotFoundError), match=message):
+        run_sweep(sweep_config(out, **{"tasks": "kvcore_codealpaca,kvcore_alpaca_gen", **options}))
+    assert count_loads == [] and not out.exists(), "nothing loaded, no calibration or point written"
+
+
+def test_foreign_folders_are_refused_before_anything_runs(tmp_path, count_loads):
     calibration_run = tmp_path / "calibration"
     calibration_run.mkdir()
     (calibration_run / "config.json").write_text(json.dumps({"kind": "calibrate"}))
     with pytest.raises(FileExistsError, match="holds a `kvcore-eval calibrate` run"):
         run_sweep(sweep_config(calibration_run))
-    assert count_loads == [] and not (tmp_path / "gen").exists()
+    assert count_loads == []
+
+
+def test_a_rerun_with_fewer_ranks_names_the_finished_points_it_leaves_out(tmp_path, caplog):
+    import logging
+
+    out = tmp_path / "fewer"
+    run_sweep(sweep_config(out, tasks="kvcore_codealpaca", ranks="0.5,0.25", num_samples=2))
+    assert "Left out" not in (out / "sweep.md").read_text()
+    with caplog.at_level(logging.WARNING):
+        summary = run_sweep(sweep_config(out, tasks="kvcore_codealpaca", ranks="0.5", num_samples=2))
+    assert summary["ranks"] == ["0.5"] and summary["left_out"] == ["points/kvcore_codealpaca/rank_0.25.json"]
+    markdown = (out / "sweep.md").read_text()
+    assert "**Left out:** 1 finished point(s)" in markdown and "points/kvcore_codealpaca/rank_0.25.json" in markdown
+    assert any("points/kvcore_codealpaca/rank_0.25.json" in r.getMessage() for r in caplog.records)
+    assert json.loads((out / "sweep.json").read_text())["left_out"] == ["points/kvcore_codealpaca/rank_0.25.json"]
 
 
 def test_a_custom_task_runs_end_to_end_with_include_path(tmp_path):
@@ -339,3 +379,77 @@ def test_shared_basis_per_layer_residual_energy_is_each_tasks_own(shared_artifac
             [residual_energy(shared.eigenvalues["value"][layer].numpy(), rank) for layer in range(4)], rel=1e-3
         )
     assert residual["kvcore_codealpaca"]["value"] != pytest.approx(residual["kvcore_medalpaca"]["value"], rel=1e-3)
+
+
+def test_generation_tasks_score_their_own_metric_per_context_length_rank_and_kind(tmp_path, count_loads):
+    """kvcore_ruler at two lengths: each length its own points and held-out calibration at that length, scored by
+    the metric RULER names by the length; keys and values truncated apart; a table and a heatmap."""
+    out = tmp_path / "gen"
+    config = sweep_config(
+        out,
+        tasks="kvcore_ruler_niah_single_2",
+        metadata='{"max_seq_lengths": [768, 1024], "num_samples": 3}',
+        truncate="keys,values",
+        ranks="1.0,0.25",
+        num_samples=1,
+        gen_kwargs="max_gen_toks=4",
+    )
+    result = run_sweep(config)["accuracy"]
+    assert len(count_loads) == 1
+    names = ["kvcore_ruler_niah_single_2@768", "kvcore_ruler_niah_single_2@1024"]
+    assert [u["name"] for u in result["units"]] == names and [u["metric"] for u in result["units"]] == ["768", "1024"]
+    assert result["kinds"] == ["keys", "values"] and result["ranks"] == ["0.25"], "full rank is the baseline"
+    for name in names:
+        assert 0 <= result["baseline"][name] <= 1 and 0 <= result["scores"]["keys"]["0.25"][name] <= 1
+    calibrated = json.loads((out / "calibrations" / names[0] / "kvcore.json").read_text())["dataset"]
+    assert calibrated["spec"] == "lm_eval:kvcore_ruler_niah_single_2" and calibrated["skip_docs"] == 1
+    assert json.loads((out / "calibrations" / names[0] / "config.json").read_text())["metadata"] == (
+        '{"max_seq_lengths": [768], "num_samples": 3}'
+    ), "calibrated on held-out documents of the same length"
+    point = json.loads((out / "points" / names[1] / "keys_rank_0.25.json").read_text())
+    settings = point["settings"]
+    assert (settings["length"], settings["metric"], settings["gen_kwargs"]) == (1024, "1024", "max_gen_toks=4")
+    assert settings["truncation"]["truncate"] == "keys" and settings["truncation"]["value_rank"] is None
+    assert set(point["per_document"]) == {"0"}, "the first document only"
+    markdown = (out / "sweep.md").read_text()
+    assert "### kvcore_ruler_niah_single_2 (metric: named by the context length)" in markdown
+    assert "| truncated | rank | 768 | 1024 |" in markdown and "| none (baseline) | full |" in markdown
+    assert "| values | 0.25 |" in markdown
+    assert (out / "accuracy.png").read_bytes()[:4] == b"\x89PNG"
+    # another generation setting is another point: never read under the old label
+    with pytest.raises(ValueError, match="gen_kwargs: 'max_gen_toks=4' then, 'max_gen_toks=5' now"):
+        run_sweep(dataclasses.replace(config, gen_kwargs="max_gen_toks=5"))
+    # fewer lengths: the finished points of the other are named, not lost silently
+    fewer = run_sweep(dataclasses.replace(config, metadata='{"max_seq_lengths": [768], "num_samples": 3}'))
+    assert [u["name"] for u in fewer["accuracy"]["units"]] == names[:1]
+    assert "points/kvcore_ruler_niah_single_2@1024/baseline.json" in fewer["left_out"]
+
+
+def test_position_buckets_of_a_rolling_task_sum_back_and_vanish_at_full_rank(tmp_path):
+    """kvcore_longtext (documents longer than the example model's 1024 positions): ND-PPL by position bucket, each
+    point's buckets checked against lm-eval's own rolling log-likelihood before they are written."""
+    out = tmp_path / "positions"
+    summary = run_sweep(
+        sweep_config(
+            out,
+            tasks="kvcore_longtext",
+            ranks="1.0,0.25",
+            num_samples=2,
+            metadata='{"doc_words": 300}',
+            position_buckets="64,256",
+        )
+    )
+    table = summary["positions"]["tasks"]["kvcore_longtext"]
+    assert table["edges"] == [0, 64, 256, 1024] and table["documents"] == 2
+    assert all(value == pytest.approx(0, abs=1e-9) for value in table["nd_ppl"]["1"].values())
+    assert sum(table["tokens"].values()) > 2 * 1024, "two documents of more than one window each"
+    truncated = table["nd_ppl"]["0.25"]
+    assert any(value > 0 for value in truncated.values()) and all(value != 0 for value in truncated.values()), truncated
+    saved = json.loads((out / "positions" / "kvcore_longtext" / "rank_0.25.json").read_text())
+    point = json.loads((out / "points" / "kvcore_longtext" / "rank_0.25.json").read_text())
+    assert sum(b["loglikelihood"] for b in saved["positions"]["buckets"].values()) == pytest.approx(
+        sum(ll for ll, _ in point["per_document_loglikelihood"].values()), rel=1e-5
+    )
+    markdown = (out / "sweep.md").read_text()
+    assert "## ND-PPL by position" in markdown and "| ND-PPL, rank 0.25 |" in markdown
+    assert (out / "position_nd_ppl.png").read_bytes()[:4] == b"\x89PNG"
