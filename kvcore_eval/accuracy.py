@@ -60,11 +60,9 @@ def to_markdown(result: dict[str, Any]) -> str:
         f"{gen}. Full rank is the baseline (`kvcore_hf` at full rank generates what `hf` generates).",
     ]
     for task, units in _by_task(result).items():
-        metrics = sorted({u["metric"] for u in units})
-        metric = "named by the context length" if all(m.isdigit() for m in metrics) else ", ".join(metrics)
         lines += [
             "",
-            f"### {task} (metric: {metric})",
+            f"### {task} (metric: {metric_label(units)})",
             "",
             "| truncated | rank | " + " | ".join(_length(u) for u in units) + " |",
             "|---|---:|" + "---:|" * len(units),
@@ -89,6 +87,11 @@ def grid(result: dict[str, Any], task: str, kind: str) -> np.ndarray:
     )
 
 
+def metric_label(units: list[dict[str, Any]]) -> str:
+    metrics = sorted({u["metric"] for u in units})
+    return "named by the context length" if all(m.isdigit() for m in metrics) else ", ".join(metrics)
+
+
 def plot_heatmap(result: dict[str, Any], path: Path) -> None:
     """accuracy.png: a row of panels per task, one panel per kind truncated; rows are context lengths, columns the
     rank kept (full first), the colour and the number in each cell the task's metric."""
@@ -97,17 +100,17 @@ def plot_heatmap(result: dict[str, Any], path: Path) -> None:
     tasks, kinds = list(_by_task(result)), result["kinds"]
     columns = ["full", *result["ranks"]]
     figure = Figure(
-        figsize=(1.5 + 0.55 * len(columns) * len(kinds), 0.9 + 1.6 * len(tasks)), dpi=130, layout="constrained"
+        figsize=(2.0 + 0.6 * len(columns) * len(kinds), 0.5 + 2.0 * len(tasks)), dpi=130, layout="constrained"
     )
-    axes = figure.subplots(len(tasks), len(kinds), squeeze=False)
-    for row, task in zip(axes, tasks, strict=True):
+    for subfigure, task in zip(figure.subfigures(len(tasks), 1, squeeze=False)[:, 0], tasks, strict=True):
         units = _by_task(result)[task]
         grids = {kind: grid(result, task, kind) for kind in kinds}
         low = min(0.0, min(float(np.nanmin(g)) for g in grids.values()))
         high = max(float(np.nanmax(g)) for g in grids.values())
         high = high if high > low else low + 1.0
+        axes = subfigure.subplots(1, len(kinds), squeeze=False)[0]
         image = None
-        for ax, kind in zip(row, kinds, strict=True):
+        for ax, kind in zip(axes, kinds, strict=True):
             values = grids[kind]
             image = ax.imshow(values, vmin=low, vmax=high, cmap="viridis", aspect="auto")
             for (i, j), value in np.ndenumerate(values):
@@ -116,8 +119,9 @@ def plot_heatmap(result: dict[str, Any], path: Path) -> None:
             ax.set_xticks(range(len(columns)), columns, fontsize=7)
             ax.set_yticks(range(len(units)), [_length(u) for u in units], fontsize=7)
             ax.set_xlabel("rank kept (fraction of D)", fontsize=8)
-            ax.set_ylabel("context length (tokens)", fontsize=8)
-            ax.set_title(f"{task}: {kind} truncated", fontsize=8)
-        figure.colorbar(image, ax=list(row), shrink=0.9, label=", ".join(sorted({u["metric"] for u in units})))
+            ax.set_title(f"{kind} truncated", fontsize=8)
+        axes[0].set_ylabel("context length (tokens)", fontsize=8)
+        subfigure.colorbar(image, ax=list(axes), shrink=0.9).set_label(f"metric: {metric_label(units)}", fontsize=7)
+        subfigure.suptitle(task, fontsize=9)
     figure.suptitle(f"{result['design'].get('model_name', '')}: task metric by context length and rank", fontsize=9)
     figure.savefig(path)
