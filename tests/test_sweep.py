@@ -5,6 +5,7 @@ import numpy as np
 import pytest
 from conftest import EXAMPLE_DATA, EXAMPLE_MODEL
 
+from kvcore_eval.artifact import read_metadata
 from kvcore_eval.compare import compare
 from kvcore_eval.config import SweepConfig, TruncationConfig
 from kvcore_eval.study import summarize
@@ -96,7 +97,7 @@ def test_per_task_sweep_loads_once_truncates_each_task_with_its_own_held_out_cal
     for task in ("kvcore_alpaca", "kvcore_codealpaca"):
         own = out / "calibrations" / task
         point = json.loads((out / "points" / task / "rank_0.5.json").read_text())
-        assert point["settings"]["truncation"]["calibration"] == str(own), (
+        assert point["settings"]["basis_sha256"] == read_metadata(own)["basis_sha256"], (
             "each task is truncated with its own calibration"
         )
         assert summary["design"]["basis_per_task"][task] == str(own)
@@ -151,9 +152,8 @@ def test_shared_basis_reproduces_a_plain_kvcore_hf_run(shared_artifact, tmp_path
         )
     )
     assert len(count_loads) == 1
-    assert json.loads((tmp_path / "shared" / "points" / "kvcore_codealpaca" / "rank_0.5.json").read_text())["settings"][
-        "truncation"
-    ]["calibration"] == str(shared_artifact)
+    point = json.loads((tmp_path / "shared" / "points" / "kvcore_codealpaca" / "rank_0.5.json").read_text())
+    assert point["settings"]["basis_sha256"] == read_metadata(shared_artifact)["basis_sha256"]
     separate = {}
     for name, ranks in (("baseline", {}), ("0.5", {"key_rank": "0.5", "value_rank": "0.5"})):
         eval_config = EvalConfig(
