@@ -1,0 +1,139 @@
+"""What a sweep scores: each task of --tasks at each context length (a unit), with the metric it is scored by,
+checked against the task's own declarations (its metric_list, output type, document count) before any output is
+touched or any model loads.
+
+A task that builds its documents for a length (lm-eval's RULER, kvcore_ruler) is one unit per length of `--metadata
+'{"max_seq_lengths": [...]}'`, named `<task>@<length>`, with its own points and held-out calibration; any other task
+is one unit, named by the task. A unit whose metric is a perplexity belongs to the ND-PPL study; any other (a
+generation task's own metric) to the accuracy table.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
+
+from kvcore_eval import outputs
+from kvcore_eval.config import SweepConfig
+from kvcore_eval.documents import PERPLEXITY_METRICS
+
+
+@dataclass(frozen=True)
+class Unit:
+    """One task at one context length (None: no length asked), scored by one metric: its own points and held-out
+    calibration, under `name`."""
+
+    task: str
+    length: int | None
+    output_type: str
+    metric: str
+
+    @property
+    def name(self) -> str:
+        return self.task if self.length is None else f"{self.task}@{self.length}"
+
+    @property
+    def perplexity(self) -> bool:
+        """Whether it belongs to the ND-PPL study (its metric is a perplexity), rather than the accuracy table."""
+        return self.metric in PERPLEXITY_METRICS
+
+    @property
+    def generation(self) -> bool:
+        return self.output_type == "generate_until"
+
+
+def metric_names(instance) -> list[str]:
+    """The metrics a task declares (its metric_list), in order."""
+    return [str(entry["metric"]) for entry in instance.config.metric_list or []]
+
+
+def choose_metric(config: SweepConfig, instance, length: int | None) -> str:
+    """The metric a task is scored by, checked against its metric_list without running it: `task=metric` of --metric;
+    else, where every metric is named by a context length (RULER), the unit's length; else, for a perplexity task
+    (rolling, or declaring a perplexity metric), --metric's perplexity metric; else the task's first metric."""
+    task, names = instance.config.task, metric_names(instance)
+    perplexity, pairs = config.metric_choice()
+    by_length = bool(names) and all(name.isdigit() for name in names)
+    if by_length:
+        if task in pairs:
+            raise ValueError(
+                f"--metric {task}={pairs[task]}: {task} names its metric by the context length; drop the pair "
+                "and give the lengths with --metadata '{\"max_seq_lengths\": [...]}'"
+            )
+        if length is None:
+            raise ValueError(
+                f"{task} is scored at a context length: give the lengths with --metadata "
+                "'{\"max_seq_lengths\": [1024, 2048]}'"
+            )
+        return str(length)
+    if task in pairs:
+        wanted = pairs[task]
+    elif instance.config.output_type == "loglikelihood_rolling" or set(names) & set(PERPLEXITY_METRICS):
+        wanted = perplexity  # a perplexity task: the ND-PPL study's metric
+    elif names:
+        return names[0]
+    else:
+        raise ValueError(f"{task} declares no metric: give it a metric_list")
+    if wanted not in names:
+        raise ValueError(
+            f"--metric: {task} declares no {wanted!r} (its metric_list: {', '.join(names) or 'none'}): "
+            f"pass {task}=<one of them>"
+        )
+    return wanted
+
+
+def sweep_units(config: SweepConfig, manager_for: Callable[[int | None], Any]) -> dict[str, Unit]:
+    """The leaf tasks of `config.tasks` as units, each with its metric; a generation task at each --metadata
+    max_seq_lengths (where given). Unknown tasks, metrics, kinds and document counts are refused here, before any
+    output is touched or any model loads."""
+    from kvcore_eval.data import leaf_tasks
+    from kvcore_eval.lm_tasks import load_as_evaluated
+
+    names = [t.strip() for t in config.tasks.split(",") if t.strip()]
+    lengths = config.context_lengths() or [None]
+    if unknown := [name for name in names if name not in manager_for(None).all_tasks]:
+        raise ValueError(
+            f"--tasks {', '.join(unknown)}: not a task or group lm-eval knows; pass its folder with --include-path"
+        )
+    instances = {length: list(leaf_tasks(load_as_evaluated(manager_for(length), names))) for length in lengths}
+    found = {i.config.task for i in instances[lengths[0]]}
+    for task in sorted(found):  # each names folders under --out (calibrations/<task>, points/<task>)
+        outputs.check_path_component(task, "task name")
+    if stray := sorted(set(config.metric_choice()[1]) - found):
+        raise ValueError(f"--metric {', '.join(stray)}=...: not among the tasks swept ({', '.join(sorted(found))})")
+    units = {}
+    for length in lengths:
+        for instance in sorted(instances[length], key=lambda i: i.config.task):
+            generation = instance.config.output_type == "generate_until"
+            if not generation and length != lengths[0]:
+                continue  # a task that does not generate is scored once, whatever the lengths
+            unit_length = length if generation else None
+            unit = Unit(instance.config.task, unit_length, instance.config.output_type, "")
+            unit = dataclasses.replace(unit, metric=choose_metric(config, instance, unit_length))
+            check_document_count(config, unit, len(list(instance.eval_docs)))
+            units[unit.name] = unit
+    check_kinds(config, list(units.values()))
+    return units
+
+
+def check_document_count(config: SweepConfig, unit: Unit, count: int) -> None:
+    if config.basis_scope == "per-task" and count <= config.num_samples:
+        raise ValueError(
+            f"{unit.name} has {count} documents: the sweep scores the first --num-samples {config.num_samples} and "
+            "calibrates on the documents after them; lower --num-samples"
+        )
+
+
+def check_kinds(config: SweepConfig, units: list[Unit]) -> None:
+    perplexity = [unit.name for unit in units if unit.perplexity]
+    if len(config.truncate_kinds()) > 1 and perplexity:
+        raise ValueError(
+            f"--truncate {config.truncate}: the ND-PPL study of {', '.join(perplexity)} takes one kind; run one sweep "
+            "per kind, or sweep several kinds over tasks scored by their own metric"
+        )
+    if config.position_buckets and not any(u.perplexity and u.output_type == "loglikelihood_rolling" for u in units):
+        raise ValueError(
+            "--position-buckets needs a rolling-perplexity task (kvcore_longtext, ...): add one to --tasks or drop it"
+        )
