@@ -114,6 +114,7 @@ class Session:
     units: dict[str, Unit] = field(default_factory=dict)  # the sweep's, by name (the frontier has none)
     task_metadata: dict[str, Any] = field(default_factory=lambda: dict(TASK_METADATA))  # what every task is handed
     used: set[Path] = field(default_factory=set)  # the points this run read or wrote
+    loaded: dict[str, Any] = field(default_factory=dict)  # unit name -> its lm-eval task, built once (`loaded_task`)
 
 
 def unit_metadata(session: Session, unit: Unit | None) -> dict[str, Any]:
@@ -136,6 +137,17 @@ def unit_manager(session: Session, unit: Unit | None):
     if unit is None:
         return session.manager
     return task_manager(session.config.data_dir, split_paths(session.config.include_path), unit_metadata(session, unit))
+
+
+def loaded_task(session: Session, unit: Unit):
+    """The unit's lm-eval task, built once per run: a generated task (RULER) draws its documents when it loads (500
+    of them), so every point reuses one build, loaded under the seeds simple_evaluate sets (the same documents)."""
+    from kvcore_eval.data import leaf_tasks
+    from kvcore_eval.lm_tasks import load_as_evaluated
+
+    if unit.name not in session.loaded:
+        (session.loaded[unit.name],) = leaf_tasks(load_as_evaluated(unit_manager(session, unit), [unit.task]))
+    return session.loaded[unit.name]
 
 
 def perplexity_tasks(config: SweepConfig, manager) -> list[str]:
@@ -291,8 +303,9 @@ def run_point(
     chosen = {"samples": {scored: documents}} if documents is not None else {"limit": config.num_samples}
     if unit is not None and unit.generation and config.gen_kwargs:
         chosen["gen_kwargs"] = config.gen_kwargs
+    tasks = [loaded_task(session, unit)] if unit is not None and unit.generation else [scored]
     results = lm_eval.simple_evaluate(
-        model=session.lm, tasks=[scored], task_manager=unit_manager(session, unit), log_samples=True, **chosen
+        model=session.lm, tasks=tasks, task_manager=unit_manager(session, unit), log_samples=True, **chosen
     )
     values = {key.split(",")[0]: value for key, value in results["results"][scored].items()}
     if metric not in values:

@@ -71,7 +71,8 @@ def main() -> None:
     from lm_eval.models.huggingface import HFLM
 
     from kvcore_eval import models
-    from kvcore_eval.lm_tasks import task_manager, tokenizer_metadata
+    from kvcore_eval.data import leaf_tasks
+    from kvcore_eval.lm_tasks import load_as_evaluated, task_manager, tokenizer_metadata
     from kvcore_eval.rank_plan import TruncationConfig
     from kvcore_eval.wrapper import KVCoreHFLM
 
@@ -92,7 +93,10 @@ def main() -> None:
             continue
         if (task, length) not in built:
             manager = task_manager(None, None, {**base_metadata, "max_seq_lengths": [length]})
-            built = {(task, length): manager.load(task)["tasks"][task]}
+            # under the seeds lm-eval's simple_evaluate sets before loading: the documents `lm_eval --tasks` scores
+            # (RULER draws needles from the global RNGs), the same in every run and for every cell of this row
+            (built_task,) = leaf_tasks(load_as_evaluated(manager, [task]))
+            built = {(task, length): built_task}
         if basis == "hf":
             if hf is None:  # its own copy of the weights: kvcore_hf hooks the model it wraps
                 own = models.load_causal_lm(model_id, None, "cpu", "float32", gguf_file)
