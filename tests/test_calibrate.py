@@ -149,27 +149,23 @@ LAUNCHERS = {
 }
 
 
-def _calibrate_cli(model_dir, out, *extra):
-    return [
-        "-m",
-        "kvcore_eval",
-        "calibrate",
-        "--model",
-        str(model_dir),
-        "--dataset",
-        str(EXAMPLE_DATA / "alpaca.jsonl"),
-        "--prompt-format",
-        "alpaca",
-        "--max-tokens",
-        "3000",
-        "--seq-len",
-        "64",
-        "--batch-size",
-        "3",
-        "--out",
-        str(out),
-        *extra,
-    ]
+def _calibrate_args(model_dir, out, *extra, dataset=None, max_tokens=3000, batch_size=3):
+    """`calibrate` and its flags on the shipped Alpaca sample (or `dataset`), as the command line takes them."""
+    args = ["calibrate", "--model", str(model_dir), "--dataset", str(dataset or EXAMPLE_DATA / "alpaca.jsonl")]
+    args += ["--prompt-format", "alpaca", "--max-tokens", str(max_tokens), "--seq-len", "64"]
+    args += ["--batch-size", str(batch_size)] if batch_size is not None else []
+    return [*args, "--out", str(out), *extra]
+
+
+def _calibrate_cli(model_dir, out, *extra, **options):
+    """The same for `python -m kvcore_eval`."""
+    return ["-m", "kvcore_eval", *_calibrate_args(model_dir, out, *extra, **options)]
+
+
+def _long_data(tmp_path):
+    long = tmp_path / "long.jsonl"  # enough text that a run is still going while the test acts on it
+    long.write_text((EXAMPLE_DATA / "alpaca.jsonl").read_text() * 2000)
+    return long
 
 
 @pytest.mark.parametrize("launcher", LAUNCHERS)
@@ -424,27 +420,17 @@ def test_ctrl_c_during_calibrate_says_how_to_resume(llama_dir, tmp_path):
     import signal
     import time
 
-    long = tmp_path / "long.jsonl"  # enough text that the run is still going when Ctrl-C comes
-    long.write_text((EXAMPLE_DATA / "alpaca.jsonl").read_text() * 2000)
     command = [
         sys.executable,
-        "-m",
-        "kvcore_eval",
-        "calibrate",
-        "--model",
-        str(llama_dir),
-        "--dataset",
-        str(long),
-        "--prompt-format",
-        "alpaca",
-        "--max-tokens",
-        "5000000",
-        "--seq-len",
-        "64",
-        "--device",
-        "cpu",
-        "--out",
-        str(tmp_path / "c"),
+        *_calibrate_cli(
+            llama_dir,
+            tmp_path / "c",
+            "--device",
+            "cpu",
+            dataset=_long_data(tmp_path),
+            max_tokens=5_000_000,
+            batch_size=None,
+        ),
     ]
     # a shell without job control starts background jobs with SIGINT ignored, and children inherit that: restore it
     reset = lambda: signal.signal(signal.SIGINT, signal.SIG_DFL)  # noqa: E731
@@ -460,28 +446,7 @@ def test_ctrl_c_during_calibrate_says_how_to_resume(llama_dir, tmp_path):
 
 def test_torchrun_with_device_auto_shards_on_cpu(finished_run, llama_dir, tmp_path):
     out = tmp_path / "auto"
-    cli = [
-        "-m",
-        "kvcore_eval",
-        "calibrate",
-        "--model",
-        str(llama_dir),
-        "--dataset",
-        str(EXAMPLE_DATA / "alpaca.jsonl"),
-        "--prompt-format",
-        "alpaca",
-        "--max-tokens",
-        "3000",
-        "--seq-len",
-        "64",
-        "--batch-size",
-        "3",
-        "--out",
-        str(out),
-    ]
-    result = _run_cli(
-        [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", *cli], OMP_NUM_THREADS="1"
-    )
+    result = _run_cli([*LAUNCHERS["torchrun"], *_calibrate_cli(llama_dir, out)], OMP_NUM_THREADS="1")
     assert result.returncode == 0, result.stderr[-3000:]
     assert load_calibration(out).metadata["processes"] == 2
 
@@ -506,26 +471,7 @@ def test_disk_full_is_one_line_and_keeps_the_previous_artifact(finished_run, lla
 
     monkeypatch.setattr(safetensors.torch, "save_file", save)
     with pytest.raises(SystemExit) as exit_info:
-        main(
-            [
-                "calibrate",
-                "--model",
-                str(llama_dir),
-                "--dataset",
-                str(EXAMPLE_DATA / "alpaca.jsonl"),
-                "--prompt-format",
-                "alpaca",
-                "--max-tokens",
-                "1000",
-                "--seq-len",
-                "64",
-                "--device",
-                "cpu",
-                "--out",
-                str(out),
-                "--overwrite",
-            ]
-        )
+        main(_calibrate_args(llama_dir, out, "--device", "cpu", "--overwrite", max_tokens=1000, batch_size=None))
     assert exit_info.value.code == 2
     errors = [record.getMessage() for record in caplog.records if record.levelname == "ERROR"]
     assert len(errors) == 1 and "\n" not in errors[0], errors
@@ -618,27 +564,7 @@ def test_temporaries_of_a_kill_during_the_final_write_are_cleared(again, finishe
     """kill -9 while basis.safetensors is being written, then the same command with --resume or --overwrite:
     the temporaries left behind are recognized as the tool's own, and the run ends as an uninterrupted one."""
     out = tmp_path / "killed"
-    cli = [
-        "calibrate",
-        "--model",
-        str(llama_dir),
-        "--dataset",
-        str(EXAMPLE_DATA / "alpaca.jsonl"),
-        "--prompt-format",
-        "alpaca",
-        "--max-tokens",
-        "3000",
-        "--seq-len",
-        "64",
-        "--batch-size",
-        "3",
-        "--device",
-        "cpu",
-        "--checkpoint-every",
-        "400",
-        "--out",
-        str(out),
-    ]
+    cli = _calibrate_args(llama_dir, out, "--device", "cpu", "--checkpoint-every", "400")
     killed = _run_cli([sys.executable, "-c", _KILLED_IN_THE_FINAL_WRITE, *cli])
     assert killed.returncode == -9
     (out / ".tmpAb12Cd").write_bytes(b"x")  # what earlier versions (and safetensors itself) left beside the target
@@ -700,11 +626,9 @@ def test_overwrite_through_a_symbolic_link_writes_the_folder_it_points_to(finish
 
 
 def _long_calibration(llama_dir, tmp_path, out):
-    long = tmp_path / "long.jsonl"  # enough text that the run is still going while the test looks at it
-    long.write_text((EXAMPLE_DATA / "alpaca.jsonl").read_text() * 2000)
-    command = [sys.executable, "-m", "kvcore_eval", "calibrate", "--model", str(llama_dir), "--dataset", str(long)]
-    command += ["--prompt-format", "alpaca", "--max-tokens", "5000000", "--seq-len", "64", "--device", "cpu"]
-    return subprocess.Popen([*command, "--out", str(out)], cwd=REPO, stderr=subprocess.DEVNULL)
+    options = {"dataset": _long_data(tmp_path), "max_tokens": 5_000_000, "batch_size": None}
+    command = [sys.executable, *_calibrate_cli(llama_dir, out, "--device", "cpu", **options)]
+    return subprocess.Popen(command, cwd=REPO, stderr=subprocess.DEVNULL)
 
 
 def test_one_writer_per_folder_a_second_calibration_is_refused_and_named(llama_dir, tmp_path, caplog):
