@@ -478,7 +478,9 @@ class SweepConfig(LMEvalRunConfig):
         20_000,
         help="tokens of each task's held-out documents calibrated (its NER, and its bases with --basis-scope per-task)",
     )
-    seq_len: int = option(256, help="sequence length of the per-task calibrations")
+    seq_len: int = option(
+        256, help="sequence length of the per-task calibrations (a task at a context length: at least that length)"
+    )
     per_layer: bool = option(
         False, help="also measure each layer's ND-PPL with only that layer truncated (keys, then values)"
     )
@@ -500,7 +502,11 @@ class SweepConfig(LMEvalRunConfig):
             )
         self.truncate_kinds()
         self.metric_choice()
-        self.context_lengths()
+        if self.context_lengths() and self.calibration_tokens < max(self.context_lengths()):
+            raise ValueError(
+                f"--calibration-tokens {self.calibration_tokens} is less than one window of the longest context "
+                f"length ({max(self.context_lengths())}; each length is calibrated in windows of that length): raise it"
+            )
         self._check_generation_options()
         shared = self.truncation.calibration is not None
         if self.basis_scope == "shared" and not shared:

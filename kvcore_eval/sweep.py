@@ -61,6 +61,8 @@ OWN_NAMES = (
 # Every record of a kvcore task, in its seeded order: the sweep scores the first num_samples (--limit) and
 # calibrates on the rest.
 TASK_METADATA = {"num_samples": None}
+# Metrics that are exp(-Σ loglikelihood / Σ count) over documents: what the paired bootstrap of ND-PPL resamples.
+WEIGHTED_PERPLEXITIES = ("byte_perplexity", "word_perplexity", "token_perplexity")
 # Fields of a sweep's configuration that choose which points run, not what a point's number is.
 # metric, metadata and gen_kwargs change numbers: the part each point depends on is in its own settings.
 POINT_SELECTORS = (
@@ -191,7 +193,9 @@ def task_calibration(session: Session, task: str) -> Path:
         include_path=config.include_path,
         data_dir=config.data_dir,
         max_tokens=config.calibration_tokens,
-        seq_len=config.seq_len,
+        # a task at a context length is calibrated in windows of that length: its bases see keys at every position
+        # it is scored at (a 4k document cut in 256-token windows never shows position 300)
+        seq_len=max(config.seq_len, unit.length) if unit is not None and unit.length else config.seq_len,
         device=config.device,
         dtype=config.dtype,
         out=str(session.out / "calibrations" / task),
@@ -334,7 +338,9 @@ def run_point(
 
 def document_loglikelihoods(samples: list[dict[str, Any]], metric: str) -> dict[str, list[float]] | None:
     """doc_id -> [loglikelihood, count] of a weighted-perplexity metric (what a paired bootstrap resamples); None for
-    other metrics."""
+    other metrics (bits_per_byte logs the same pairs, but its ND is not the perplexity ratio the bootstrap takes)."""
+    if metric not in WEIGHTED_PERPLEXITIES:
+        return None
     pairs = {str(s["doc_id"]): s[metric] for s in samples}
     if not all(isinstance(v, list | tuple) and len(v) == 2 for v in pairs.values()):
         return None
@@ -343,9 +349,10 @@ def document_loglikelihoods(samples: list[dict[str, Any]], metric: str) -> dict[
 
 def nd_ppl_interval(point: dict[str, Any], baseline: dict[str, Any]) -> dict[str, float] | None:
     """The paired bootstrap interval over documents of a point's ND-PPL against its baseline (None for points
-    written without per-document log-likelihoods, or a metric that is not a weighted perplexity)."""
+    written without per-document log-likelihoods, a metric that is not a weighted perplexity, or one document: its
+    resamples are all that document, an interval of zero width that would read as certainty)."""
     truncated, full = point.get("per_document_loglikelihood"), baseline.get("per_document_loglikelihood")
-    if truncated is None or full is None:
+    if truncated is None or full is None or len(full) < 2:
         return None
     return metrics.paired_bootstrap_nd_ppl(truncated, full)
 

@@ -84,6 +84,17 @@ def choose_metric(config: SweepConfig, instance, length: int | None) -> str:
     return wanted
 
 
+def check_single_filter(instance) -> None:
+    """A task scored through several filters (gsm8k: strict-match, flexible-extract) reports each metric once per
+    filter under the same name: the sweep would keep one of them unlabeled, so it is refused."""
+    filters = [entry.get("name") for entry in instance.config.filter_list or [] if isinstance(entry, dict)]
+    if len(filters) > 1:
+        raise ValueError(
+            f"{instance.config.task} scores through {len(filters)} filters ({', '.join(map(str, filters))}): the "
+            "sweep reports one metric per task; copy its YAML with one filter_list entry, pass it with --include-path"
+        )
+
+
 def sweep_units(config: SweepConfig, manager_for: Callable[[int | None], Any]) -> dict[str, Unit]:
     """The leaf tasks of `config.tasks` as units, each with its metric; a generation task at each --metadata
     max_seq_lengths (where given). Unknown tasks, metrics, kinds and document counts are refused here, before any
@@ -110,6 +121,7 @@ def sweep_units(config: SweepConfig, manager_for: Callable[[int | None], Any]) -
             if not generation and length != lengths[0]:
                 continue  # a task that does not generate is scored once, whatever the lengths
             unit_length = length if generation else None
+            check_single_filter(instance)
             unit = Unit(instance.config.task, unit_length, instance.config.output_type, "")
             unit = dataclasses.replace(unit, metric=choose_metric(config, instance, unit_length))
             check_document_count(config, unit, len(list(instance.eval_docs)))

@@ -393,6 +393,7 @@ def test_generation_tasks_score_their_own_metric_per_context_length_rank_and_kin
         ranks="1.0,0.25",
         num_samples=1,
         gen_kwargs="max_gen_toks=4",
+        calibration_tokens=1024,
     )
     result = run_sweep(config)["accuracy"]
     assert len(count_loads) == 1
@@ -403,6 +404,9 @@ def test_generation_tasks_score_their_own_metric_per_context_length_rank_and_kin
         assert 0 <= result["baseline"][name] <= 1 and 0 <= result["scores"]["keys"]["0.25"][name] <= 1
     calibrated = json.loads((out / "calibrations" / names[0] / "kvcore.json").read_text())["dataset"]
     assert calibrated["spec"] == "lm_eval:kvcore_ruler_niah_single_2" and calibrated["skip_docs"] == 1
+    assert json.loads((out / "calibrations" / names[0] / "config.json").read_text())["seq_len"] == 768, (
+        "calibrated in windows of the length it is scored at"
+    )
     assert json.loads((out / "calibrations" / names[0] / "config.json").read_text())["metadata"] == (
         '{"max_seq_lengths": [768], "num_samples": 3}'
     ), "calibrated on held-out documents of the same length"
@@ -453,3 +457,25 @@ def test_position_buckets_of_a_rolling_task_sum_back_and_vanish_at_full_rank(tmp
     markdown = (out / "sweep.md").read_text()
     assert "## ND-PPL by position" in markdown and "| ND-PPL, rank 0.25 |" in markdown
     assert (out / "position_nd_ppl.png").read_bytes()[:4] == b"\x89PNG"
+
+
+def test_one_document_gives_no_interval_rather_than_one_of_zero_width():
+    from kvcore_eval.sweep import nd_ppl_interval
+
+    one = {"per_document_loglikelihood": {"0": [-120.0, 100]}}
+    cut = {"per_document_loglikelihood": {"0": [-130.0, 100]}}
+    assert nd_ppl_interval(cut, one) is None
+    two = {"per_document_loglikelihood": {"0": [-120.0, 100], "1": [-90.0, 80]}}
+    cut_two = {"per_document_loglikelihood": {"0": [-130.0, 100], "1": [-95.0, 80]}}
+    interval = nd_ppl_interval(cut_two, two)
+    assert interval["n"] == 2 and interval["low"] > 0 and not interval["within_noise"]
+
+
+def test_bits_per_byte_gets_no_perplexity_interval():
+    """bits_per_byte logs (loglikelihood, bytes) pairs like byte_perplexity, but its relative change is not the
+    perplexity ratio the bootstrap computes: an interval there would not even hold its own value."""
+    from kvcore_eval.sweep import document_loglikelihoods
+
+    samples = [{"doc_id": 0, "bits_per_byte": (-10.0, 8), "byte_perplexity": (-10.0, 8)}]
+    assert document_loglikelihoods(samples, "bits_per_byte") is None
+    assert document_loglikelihoods(samples, "byte_perplexity") == {"0": [-10.0, 8.0]}

@@ -38,3 +38,17 @@ def test_ruler_tasks_are_scored_by_the_metric_of_their_length():
         choose_metric(config(), ruler, None)
     with pytest.raises(ValueError, match="names its metric by the context length"):
         choose_metric(config("kvcore_ruler_niah_single_2=4096"), ruler, 768)
+
+
+def test_a_task_scored_through_several_filters_is_refused():
+    from types import SimpleNamespace
+
+    from kvcore_eval.units import check_single_filter
+
+    def task(filters):
+        return SimpleNamespace(config=SimpleNamespace(task="gsm8k_like", filter_list=filters))
+
+    check_single_filter(task(None))
+    check_single_filter(task([{"name": "none", "filter": [{"function": "take_first"}]}]))
+    with pytest.raises(ValueError, match="gsm8k_like scores through 2 filters \\(strict-match, flexible-extract\\)"):
+        check_single_filter(task([{"name": "strict-match"}, {"name": "flexible-extract"}]))
