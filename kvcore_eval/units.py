@@ -49,14 +49,20 @@ def metric_names(instance) -> list[str]:
     return [str(entry["metric"]) for entry in instance.config.metric_list or []]
 
 
+def named_by_length(instance) -> bool:
+    """Whether every metric of the task is named by a context length (RULER's, kvcore_ruler's): a task scored at
+    each --metadata max_seq_lengths."""
+    names = metric_names(instance)
+    return bool(names) and all(name.isdigit() for name in names)
+
+
 def choose_metric(config: SweepConfig, instance, length: int | None) -> str:
     """The metric a task is scored by, checked against its metric_list without running it: `task=metric` of --metric;
     else, where every metric is named by a context length (RULER), the unit's length; else, for a perplexity task
     (rolling, or declaring a perplexity metric), --metric's perplexity metric; else the task's first metric."""
     task, names = instance.config.task, metric_names(instance)
     perplexity, pairs = config.metric_choice()
-    by_length = bool(names) and all(name.isdigit() for name in names)
-    if by_length:
+    if named_by_length(instance):
         if task in pairs:
             raise ValueError(
                 f"--metric {task}={pairs[task]}: {task} names its metric by the context length; drop the pair "
@@ -117,10 +123,10 @@ def sweep_units(config: SweepConfig, manager_for: Callable[[int | None], Any]) -
     units = {}
     for length in lengths:
         for instance in sorted(instances[length], key=lambda i: i.config.task):
-            generation = instance.config.output_type == "generate_until"
-            if not generation and length != lengths[0]:
-                continue  # a task that does not generate is scored once, whatever the lengths
-            unit_length = length if generation else None
+            at_lengths = instance.config.output_type == "generate_until" and named_by_length(instance)
+            if not at_lengths and length != lengths[0]:
+                continue  # a task whose metric does not name a length (gsm8k, perplexity) is scored once
+            unit_length = length if at_lengths else None
             check_single_filter(instance)
             unit = Unit(instance.config.task, unit_length, instance.config.output_type, "")
             unit = dataclasses.replace(unit, metric=choose_metric(config, instance, unit_length))
