@@ -165,8 +165,8 @@ def perplexity_tasks(config: SweepConfig, manager) -> list[str]:
     tasks = list(leaf_tasks(manager.load_task_or_group(names)))
     if generating := [t.config.task for t in tasks if t.config.output_type == "generate_until"]:
         raise ValueError(
-            f"--tasks {', '.join(generating)}: generation tasks have no perplexity; the sweep needs perplexity tasks "
-            "(kvcore_alpaca, ...). Score generations with lm_eval and `kvcore-eval judge`"
+            f"--tasks {', '.join(generating)}: the frontier scores perplexity and loglikelihood tasks, not generation; "
+            "score a generation task (RULER, ...) against rank, kind and context length with `kvcore-eval sweep`"
         )
     found = sorted({t.config.task for t in tasks})
     for task in found:  # each names folders under --out (calibrations/<task>, points/<task>)
