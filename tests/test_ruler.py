@@ -84,14 +84,11 @@ def artifact(tmp_path_factory):
     )
 
 
-@pytest.fixture(scope="module")
-def models(artifact):
-    from lm_eval.models.huggingface import HFLM
-
+def full_rank_kvcore(artifact):
+    """kvcore_hf on the example model at full rank (it must generate exactly what hf generates)."""
     from kvcore_eval.wrapper import KVCoreHFLM
 
-    hf = HFLM(pretrained=str(EXAMPLE_MODEL), device="cpu", batch_size=1, max_length=4096)
-    kv = KVCoreHFLM(
+    return KVCoreHFLM(
         pretrained=str(EXAMPLE_MODEL),
         device="cpu",
         batch_size=1,
@@ -100,7 +97,14 @@ def models(artifact):
         key_rank="full",
         value_rank="full",
     )
-    return hf, kv
+
+
+@pytest.fixture(scope="module")
+def models(artifact):
+    from lm_eval.models.huggingface import HFLM
+
+    hf = HFLM(pretrained=str(EXAMPLE_MODEL), device="cpu", batch_size=1, max_length=4096)
+    return hf, full_rank_kvcore(artifact)
 
 
 def manager():
@@ -188,7 +192,6 @@ def test_overlap_of_a_calibration_on_a_generated_task_with_its_scored_documents(
 
     from kvcore_eval.calibrate import calibrate
     from kvcore_eval.config import CalibrationConfig
-    from kvcore_eval.wrapper import KVCoreHFLM
 
     artifact = calibrate(
         CalibrationConfig(
@@ -202,15 +205,7 @@ def test_overlap_of_a_calibration_on_a_generated_task_with_its_scored_documents(
             device="cpu",
         )
     )
-    lm = KVCoreHFLM(
-        pretrained=str(EXAMPLE_MODEL),
-        device="cpu",
-        batch_size=1,
-        max_length=4096,
-        calibration=str(artifact),
-        key_rank="full",
-        value_rank="full",
-    )
+    lm = full_rank_kvcore(artifact)
     results = lm_eval.simple_evaluate(
         model=lm, tasks=["niah_single_1"], limit=2, task_manager=manager(), gen_kwargs="max_gen_toks=2"
     )
