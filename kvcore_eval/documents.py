@@ -25,6 +25,9 @@ PERPLEXITY_METRICS = {
     "word_perplexity": lambda ll, count: math.exp(-ll / count),
     "bits_per_byte": lambda ll, count: -ll / count / math.log(2),
 }
+# Those that are exp(-Σ loglikelihood / Σ count) over documents: what a paired bootstrap of ND-PPL resamples
+# (bits_per_byte logs the same pairs, but its relative change is not that perplexity ratio).
+WEIGHTED_PERPLEXITIES = ("byte_perplexity", "word_perplexity")
 
 
 def gram_ner(grams: dict[str, torch.Tensor], key_space: str) -> dict[str, list[float]]:

@@ -61,8 +61,6 @@ OWN_NAMES = (
 # Every record of a kvcore task, in its seeded order: the sweep scores the first num_samples (--limit) and
 # calibrates on the rest.
 TASK_METADATA = {"num_samples": None}
-# Metrics that are exp(-Σ loglikelihood / Σ count) over documents: what the paired bootstrap of ND-PPL resamples.
-WEIGHTED_PERPLEXITIES = ("byte_perplexity", "word_perplexity", "token_perplexity")
 # Fields of a sweep's configuration that choose which points run, not what a point's number is.
 # metric, metadata and gen_kwargs change numbers: the part each point depends on is in its own settings.
 POINT_SELECTORS = (
@@ -338,7 +336,9 @@ def run_point(
 
 def document_loglikelihoods(samples: list[dict[str, Any]], metric: str) -> dict[str, list[float]] | None:
     """doc_id -> [loglikelihood, count] of a weighted-perplexity metric (what a paired bootstrap resamples); None for
-    other metrics (bits_per_byte logs the same pairs, but its ND is not the perplexity ratio the bootstrap takes)."""
+    other metrics (`documents.WEIGHTED_PERPLEXITIES`)."""
+    from kvcore_eval.documents import WEIGHTED_PERPLEXITIES
+
     if metric not in WEIGHTED_PERPLEXITIES:
         return None
     pairs = {str(s["doc_id"]): s[metric] for s in samples}
