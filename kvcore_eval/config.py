@@ -369,6 +369,83 @@ class LMEvalRunConfig:
 
 
 @dataclass(kw_only=True)
+class TaskScoringConfig(LMEvalRunConfig):
+    """What a run that scores lm-eval tasks point by point (sweep, frontier) scores them by: the metric, what each
+    task is handed (--metadata, --gen-kwargs), the documents scored and each task's held-out calibration."""
+
+    metric: str = option(
+        "byte_perplexity",
+        help="the perplexity metric of ND-PPL (byte_perplexity: independent of the tokenizer), and task=metric pairs, "
+        "comma-separated, for any task's own metric; a task without one is scored by the metric named by its "
+        "context length where its metric_list names lengths (RULER), else by the first of its metric_list",
+    )
+    metadata: str | None = option(
+        None,
+        help="lm-eval's --metadata JSON for every task; its max_seq_lengths (e.g. [1024, 2048]) runs generation "
+        "tasks that build their documents (RULER, kvcore_ruler) at each length, each its own points and held-out "
+        "calibration",
+    )
+    gen_kwargs: str | None = option(
+        None, help="lm-eval's --gen_kwargs for generation tasks, e.g. max_gen_toks=16 (part of their points' identity)"
+    )
+    num_samples: int = option(
+        200,
+        help="documents scored per task (the first in each task's order); "
+        "each task's calibration reads only the documents after them",
+    )
+    calibration_tokens: int = option(
+        20_000,
+        help="tokens of each task's held-out documents calibrated (its own bases and NER)",
+    )
+    seq_len: int = option(
+        256,
+        help="sequence length of each task's held-out calibration (a task at a context length: at least that "
+        "length) and of the frontier's bytes-per-token probe",
+    )
+
+    def check_scoring(self) -> None:
+        """The checks of these options, before anything loads."""
+        self.metric_choice()
+        if self.gen_kwargs is not None and any("=" not in item for item in self.gen_kwargs.split(",")):
+            raise ValueError(f"--gen-kwargs {self.gen_kwargs!r}: give key=value pairs, e.g. max_gen_toks=16")
+        if self.num_samples < 1 or self.calibration_tokens < MIN_SEQ_LEN:
+            raise ValueError(f"--num-samples must be >= 1 and --calibration-tokens >= {MIN_SEQ_LEN}")
+        if self.seq_len < MIN_SEQ_LEN:
+            raise ValueError(f"--seq-len {self.seq_len} is below the minimum of {MIN_SEQ_LEN} tokens")
+        if self.context_lengths() and self.calibration_tokens < max(self.context_lengths()):
+            raise ValueError(
+                f"--calibration-tokens {self.calibration_tokens} is less than one window of the longest context "
+                f"length ({max(self.context_lengths())}; each length is calibrated in windows of that length): raise it"
+            )
+
+    def metric_choice(self) -> tuple[str, dict[str, str]]:
+        """(the perplexity tasks' metric, {task: its own metric}) from --metric."""
+        items = [item.strip() for item in self.metric.split(",") if item.strip()]
+        bare = [item for item in items if "=" not in item]
+        pairs = [item.split("=", 1) for item in items if "=" in item]
+        if len(bare) > 1 or any(not task.strip() or not name.strip() for task, name in pairs):
+            raise ValueError(
+                f"--metric {self.metric!r}: give one perplexity metric and task=metric pairs, e.g. "
+                "byte_perplexity,niah_single_1=1024"
+            )
+        return (bare[0] if bare else "byte_perplexity"), {task.strip(): name.strip() for task, name in pairs}
+
+    def task_metadata(self) -> dict[str, Any]:
+        """--metadata without max_seq_lengths (each length is its own set of points)."""
+        return {k: v for k, v in parse_metadata(self.metadata).items() if k != "max_seq_lengths"}
+
+    def context_lengths(self) -> list[int]:
+        """--metadata's max_seq_lengths, in increasing order ([] when not given)."""
+        lengths = parse_metadata(self.metadata).get("max_seq_lengths", [])
+        if not isinstance(lengths, list) or not all(isinstance(n, int) and n >= MIN_SEQ_LEN for n in lengths):
+            raise ValueError(
+                f"--metadata max_seq_lengths {lengths!r}: give a list of token counts of at least {MIN_SEQ_LEN}, "
+                "e.g. [1024, 2048]"
+            )
+        return sorted(set(lengths))
+
+
+@dataclass(kw_only=True)
 class EvalConfig(LMEvalRunConfig):
     """What `kvcore-eval eval` runs: one lm-eval evaluation, with kvcore_hf, or plain hf without --calibration."""
 
@@ -420,7 +497,7 @@ KINDS_TRUNCATED = ("keys", "values", "both")
 
 
 @dataclass(kw_only=True)
-class SweepConfig(LMEvalRunConfig):
+class SweepConfig(TaskScoringConfig):
     """What `kvcore-eval sweep` runs: ND-PPL per task and rank, NER per task, their correlation; other tasks
     (generation: RULER, ...) by their own metric per rank, kind and context length; one model load."""
 
@@ -449,37 +526,10 @@ class SweepConfig(LMEvalRunConfig):
         help="keys, values or both, or several comma-separated (each kind its own points; perplexity tasks' "
         "ND-PPL study takes one)",
     )
-    metric: str = option(
-        "byte_perplexity",
-        help="the perplexity metric of ND-PPL (byte_perplexity: independent of the tokenizer), and task=metric pairs, "
-        "comma-separated, for any task's own metric; a task without one is scored by the metric named by its "
-        "context length where its metric_list names lengths (RULER), else by the first of its metric_list",
-    )
-    metadata: str | None = option(
-        None,
-        help="lm-eval's --metadata JSON for every task; its max_seq_lengths (e.g. [1024, 2048]) runs generation "
-        "tasks that build their documents (RULER, kvcore_ruler) at each length, each its own points and held-out "
-        "calibration",
-    )
-    gen_kwargs: str | None = option(
-        None, help="lm-eval's --gen_kwargs for generation tasks, e.g. max_gen_toks=16 (part of their points' identity)"
-    )
     position_buckets: str | None = option(
         None,
         help="rolling-perplexity tasks: also ND-PPL by position in the context window, in buckets with these inner "
         "edges (e.g. 256,512,1024; 'default': 256, 512, 1k, 2k, ... below the model's max length)",
-    )
-    num_samples: int = option(
-        200,
-        help="documents scored per task (the first in each task's order); "
-        "each task's calibration reads only the documents after them",
-    )
-    calibration_tokens: int = option(
-        20_000,
-        help="tokens of each task's held-out documents calibrated (its NER, and its bases with --basis-scope per-task)",
-    )
-    seq_len: int = option(
-        256, help="sequence length of the per-task calibrations (a task at a context length: at least that length)"
     )
     per_layer: bool = option(
         False, help="also measure each layer's ND-PPL with only that layer truncated (keys, then values)"
@@ -501,13 +551,11 @@ class SweepConfig(LMEvalRunConfig):
                 f"the sweep sets {', '.join(given)} itself at each point: leave them out (kinds: --truncate)"
             )
         self.truncate_kinds()
-        self.metric_choice()
-        if self.context_lengths() and self.calibration_tokens < max(self.context_lengths()):
-            raise ValueError(
-                f"--calibration-tokens {self.calibration_tokens} is less than one window of the longest context "
-                f"length ({max(self.context_lengths())}; each length is calibrated in windows of that length): raise it"
-            )
-        self._check_generation_options()
+        self.check_scoring()
+        if self.position_buckets is not None:
+            from kvcore_eval.positions import parse_edges
+
+            parse_edges(self.position_buckets, 1 << 30)
         shared = self.truncation.calibration is not None
         if self.basis_scope == "shared" and not shared:
             raise ValueError(
@@ -518,10 +566,6 @@ class SweepConfig(LMEvalRunConfig):
                 "--calibration is the shared basis: pass --basis-scope shared with it, or drop it to truncate each "
                 "task with its own calibration"
             )
-        if self.num_samples < 1 or self.calibration_tokens < MIN_SEQ_LEN:
-            raise ValueError(f"--num-samples must be >= 1 and --calibration-tokens >= {MIN_SEQ_LEN}")
-        if self.seq_len < MIN_SEQ_LEN:
-            raise ValueError(f"--seq-len {self.seq_len} is below the minimum of {MIN_SEQ_LEN} tokens")
         if not 0 < self.per_layer_rank < 1:
             raise ValueError(f"--per-layer-rank {self.per_layer_rank}: a fraction in (0, 1)")
 
@@ -531,40 +575,6 @@ class SweepConfig(LMEvalRunConfig):
         if not kinds or any(k not in KINDS_TRUNCATED for k in kinds):
             raise ValueError(f"--truncate {self.truncate!r}: use keys, values or both, or several comma-separated")
         return kinds
-
-    def metric_choice(self) -> tuple[str, dict[str, str]]:
-        """(the perplexity tasks' metric, {task: its own metric}) from --metric."""
-        items = [item.strip() for item in self.metric.split(",") if item.strip()]
-        bare = [item for item in items if "=" not in item]
-        pairs = [item.split("=", 1) for item in items if "=" in item]
-        if len(bare) > 1 or any(not task.strip() or not name.strip() for task, name in pairs):
-            raise ValueError(
-                f"--metric {self.metric!r}: give one perplexity metric and task=metric pairs, e.g. "
-                "byte_perplexity,niah_single_1=1024"
-            )
-        return (bare[0] if bare else "byte_perplexity"), {task.strip(): name.strip() for task, name in pairs}
-
-    def task_metadata(self) -> dict[str, Any]:
-        """--metadata without max_seq_lengths (each length is its own set of points)."""
-        return {k: v for k, v in parse_metadata(self.metadata).items() if k != "max_seq_lengths"}
-
-    def context_lengths(self) -> list[int]:
-        """--metadata's max_seq_lengths, in increasing order ([] when not given)."""
-        lengths = parse_metadata(self.metadata).get("max_seq_lengths", [])
-        if not isinstance(lengths, list) or not all(isinstance(n, int) and n >= MIN_SEQ_LEN for n in lengths):
-            raise ValueError(
-                f"--metadata max_seq_lengths {lengths!r}: give a list of token counts of at least {MIN_SEQ_LEN}, "
-                "e.g. [1024, 2048]"
-            )
-        return sorted(set(lengths))
-
-    def _check_generation_options(self) -> None:
-        if self.gen_kwargs is not None and any("=" not in item for item in self.gen_kwargs.split(",")):
-            raise ValueError(f"--gen-kwargs {self.gen_kwargs!r}: give key=value pairs, e.g. max_gen_toks=16")
-        if self.position_buckets is not None:
-            from kvcore_eval.positions import parse_edges
-
-            parse_edges(self.position_buckets, 1 << 30)
 
     def rank_list(self) -> list[float]:
         try:

@@ -11,7 +11,11 @@ kvcore_hf measures them, else the probe's. A method without a knob (int8, int4 a
 measured bytes, whatever the budget.
 
 Each task is scored on its first `num_samples` documents and calibrated on the documents after them, as in
-`sweep` (whose machinery this reuses: `open_session`, `task_calibration`, `run_point`, `layer_nd_ppl`). The
+`sweep` (whose machinery this reuses: `open_units`, `task_calibration`, `run_point`, `layer_nd_ppl`). A perplexity
+task is scored by ND-PPL; any other by its own metric (`--metric task=metric`, else the first of its metric_list),
+generation included: a task that builds its documents for a length (RULER, kvcore_ruler) runs at each length of
+`--metadata '{"max_seq_lengths": [...]}'` as its own frontier (`<task>@<length>`), calibrated in windows of that
+length on held-out documents of that length, with `--gen-kwargs` part of its points' identity. The
 `sensitivity` allocation needs each layer's ND-PPL when truncated alone: measured here on held-out text (never the
 scored documents) as the token perplexity of one direct forward per layer and kind (2 x layers forwards per task,
 seconds, where lm-eval per layer would dominate the whole frontier), or read from `--sensitivity` (the
@@ -29,7 +33,7 @@ from dataclasses import dataclass, field, fields, replace
 from pathlib import Path
 from typing import Any, ClassVar
 
-from kvcore_eval.config import MIN_SEQ_LEN, LMEvalRunConfig, TruncationConfig, check_choices, option
+from kvcore_eval.config import MIN_SEQ_LEN, TaskScoringConfig, TruncationConfig, check_choices, option
 
 logger = logging.getLogger(__name__)
 
@@ -99,11 +103,22 @@ PER_POINT = (
     "latent_bits",
 )
 # Fields that choose which points run, not what a point's number is (a point's own settings say the rest).
-SELECTORS = ("tasks", "budgets", "methods", "sensitivity", "sensitivity_tokens", "sensitivity_rank")
+# metric, metadata and gen_kwargs change numbers: the part each point depends on is in its own settings.
+SELECTORS = (
+    "tasks",
+    "budgets",
+    "methods",
+    "sensitivity",
+    "sensitivity_tokens",
+    "sensitivity_rank",
+    "metric",
+    "metadata",
+    "gen_kwargs",
+)
 
 
 @dataclass(kw_only=True)
-class FrontierConfig(LMEvalRunConfig):
+class FrontierConfig(TaskScoringConfig):
     """What `kvcore-eval frontier` runs: every method at each budget of measured bytes per token, one model load."""
 
     # The bases are always each task's own held-out calibration: a scored document is never calibrated on.
@@ -114,7 +129,8 @@ class FrontierConfig(LMEvalRunConfig):
     )
     tasks: str = option(
         "kvcore_domains",
-        help="comma-separated lm-eval tasks or groups (perplexity tasks: ND-PPL; others: their metric)",
+        help="comma-separated lm-eval tasks or groups (perplexity tasks: ND-PPL; others, generation included: their "
+        "own metric, at each --metadata max_seq_lengths where they build documents for a length)",
     )
     budgets: str = option(
         "0.5,0.25,0.125", help="comma-separated fractions of the full cache's measured bytes per token, in (0, 1)"
@@ -125,18 +141,6 @@ class FrontierConfig(LMEvalRunConfig):
         help="the options every point shares (key space, granularity, attention); the frontier sets the rest",
         cli_skip=PER_POINT,
     )
-    metric: str = option(
-        "byte_perplexity",
-        help="perplexity metric of ND-PPL (every perplexity task must report it); a task that reports no perplexity "
-        "is scored by its own first metric",
-    )
-    num_samples: int = option(
-        200, help="documents scored per task (its first); its calibration reads only the documents after them"
-    )
-    calibration_tokens: int = option(
-        20_000, help="tokens of each task's held-out documents calibrated (its data bases)"
-    )
-    seq_len: int = option(256, help="sequence length of the calibrations and of the bytes-per-token probe")
     sensitivity: str | None = option(
         None,
         help="per_layer.json of `sweep --per-layer` for the sensitivity method "
@@ -151,6 +155,7 @@ class FrontierConfig(LMEvalRunConfig):
 
     def __post_init__(self) -> None:
         check_choices(self)
+        self.check_scoring()
         self.budget_list()
         if given := [
             name
@@ -176,11 +181,6 @@ class FrontierConfig(LMEvalRunConfig):
         if budgeted and self.truncation.granularity != "layer":
             raise ValueError(
                 f"--methods {', '.join(budgeted)} spend a budget over layer spectra: use --granularity layer"
-            )
-        if self.num_samples < 1 or self.calibration_tokens < MIN_SEQ_LEN or self.seq_len < MIN_SEQ_LEN:
-            raise ValueError(
-                f"--num-samples must be >= 1, --calibration-tokens and --seq-len >= {MIN_SEQ_LEN} "
-                f"(got {self.num_samples}, {self.calibration_tokens}, {self.seq_len})"
             )
         if self.sensitivity_tokens < MIN_SEQ_LEN or not 0 < self.sensitivity_rank < 1:
             raise ValueError(
@@ -298,53 +298,27 @@ class TaskPlan:
     documents: list[dict[str, Any]] = field(default_factory=list)
 
 
-def _task_metrics(config: FrontierConfig, manager, tasks: list[str]) -> dict[str, tuple[str, bool, int]]:
-    """task -> (metric, higher_is_better, documents): config.metric where the task reports it, else its own first."""
-    from kvcore_eval.data import leaf_tasks
-
-    found = {}
-    for instance in leaf_tasks(manager.load_task_or_group(tasks)):
-        names = [entry["metric"] for entry in instance.config.metric_list or []]
-        if not names:
-            raise ValueError(f"{instance.config.task} declares no metric: give it a metric_list")
-        perplexities = [name for name in names if name in _perplexities()]
-        if config.metric not in names and perplexities:
-            raise ValueError(
-                f"--metric {config.metric}: {instance.config.task} reports {', '.join(perplexities)} (its "
-                "metric_list), not it: pass one of those"
-            )
-        metric = config.metric if config.metric in names else names[0]
-        higher = bool(instance.higher_is_better().get(metric, False))
-        found[instance.config.task] = (metric, higher, len(list(instance.eval_docs)))
-    return found
-
-
-def _check_documents(config: FrontierConfig, found: dict[str, tuple[str, bool, int]]) -> None:
-    short = {task: count for task, (_, _, count) in found.items() if count <= config.num_samples}
-    if short:
-        raise ValueError(
-            f"{', '.join(f'{t} has {c} documents' for t, c in short.items())}: the frontier scores the first "
-            f"--num-samples {config.num_samples} and calibrates on the documents after them; lower --num-samples"
-        )
-
-
-def held_out_ids(session, task: str, tokens: int):
-    """(sequences, seq_len) token ids of the task's held-out text (the documents after the scored ones): full
-    sequences only, unless the text is shorter than one."""
+def held_out_ids(session, name: str, tokens: int):
+    """(sequences, seq_len) token ids of the unit's held-out text (the documents after the scored ones, as the task
+    builds them at the unit's length) in sequences of --seq-len, or of the unit's context length where that is
+    longer: full sequences only, unless the text is shorter than one."""
     import torch
 
     from kvcore_eval.config import split_paths
     from kvcore_eval.data import iter_texts, pack_sequences
+    from kvcore_eval.sweep import unit_metadata
 
-    config = session.config
+    config, unit = session.config, session.units[name]
+    seq_len = max(config.seq_len, unit.length or 0)
     texts = iter_texts(
-        f"lm_eval:{task}",
+        f"lm_eval:{unit.task}",
         data_dir=config.data_dir,
         skip_docs=config.num_samples,
         include_path=split_paths(config.include_path),
+        metadata=unit_metadata(session, unit),
     )
-    sequences = list(pack_sequences(texts, session.tokenizer, config.seq_len, max(tokens, config.seq_len)))
-    full = [s for s in sequences if len(s) == config.seq_len]
+    sequences = list(pack_sequences(texts, session.tokenizer, seq_len, max(tokens, seq_len)))
+    full = [s for s in sequences if len(s) == seq_len]
     return torch.tensor(full or sequences[:1])
 
 
@@ -409,7 +383,7 @@ def _measure_sensitivity(session, plan: TaskPlan) -> Path:
     return path
 
 
-def _prepare_task(session, task: str, found) -> TaskPlan:
+def _prepare_task(session, task: str) -> TaskPlan:
     from kvcore_eval.artifact import read_metadata
     from kvcore_eval.models import KVGeometry
     from kvcore_eval.sweep import run_point, task_calibration, task_document_ner, use_truncation
@@ -417,33 +391,19 @@ def _prepare_task(session, task: str, found) -> TaskPlan:
     config = session.config
     basis = task_calibration(session, task)
     geometry = KVGeometry(**read_metadata(basis)["model"]["geometry"])
-    metric, higher, _ = found[task]
+    unit = session.units[task]
     full = truncation_for(config, METHODS["uniform"], None, basis, geometry, None)
-    baseline = run_point(session, task, "baseline", full, metric=metric)
+    baseline = run_point(session, task, "baseline", full)
     probe = held_out_ids(session, task, config.seq_len)[:1]
     full_bytes = probe_bytes(use_truncation(session, full), probe)
     plan = TaskPlan(
-        task,
-        basis,
-        geometry,
-        metric,
-        metric in _perplexities(),
-        higher,
-        probe,
-        baseline,
-        full_bytes,
+        task, basis, geometry, unit.metric, unit.perplexity, unit.higher_is_better, probe, baseline, full_bytes
     )
     if "sensitivity" in config.method_list():
         plan.sensitivity = Path(config.sensitivity) if config.sensitivity else _measure_sensitivity(session, plan)
     if plan.perplexity:
         plan.documents = task_document_ner(session, task)
     return plan
-
-
-def _perplexities() -> tuple[str, ...]:
-    from kvcore_eval.documents import PERPLEXITY_METRICS
-
-    return tuple(PERPLEXITY_METRICS)
 
 
 def _bits(session, method: Method) -> int:
@@ -618,20 +578,16 @@ def run_frontier(config: FrontierConfig) -> list[dict[str, Any]]:
     from tqdm.auto import tqdm
 
     from kvcore_eval import outputs
-    from kvcore_eval.sweep import open_session
+    from kvcore_eval.sweep import open_units
 
-    found: dict[str, tuple[str, bool, int]] = {}
-
-    def check(manager, tasks):
-        found.update(_task_metrics(config, manager, tasks))
-        _check_documents(config, found)
+    def check(units, manager_for) -> None:
         if config.sensitivity is not None and "sensitivity" in config.method_list():
             check_sensitivity_file(config)
 
-    session = open_session(config, KIND, OWN_NAMES, check, SELECTORS)
+    session = open_units(config, KIND, OWN_NAMES, SELECTORS, per_task=True, check=check)
     rows = []
-    for task in session.tasks:
-        plan = _prepare_task(session, task, found)
+    for task in session.units:
+        plan = _prepare_task(session, task)
         full = _row(session, plan, "full", Method("none", "full"), None, None, plan.baseline, plan.full_bytes)
         rows.append({**full, "point": "baseline"})
         for name in tqdm(config.method_list(), desc=f"frontier {task}", unit="method"):
@@ -704,7 +660,14 @@ def to_markdown(rows: list[dict[str, Any]], config: FrontierConfig, dropped: lis
         f"what the cache holds after a probe over {config.seq_len} held-out tokens; a budget is a fraction of the full "
         "cache's. ★: on the task's Pareto front (no other row has as few bytes and as good a quality, one strictly). "
         "ND-PPL in brackets: its 95 % paired bootstrap interval over the scored documents against the full cache on "
-        "the same documents, *within noise* when it holds 0; another metric: ± its bootstrap standard error.",
+        "the same documents, *within noise* when it holds 0; another metric: ± its bootstrap standard error."
+        + (f" Generation with `--gen-kwargs {config.gen_kwargs}`." if config.gen_kwargs else "")
+        + (
+            " A task that builds its documents for a length (`<task>@<length>`) is calibrated and probed in windows of "
+            "that length."
+            if config.context_lengths()
+            else ""
+        ),
         "",
     ]
     if dropped:
@@ -719,7 +682,7 @@ def to_markdown(rows: list[dict[str, Any]], config: FrontierConfig, dropped: lis
             f"## {task}",
             "",
             "| method | basis | allocation | bits | budget | bytes/token | % of full | "
-            + task_rows[0]["metric"]
+            + metric_label(task_rows[0]["metric"])
             + " | front |",
             "|---|---|---|---:|---:|---:|---:|---:|:---:|",
         ]
@@ -752,6 +715,11 @@ def to_markdown(rows: list[dict[str, Any]], config: FrontierConfig, dropped: lis
                 lines.append(f"| {r['method']} | {budget} | {_stat(c['key'])} | {_stat(c['value'])} |")
         lines.append("")
     return "\n".join(lines)
+
+
+def metric_label(metric: str) -> str:
+    """A metric as a reader knows it: RULER names its score by the context length."""
+    return f"score ({metric}-token context)" if metric.isdigit() else metric
 
 
 def _quality(row: dict[str, Any], with_interval) -> str:
@@ -804,7 +772,9 @@ def plot_frontier(rows: list[dict[str, Any]], config: FrontierConfig, path: Path
         if full["higher_is_better"] is False:
             ax.set_yscale("symlog", linthresh=0.01)  # ND-PPL spans orders of magnitude
             ax.set_ylim(bottom=min(0.0, *(r["value"] for r in task_rows)))
-        ax.set(xlabel="bytes per token (measured)", ylabel=full["metric"], title=task.removeprefix("kvcore_"))
+        ax.set(
+            xlabel="bytes per token (measured)", ylabel=metric_label(full["metric"]), title=task.removeprefix("kvcore_")
+        )
         ax.grid(alpha=0.3)
     axes[-1].legend(frameon=False, fontsize=8, ncol=2)
     figure.suptitle(f"Bytes–quality frontier: {Path(config.model).name or config.model} (dotted: budgets)")

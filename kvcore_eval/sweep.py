@@ -37,7 +37,7 @@ from typing import Any
 from kvcore_eval import metrics, outputs, study
 from kvcore_eval.config import CalibrationConfig, SweepConfig, identity, identity_differences, split_paths
 from kvcore_eval.spaces import KEY_SPACES
-from kvcore_eval.units import Unit, sweep_units
+from kvcore_eval.units import Unit, check_kinds, task_units
 
 logger = logging.getLogger(__name__)
 
@@ -100,26 +100,26 @@ class Progress:
 
 @dataclass
 class Session:
-    """What one sweep loads once."""
+    """What one sweep or frontier loads once."""
 
-    config: SweepConfig
+    config: Any  # SweepConfig or FrontierConfig: a TaskScoringConfig with out and tasks
     out: Path
     manager: Any  # lm-eval TaskManager
     model: Any
     tokenizer: Any
-    tasks: list[str]  # the leaf perplexity tasks of config.tasks (the sweep: names of its perplexity units)
+    tasks: list[str]  # names of the perplexity units (the ND-PPL study's tasks)
     selectors: tuple[str, ...] = POINT_SELECTORS  # config fields that choose points, not a point's number
     lm: Any = None  # KVCoreHFLM, built on first use
     progress: Progress = field(default_factory=Progress)
-    units: dict[str, Unit] = field(default_factory=dict)  # the sweep's, by name (the frontier has none)
+    units: dict[str, Unit] = field(default_factory=dict)  # every task at every length, by name
     task_metadata: dict[str, Any] = field(default_factory=lambda: dict(TASK_METADATA))  # what every task is handed
     used: set[Path] = field(default_factory=set)  # the points this run read or wrote
     loaded: dict[str, Any] = field(default_factory=dict)  # unit name -> its lm-eval task, built once (`loaded_task`)
 
 
-def unit_metadata(session: Session, unit: Unit | None) -> dict[str, Any]:
+def unit_metadata(session: Session, unit: Unit) -> dict[str, Any]:
     """What lm-eval hands the unit's task: every record, the model's tokenizer, --metadata and the unit's length."""
-    length = {"max_seq_lengths": [unit.length]} if unit is not None and unit.length is not None else {}
+    length = {"max_seq_lengths": [unit.length]} if unit.length is not None else {}
     return {**session.task_metadata, **length}
 
 
@@ -127,15 +127,13 @@ def point_metadata(session: Session, unit: Unit) -> dict[str, Any]:
     """The part of a unit's task metadata that the run's identity does not hold already: --metadata (without its
     max_seq_lengths) and the unit's own length."""
     length = {"max_seq_lengths": [unit.length]} if unit.length is not None else {}
-    return {**getattr(session.config, "task_metadata", dict)(), **length}
+    return {**session.config.task_metadata(), **length}
 
 
-def unit_manager(session: Session, unit: Unit | None):
-    """The TaskManager that loads the unit's task as the sweep scores it (the session's own for a plain task)."""
+def unit_manager(session: Session, unit: Unit):
+    """The TaskManager that loads the unit's task as it is scored (its metadata: tokenizer, --metadata, length)."""
     from kvcore_eval.lm_tasks import task_manager
 
-    if unit is None:
-        return session.manager
     return task_manager(session.config.data_dir, split_paths(session.config.include_path), unit_metadata(session, unit))
 
 
@@ -150,50 +148,28 @@ def loaded_task(session: Session, unit: Unit):
     return session.loaded[unit.name]
 
 
-def perplexity_tasks(config: SweepConfig, manager) -> list[str]:
-    """The leaf tasks of `config.tasks`; generation tasks are refused before anything runs."""
-    from kvcore_eval.data import leaf_tasks
-
-    names = [t.strip() for t in config.tasks.split(",") if t.strip()]
-    unknown = [name for name in names if name not in manager.all_tasks]
-    if unknown:
-        raise ValueError(
-            f"--tasks {', '.join(unknown)}: not a task or group lm-eval knows; pass its folder with --include-path"
-        )
-    tasks = list(leaf_tasks(manager.load_task_or_group(names)))
-    if generating := [t.config.task for t in tasks if t.config.output_type == "generate_until"]:
-        raise ValueError(
-            f"--tasks {', '.join(generating)}: the frontier scores perplexity and loglikelihood tasks, not generation; "
-            "score a generation task (RULER, ...) against rank, kind and context length with `kvcore-eval sweep`"
-        )
-    found = sorted({t.config.task for t in tasks})
-    for task in found:  # each names folders under --out (calibrations/<task>, points/<task>)
-        outputs.check_path_component(task, "task name")
-    return found
-
-
 def task_calibration(session: Session, task: str) -> Path:
     """The task's own calibration on its held-out documents (reused when made with the same settings); `task` is a
-    unit name in a sweep (a RULER task at one length is calibrated on documents of that length)."""
+    unit name (a RULER task at one length is calibrated on documents of that length)."""
     from kvcore_eval import artifact
     from kvcore_eval.calibrate import calibrate
 
     config = session.config
-    unit = session.units.get(task)
+    unit = session.units[task]
     # what the scoring hands the task beyond what calibrate adds itself (every record, the model's tokenizer)
-    metadata = point_metadata(session, unit) if unit is not None else {}
+    metadata = point_metadata(session, unit)
     wanted = CalibrationConfig(
         model=config.model,
         gguf_file=config.gguf_file,
-        dataset=f"lm_eval:{unit.task if unit else task}",
+        dataset=f"lm_eval:{unit.task}",
         skip_docs=config.num_samples,
-        metadata=json.dumps(metadata, sort_keys=True) if unit is not None and metadata else None,
+        metadata=json.dumps(metadata, sort_keys=True) if metadata else None,
         include_path=config.include_path,
         data_dir=config.data_dir,
         max_tokens=config.calibration_tokens,
         # a task at a context length is calibrated in windows of that length: its bases see keys at every position
         # it is scored at (a 4k document cut in 256-token windows never shows position 300)
-        seq_len=max(config.seq_len, unit.length) if unit is not None and unit.length else config.seq_len,
+        seq_len=max(config.seq_len, unit.length or 0),
         device=config.device,
         dtype=config.dtype,
         out=str(session.out / "calibrations" / task),
@@ -228,19 +204,19 @@ def point_settings(session: Session, task: str, truncation, documents: list[int]
     """Everything that changes a point's number: a saved point is reused only when all of it is equal."""
     from kvcore_eval.artifact import read_metadata
 
+    unit = session.units[task]
     settings = {
-        "task": task,
+        "task": unit.task,
         "sweep": identity(session.config, exclude=session.selectors),
         "truncation": identity(truncation),
         "basis_sha256": read_metadata(truncation.calibration)["basis_sha256"],
         "documents": documents,
         "metric": metric,
     }
-    if (unit := session.units.get(task)) is not None:  # what else sets the unit's number
-        settings["task"] = unit.task
-        settings.update({"length": unit.length} if unit.length is not None else {})
-        settings.update({"metadata": metadata} if (metadata := session.config.task_metadata()) else {})
-        settings.update({"gen_kwargs": gen} if unit.generation and (gen := session.config.gen_kwargs) else {})
+    # what else sets the unit's number
+    settings.update({"length": unit.length} if unit.length is not None else {})
+    settings.update({"metadata": metadata} if (metadata := session.config.task_metadata()) else {})
+    settings.update({"gen_kwargs": gen} if unit.generation and (gen := session.config.gen_kwargs) else {})
     if truncation.sensitivity is not None:  # the table's content, not its path, sets the plan
         from kvcore_eval.models import file_sha256
 
@@ -282,8 +258,8 @@ def run_point(
     from kvcore_eval.documents import per_document_counts, per_document_values
 
     config = session.config
-    unit = session.units.get(task)
-    metric = metric or (unit.metric if unit is not None else config.metric)
+    unit = session.units[task]
+    metric = metric or unit.metric
     path = session.out / "points" / task / f"{name}.json"
     session.used.add(path)
     # the plan the truncation resolves to is part of the identity: a budget spent by other rules is another point
@@ -301,11 +277,11 @@ def run_point(
         session.progress.point_done(task, name, None)
         return saved
     started = time.monotonic()
-    scored = task if unit is None else unit.task  # the lm-eval task
+    scored = unit.task  # the lm-eval task
     chosen = {"samples": {scored: documents}} if documents is not None else {"limit": config.num_samples}
-    if unit is not None and unit.generation and config.gen_kwargs:
+    if unit.generation and config.gen_kwargs:
         chosen["gen_kwargs"] = config.gen_kwargs
-    tasks = [loaded_task(session, unit)] if unit is not None and unit.generation else [scored]
+    tasks = [loaded_task(session, unit)] if unit.generation else [scored]
     results = lm_eval.simple_evaluate(
         model=session.lm, tasks=tasks, task_manager=unit_manager(session, unit), log_samples=True, **chosen
     )
@@ -357,26 +333,6 @@ def nd_ppl_interval(point: dict[str, Any], baseline: dict[str, Any]) -> dict[str
     return metrics.paired_bootstrap_nd_ppl(truncated, full)
 
 
-def open_session(
-    config,
-    kind: str = KIND,
-    own_names: tuple[str, ...] = OWN_NAMES,
-    check: Callable[[Any, list[str]], None] | None = None,
-    selectors: tuple[str, ...] = POINT_SELECTORS,
-) -> Session:
-    """Check everything that needs no model (and `check(manager, tasks)`), claim the output folder, then load the
-    model once. `config` is a config with a SweepConfig's model, task and output fields (the frontier's: perplexity
-    tasks only); `selectors` are its fields that choose which points run rather than what a point's number is."""
-    from kvcore_eval.lm_tasks import task_manager
-
-    manager = task_manager(config.data_dir, split_paths(config.include_path), TASK_METADATA)
-    tasks = perplexity_tasks(config, manager)  # refuses unknown and generation tasks before any output
-    if check is not None:
-        check(manager, tasks)
-    out, model, tokenizer = claim_and_load(config, kind, own_names)
-    return Session(config, out, manager, model, tokenizer, tasks, selectors)
-
-
 def claim_and_load(config, kind: str, own_names: tuple[str, ...], tokenizer=None) -> tuple[Path, Any, Any]:
     """After every check: claim the output folder (config.json), then load the model (and its tokenizer)."""
     from kvcore_eval import models
@@ -390,10 +346,20 @@ def claim_and_load(config, kind: str, own_names: tuple[str, ...], tokenizer=None
     return out, model, tokenizer or models.load_tokenizer(model_id, None, gguf_file)
 
 
-def open_sweep(config: SweepConfig) -> Session:
-    """The sweep's session: its units (each task at each length, with its metric) and every option checked against
-    the tasks (metrics in their metric_list, kinds, documents, a shared basis's overlap) before the output folder is
-    claimed or the model loads. Only the tokenizer loads first: tasks that build their documents (RULER) need it."""
+def open_units(
+    config,
+    kind: str = KIND,
+    own_names: tuple[str, ...] = OWN_NAMES,
+    selectors: tuple[str, ...] = POINT_SELECTORS,
+    per_task: bool = True,
+    check: Callable[[list[Unit], Callable[[int | None], Any]], None] | None = None,
+) -> Session:
+    """A session over the units of `config.tasks` (each task at each length, with its metric), every option checked
+    against the tasks (metrics in their metric_list, document counts where each task is calibrated on its own held-out
+    documents: `per_task`, and `check(units, manager_for)`) before the output folder is claimed or the model loads.
+    Only the tokenizer loads first: tasks that build their documents (RULER) need it. `config` is a
+    TaskScoringConfig with an `out` and `tasks`; `selectors` are its fields that choose which points run rather than
+    what a point's number is."""
     from kvcore_eval import models
     from kvcore_eval.lm_tasks import task_manager, tokenizer_metadata
 
@@ -406,18 +372,29 @@ def open_sweep(config: SweepConfig) -> Session:
         lengths = {"max_seq_lengths": [length]} if length is not None else {}
         return task_manager(config.data_dir, split_paths(config.include_path), {**metadata, **lengths})
 
-    units = sweep_units(config, manager_for)
-    if config.basis_scope == "shared":
-        from kvcore_eval.artifact import read_metadata
-
-        read_metadata(config.truncation.calibration)  # an artifact is there, in a format this version reads
-        if not config.allow_overlap:
-            check_shared_overlap(config, list(units.values()), manager_for)
-    out, model, tokenizer = claim_and_load(config, KIND, OWN_NAMES, tokenizer)
+    units = task_units(config, manager_for, per_task)
+    if check is not None:
+        check(list(units.values()), manager_for)
+    out, model, tokenizer = claim_and_load(config, kind, own_names, tokenizer)
     perplexity = [name for name, unit in units.items() if unit.perplexity]
-    session = Session(config, out, manager_for(None), model, tokenizer, perplexity, POINT_SELECTORS)
+    session = Session(config, out, manager_for(None), model, tokenizer, perplexity, selectors)
     session.units, session.task_metadata = units, metadata
     return session
+
+
+def open_sweep(config: SweepConfig) -> Session:
+    """The sweep's session: its units, the kinds truncated and a shared basis's overlap checked first."""
+
+    def check(units: list[Unit], manager_for: Callable[[int | None], Any]) -> None:
+        check_kinds(config, units)
+        if config.basis_scope == "shared":
+            from kvcore_eval.artifact import read_metadata
+
+            read_metadata(config.truncation.calibration)  # an artifact is there, in a format this version reads
+            if not config.allow_overlap:
+                check_shared_overlap(config, units, manager_for)
+
+    return open_units(config, per_task=config.basis_scope == "per-task", check=check)
 
 
 def check_shared_overlap(config: SweepConfig, units: list[Unit], manager_for: Callable[[int | None], Any]) -> None:
@@ -455,19 +432,15 @@ def task_document_ner(session: Session, task: str) -> list[dict[str, Any]]:
     config = session.config
     path = session.out / "documents" / f"{task}.json"
     settings = {"task": task, "run": identity(config, exclude=session.selectors)}
-    unit = session.units.get(task)
-    if unit is not None and (metadata := point_metadata(session, unit)):
+    unit = session.units[task]
+    if metadata := point_metadata(session, unit):
         settings["metadata"] = metadata
     if path.exists():
         saved = outputs.read_json(path, "per-document NER")
         if saved["settings"] == settings:
             return saved["documents"]
     scored = lm_eval_task_documents(
-        unit.task if unit else task,
-        0,
-        config.data_dir,
-        split_paths(config.include_path),
-        unit_metadata(session, unit) if unit else None,
+        unit.task, 0, config.data_dir, split_paths(config.include_path), unit_metadata(session, unit)
     )
     texts = [prompt + response for prompt, response in itertools.islice(scored, config.num_samples)]
     rows = [
@@ -529,7 +502,7 @@ def perplexity_study(session: Session, calibrations: dict[str, Path], basis: dic
     from kvcore_eval.report import layer_table, mean_ner
 
     config, tasks = session.config, session.tasks
-    (kind,) = config.truncate_kinds()  # sweep_units refuses several kinds with perplexity tasks
+    (kind,) = config.truncate_kinds()  # check_kinds refuses several kinds with perplexity tasks
     baseline_points = {
         task: run_point(session, task, "baseline", _truncation(session, basis[task], "full", "full", "both"))
         for task in tasks

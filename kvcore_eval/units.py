@@ -1,6 +1,6 @@
-"""What a sweep scores: each task of --tasks at each context length (a unit), with the metric it is scored by,
-checked against the task's own declarations (its metric_list, output type, document count) before any output is
-touched or any model loads.
+"""What a sweep or a frontier scores: each task of --tasks at each context length (a unit), with the metric it is
+scored by, checked against the task's own declarations (its metric_list, output type, document count) before any
+output is touched or any model loads.
 
 A task that builds its documents for a length (lm-eval's RULER, kvcore_ruler) is one unit per length of `--metadata
 '{"max_seq_lengths": [...]}'`, named `<task>@<length>`, with its own points and held-out calibration; any other task
@@ -16,7 +16,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from kvcore_eval import outputs
-from kvcore_eval.config import SweepConfig
+from kvcore_eval.config import SweepConfig, TaskScoringConfig
 from kvcore_eval.documents import PERPLEXITY_METRICS
 
 
@@ -29,6 +29,7 @@ class Unit:
     length: int | None
     output_type: str
     metric: str
+    higher_is_better: bool = False  # of the metric itself (a perplexity's ND-PPL: lower is better)
 
     @property
     def name(self) -> str:
@@ -56,7 +57,7 @@ def named_by_length(instance) -> bool:
     return bool(names) and all(name.isdigit() for name in names)
 
 
-def choose_metric(config: SweepConfig, instance, length: int | None) -> str:
+def choose_metric(config: TaskScoringConfig, instance, length: int | None) -> str:
     """The metric a task is scored by, checked against its metric_list without running it: `task=metric` of --metric;
     else, where every metric is named by a context length (RULER), the unit's length; else, for a perplexity task
     (rolling, or declaring a perplexity metric), --metric's perplexity metric; else the task's first metric."""
@@ -101,10 +102,12 @@ def check_single_filter(instance) -> None:
         )
 
 
-def sweep_units(config: SweepConfig, manager_for: Callable[[int | None], Any]) -> dict[str, Unit]:
+def task_units(
+    config: TaskScoringConfig, manager_for: Callable[[int | None], Any], per_task: bool = True
+) -> dict[str, Unit]:
     """The leaf tasks of `config.tasks` as units, each with its metric; a generation task at each --metadata
-    max_seq_lengths (where given). Unknown tasks, metrics, kinds and document counts are refused here, before any
-    output is touched or any model loads."""
+    max_seq_lengths (where given). Unknown tasks, metrics and document counts (`per_task`: each task calibrated on
+    the documents after the scored ones) are refused here, before any output is touched or any model loads."""
     from kvcore_eval.data import leaf_tasks
     from kvcore_eval.lm_tasks import load_as_evaluated
 
@@ -129,18 +132,35 @@ def sweep_units(config: SweepConfig, manager_for: Callable[[int | None], Any]) -
             unit_length = length if at_lengths else None
             check_single_filter(instance)
             unit = Unit(instance.config.task, unit_length, instance.config.output_type, "")
-            unit = dataclasses.replace(unit, metric=choose_metric(config, instance, unit_length))
-            check_document_count(config, unit, len(list(instance.eval_docs)))
+            metric = choose_metric(config, instance, unit_length)
+            unit = dataclasses.replace(unit, metric=metric, higher_is_better=higher_is_better(instance, metric))
+            if per_task:
+                check_document_count(config, unit, len(list(instance.eval_docs)))
             units[unit.name] = unit
-    check_kinds(config, list(units.values()))
     return units
 
 
-def check_document_count(config: SweepConfig, unit: Unit, count: int) -> None:
-    if config.basis_scope == "per-task" and count <= config.num_samples:
+def higher_is_better(instance, metric: str) -> bool:
+    """Whether more of `metric` is better, as the task declares it (a metric named by a context length: as every
+    such metric of the task is declared; RULER declares its lengths up to 128k, not each length it runs at)."""
+    declared = instance.higher_is_better() or {}
+    if metric in declared:
+        return bool(declared[metric])
+    if metric.isdigit() and named_by_length(instance) and declared:
+        return all(bool(declared[name]) for name in metric_names(instance) if name in declared)
+    if metric in PERPLEXITY_METRICS:
+        return False
+    raise ValueError(
+        f"{instance.config.task} does not say whether more {metric!r} is better: add higher_is_better to that "
+        "metric in its metric_list"
+    )
+
+
+def check_document_count(config: TaskScoringConfig, unit: Unit, count: int) -> None:
+    if count <= config.num_samples:
         raise ValueError(
-            f"{unit.name} has {count} documents: the sweep scores the first --num-samples {config.num_samples} and "
-            "calibrates on the documents after them; lower --num-samples"
+            f"{unit.name} has {count} documents: the first --num-samples {config.num_samples} are scored and its "
+            "calibration reads the documents after them; lower --num-samples"
         )
 
 

@@ -194,6 +194,20 @@ def test_model_loading_options_are_declared_once_for_every_lm_eval_run():
             assert fields[name].metadata is declared.metadata, f"{config_class.__name__}.{name} is declared again"
 
 
+def test_the_scoring_options_of_sweep_and_frontier_are_declared_once():
+    from kvcore_eval.frontier import FrontierConfig
+
+    own = {f.name for f in dataclasses.fields(C.TaskScoringConfig)} - {
+        f.name for f in dataclasses.fields(C.LMEvalRunConfig)
+    }
+    assert own == {"metric", "metadata", "gen_kwargs", "num_samples", "calibration_tokens", "seq_len"}
+    declared = {f.name: f for f in dataclasses.fields(C.TaskScoringConfig)}
+    for config_class in (SweepConfig, FrontierConfig):
+        fields = {f.name: f for f in dataclasses.fields(config_class)}
+        for name in own:
+            assert fields[name].metadata is declared[name].metadata, f"{config_class.__name__}.{name} is declared again"
+
+
 def test_eval_splits_a_gguf_path_into_lm_evals_pretrained_and_gguf_file(tmp_path):
     (tmp_path / "m.gguf").write_bytes(b"GGUF")
     args = C.EvalConfig(model=str(tmp_path / "m.gguf"), tasks="kvcore_alpaca").model_args()

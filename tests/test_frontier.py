@@ -1,3 +1,4 @@
+import dataclasses
 import json
 
 import numpy as np
@@ -318,7 +319,7 @@ def test_every_option_is_checked_before_anything_is_written_or_loaded(tmp_path):
     with pytest.raises(ValueError, match="--methods sequence cannot run.*attention=latent"):
         frontier_config(tmp_path, methods="sequence", truncation=TruncationConfig(attention="latent"))
     out = tmp_path / "run"
-    with pytest.raises(ValueError, match="--metric byte_perplexty: kvcore_codealpaca reports .*byte_perplexity"):
+    with pytest.raises(ValueError, match="--metric: kvcore_codealpaca declares no .byte_perplexty. .*byte_perplexity"):
         run_frontier(frontier_config(out, metric="byte_perplexty"))
     assert not out.exists()
     table = tmp_path / "per_layer.json"
@@ -333,3 +334,40 @@ def test_every_option_is_checked_before_anything_is_written_or_loaded(tmp_path):
         with pytest.raises(ValueError, match=match):
             run_frontier(frontier_config(out, sensitivity=str(table)))
         assert not out.exists(), "nothing written: no folder, no calibration"
+
+
+def test_a_generation_task_at_a_context_length_is_a_frontier_of_its_own_metric(tmp_path):
+    """kvcore_ruler at one length: calibrated in windows of that length on held-out documents of that length,
+    scored by RULER's metric named by the length (higher is better, with its bootstrap standard error), each method
+    within the budget in the bytes its own generation measured; --gen-kwargs is part of each point's identity."""
+    out = tmp_path / "gen"
+    config = frontier_config(
+        out,
+        tasks="kvcore_ruler_niah_single_2",
+        metadata='{"max_seq_lengths": [768], "num_samples": 3}',
+        gen_kwargs="max_gen_toks=4",
+        methods="uniform,random",
+        budgets="0.5",
+        num_samples=1,
+        calibration_tokens=768,
+    )
+    rows = run_frontier(config)
+    name = "kvcore_ruler_niah_single_2@768"
+    assert [(r["task"], r["method"]) for r in rows] == [(name, "full"), (name, "uniform"), (name, "random")]
+    full = rows[0]
+    for row in rows:
+        assert row["metric"] == "768" and row["higher_is_better"] and 0 <= row["value"] <= 1 and "stderr" in row
+        assert row["bytes_measured_on"] == "scored documents"
+    for row in rows[1:]:
+        assert row["within_budget"] and row["bytes_per_token"] <= 0.5 * full["bytes_per_token"]
+    calibration = json.loads((out / "calibrations" / name / "config.json").read_text())
+    assert calibration["seq_len"] == 768 and calibration["metadata"] == '{"max_seq_lengths": [768], "num_samples": 3}'
+    settings = json.loads((out / "points" / name / f"{rows[1]['point']}.json").read_text())["settings"]
+    assert (settings["task"], settings["length"], settings["gen_kwargs"]) == (
+        "kvcore_ruler_niah_single_2",
+        768,
+        "max_gen_toks=4",
+    )
+    assert "| score (768-token context) | front |" in (out / "frontier.md").read_text()
+    with pytest.raises(ValueError, match="gen_kwargs: 'max_gen_toks=4' then, 'max_gen_toks=5' now"):
+        run_frontier(dataclasses.replace(config, gen_kwargs="max_gen_toks=5"))
