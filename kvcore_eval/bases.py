@@ -27,7 +27,7 @@ from dataclasses import dataclass
 
 import torch
 from torch import nn
-from transformers.cache_utils import Cache, DynamicLayer
+from transformers.cache_utils import DynamicLayer
 
 from kvcore_eval.artifact import Calibration
 from kvcore_eval.models import KVGeometry, kv_geometry
@@ -186,7 +186,7 @@ class _Recorder(DynamicLayer):
 
 def check_projections(model: nn.Module, tap: RopeTap, projections: dict, kinds: tuple[str, ...]) -> dict:
     """[W | b]·[x; 1] against the cache's pre-RoPE key / value on the probe batch; relative errors by (layer, kind)."""
-    from kvcore_eval.selfcheck import TOLERANCE, probe_batch
+    from kvcore_eval.selfcheck import TOLERANCE, run_probe
 
     config = model.config
     family = getattr(config, "model_type", type(model).__name__)
@@ -199,21 +199,8 @@ def check_projections(model: nn.Module, tap: RopeTap, projections: dict, kinds: 
     hooks = [module.register_forward_hook(keep) for module in modules]
     seen: dict = {}
     num_layers = kv_geometry(config).num_layers
-    input_ids, attention_mask, position_ids = probe_batch(config.get_text_config(decoder=True).vocab_size, model.device)
-    # The projection hook keeps the last call's input; one layer at a time would be exact, but each module is
-    # called once per forward, so the input kept is that layer's.
-    try:
-        with torch.no_grad():
-            model.base_model(
-                input_ids=input_ids,
-                attention_mask=attention_mask,
-                position_ids=position_ids,
-                cache=Cache(layers=[_Recorder(seen, layer, tap) for layer in range(num_layers)]),
-                use_cache=True,
-            )
-    finally:
-        for hook in hooks:
-            hook.remove()
+    # The projection hook keeps the last call's input: each module is called once per forward, so it is that layer's.
+    run_probe(model, [_Recorder(seen, layer, tap) for layer in range(num_layers)], hooks)
     tolerance = TOLERANCE.get(model.dtype, 3e-2)
     errors = {}
     for (layer, kind), proj in projections.items():

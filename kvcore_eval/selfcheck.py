@@ -26,6 +26,7 @@ logger = logging.getLogger(__name__)
 
 # Relative Frobenius error allowed between the true and the derived pre-RoPE key, by the model's dtype.
 TOLERANCE = {torch.float32: 1e-4, torch.float64: 1e-8, torch.bfloat16: 3e-2, torch.float16: 1e-2}
+PROBE_ROWS = 2  # the second left-padded, as batched generation feeds it
 PROBE_LENGTH = 13  # tokens per probe row; chosen to differ from usual head counts so layouts are unambiguous
 
 
@@ -81,11 +82,31 @@ def probe_batch(vocab_size: int, device: torch.device | str) -> tuple[torch.Tens
     """Two rows, the second left-padded by 4, as batched generation feeds them: input_ids, attention_mask,
     position_ids (batch, PROBE_LENGTH). Token ids are seeded and avoid the first ids (often special tokens)."""
     generator = torch.Generator().manual_seed(0)
-    input_ids = torch.randint(min(3, vocab_size - 1), vocab_size, (2, PROBE_LENGTH), generator=generator)
+    input_ids = torch.randint(min(3, vocab_size - 1), vocab_size, (PROBE_ROWS, PROBE_LENGTH), generator=generator)
     attention_mask = torch.ones_like(input_ids)
     attention_mask[1, :4] = 0
     position_ids = (attention_mask.cumsum(-1) - 1).clamp(min=0)
     return input_ids.to(device), attention_mask.to(device), position_ids.to(device)
+
+
+def run_probe(model: nn.Module, layers: list[DynamicLayer], hooks: list) -> None:
+    """One forward of the probe batch through the model's base with a cache of `layers` (which record what they
+    are handed); `hooks`, forward hooks already registered, are removed afterwards, whatever happens."""
+    input_ids, attention_mask, position_ids = probe_batch(
+        model.config.get_text_config(decoder=True).vocab_size, model.device
+    )
+    try:
+        with torch.no_grad():
+            model.base_model(
+                input_ids=input_ids,
+                attention_mask=attention_mask,
+                position_ids=position_ids,
+                cache=Cache(layers=layers),
+                use_cache=True,
+            )
+    finally:
+        for hook in hooks:
+            hook.remove()
 
 
 def check_key_recovery(model: nn.Module, tap: RopeTap) -> dict[int, float]:
@@ -104,27 +125,14 @@ def check_key_recovery(model: nn.Module, tap: RopeTap) -> dict[int, float]:
             "(none of k_norm, k_proj, qkv_proj, query_key_value, c_attn), so it cannot verify its keys: "
             "this family is not supported"
         )
-    input_ids, attention_mask, position_ids = probe_batch(config.get_text_config(decoder=True).vocab_size, model.device)
-    batch, seq = input_ids.shape
+    batch, seq = PROBE_ROWS, PROBE_LENGTH
     truth: dict[int, torch.Tensor] = {}
     derived: dict[int, torch.Tensor] = {}
     hooks = [
         source.module.register_forward_hook(_keep(truth, layer, source, batch, seq))
         for layer, source in sources.items()
     ]
-    probe = Cache(layers=[_ProbeLayer(derived, layer, tap) for layer in range(geometry.num_layers)])
-    try:
-        with torch.no_grad():
-            model.base_model(
-                input_ids=input_ids,
-                attention_mask=attention_mask,
-                position_ids=position_ids,
-                cache=probe,
-                use_cache=True,
-            )
-    finally:
-        for hook in hooks:
-            hook.remove()
+    run_probe(model, [_ProbeLayer(derived, layer, tap) for layer in range(geometry.num_layers)], hooks)
     tolerance = TOLERANCE.get(model.dtype, 3e-2)
     errors = {}
     for layer, _source in sources.items():
