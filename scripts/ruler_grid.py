@@ -7,7 +7,8 @@ length (RULER generates its documents at load) and shared by the cells that foll
 `hf` model on the same weights; `kvcore_hf` cells swap rank plans on one loaded model.
 
     python scripts/ruler_grid.py --model $SMOL/SmolLM2-135M-Instruct.Q4_1.gguf --out runs/ruler-grid \\
-        --prose runs/smol-prose --task-basis niah_single_1=runs/smol-niah1 --cells cells.txt
+        --prose runs/smol-prose --task-basis niah_single_1=runs/smol-niah1 \\
+        --task-basis niah_single_1@4096=runs/smol-niah1-4k --cells cells.txt
 
 `--cells` lists one cell a line: `task length basis kind rank` (basis: hf, prose or task; kind: keys, values, both;
 rank: a fraction of D), run in the order given. `<out>/grid.md` (printed at the end) holds each finished cell's mean
@@ -59,7 +60,12 @@ def main() -> None:
     parser.add_argument("--model", required=True, help="model folder or .gguf file")
     parser.add_argument("--out", required=True, help="output folder (cells/*.json, grid.md)")
     parser.add_argument("--prose", required=True, help="calibration artifact of English prose (basis `prose`)")
-    parser.add_argument("--task-basis", action="append", default=[], help="TASK=ARTIFACT (basis `task`)")
+    parser.add_argument(
+        "--task-basis",
+        action="append",
+        default=[],
+        help="TASK=ARTIFACT or TASK@LENGTH=ARTIFACT (basis `task`; the one for the cell's length first)",
+    )
     parser.add_argument("--cells", required=True, help="file of cells: task length basis kind rank")
     parser.add_argument("--limit", type=int, default=5, help="documents per cell (the first of the task)")
     parser.add_argument("--gen-kwargs", default="", help="lm-eval --gen_kwargs for every cell, e.g. max_gen_toks=16")
@@ -89,7 +95,16 @@ def main() -> None:
     for task, length, basis, kind, rank in cells:
         name = f"{task}_{length}_{basis}_{kind}_{rank:g}"
         path = out / "cells" / f"{name}.json"
-        if path.exists():
+        artifact = None
+        if basis != "hf":
+            artifact = args.prose if basis == "prose" else task_basis.get(f"{task}@{length}", task_basis.get(task))
+            if artifact is None:
+                raise SystemExit(f"cell {name}: no --task-basis {task}=ARTIFACT or {task}@{length}=ARTIFACT")
+        if path.exists():  # reused only when it was scored the same way
+            saved = json.loads(path.read_text())
+            made = {key: saved[key] for key in ("artifact", "limit", "gen_kwargs")}
+            if made != {"artifact": artifact, "limit": args.limit, "gen_kwargs": args.gen_kwargs}:
+                raise SystemExit(f"{path} was scored with {made}: move it away, or use another --out")
             continue
         if (task, length) not in built:
             manager = task_manager(None, None, {**base_metadata, "max_seq_lengths": [length]})
@@ -103,7 +118,6 @@ def main() -> None:
                 hf = HFLM(pretrained=own, tokenizer=tokenizer, batch_size=args.batch_size)
             lm = hf
         else:
-            artifact = args.prose if basis == "prose" else task_basis[task]
             spec = f"{rank:g}" if rank < 1 else "full"
             truncation = TruncationConfig(
                 calibration=artifact,
@@ -130,7 +144,7 @@ def main() -> None:
             "task": task,
             "length": length,
             "basis": basis,
-            "artifact": None if basis == "hf" else artifact,
+            "artifact": artifact,
             "kind": kind,
             "rank": rank,
             "limit": args.limit,
