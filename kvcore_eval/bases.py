@@ -196,7 +196,7 @@ def check_projections(model: nn.Module, tap: RopeTap, projections: dict, kinds: 
     def keep(module, args, output) -> None:
         inputs[module] = args[0].detach().float()
 
-    hooks = [module.register_forward_hook(keep) for module in modules]
+    hooks = [(module, keep) for module in modules]
     seen: dict = {}
     num_layers = kv_geometry(config).num_layers
     # The projection hook keeps the last call's input: each module is called once per forward, so it is that layer's.

@@ -428,6 +428,13 @@ class TaskScoringConfig(LMEvalRunConfig):
                 f"--metric {self.metric!r}: give one perplexity metric and task=metric pairs, e.g. "
                 "byte_perplexity,niah_single_1=1024"
             )
+        from kvcore_eval.documents import PERPLEXITY_METRICS
+
+        if bare and bare[0] not in PERPLEXITY_METRICS:
+            raise ValueError(
+                f"--metric {bare[0]}: a bare metric is the perplexity of ND-PPL ({', '.join(PERPLEXITY_METRICS)}); "
+                f"score a task by another metric with task={bare[0]}"
+            )
         return (bare[0] if bare else "byte_perplexity"), {task.strip(): name.strip() for task, name in pairs}
 
     def task_metadata(self) -> dict[str, Any]:

@@ -19,7 +19,8 @@ length on held-out documents of that length, with `--gen-kwargs` part of its poi
 `sensitivity` allocation needs each layer's ND-PPL when truncated alone: measured here on held-out text (never the
 scored documents) as the token perplexity of one direct forward per layer and kind (2 x layers forwards per task,
 seconds, where lm-eval per layer would dominate the whole frontier), or read from `--sensitivity` (the
-per_layer.json of `sweep --per-layer`, lm-eval's metric on that sweep's scored documents).
+per_layer.json of `sweep --per-layer`, lm-eval's metric on that sweep's scored documents). For a generation task
+that held-out text is its prompts: the sensitivity is then a proxy (token perplexity), not the task's metric.
 Outputs: frontier.json (one row per task, method and budget), frontier.md, frontier.png. Each ND-PPL carries the
 sweep's 95 % paired bootstrap interval over the scored documents against the full cache (`nd_ppl_interval`, within
 noise when it holds 0), another metric the bootstrap standard error of its mean (`stderr`). Every option is checked
@@ -103,7 +104,7 @@ PER_POINT = (
     "latent_bits",
 )
 # Fields that choose which points run, not what a point's number is (a point's own settings say the rest).
-# metric, metadata and gen_kwargs change numbers: the part each point depends on is in its own settings.
+# metadata and gen_kwargs change numbers: the part each point depends on is in its own settings.
 SELECTORS = (
     "tasks",
     "budgets",
@@ -111,7 +112,6 @@ SELECTORS = (
     "sensitivity",
     "sensitivity_tokens",
     "sensitivity_rank",
-    "metric",
     "metadata",
     "gen_kwargs",
 )
@@ -584,7 +584,7 @@ def run_frontier(config: FrontierConfig) -> list[dict[str, Any]]:
         if config.sensitivity is not None and "sensitivity" in config.method_list():
             check_sensitivity_file(config)
 
-    session = open_units(config, KIND, OWN_NAMES, SELECTORS, per_task=True, check=check)
+    session = open_units(config, KIND, OWN_NAMES, SELECTORS, check=check)
     rows = []
     for task in session.units:
         plan = _prepare_task(session, task)
@@ -657,14 +657,15 @@ def to_markdown(rows: list[dict[str, Any]], config: FrontierConfig, dropped: lis
         "",
         f"Each task scored on its first {config.num_samples} documents; its data bases from "
         f"{config.calibration_tokens} tokens of its documents after those (disjoint). Bytes per token measured from "
-        f"what the cache holds after a probe over {config.seq_len} held-out tokens; a budget is a fraction of the full "
+        f"what the cache holds after a probe over {config.seq_len} held-out tokens (a task at a context length: that "
+        "length); a budget is a fraction of the full "
         "cache's. ★: on the task's Pareto front (no other row has as few bytes and as good a quality, one strictly). "
         "ND-PPL in brackets: its 95 % paired bootstrap interval over the scored documents against the full cache on "
         "the same documents, *within noise* when it holds 0; another metric: ± its bootstrap standard error."
         + (f" Generation with `--gen-kwargs {config.gen_kwargs}`." if config.gen_kwargs else "")
         + (
-            " A task that builds its documents for a length (`<task>@<length>`) is calibrated and probed in windows of "
-            "that length."
+            " A task that builds its documents for a length (`<task>@<length>`) is calibrated in windows of that "
+            "length; its sensitivity, where measured, is the token perplexity of its held-out prompts."
             if config.context_lengths()
             else ""
         ),
@@ -697,7 +698,11 @@ def to_markdown(rows: list[dict[str, Any]], config: FrontierConfig, dropped: lis
         for budget, row in winners(rows, budgets)[task].items():
             lines.append(
                 f"- {budget:g}: "
-                + ("none fits" if row is None else f"**{row['method']}** ({row['metric']} {row['value']:.4f})")
+                + (
+                    "none fits"
+                    if row is None
+                    else f"**{row['method']}** ({metric_label(row['metric'])} {row['value']:.4f})"
+                )
             )
         documented = [r for r in task_rows if "across_documents" in r and r["method"] != "full"]
         if documented:

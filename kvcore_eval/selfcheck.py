@@ -89,13 +89,16 @@ def probe_batch(vocab_size: int, device: torch.device | str) -> tuple[torch.Tens
     return input_ids.to(device), attention_mask.to(device), position_ids.to(device)
 
 
-def run_probe(model: nn.Module, layers: list[DynamicLayer], hooks: list) -> None:
+def run_probe(model: nn.Module, layers: list[DynamicLayer], hooks: list[tuple[nn.Module, Callable]]) -> None:
     """One forward of the probe batch through the model's base with a cache of `layers` (which record what they
-    are handed); `hooks`, forward hooks already registered, are removed afterwards, whatever happens."""
-    input_ids, attention_mask, position_ids = probe_batch(
-        model.config.get_text_config(decoder=True).vocab_size, model.device
-    )
+    are handed), with each (module, forward hook) of `hooks` registered for it alone: removed whatever happens."""
+    handles = []
     try:
+        for module, hook in hooks:
+            handles.append(module.register_forward_hook(hook))
+        input_ids, attention_mask, position_ids = probe_batch(
+            model.config.get_text_config(decoder=True).vocab_size, model.device
+        )
         with torch.no_grad():
             model.base_model(
                 input_ids=input_ids,
@@ -105,8 +108,8 @@ def run_probe(model: nn.Module, layers: list[DynamicLayer], hooks: list) -> None
                 use_cache=True,
             )
     finally:
-        for hook in hooks:
-            hook.remove()
+        for handle in handles:
+            handle.remove()
 
 
 def check_key_recovery(model: nn.Module, tap: RopeTap) -> dict[int, float]:
@@ -128,10 +131,7 @@ def check_key_recovery(model: nn.Module, tap: RopeTap) -> dict[int, float]:
     batch, seq = PROBE_ROWS, PROBE_LENGTH
     truth: dict[int, torch.Tensor] = {}
     derived: dict[int, torch.Tensor] = {}
-    hooks = [
-        source.module.register_forward_hook(_keep(truth, layer, source, batch, seq))
-        for layer, source in sources.items()
-    ]
+    hooks = [(source.module, _keep(truth, layer, source, batch, seq)) for layer, source in sources.items()]
     run_probe(model, [_ProbeLayer(derived, layer, tap) for layer in range(geometry.num_layers)], hooks)
     tolerance = TOLERANCE.get(model.dtype, 3e-2)
     errors = {}

@@ -104,7 +104,6 @@ class Session:
 
     config: Any  # SweepConfig or FrontierConfig: a TaskScoringConfig with out and tasks
     out: Path
-    manager: Any  # lm-eval TaskManager
     model: Any
     tokenizer: Any
     tasks: list[str]  # names of the perplexity units (the ND-PPL study's tasks)
@@ -112,7 +111,7 @@ class Session:
     lm: Any = None  # KVCoreHFLM, built on first use
     progress: Progress = field(default_factory=Progress)
     units: dict[str, Unit] = field(default_factory=dict)  # every task at every length, by name
-    task_metadata: dict[str, Any] = field(default_factory=lambda: dict(TASK_METADATA))  # what every task is handed
+    task_metadata: dict[str, Any] = field(default_factory=dict)  # what every task is handed (`open_units`)
     used: set[Path] = field(default_factory=set)  # the points this run read or wrote
     loaded: dict[str, Any] = field(default_factory=dict)  # unit name -> its lm-eval task, built once (`loaded_task`)
 
@@ -227,7 +226,7 @@ def point_settings(session: Session, task: str, truncation, documents: list[int]
 def evaluate_point(
     session: Session, task: str, name: str, truncation, documents: list[int] | None = None, metric: str | None = None
 ) -> float:
-    """`metric` (default config.metric) of one task under one truncation; see `run_point`."""
+    """`metric` (default: the unit's own) of one task under one truncation; see `run_point`."""
     return run_point(session, task, name, truncation, documents, metric)["value"]
 
 
@@ -333,8 +332,8 @@ def nd_ppl_interval(point: dict[str, Any], baseline: dict[str, Any]) -> dict[str
     return metrics.paired_bootstrap_nd_ppl(truncated, full)
 
 
-def claim_and_load(config, kind: str, own_names: tuple[str, ...], tokenizer=None) -> tuple[Path, Any, Any]:
-    """After every check: claim the output folder (config.json), then load the model (and its tokenizer)."""
+def claim_and_load(config, kind: str, own_names: tuple[str, ...]) -> tuple[Path, Any]:
+    """After every check: claim the output folder (config.json), then load the model."""
     from kvcore_eval import models
 
     out = Path(config.out)
@@ -343,7 +342,7 @@ def claim_and_load(config, kind: str, own_names: tuple[str, ...], tokenizer=None
     outputs.write_config(out, kind, asdict(config))
     model_id, gguf_file = models.gguf_location(config.model, config.gguf_file)
     model = models.load_causal_lm(model_id, None, models.resolve_device(config.device), config.dtype, gguf_file)
-    return out, model, tokenizer or models.load_tokenizer(model_id, None, gguf_file)
+    return out, model
 
 
 def open_units(
@@ -375,9 +374,9 @@ def open_units(
     units = task_units(config, manager_for, per_task)
     if check is not None:
         check(list(units.values()), manager_for)
-    out, model, tokenizer = claim_and_load(config, kind, own_names, tokenizer)
+    out, model = claim_and_load(config, kind, own_names)
     perplexity = [name for name, unit in units.items() if unit.perplexity]
-    session = Session(config, out, manager_for(None), model, tokenizer, perplexity, selectors)
+    session = Session(config, out, model, tokenizer, perplexity, selectors)
     session.units, session.task_metadata = units, metadata
     return session
 

@@ -137,23 +137,37 @@ def task_units(
             if per_task:
                 check_document_count(config, unit, len(list(instance.eval_docs)))
             units[unit.name] = unit
+    if config.gen_kwargs and not any(unit.generation for unit in units.values()):
+        raise ValueError(f"--gen-kwargs {config.gen_kwargs}: none of --tasks generates; drop it")
+    if config.context_lengths() and all(unit.length is None for unit in units.values()):
+        raise ValueError(
+            "--metadata max_seq_lengths: none of --tasks builds its documents for a length (RULER, kvcore_ruler); "
+            "drop max_seq_lengths"
+        )
     return units
 
 
 def higher_is_better(instance, metric: str) -> bool:
     """Whether more of `metric` is better, as the task declares it (a metric named by a context length: as every
-    such metric of the task is declared; RULER declares its lengths up to 128k, not each length it runs at)."""
+    such metric of the task is declared; RULER declares its lengths up to 128k, not each length it runs at). lm-eval
+    lists an entry without higher_is_better, of a metric it does not know, as None: not declared, refused."""
     declared = instance.higher_is_better() or {}
-    if metric in declared:
-        return bool(declared[metric])
-    if metric.isdigit() and named_by_length(instance) and declared:
-        return all(bool(declared[name]) for name in metric_names(instance) if name in declared)
     if metric in PERPLEXITY_METRICS:
-        return False
-    raise ValueError(
-        f"{instance.config.task} does not say whether more {metric!r} is better: add higher_is_better to that "
-        "metric in its metric_list"
-    )
+        return False  # its ND-PPL is scored: lower is better
+    if metric.isdigit() and named_by_length(instance) and metric not in declared:
+        values = [declared.get(name) for name in metric_names(instance)]
+    else:
+        values = [declared.get(metric)]
+    if not values or any(value is None for value in values):
+        raise ValueError(
+            f"{instance.config.task} does not say whether more {metric!r} is better: add higher_is_better to that "
+            "metric in its metric_list"
+        )
+    if len(set(map(bool, values))) > 1:
+        raise ValueError(
+            f"{instance.config.task}'s metrics named by context lengths disagree on higher_is_better: make them agree"
+        )
+    return bool(values[0])
 
 
 def check_document_count(config: TaskScoringConfig, unit: Unit, count: int) -> None:

@@ -319,8 +319,10 @@ def test_every_option_is_checked_before_anything_is_written_or_loaded(tmp_path):
     with pytest.raises(ValueError, match="--methods sequence cannot run.*attention=latent"):
         frontier_config(tmp_path, methods="sequence", truncation=TruncationConfig(attention="latent"))
     out = tmp_path / "run"
-    with pytest.raises(ValueError, match="--metric: kvcore_codealpaca declares no .byte_perplexty. .*byte_perplexity"):
-        run_frontier(frontier_config(out, metric="byte_perplexty"))
+    with pytest.raises(ValueError, match="--metric byte_perplexty: a bare metric is the perplexity of ND-PPL"):
+        frontier_config(out, metric="byte_perplexty")
+    with pytest.raises(ValueError, match="--metric: kvcore_codealpaca declares no 'acc' .*byte_perplexity"):
+        run_frontier(frontier_config(out, metric="kvcore_codealpaca=acc"))
     assert not out.exists()
     table = tmp_path / "per_layer.json"
     layers = {"key": [0.1] * 4, "value": [0.2] * 4}

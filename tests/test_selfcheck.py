@@ -48,3 +48,15 @@ def test_self_check_passes_in_bfloat16(family_models):
         tap.remove()
     finally:
         model.to(torch.float32)
+
+
+def test_the_probe_removes_its_hooks_when_the_forward_fails(family_models):
+    """A forward that raises (here: a cache of no layers) leaves no hook on the model it probed."""
+    from kvcore_eval.selfcheck import run_probe
+
+    model = family_models["llama"]
+    modules = [layer.self_attn.k_proj for layer in model.model.layers]
+    calls = []
+    with pytest.raises(Exception):  # noqa: B017 - whatever the forward raises
+        run_probe(model, [], [(module, lambda *args: calls.append(1)) for module in modules])
+    assert calls and all(not module._forward_hooks for module in modules)

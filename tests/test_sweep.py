@@ -202,7 +202,9 @@ def test_rerun_reuses_points_and_calibrations_and_refuses_other_settings(tmp_pat
 @pytest.mark.parametrize(
     "options,message",
     [
-        ({"metric": "bleu"}, "kvcore_codealpaca declares no 'bleu'"),
+        ({"metric": "bleu"}, "--metric bleu: a bare metric is the perplexity of ND-PPL"),
+        ({"metric": "kvcore_codealpaca=bleu"}, "kvcore_codealpaca declares no 'bleu'"),
+        ({"tasks": "kvcore_codealpaca", "gen_kwargs": "max_gen_toks=4"}, "none of --tasks generates"),
         ({"metric": "kvcore_alpaca_gen=bleu"}, "kvcore_alpaca_gen declares no 'bleu'"),
         ({"metric": "kvcore_medalpaca=word_perplexity"}, "kvcore_medalpaca=...: not among the tasks swept"),
         ({"truncate": "keys,values"}, "ND-PPL study of kvcore_codealpaca takes one kind"),

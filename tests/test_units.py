@@ -52,3 +52,47 @@ def test_a_task_scored_through_several_filters_is_refused():
     check_single_filter(task([{"name": "none", "filter": [{"function": "take_first"}]}]))
     with pytest.raises(ValueError, match="gsm8k_like scores through 2 filters \\(strict-match, flexible-extract\\)"):
         check_single_filter(task([{"name": "strict-match"}, {"name": "flexible-extract"}]))
+
+
+def test_the_direction_of_a_metric_is_the_tasks_own_and_an_undeclared_one_is_refused(tmp_path):
+    """RULER declares higher_is_better for its lengths up to 128k, not for the length it runs at: the unit takes
+    theirs. A metric whose direction the task leaves out (lm-eval lists it as None) would invert a frontier's front
+    and its winners: refused."""
+    from types import SimpleNamespace
+
+    from kvcore_eval.units import higher_is_better
+
+    assert higher_is_better(instance("kvcore_ruler_niah_single_2", 768), "768") is True
+    assert higher_is_better(instance("kvcore_alpaca_gen"), "gpt_score") is True
+    assert higher_is_better(instance("kvcore_alpaca_gen"), "gpt_score_missing") is False
+    assert higher_is_better(instance("kvcore_codealpaca"), "byte_perplexity") is False, "its ND-PPL: lower is better"
+
+    def task(metrics: dict):
+        return SimpleNamespace(
+            config=SimpleNamespace(task="mine", metric_list=[{"metric": name} for name in metrics]),
+            higher_is_better=lambda: metrics,
+        )
+
+    with pytest.raises(ValueError, match="mine does not say whether more 'my_score' is better"):
+        higher_is_better(task({"my_score": None}), "my_score")
+    with pytest.raises(ValueError, match="does not say whether more '1024' is better"):
+        higher_is_better(task({"4096": None, "8192": None}), "1024")
+    with pytest.raises(ValueError, match="disagree on higher_is_better"):
+        higher_is_better(task({"4096": True, "8192": False}), "1024")
+
+
+def test_a_bare_metric_is_a_perplexity_and_options_no_task_uses_are_refused(tmp_path):
+    """`--metric acc` would silently score nothing differently (a bare metric is ND-PPL's perplexity); --gen-kwargs
+    and max_seq_lengths without a task that generates or builds documents for a length would be ignored."""
+    from kvcore_eval.lm_tasks import task_manager
+    from kvcore_eval.units import task_units
+
+    with pytest.raises(ValueError, match="--metric acc: a bare metric is the perplexity of ND-PPL.*task=acc"):
+        config("acc")
+    for options, match in (
+        ({"gen_kwargs": "max_gen_toks=4"}, "--gen-kwargs max_gen_toks=4: none of --tasks generates"),
+        ({"metadata": '{"max_seq_lengths": [768]}'}, "none of --tasks builds its documents for a length"),
+    ):
+        perplexity = SweepConfig(model="m", out="o", tasks="kvcore_codealpaca", num_samples=2, **options)
+        with pytest.raises(ValueError, match=match):
+            task_units(perplexity, lambda length: task_manager(str(EXAMPLE_DATA), None, {"num_samples": 3}))
