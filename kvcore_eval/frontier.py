@@ -661,7 +661,9 @@ def to_markdown(rows: list[dict[str, Any]], config: FrontierConfig, dropped: lis
         "length); a budget is a fraction of the full "
         "cache's. ★: on the task's Pareto front (no other row has as few bytes and as good a quality, one strictly). "
         "ND-PPL in brackets: its 95 % paired bootstrap interval over the scored documents against the full cache on "
-        "the same documents, *within noise* when it holds 0; another metric: ± its bootstrap standard error."
+        "the same documents, *within noise* when it holds 0; another metric: ± its bootstrap standard error. "
+        "*(over)*: the scored documents' caches held more than the budget the probe placed the point within (per-"
+        "sequence costs amortize over another length)."
         + (f" Generation with `--gen-kwargs {config.gen_kwargs}`." if config.gen_kwargs else "")
         + (
             " A task that builds its documents for a length (`<task>@<length>`) is calibrated in windows of that "
@@ -691,7 +693,8 @@ def to_markdown(rows: list[dict[str, Any]], config: FrontierConfig, dropped: lis
             budget = "-" if r["budget"] is None else f"{r['budget']:g}"
             lines.append(
                 f"| {r['method']} | {r['basis']} | {r['allocation']} | {r['bits']} | {budget} | "
-                f"{r['bytes_per_token']:.0f} | {100 * r['fraction_of_full']:.1f} | {_quality(r, with_interval)} | "
+                f"{r['bytes_per_token']:.0f} | {100 * r['fraction_of_full']:.1f}{over_budget(r)} | "
+                f"{_quality(r, with_interval)} | "
                 f"{'★' if r['pareto'] else ''} |"
             )
         lines += ["", "Best method within each budget (measured bytes):", ""]
@@ -720,6 +723,10 @@ def to_markdown(rows: list[dict[str, Any]], config: FrontierConfig, dropped: lis
                 lines.append(f"| {r['method']} | {budget} | {_stat(c['key'])} | {_stat(c['value'])} |")
         lines.append("")
     return "\n".join(lines)
+
+
+def over_budget(row: dict[str, Any]) -> str:
+    return " *(over)*" if row.get("within_budget") is False else ""
 
 
 def metric_label(metric: str) -> str:
