@@ -40,12 +40,12 @@ from common import (
 )
 from transformers import DynamicCache
 
-from kvcore_eval import latent
-from kvcore_eval.artifact import decompose
-from kvcore_eval.cache import LowRankCache, layer_bases
-from kvcore_eval.gram import GramAccumulator, GramRecorder
-from kvcore_eval.rank_plan import RankPlan
-from kvcore_eval.rope import RopeTap
+from kvcore_eval.calibration.artifact import decompose
+from kvcore_eval.calibration.gram import GramAccumulator, GramRecorder
+from kvcore_eval.compression import latent
+from kvcore_eval.compression.cache import LowRankCache, layer_bases
+from kvcore_eval.compression.rank_plan import RankPlan
+from kvcore_eval.model.rope import RopeTap
 
 
 @dataclass

@@ -22,9 +22,9 @@ import torch
 from common import add_model_arguments, add_timing_arguments, build_model, describe, interleave, paired_ratio, timed
 from transformers import DynamicCache
 
-from kvcore_eval.artifact import decompose
-from kvcore_eval.gram import GramAccumulator, GramRecorder
-from kvcore_eval.rope import RopeTap
+from kvcore_eval.calibration.artifact import decompose
+from kvcore_eval.calibration.gram import GramAccumulator, GramRecorder
+from kvcore_eval.model.rope import RopeTap
 
 
 def main() -> None:

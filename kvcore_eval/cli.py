@@ -62,7 +62,7 @@ def config_from_args(config_class: type, args: argparse.Namespace, skip: tuple[s
 
 def _calibrate(args: argparse.Namespace) -> None:
     """`kvcore-eval calibrate`: accumulate the Grams over the dataset and write the artifact."""
-    from kvcore_eval.calibrate import calibrate
+    from kvcore_eval.calibration.calibrate import calibrate
     from kvcore_eval.config import CalibrationConfig
 
     calibrate(config_from_args(CalibrationConfig, args))
@@ -70,7 +70,7 @@ def _calibrate(args: argparse.Namespace) -> None:
 
 def _report(args: argparse.Namespace) -> None:
     """`kvcore-eval report`: per-layer NER tables and plot of an artifact; prints the files written."""
-    from kvcore_eval.report import write_report
+    from kvcore_eval.analysis.report import write_report
 
     for kind, path in write_report(args.artifact, args.out).items():
         print(f"{kind}: {path}")
@@ -81,7 +81,7 @@ def _eval(args: argparse.Namespace) -> None:
     from lm_eval.utils import make_table
 
     from kvcore_eval.config import EvalConfig
-    from kvcore_eval.evaluate import run_lm_eval
+    from kvcore_eval.experiments.evaluate import run_lm_eval
 
     print(make_table(run_lm_eval(config_from_args(EvalConfig, args))))
 
@@ -89,7 +89,7 @@ def _eval(args: argparse.Namespace) -> None:
 def _sweep(args: argparse.Namespace) -> None:
     """`kvcore-eval sweep`: ND-PPL over tasks and ranks with one model load; prints its markdown tables."""
     from kvcore_eval.config import SweepConfig
-    from kvcore_eval.sweep import run_sweep
+    from kvcore_eval.experiments.sweep import run_sweep
 
     config = config_from_args(SweepConfig, args)
     run_sweep(config)
@@ -100,7 +100,7 @@ def _sweep(args: argparse.Namespace) -> None:
 
 def _frontier(args: argparse.Namespace) -> None:
     """`kvcore-eval frontier`: every method at each budget of measured bytes; prints frontier.md."""
-    from kvcore_eval.frontier import FrontierConfig, run_frontier
+    from kvcore_eval.experiments.frontier import FrontierConfig, run_frontier
 
     config = config_from_args(FrontierConfig, args)
     run_frontier(config)
@@ -109,14 +109,14 @@ def _frontier(args: argparse.Namespace) -> None:
 
 def _compare(args: argparse.Namespace) -> None:
     """`kvcore-eval compare`: two lm-eval results files side by side, as markdown."""
-    from kvcore_eval.compare import compare, to_markdown
+    from kvcore_eval.analysis.compare import compare, to_markdown
 
     print(to_markdown(compare(args.a, args.b), Path(args.a).name, Path(args.b).name))
 
 
 def _table(args: argparse.Namespace) -> None:
     """`kvcore-eval table`: the paper's models x datasets NER table from calibrations; prints the files."""
-    from kvcore_eval.table import TableConfig, write_table
+    from kvcore_eval.analysis.table import TableConfig, write_table
 
     for kind, path in write_table(config_from_args(TableConfig, args)).items():
         print(f"{kind}: {path}")
@@ -124,8 +124,8 @@ def _table(args: argparse.Namespace) -> None:
 
 def _tokenizer(args: argparse.Namespace) -> None:
     """`kvcore-eval tokenizer`: write a GGUF model's tokenizer to a folder lm-eval's RULER tasks can read."""
-    from kvcore_eval import models
-    from kvcore_eval.lm_tasks import save_tokenizer
+    from kvcore_eval.harness.lm_tasks import save_tokenizer
+    from kvcore_eval.model import models
 
     model_id, gguf_file = models.gguf_location(args.model, args.gguf_file)
     out = save_tokenizer(models.load_tokenizer(model_id, None, gguf_file), Path(args.out))
@@ -136,7 +136,7 @@ def _judge(args: argparse.Namespace) -> None:
     """`kvcore-eval judge`: GPT-score a samples file through an OpenAI-compatible judge; prints the summary."""
     import json
 
-    from kvcore_eval.judge import JudgeConfig, judge_samples
+    from kvcore_eval.harness.judge import JudgeConfig, judge_samples
 
     print(json.dumps(judge_samples(args.samples, config_from_args(JudgeConfig, args), args.out), indent=2))
 
@@ -144,7 +144,7 @@ def _judge(args: argparse.Namespace) -> None:
 def build_parser() -> argparse.ArgumentParser:
     """The `kvcore-eval` parser: one subcommand per step, its flags generated from the configurations."""
     from kvcore_eval.config import CalibrationConfig, EvalConfig, SweepConfig
-    from kvcore_eval.judge import JudgeConfig
+    from kvcore_eval.harness.judge import JudgeConfig
 
     parser = argparse.ArgumentParser(prog="kvcore-eval", description=__doc__)
     from kvcore_eval import __version__
@@ -176,7 +176,7 @@ def build_parser() -> argparse.ArgumentParser:
     add_dataclass_arguments(sweep, SweepConfig)
     sweep.set_defaults(run=_sweep)
 
-    from kvcore_eval.frontier import FrontierConfig
+    from kvcore_eval.experiments.frontier import FrontierConfig
 
     frontier = commands.add_parser(
         "frontier", help="every method (basis, allocation, bits) at equal measured bytes per token: the Pareto front"
@@ -184,7 +184,7 @@ def build_parser() -> argparse.ArgumentParser:
     add_dataclass_arguments(frontier, FrontierConfig)
     frontier.set_defaults(run=_frontier)
 
-    from kvcore_eval.table import TableConfig
+    from kvcore_eval.analysis.table import TableConfig
 
     table = commands.add_parser(
         "table", help="the paper's models x datasets NER table, and layer x dataset heatmaps, from calibrations"

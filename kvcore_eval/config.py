@@ -428,7 +428,7 @@ class TaskScoringConfig(LMEvalRunConfig):
                 f"--metric {self.metric!r}: give one perplexity metric and task=metric pairs, e.g. "
                 "byte_perplexity,niah_single_1=1024"
             )
-        from kvcore_eval.documents import PERPLEXITY_METRICS
+        from kvcore_eval.harness.documents import PERPLEXITY_METRICS
 
         if bare and bare[0] not in PERPLEXITY_METRICS:
             raise ValueError(
@@ -484,7 +484,7 @@ class EvalConfig(LMEvalRunConfig):
 
     def model_args(self) -> dict[str, Any]:
         """lm-eval model_args: `hf`'s, plus kvcore_hf's (every option not left at None) with a calibration."""
-        from kvcore_eval.models import gguf_location
+        from kvcore_eval.model.models import gguf_location
 
         pretrained, gguf_file = gguf_location(self.model, self.gguf_file)
         args = {"pretrained": pretrained, "dtype": self.dtype}
@@ -560,7 +560,7 @@ class SweepConfig(TaskScoringConfig):
         self.truncate_kinds()
         self.check_scoring()
         if self.position_buckets is not None:
-            from kvcore_eval.positions import parse_edges
+            from kvcore_eval.analysis.positions import parse_edges
 
             parse_edges(self.position_buckets, 1 << 30)
         shared = self.truncation.calibration is not None

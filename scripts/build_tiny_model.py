@@ -17,7 +17,7 @@ import torch
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers
 from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
 
-from kvcore_eval.data import SOURCES, format_record, source_records
+from kvcore_eval.calibration.data import SOURCES, format_record, source_records
 
 logger = logging.getLogger("build_tiny_model")
 SPECIAL_TOKENS = ["<pad>", "<s>", "</s>"]

@@ -76,11 +76,11 @@ def main() -> None:
     import lm_eval
     from lm_eval.models.huggingface import HFLM
 
-    from kvcore_eval import models
-    from kvcore_eval.data import leaf_tasks
-    from kvcore_eval.lm_tasks import load_as_evaluated, task_manager, tokenizer_metadata
-    from kvcore_eval.rank_plan import TruncationConfig
-    from kvcore_eval.wrapper import KVCoreHFLM
+    from kvcore_eval.calibration.data import leaf_tasks
+    from kvcore_eval.compression.rank_plan import TruncationConfig
+    from kvcore_eval.harness.lm_tasks import load_as_evaluated, task_manager, tokenizer_metadata
+    from kvcore_eval.harness.wrapper import KVCoreHFLM
+    from kvcore_eval.model import models
 
     out = Path(args.out)
     (out / "cells").mkdir(parents=True, exist_ok=True)

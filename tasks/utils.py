@@ -15,7 +15,7 @@ def load_perplexity_dataset(
 ) -> dict:
     """custom_dataset: lm-eval passes the YAML metadata (num_samples: a seeded subset, 1000 by default; null: every
     record, in the seeded order), `--metadata` and the model args as keywords."""
-    from kvcore_eval.data import task_dataset
+    from kvcore_eval.calibration.data import task_dataset
 
     return {"test": task_dataset(source, language, data_dir, num_samples, seed)}
 
@@ -29,7 +29,7 @@ def load_generation_dataset(
     **_: object,
 ) -> dict:
     """custom_dataset of the `_gen` tasks: a fixed, seeded subset (100 instructions by default)."""
-    from kvcore_eval.data import task_dataset
+    from kvcore_eval.calibration.data import task_dataset
 
     return {"test": task_dataset(source, language, data_dir, num_samples, int(seed), generation=True)}
 
@@ -56,7 +56,7 @@ def process_perplexity(doc: dict, results: list) -> dict:
 def process_gpt_score(doc: dict, results: list) -> dict:
     """GPT-score of the generated answer (judge from KVCORE_JUDGE_* variables; cached on disk). A judge that
     is down never loses the generations: they are reported missing and kept in lm-eval's samples file."""
-    from kvcore_eval.judge import score_for_task
+    from kvcore_eval.harness.judge import score_for_task
 
     return score_for_task(doc["prompt"], results[0], doc.get("response"))
 

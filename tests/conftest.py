@@ -153,10 +153,10 @@ def token_batch() -> torch.Tensor:
 
 def calibrate_in_memory(model, input_ids: torch.Tensor):
     """A Calibration of `model` on `input_ids`, without touching disk."""
-    from kvcore_eval.artifact import decompose
-    from kvcore_eval.gram import GramAccumulator, GramRecorder
-    from kvcore_eval.models import kv_geometry
-    from kvcore_eval.rope import RopeTap
+    from kvcore_eval.calibration.artifact import decompose
+    from kvcore_eval.calibration.gram import GramAccumulator, GramRecorder
+    from kvcore_eval.model.models import kv_geometry
+    from kvcore_eval.model.rope import RopeTap
 
     geometry = kv_geometry(model.config)
     accumulator = GramAccumulator(geometry)

@@ -7,7 +7,7 @@ import json
 import pytest
 import torch
 
-from kvcore_eval.artifact import (
+from kvcore_eval.calibration.artifact import (
     BASIS_FILE,
     FORMAT_VERSION,
     METADATA_FILE,
@@ -16,7 +16,7 @@ from kvcore_eval.artifact import (
     read_metadata,
     save_calibration,
 )
-from kvcore_eval.models import KVGeometry, file_sha256
+from kvcore_eval.model.models import KVGeometry, file_sha256
 from kvcore_eval.spaces import SPACES
 
 GEOMETRY = KVGeometry(num_layers=3, kv_heads=2, head_dim=4)  # D = 8

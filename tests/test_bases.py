@@ -5,11 +5,11 @@ import torch
 from conftest import VOCAB
 from transformers import DynamicCache
 
-from kvcore_eval import bases
-from kvcore_eval.cache import LayerBases, LowRankCache
-from kvcore_eval.models import kv_geometry
-from kvcore_eval.rank_plan import TruncationConfig
-from kvcore_eval.rope import RopeTap, attention_modules
+from kvcore_eval.compression import bases
+from kvcore_eval.compression.cache import LayerBases, LowRankCache
+from kvcore_eval.compression.rank_plan import TruncationConfig
+from kvcore_eval.model.models import kv_geometry
+from kvcore_eval.model.rope import RopeTap, attention_modules
 
 
 def with_biases(model, seed: int = 0):
@@ -134,7 +134,7 @@ def test_sequence_basis_is_each_rows_own_svd_without_its_padding():
 def test_sequence_basis_at_full_rank_and_16_bits_equals_the_plain_model(family, key_space, family_models, token_batch):
     """Each row projected on its own complete (D × D) prefill basis, then decoded one token at a time: logits
     equal the plain model's within 1e-5 (float32), 2e-3 relative with latents stored in float16 (latent_bits=16)."""
-    from kvcore_eval.quantize import Codec
+    from kvcore_eval.compression.quantize import Codec
 
     model = family_models[family]
     geometry = kv_geometry(model.config)

@@ -3,9 +3,9 @@ import torch
 from conftest import FAMILIES, calibrate_in_memory
 from transformers import DynamicCache
 
-from kvcore_eval.cache import LayerBases, LowRankCache, cache_bytes_per_token, layer_bases
-from kvcore_eval.rank_plan import RankPlan
-from kvcore_eval.rope import RopeTap
+from kvcore_eval.compression.cache import LayerBases, LowRankCache, cache_bytes_per_token, layer_bases
+from kvcore_eval.compression.rank_plan import RankPlan
+from kvcore_eval.model.rope import RopeTap
 
 _TAPS: dict[int, RopeTap] = {}
 
@@ -143,7 +143,7 @@ def test_pre_rope_cache_keeps_rotary_tables_once_per_group(family, groups, famil
 
 
 def test_sliding_window_layers_are_compared_with_the_models_own_cache(family_models):
-    from kvcore_eval.cache import compare_with_model_cache, sliding_window_layers
+    from kvcore_eval.compression.cache import compare_with_model_cache, sliding_window_layers
 
     windows = sliding_window_layers(family_models["gemma3"].config)
     assert windows == {0: 16}  # layer 0 slides, layer 1 is global
@@ -195,7 +195,7 @@ def generate(model, input_ids, attention_mask, cache, max_new_tokens=8):
 def test_full_rank_cache_equals_plain_model_in_batched_left_padded_generation(family, family_models, calibrations):
     """Every family: a full-rank low-rank cache (pre-RoPE keys, so RoPE is undone and redone at every step)
     generates the same tokens with the same scores as the model's own cache, and holds every token fed."""
-    from kvcore_eval.wrapper import check_cache_kept
+    from kvcore_eval.harness.wrapper import check_cache_kept
 
     model, calibration = family_models[family], calibrations[family]
     input_ids, attention_mask = left_padded_prompts()
@@ -215,7 +215,7 @@ def test_phi3_longrope_generation_past_the_switch_is_refused(family_models, cali
     would run uncompressed, so the check after generate refuses it."""
     from conftest import PHI3_SWITCH
 
-    from kvcore_eval.wrapper import check_cache_kept
+    from kvcore_eval.harness.wrapper import check_cache_kept
 
     model, calibration = family_models["phi3"], calibrations["phi3"]
     prompt = torch.randint(3, 259, (1, PHI3_SWITCH - 4), generator=torch.Generator().manual_seed(4))
@@ -262,8 +262,8 @@ def test_full_rank_cache_equals_models_own_cache_past_the_original_length(family
 
 def _method_cache(method: str, model, calibration):
     """(cache, plan, codec, sequence basis numbers per row) of one frontier method at about a quarter of the width."""
-    from kvcore_eval import bases
-    from kvcore_eval.quantize import Codec
+    from kvcore_eval.compression import bases
+    from kvcore_eval.compression.quantize import Codec
 
     geometry = calibration.geometry
     width, layers = geometry.width, geometry.num_layers
@@ -321,7 +321,7 @@ def test_quantized_full_rank_cache_stays_near_the_plain_model(bits, tolerance, f
     """key_rank=value_rank=full with latent_bits: the plain quantized cache. Max logit error relative to the largest
     logit: float16 within 2e-3, int8 within 2e-2, int4 within 0.3 (the fixtures' weights are scaled up, so attention
     is sharp); each finer format strictly better than the next."""
-    from kvcore_eval.quantize import Codec
+    from kvcore_eval.compression.quantize import Codec
 
     model = family_models["llama"]
     geometry = kv_geometry_of(model)
@@ -337,7 +337,7 @@ def test_quantized_full_rank_cache_stays_near_the_plain_model(bits, tolerance, f
 
 
 def kv_geometry_of(model):
-    from kvcore_eval.models import kv_geometry
+    from kvcore_eval.model.models import kv_geometry
 
     return kv_geometry(model.config)
 
@@ -345,8 +345,8 @@ def kv_geometry_of(model):
 @pytest.mark.parametrize("granularity", ["layer", "head"])
 def test_latent_attention_reads_quantized_latents(granularity, family_models, calibrations, token_batch):
     """attention=latent with int8 latents equals the reconstruction path over the same codes."""
-    from kvcore_eval import latent
-    from kvcore_eval.quantize import Codec
+    from kvcore_eval.compression import latent
+    from kvcore_eval.compression.quantize import Codec
 
     model, calibration = family_models["llama"], calibrations["llama"]
     geometry = calibration.geometry

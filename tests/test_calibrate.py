@@ -8,10 +8,10 @@ import torch
 from conftest import EXAMPLE_DATA, REPO
 from safetensors.torch import load_file
 
-from kvcore_eval.artifact import BASIS_FILE, load_calibration
-from kvcore_eval.calibrate import CHECKPOINT_DIR, calibrate
+from kvcore_eval.analysis.report import write_report
+from kvcore_eval.calibration.artifact import BASIS_FILE, load_calibration
+from kvcore_eval.calibration.calibrate import CHECKPOINT_DIR, calibrate
 from kvcore_eval.config import CalibrationConfig
-from kvcore_eval.report import write_report
 
 
 def config(model_dir, out, **overrides) -> CalibrationConfig:
@@ -107,7 +107,7 @@ def test_bad_input_gets_errors_that_name_the_fix(llama_dir, tmp_path):
 
 @pytest.mark.parametrize("name", ["no-such-model/", "models/no-such-model/", "a/b/c"])
 def test_a_model_path_that_does_not_exist_is_named_as_a_path(name, tmp_path, monkeypatch):
-    from kvcore_eval.models import load_config
+    from kvcore_eval.model.models import load_config
 
     monkeypatch.chdir(tmp_path)
     with pytest.raises(FileNotFoundError, match=f"model folder {name} does not exist"):
@@ -332,7 +332,7 @@ def test_a_run_of_another_kind_is_refused(llama_dir, tmp_path):
 def test_damaged_or_non_finite_bases_are_refused(finished_run, tmp_path):
     import shutil
 
-    from kvcore_eval.artifact import save_calibration
+    from kvcore_eval.calibration.artifact import save_calibration
 
     damaged = tmp_path / "damaged"
     shutil.copytree(finished_run, damaged)
@@ -401,7 +401,7 @@ def test_cli_errors_are_one_line_that_names_the_fix(finished_run, tmp_path):
         json.dumps(
             {
                 **json.loads((finished_run / "kvcore.json").read_text()),
-                "basis_sha256": __import__("kvcore_eval.models", fromlist=["x"]).file_sha256(
+                "basis_sha256": __import__("kvcore_eval.model.models", fromlist=["x"]).file_sha256(
                     str(truncated / BASIS_FILE)
                 ),
             }
@@ -487,7 +487,7 @@ def test_documents_are_tokenized_as_lm_eval_with_the_tokenizers_bos(llama_dir, t
     from lm_eval.models.huggingface import HFLM
     from transformers import AutoTokenizer
 
-    from kvcore_eval.data import pack_sequences
+    from kvcore_eval.calibration.data import pack_sequences
 
     folder = tmp_path / "bos-model"
     shutil.copytree(llama_dir, folder)
@@ -513,7 +513,7 @@ def test_documents_are_tokenized_as_lm_eval_with_the_tokenizers_bos(llama_dir, t
 
 def _interrupt_before_the_artifact(monkeypatch, run) -> None:
     """Run until every batch is done, then die before the artifact is written (the last checkpoint stays)."""
-    from kvcore_eval import artifact
+    from kvcore_eval.calibration import artifact
 
     def die(*args, **kwargs):
         raise KeyboardInterrupt
@@ -582,7 +582,7 @@ def test_temporaries_of_a_kill_during_the_final_write_are_cleared(again, finishe
 def test_packing_reaches_max_tokens_whenever_the_data_holds_them(llama_dir):
     from transformers import AutoTokenizer
 
-    from kvcore_eval.data import iter_texts, pack_sequences
+    from kvcore_eval.calibration.data import iter_texts, pack_sequences
 
     tokenizer = AutoTokenizer.from_pretrained(llama_dir)  # one token a byte
     short = [f"Note {i:03d}." for i in range(100)]  # 9 tokens + EOS each: 1,000 tokens of data

@@ -7,7 +7,7 @@ import math
 
 import pytest
 
-from kvcore_eval.compare import compare, load_results, to_markdown
+from kvcore_eval.analysis.compare import compare, load_results, to_markdown
 
 
 def results(path, tasks: dict[str, dict]) -> str:

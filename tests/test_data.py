@@ -9,8 +9,8 @@ import json
 import pytest
 from conftest import EXAMPLE_DATA, EXAMPLE_MODEL
 
-from kvcore_eval import data
-from kvcore_eval.data import (
+from kvcore_eval.calibration import data
+from kvcore_eval.calibration.data import (
     SOURCES,
     chat_turns,
     format_record,

@@ -99,7 +99,7 @@ def test_cli_eval_runs_kvcore_hf_and_writes_results(tmp_path):
 
 
 def test_compare_refuses_files_of_another_kind(tmp_path):
-    from kvcore_eval.compare import compare
+    from kvcore_eval.analysis.compare import compare
 
     samples = tmp_path / "samples_kvcore_alpaca.jsonl"
     samples.write_text('{"doc_id": 0}\n{"doc_id": 1}\n')
@@ -112,7 +112,7 @@ def test_compare_refuses_files_of_another_kind(tmp_path):
 
 
 def test_kvcore_hf_without_calibration_names_the_argument():
-    from kvcore_eval.wrapper import KVCoreHFLM
+    from kvcore_eval.harness.wrapper import KVCoreHFLM
 
     with pytest.raises(ValueError, match="kvcore_hf needs calibration=<artifact folder>"):
         KVCoreHFLM(pretrained=str(EXAMPLE_MODEL), key_rank=0.5)
@@ -123,7 +123,7 @@ def test_eval_and_sweep_default_to_the_device_lm_eval_picks(monkeypatch):
     import torch
 
     from kvcore_eval.config import SweepConfig
-    from kvcore_eval.models import resolve_device
+    from kvcore_eval.model.models import resolve_device
 
     monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
     assert resolve_device(EvalConfig(model="m", tasks="t").device) == "cuda"
@@ -143,7 +143,7 @@ def count_evaluations(monkeypatch):
 
 
 def test_an_output_that_cannot_be_written_fails_before_the_evaluation(tmp_path, count_evaluations):
-    from kvcore_eval.evaluate import run_lm_eval
+    from kvcore_eval.experiments.evaluate import run_lm_eval
 
     def run(output):
         run_lm_eval(

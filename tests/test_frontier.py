@@ -6,7 +6,7 @@ import pytest
 import torch
 from conftest import EXAMPLE_DATA, EXAMPLE_MODEL, calibrate_in_memory
 
-from kvcore_eval.frontier import FrontierConfig, largest_within, pareto, run_frontier
+from kvcore_eval.experiments.frontier import FrontierConfig, largest_within, pareto, run_frontier
 
 TASK = "kvcore_codealpaca"
 BUDGETS = (0.5, 0.25)
@@ -182,7 +182,7 @@ def test_per_document_ner_is_each_documents_own_gram(frontier_run):
     """The recorded NER of a scored document equals the NER of that document's Gram computed directly."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    from kvcore_eval.data import lm_eval_task_documents
+    from kvcore_eval.calibration.data import lm_eval_task_documents
     from kvcore_eval.metrics import normalized_effective_rank, singular_values
 
     out, rows = frontier_run
@@ -276,7 +276,7 @@ def test_an_accuracy_point_carries_its_bootstrap_standard_error(tmp_path):
 
 
 def test_a_point_whose_interval_holds_zero_is_marked_within_noise(tmp_path, caplog):
-    from kvcore_eval.frontier import to_markdown, warn_noise
+    from kvcore_eval.experiments.frontier import to_markdown, warn_noise
 
     def row(method, value, interval):
         return {

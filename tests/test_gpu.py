@@ -15,13 +15,13 @@ import pytest
 import torch
 from conftest import EXAMPLE_DATA, calibrate_in_memory
 
-from kvcore_eval import latent
-from kvcore_eval.artifact import load_calibration
-from kvcore_eval.cache import LowRankCache, layer_bases
-from kvcore_eval.calibrate import calibrate
+from kvcore_eval.calibration.artifact import load_calibration
+from kvcore_eval.calibration.calibrate import calibrate
+from kvcore_eval.compression import latent
+from kvcore_eval.compression.cache import LowRankCache, layer_bases
+from kvcore_eval.compression.rank_plan import RankPlan
 from kvcore_eval.config import CalibrationConfig
-from kvcore_eval.rank_plan import RankPlan
-from kvcore_eval.rope import RopeTap
+from kvcore_eval.model.rope import RopeTap
 
 CUDA = torch.cuda.is_available()
 DEVICES = [
@@ -123,8 +123,8 @@ def cpu_perplexity(llama_dir, cpu_artifact):
 def evaluate(model_dir, artifact, device: str, attention: str, batch_size: int) -> float:
     import lm_eval
 
-    import kvcore_eval.wrapper  # noqa: F401  (registers kvcore_hf)
-    from kvcore_eval.lm_tasks import task_manager
+    import kvcore_eval.harness.wrapper  # noqa: F401  (registers kvcore_hf)
+    from kvcore_eval.harness.lm_tasks import task_manager
 
     results = lm_eval.simple_evaluate(
         model="kvcore_hf",
@@ -163,8 +163,8 @@ def test_device_map_split_between_device_and_cpu(device, llama_dir, cpu_artifact
     import lm_eval
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    from kvcore_eval.lm_tasks import task_manager
-    from kvcore_eval.wrapper import KVCoreHFLM
+    from kvcore_eval.harness.lm_tasks import task_manager
+    from kvcore_eval.harness.wrapper import KVCoreHFLM
 
     model = AutoModelForCausalLM.from_pretrained(llama_dir, dtype=torch.float32)
     device_map = split_device_map(model.config.num_hidden_layers, device)

@@ -3,10 +3,10 @@ import torch
 from conftest import FAMILIES
 from transformers import DynamicCache
 
-from kvcore_eval.artifact import decompose
-from kvcore_eval.gram import GramAccumulator, GramRecorder
-from kvcore_eval.models import kv_geometry
-from kvcore_eval.rope import RopeTap
+from kvcore_eval.calibration.artifact import decompose
+from kvcore_eval.calibration.gram import GramAccumulator, GramRecorder
+from kvcore_eval.model.models import kv_geometry
+from kvcore_eval.model.rope import RopeTap
 
 ROPE_FAMILIES = [f for f in FAMILIES if f != "gpt2"]
 
@@ -141,7 +141,7 @@ def test_padding_never_enters_the_gram(family_models, token_batch):
 
 
 def test_nonfinite_layers_are_named():
-    from kvcore_eval.models import KVGeometry
+    from kvcore_eval.model.models import KVGeometry
 
     accumulator = GramAccumulator(KVGeometry(num_layers=3, kv_heads=1, head_dim=2))
     accumulator.add(1, "value", torch.tensor([[float("nan"), 1.0]]))

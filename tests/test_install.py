@@ -39,7 +39,7 @@ def make_venv(env_dir: Path) -> str:
 
 @pytest.fixture(scope="module")
 def tiny_artifact(tmp_path_factory):
-    from kvcore_eval.calibrate import calibrate
+    from kvcore_eval.calibration.calibrate import calibrate
     from kvcore_eval.config import CalibrationConfig
 
     return calibrate(

@@ -12,7 +12,7 @@ import pytest
 from conftest import EXAMPLE_DATA, EXAMPLE_MODEL, REPO
 from judge_server import JudgeServer
 
-from kvcore_eval.judge import GPTJudge, JudgeConfig, JudgeUnavailable, judge_samples, parse_rating
+from kvcore_eval.harness.judge import GPTJudge, JudgeConfig, JudgeUnavailable, judge_samples, parse_rating
 
 KEY = "sk-test-SECRET-0123456789"
 
@@ -161,7 +161,7 @@ def test_kill_mid_run_loses_nothing(tmp_path):
 
 def test_gen_task_end_to_end_gives_gpt_score_in_results(server, tmp_path, monkeypatch, caplog):
     from kvcore_eval.config import EvalConfig
-    from kvcore_eval.evaluate import run_lm_eval
+    from kvcore_eval.experiments.evaluate import run_lm_eval
 
     monkeypatch.setenv("KVCORE_TEST_KEY", KEY)
     monkeypatch.setenv("KVCORE_JUDGE_MODEL", "judge-1")

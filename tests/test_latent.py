@@ -2,10 +2,10 @@ import pytest
 import torch
 from conftest import calibrate_in_memory
 
-from kvcore_eval import latent
-from kvcore_eval.cache import LowRankCache, layer_bases
-from kvcore_eval.rank_plan import RankPlan
-from kvcore_eval.rope import RopeTap
+from kvcore_eval.compression import latent
+from kvcore_eval.compression.cache import LowRankCache, layer_bases
+from kvcore_eval.compression.rank_plan import RankPlan
+from kvcore_eval.model.rope import RopeTap
 
 FAMILIES = ["llama", "mistral", "qwen2", "qwen3", "gemma", "phi3", "gpt_neox", "gpt2"]
 CASES = [  # (key space, granularity, key rank fraction or None, value rank fraction)
@@ -95,7 +95,7 @@ def test_full_rank_latent_kvcore_hf_equals_lm_eval_hf(llama_dir, tmp_path):
     from lm_eval.models.huggingface import HFLM
     from test_wrapper import requests
 
-    from kvcore_eval.wrapper import KVCoreHFLM
+    from kvcore_eval.harness.wrapper import KVCoreHFLM
 
     artifact = _artifact(llama_dir, tmp_path)
     full = KVCoreHFLM(
@@ -140,7 +140,7 @@ def test_full_rank_latent_kvcore_hf_equals_lm_eval_hf(llama_dir, tmp_path):
 def _artifact(model_dir, tmp_path):
     from conftest import EXAMPLE_DATA
 
-    from kvcore_eval.calibrate import calibrate
+    from kvcore_eval.calibration.calibrate import calibrate
     from kvcore_eval.config import CalibrationConfig
 
     return calibrate(
@@ -157,7 +157,7 @@ def _artifact(model_dir, tmp_path):
 
 
 def test_what_latent_attention_cannot_do_is_refused(family_dirs, family_models, setups, tmp_path, token_batch):
-    from kvcore_eval.wrapper import KVCoreHFLM
+    from kvcore_eval.harness.wrapper import KVCoreHFLM
 
     with pytest.raises(ValueError, match="does not implement softcap.*attention=reconstruct"):  # Gemma2 caps its logits
         KVCoreHFLM(

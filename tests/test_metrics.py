@@ -80,7 +80,7 @@ def test_residual_energy_under_another_basis_is_the_projection_error():
 
 
 def test_no_p_value_from_fewer_than_four_points():
-    from kvcore_eval.study import _stat
+    from kvcore_eval.analysis.study import _stat
 
     three = metrics.correlation([0.1, 0.2, 0.3], [3.0, 2.0, 1.0])
     assert three["spearman"] == pytest.approx(-1.0) and np.isnan(three["spearman_p"]) and np.isnan(three["pearson_p"])

@@ -8,7 +8,7 @@ import pytest
 import torch
 from conftest import build_model, family_configs
 
-from kvcore_eval.models import (
+from kvcore_eval.model.models import (
     UNIT_ROUNDOFF,
     WEIGHT_SAMPLE,
     config_fingerprint,

@@ -6,11 +6,11 @@ import logging
 import pytest
 from conftest import EXAMPLE_DATA, EXAMPLE_MODEL
 
-from kvcore_eval.artifact import load_calibration
-from kvcore_eval.calibrate import calibrate
+from kvcore_eval.calibration.artifact import load_calibration
+from kvcore_eval.calibration.calibrate import calibrate
+from kvcore_eval.calibration.overlap import digest, normalize
 from kvcore_eval.config import CalibrationConfig, EvalConfig, SweepConfig, TruncationConfig
-from kvcore_eval.evaluate import run_lm_eval
-from kvcore_eval.overlap import digest, normalize
+from kvcore_eval.experiments.evaluate import run_lm_eval
 
 SCORED = 4  # documents each evaluation here scores (--limit)
 
@@ -50,7 +50,7 @@ def held_out(tmp_path_factory):
 
 
 def test_the_artifact_records_a_digest_of_every_calibrated_document(in_sample, held_out):
-    from kvcore_eval.data import iter_documents
+    from kvcore_eval.calibration.data import iter_documents
 
     documents = list(iter_documents("kvcore:alpaca", data_dir=str(EXAMPLE_DATA)))
     calibration = load_calibration(in_sample, eigenvectors=False)
@@ -88,7 +88,7 @@ def test_overlap_is_recorded_in_the_results_and_warned_loudly(in_sample, held_ou
 
 def test_one_scored_document_in_the_calibration_is_counted(held_out, tmp_path):
     """A calibration file holding one scored document (reformatted whitespace) and unrelated text: 1 of 4 seen."""
-    from kvcore_eval.data import iter_documents
+    from kvcore_eval.calibration.data import iter_documents
 
     scored = list(iter_documents("lm_eval:kvcore_alpaca", data_dir=str(EXAMPLE_DATA)))[:SCORED]
     prompt, response = scored[2]
@@ -99,8 +99,8 @@ def test_one_scored_document_in_the_calibration_is_counted(held_out, tmp_path):
 
 
 def test_sweep_refuses_a_shared_basis_that_saw_the_scored_documents_before_loading(in_sample, tmp_path, monkeypatch):
-    from kvcore_eval import models
-    from kvcore_eval.sweep import run_sweep
+    from kvcore_eval.experiments.sweep import run_sweep
+    from kvcore_eval.model import models
 
     loads = []
     monkeypatch.setattr(models, "load_causal_lm", lambda *a, **k: loads.append(a))

@@ -2,7 +2,7 @@ import numpy as np
 import pytest
 from conftest import EXAMPLE_DATA, EXAMPLE_MODEL
 
-from kvcore_eval import positions
+from kvcore_eval.analysis import positions
 
 TEXT = (EXAMPLE_DATA / "alpaca.jsonl").read_text()[:1500]  # byte-level tokenizer: ~1500 tokens
 
@@ -31,9 +31,9 @@ def lms(tmp_path_factory):
     """hf and kvcore_hf (keys and values at rank 8 of 32) on the example model, both with windows of 128 tokens."""
     from lm_eval.models.huggingface import HFLM
 
-    from kvcore_eval.calibrate import calibrate
+    from kvcore_eval.calibration.calibrate import calibrate
     from kvcore_eval.config import CalibrationConfig
-    from kvcore_eval.wrapper import KVCoreHFLM
+    from kvcore_eval.harness.wrapper import KVCoreHFLM
 
     artifact = calibrate(
         CalibrationConfig(

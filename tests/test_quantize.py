@@ -3,7 +3,7 @@ import math
 import pytest
 import torch
 
-from kvcore_eval.quantize import GROUP_SIZE, Codec
+from kvcore_eval.compression.quantize import GROUP_SIZE, Codec
 
 
 def eigen_ordered_latents(width: int = 70) -> torch.Tensor:

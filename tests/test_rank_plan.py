@@ -1,8 +1,8 @@
 import numpy as np
 import pytest
 
+from kvcore_eval.compression.rank_plan import budget_ranks, parse_rank
 from kvcore_eval.config import TruncationConfig
-from kvcore_eval.rank_plan import budget_ranks, parse_rank
 
 
 def test_parse_rank_forms():
@@ -105,7 +105,7 @@ def test_new_options_parse_from_model_arg_strings():
 
 def test_fit_budget_takes_the_largest_allocation_within_the_target():
     """The cost (bytes) of an allocation grows with its total; the fit is the largest total whose cost fits."""
-    from kvcore_eval.rank_plan import allocate, fit_budget
+    from kvcore_eval.compression.rank_plan import allocate, fit_budget
 
     spectra = [np.array([0.9, 0.05, 0.03, 0.02]), np.array([0.25, 0.25, 0.25, 0.25])]
     cost = lambda ranks: 10 + 3 * sum(ranks)  # noqa: E731  (a fixed overhead of 10 and 3 bytes a dimension)
@@ -122,7 +122,7 @@ def test_sensitivity_budget_meets_the_budget_and_follows_the_measurement(tmp_pat
 
     from conftest import calibrate_in_memory
 
-    from kvcore_eval.rank_plan import make_plan
+    from kvcore_eval.compression.rank_plan import make_plan
 
     calibration = calibrate_in_memory(family_models["llama"], calibration_tokens)  # 2 layers, D = 32
     table = {

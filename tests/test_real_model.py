@@ -31,7 +31,7 @@ pytestmark = pytest.mark.skipif(smollm2_dir() is None, reason=f"the real model i
 
 @pytest.fixture(scope="session")
 def smollm2():
-    from kvcore_eval.models import load_causal_lm, load_tokenizer
+    from kvcore_eval.model.models import load_causal_lm, load_tokenizer
 
     folder = str(smollm2_dir())
     return load_causal_lm(folder, None, "cpu", "float32", GGUF_NAME), load_tokenizer(folder, None, GGUF_NAME)
@@ -40,7 +40,7 @@ def smollm2():
 @pytest.fixture(scope="session")
 def real_tokens(smollm2) -> torch.Tensor:
     """Two rows of 192 tokens of real prose and code."""
-    from kvcore_eval.data import iter_texts
+    from kvcore_eval.calibration.data import iter_texts
 
     _, tokenizer = smollm2
     text = "\n\n".join(iter_texts(str(REAL_TEXT / "alpaca.jsonl"), prompt_format="alpaca"))
@@ -52,7 +52,7 @@ def real_tokens(smollm2) -> torch.Tensor:
 @pytest.fixture(scope="session")
 def real_artifact(smollm2, tmp_path_factory) -> Path:
     """`kvcore-eval calibrate --model <file>.gguf` on the real prose."""
-    from kvcore_eval.calibrate import calibrate
+    from kvcore_eval.calibration.calibrate import calibrate
     from kvcore_eval.config import CalibrationConfig
 
     out = tmp_path_factory.mktemp("smollm2") / "alpaca"
@@ -73,7 +73,7 @@ def real_artifact(smollm2, tmp_path_factory) -> Path:
 @pytest.fixture(scope="session")
 def held_out_artifact(smollm2, tmp_path_factory) -> Path:
     """The README's recipe: calibrated on kvcore_alpaca's documents after the SCORED ones an evaluation scores."""
-    from kvcore_eval.calibrate import calibrate
+    from kvcore_eval.calibration.calibrate import calibrate
     from kvcore_eval.config import CalibrationConfig
 
     model, tokenizer = smollm2
@@ -101,9 +101,9 @@ def test_smollm2_answers_like_a_trained_model(smollm2):
 
 def test_pre_rope_and_value_grams_equal_the_hook_grams(smollm2, real_tokens):
     """On real weights and text: the recorded pre-RoPE key and value Grams equal the Grams of k_proj / v_proj."""
-    from kvcore_eval.gram import GramAccumulator, GramRecorder
-    from kvcore_eval.models import kv_geometry
-    from kvcore_eval.rope import RopeTap
+    from kvcore_eval.calibration.gram import GramAccumulator, GramRecorder
+    from kvcore_eval.model.models import kv_geometry
+    from kvcore_eval.model.rope import RopeTap
 
     model, _ = smollm2
     captured: dict[str, list[torch.Tensor]] = {"k_proj": [], "v_proj": []}
@@ -131,9 +131,9 @@ def test_pre_rope_and_value_grams_equal_the_hook_grams(smollm2, real_tokens):
 
 
 def test_calibration_of_the_gguf_file_records_it_and_keys_are_more_compressible(real_artifact):
-    from kvcore_eval.artifact import load_calibration
-    from kvcore_eval.models import file_sha256
-    from kvcore_eval.report import layer_table, mean_ner
+    from kvcore_eval.analysis.report import layer_table, mean_ner
+    from kvcore_eval.calibration.artifact import load_calibration
+    from kvcore_eval.model.models import file_sha256
 
     calibration = load_calibration(real_artifact)
     model = calibration.metadata["model"]
@@ -148,9 +148,9 @@ def test_full_basis_cache_reproduces_real_logits(smollm2, real_artifact, real_to
     """Rank D through the projection path (RoPE undone, projected, reconstructed, redone) equals the model."""
     from transformers import DynamicCache
 
-    from kvcore_eval.artifact import load_calibration
-    from kvcore_eval.cache import LayerBases, LowRankCache
-    from kvcore_eval.rope import RopeTap
+    from kvcore_eval.calibration.artifact import load_calibration
+    from kvcore_eval.compression.cache import LayerBases, LowRankCache
+    from kvcore_eval.model.rope import RopeTap
 
     model, _ = smollm2
     calibration = load_calibration(real_artifact)
@@ -171,8 +171,8 @@ def test_perplexity_through_lm_eval_grows_as_rank_falls(smollm2, held_out_artifa
     import lm_eval
     from lm_eval.models.huggingface import HFLM
 
-    from kvcore_eval.lm_tasks import task_manager
-    from kvcore_eval.wrapper import KVCoreHFLM
+    from kvcore_eval.harness.lm_tasks import task_manager
+    from kvcore_eval.harness.wrapper import KVCoreHFLM
 
     model, tokenizer = smollm2
     tasks = task_manager(str(REAL_TEXT))
@@ -198,8 +198,8 @@ def test_calibration_tokenizes_each_document_as_lm_eval_does(smollm2, held_out_a
     EOS; the artifact records whether a document starts with BOS."""
     from lm_eval.models.huggingface import HFLM
 
-    from kvcore_eval.artifact import read_metadata
-    from kvcore_eval.data import iter_texts, pack_sequences
+    from kvcore_eval.calibration.artifact import read_metadata
+    from kvcore_eval.calibration.data import iter_texts, pack_sequences
 
     model, tokenizer = smollm2
     lm = HFLM(pretrained=model, tokenizer=tokenizer)

@@ -10,9 +10,9 @@ import pytest
 import torch
 
 from kvcore_eval import metrics
-from kvcore_eval.artifact import BASIS_FILE, decompose, load_calibration, save_calibration
-from kvcore_eval.models import KVGeometry
-from kvcore_eval.report import layer_table, mean_ner, model_label, space_stats, to_markdown, write_report
+from kvcore_eval.analysis.report import layer_table, mean_ner, model_label, space_stats, to_markdown, write_report
+from kvcore_eval.calibration.artifact import BASIS_FILE, decompose, load_calibration, save_calibration
+from kvcore_eval.model.models import KVGeometry
 from kvcore_eval.spaces import SPACES
 
 GEOMETRY = KVGeometry(num_layers=3, kv_heads=2, head_dim=5)  # D = 10

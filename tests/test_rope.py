@@ -1,7 +1,7 @@
 import pytest
 import torch
 
-from kvcore_eval import rope
+from kvcore_eval.model import rope
 
 
 def tables(batch, seq, dim, scale=1.0, interleaved=False) -> rope.RotaryTables:

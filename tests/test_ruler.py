@@ -4,7 +4,7 @@ calibration on generated tasks held out from what is scored, and `kvcore-eval to
 import pytest
 from conftest import EXAMPLE_DATA, EXAMPLE_MODEL
 
-from kvcore_eval import ruler
+from kvcore_eval.harness import ruler
 
 pytestmark = pytest.mark.filterwarnings("ignore")
 
@@ -68,7 +68,7 @@ def test_kvcore_ruler_reads_a_gguf_tokenizer_and_says_what_to_pass_without_one()
 
 @pytest.fixture(scope="module")
 def artifact(tmp_path_factory):
-    from kvcore_eval.calibrate import calibrate
+    from kvcore_eval.calibration.calibrate import calibrate
     from kvcore_eval.config import CalibrationConfig
 
     return calibrate(
@@ -86,7 +86,7 @@ def artifact(tmp_path_factory):
 
 def full_rank_kvcore(artifact):
     """kvcore_hf on the example model at full rank (it must generate exactly what hf generates)."""
-    from kvcore_eval.wrapper import KVCoreHFLM
+    from kvcore_eval.harness.wrapper import KVCoreHFLM
 
     return KVCoreHFLM(
         pretrained=str(EXAMPLE_MODEL),
@@ -108,7 +108,7 @@ def models(artifact):
 
 
 def manager():
-    from kvcore_eval.lm_tasks import task_manager
+    from kvcore_eval.harness.lm_tasks import task_manager
 
     return task_manager(None, None, {"pretrained": str(EXAMPLE_MODEL), "max_seq_lengths": [LENGTH]})
 
@@ -117,8 +117,8 @@ def first_request(task: str):
     """The task's first document and the generation request lm-eval builds for it (documents made once)."""
     from lm_eval.api.instance import Instance
 
-    from kvcore_eval.data import leaf_tasks
-    from kvcore_eval.lm_tasks import load_as_evaluated
+    from kvcore_eval.calibration.data import leaf_tasks
+    from kvcore_eval.harness.lm_tasks import load_as_evaluated
 
     (instance,) = leaf_tasks(load_as_evaluated(manager(), [task]))
     doc = next(iter(instance.eval_docs))
@@ -146,7 +146,7 @@ def test_calibration_on_a_generated_task_reads_only_documents_after_the_scored_o
     --limit N scores (same needles: the task is loaded under the evaluation's seeds), and none is calibrated."""
     import lm_eval
 
-    from kvcore_eval.data import iter_texts
+    from kvcore_eval.calibration.data import iter_texts
 
     hf, _ = models
     results = lm_eval.simple_evaluate(
@@ -170,7 +170,7 @@ def test_tokenizer_command_writes_a_folder_ruler_reads(tmp_path, capsys, count_t
     from lm_eval.tasks.ruler.common_utils import get_tokenizer
 
     from kvcore_eval.cli import main
-    from kvcore_eval.lm_tasks import save_tokenizer
+    from kvcore_eval.harness.lm_tasks import save_tokenizer
 
     main(["tokenizer", str(EXAMPLE_MODEL), "--out", str(tmp_path / "tok")])
     assert '{"tokenizer": "' + str(tmp_path / "tok") + '"}' in capsys.readouterr().out
@@ -190,7 +190,7 @@ def test_overlap_of_a_calibration_on_a_generated_task_with_its_scored_documents(
 
     import lm_eval
 
-    from kvcore_eval.calibrate import calibrate
+    from kvcore_eval.calibration.calibrate import calibrate
     from kvcore_eval.config import CalibrationConfig
 
     artifact = calibrate(

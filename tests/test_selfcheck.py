@@ -2,8 +2,8 @@ import pytest
 import torch
 from conftest import FAMILIES
 
-from kvcore_eval.rope import Convention, RopeTap
-from kvcore_eval.selfcheck import check_key_recovery
+from kvcore_eval.model.rope import Convention, RopeTap
+from kvcore_eval.model.selfcheck import check_key_recovery
 
 
 @pytest.mark.parametrize("family", FAMILIES)
@@ -52,7 +52,7 @@ def test_self_check_passes_in_bfloat16(family_models):
 
 def test_the_probe_removes_its_hooks_when_the_forward_fails(family_models):
     """A forward that raises (here: a cache of no layers) leaves no hook on the model it probed."""
-    from kvcore_eval.selfcheck import run_probe
+    from kvcore_eval.model.selfcheck import run_probe
 
     model = family_models["llama"]
     modules = [layer.self_attn.k_proj for layer in model.model.layers]

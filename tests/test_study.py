@@ -10,7 +10,8 @@ import numpy as np
 import pytest
 from scipy import stats
 
-from kvcore_eval import metrics, study
+from kvcore_eval import metrics
+from kvcore_eval.analysis import study
 from kvcore_eval.config import SweepConfig, TruncationConfig
 
 TASKS = ["kvcore_alpaca", "kvcore_codealpaca", "kvcore_medalpaca", "kvcore_functioncall"]

@@ -5,11 +5,11 @@ import numpy as np
 import pytest
 from conftest import EXAMPLE_DATA, EXAMPLE_MODEL
 
-from kvcore_eval.artifact import read_metadata
-from kvcore_eval.compare import compare
+from kvcore_eval.analysis.compare import compare
+from kvcore_eval.analysis.study import summarize
+from kvcore_eval.calibration.artifact import read_metadata
 from kvcore_eval.config import SweepConfig, TruncationConfig
-from kvcore_eval.study import summarize
-from kvcore_eval.sweep import run_sweep
+from kvcore_eval.experiments.sweep import run_sweep
 
 TASKS = "kvcore_alpaca,kvcore_codealpaca"
 
@@ -48,7 +48,7 @@ def test_summary_math():
 
 @pytest.fixture(scope="module")
 def shared_artifact(tmp_path_factory):
-    from kvcore_eval.calibrate import calibrate
+    from kvcore_eval.calibration.calibrate import calibrate
     from kvcore_eval.config import CalibrationConfig
 
     out = tmp_path_factory.mktemp("sweep") / "artifact"
@@ -67,7 +67,7 @@ def shared_artifact(tmp_path_factory):
 
 @pytest.fixture
 def count_loads(monkeypatch):
-    from kvcore_eval import models
+    from kvcore_eval.model import models
 
     loads, real = [], models.load_causal_lm
     monkeypatch.setattr(models, "load_causal_lm", lambda *a, **k: loads.append(a) or real(*a, **k))
@@ -125,9 +125,9 @@ def test_per_task_sweep_loads_once_truncates_each_task_with_its_own_held_out_cal
 
 def test_held_out_calibration_never_reads_a_scored_document(tmp_path):
     """The scored documents (lm-eval's first num_samples) and the calibration texts share no document."""
-    from kvcore_eval.data import iter_texts, leaf_tasks
-    from kvcore_eval.lm_tasks import task_manager
-    from kvcore_eval.sweep import TASK_METADATA
+    from kvcore_eval.calibration.data import iter_texts, leaf_tasks
+    from kvcore_eval.experiments.sweep import TASK_METADATA
+    from kvcore_eval.harness.lm_tasks import task_manager
 
     manager = task_manager(str(EXAMPLE_DATA), None, TASK_METADATA)
     (task,) = leaf_tasks(manager.load_task_or_group(["kvcore_codealpaca"]))
@@ -140,8 +140,8 @@ def test_held_out_calibration_never_reads_a_scored_document(tmp_path):
 def test_shared_basis_reproduces_a_plain_kvcore_hf_run(shared_artifact, tmp_path, count_loads):
     """--basis shared gives the ND-PPL of separate `kvcore-eval eval` runs with that artifact, with one load."""
     from kvcore_eval.config import EvalConfig
-    from kvcore_eval.evaluate import run_lm_eval
-    from kvcore_eval.sweep import TASK_METADATA
+    from kvcore_eval.experiments.evaluate import run_lm_eval
+    from kvcore_eval.experiments.sweep import TASK_METADATA
 
     summary = run_sweep(
         sweep_config(
@@ -341,7 +341,7 @@ def test_compare(tmp_path):
 def test_shared_basis_per_layer_residual_energy_is_each_tasks_own(shared_artifact, tmp_path):
     """Under --basis-scope shared, a layer's residual energy is the task's own energy outside the shared basis,
     (tr G_t − tr P_rᵀ G_t P_r) / tr G_t, not the shared artifact's spectrum repeated for every task."""
-    from kvcore_eval.artifact import load_calibration
+    from kvcore_eval.calibration.artifact import load_calibration
     from kvcore_eval.metrics import residual_energy, residual_energy_under
 
     out = tmp_path / "shared-layers"
@@ -462,7 +462,7 @@ def test_position_buckets_of_a_rolling_task_sum_back_and_vanish_at_full_rank(tmp
 
 
 def test_one_document_gives_no_interval_rather_than_one_of_zero_width():
-    from kvcore_eval.sweep import nd_ppl_interval
+    from kvcore_eval.experiments.sweep import nd_ppl_interval
 
     one = {"per_document_loglikelihood": {"0": [-120.0, 100]}}
     cut = {"per_document_loglikelihood": {"0": [-130.0, 100]}}
@@ -476,7 +476,7 @@ def test_one_document_gives_no_interval_rather_than_one_of_zero_width():
 def test_bits_per_byte_gets_no_perplexity_interval():
     """bits_per_byte logs (loglikelihood, bytes) pairs like byte_perplexity, but its relative change is not the
     perplexity ratio the bootstrap computes: an interval there would not even hold its own value."""
-    from kvcore_eval.sweep import document_loglikelihoods
+    from kvcore_eval.experiments.sweep import document_loglikelihoods
 
     samples = [{"doc_id": 0, "bits_per_byte": (-10.0, 8), "byte_perplexity": (-10.0, 8)}]
     assert document_loglikelihoods(samples, "bits_per_byte") is None

@@ -3,13 +3,13 @@ import json
 import pytest
 from conftest import EXAMPLE_DATA, EXAMPLE_MODEL
 
-from kvcore_eval.table import TableConfig, dataset_label, write_table
+from kvcore_eval.analysis.table import TableConfig, dataset_label, write_table
 
 
 @pytest.fixture(scope="module")
 def three_sources(tmp_path_factory):
     """Three calibrations of the embedded default, on three data sources, made alike."""
-    from kvcore_eval.calibrate import calibrate
+    from kvcore_eval.calibration.calibrate import calibrate
     from kvcore_eval.config import CalibrationConfig
 
     root = tmp_path_factory.mktemp("table")
@@ -30,8 +30,8 @@ def three_sources(tmp_path_factory):
 
 
 def test_table_of_three_calibrations_writes_markdown_json_and_heatmap(three_sources, tmp_path):
-    from kvcore_eval.artifact import load_calibration
-    from kvcore_eval.report import layer_table, mean_ner
+    from kvcore_eval.analysis.report import layer_table, mean_ner
+    from kvcore_eval.calibration.artifact import load_calibration
 
     paths = write_table(TableConfig(runs=[str(r) for r in three_sources], out=str(tmp_path / "table")))
     table = json.loads(paths["json"].read_text())
@@ -47,7 +47,7 @@ def test_table_of_three_calibrations_writes_markdown_json_and_heatmap(three_sour
 
 
 def test_calibrations_made_differently_are_refused_or_listed(three_sources, tmp_path):
-    from kvcore_eval.calibrate import calibrate
+    from kvcore_eval.calibration.calibrate import calibrate
     from kvcore_eval.config import CalibrationConfig
 
     longer = calibrate(

@@ -4,7 +4,7 @@ import shutil
 import pytest
 from conftest import EXAMPLE_DATA, REPO
 
-from kvcore_eval.data import VISR_LANGUAGES, iter_texts, task_dataset
+from kvcore_eval.calibration.data import VISR_LANGUAGES, iter_texts, task_dataset
 
 DOMAINS = ["alpaca", "medalpaca", "codealpaca", "wizardcoder", "functioncall"]
 ALL_TASKS = [f"kvcore_{d}" for d in DOMAINS] + [f"kvcore_visr_{code}" for code in VISR_LANGUAGES]
@@ -113,7 +113,7 @@ def test_visr_is_downloaded_from_the_pinned_url_and_cached(tmp_path, monkeypatch
     import http.server
     import threading
 
-    from kvcore_eval import data
+    from kvcore_eval.calibration import data
 
     served = []
 
@@ -215,7 +215,7 @@ def test_scored_bytes_and_words_are_those_lm_eval_scores(task_manager):
 
 def test_held_out_pool_is_not_capped_by_the_task_yaml_num_samples(tmp_path):
     """1,100 records, the YAML's default subset of 1,000 scored: calibration reads the other 100."""
-    from kvcore_eval.data import iter_documents
+    from kvcore_eval.calibration.data import iter_documents
 
     record = {"instruction": "Say a number.", "input": "", "output": ""}
     lines = [json.dumps({**record, "output": f"The number {i}."}) for i in range(1100)]

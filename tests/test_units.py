@@ -4,12 +4,12 @@ import pytest
 from conftest import EXAMPLE_DATA, EXAMPLE_MODEL
 
 from kvcore_eval.config import SweepConfig
-from kvcore_eval.units import choose_metric
+from kvcore_eval.harness.units import choose_metric
 
 
 def instance(task: str, length: int | None = None):
-    from kvcore_eval.data import leaf_tasks
-    from kvcore_eval.lm_tasks import load_as_evaluated, task_manager
+    from kvcore_eval.calibration.data import leaf_tasks
+    from kvcore_eval.harness.lm_tasks import load_as_evaluated, task_manager
 
     metadata = {"pretrained": str(EXAMPLE_MODEL), "num_samples": 3, **({"max_seq_lengths": [length]} if length else {})}
     (found,) = leaf_tasks(load_as_evaluated(task_manager(str(EXAMPLE_DATA), None, metadata), [task]))
@@ -43,7 +43,7 @@ def test_ruler_tasks_are_scored_by_the_metric_of_their_length():
 def test_a_task_scored_through_several_filters_is_refused():
     from types import SimpleNamespace
 
-    from kvcore_eval.units import check_single_filter
+    from kvcore_eval.harness.units import check_single_filter
 
     def task(filters):
         return SimpleNamespace(config=SimpleNamespace(task="gsm8k_like", filter_list=filters))
@@ -60,7 +60,7 @@ def test_the_direction_of_a_metric_is_the_tasks_own_and_an_undeclared_one_is_ref
     and its winners: refused."""
     from types import SimpleNamespace
 
-    from kvcore_eval.units import higher_is_better
+    from kvcore_eval.harness.units import higher_is_better
 
     assert higher_is_better(instance("kvcore_ruler_niah_single_2", 768), "768") is True
     assert higher_is_better(instance("kvcore_alpaca_gen"), "gpt_score") is True
@@ -84,8 +84,8 @@ def test_the_direction_of_a_metric_is_the_tasks_own_and_an_undeclared_one_is_ref
 def test_a_bare_metric_is_a_perplexity_and_options_no_task_uses_are_refused(tmp_path):
     """`--metric acc` would silently score nothing differently (a bare metric is ND-PPL's perplexity); --gen-kwargs
     and max_seq_lengths without a task that generates or builds documents for a length would be ignored."""
-    from kvcore_eval.lm_tasks import task_manager
-    from kvcore_eval.units import task_units
+    from kvcore_eval.harness.lm_tasks import task_manager
+    from kvcore_eval.harness.units import task_units
 
     with pytest.raises(ValueError, match="--metric acc: a bare metric is the perplexity of ND-PPL.*task=acc"):
         config("acc")

@@ -10,9 +10,9 @@ from conftest import EXAMPLE_DATA, calibrate_in_memory
 from lm_eval.api.instance import Instance
 from lm_eval.models.huggingface import HFLM
 
-from kvcore_eval.artifact import save_calibration
-from kvcore_eval.models import model_identity, weights_sample
-from kvcore_eval.wrapper import KVCoreHFLM
+from kvcore_eval.calibration.artifact import save_calibration
+from kvcore_eval.harness.wrapper import KVCoreHFLM
+from kvcore_eval.model.models import model_identity, weights_sample
 
 
 @pytest.fixture(scope="module")
@@ -327,17 +327,17 @@ def test_interpreter_start_registers_kvcore_hf_lazily():
     code = (
         "import sys; import kvcore_eval_lm_eval; assert 'kvcore_eval' not in sys.modules; "
         "import lm_eval.models; from lm_eval.api.registry import model_registry; "
-        "print(model_registry._objs['kvcore_hf'], 'kvcore_eval.wrapper' in sys.modules)"
+        "print(model_registry._objs['kvcore_hf'], 'kvcore_eval.harness.wrapper' in sys.modules)"
     )
     result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120, cwd="/")
     assert result.returncode == 0, result.stderr[-2000:]
-    assert result.stdout.split() == ["kvcore_eval.wrapper:KVCoreHFLM", "False"]
+    assert result.stdout.split() == ["kvcore_eval.harness.wrapper:KVCoreHFLM", "False"]
 
 
 def test_kvcore_hf_reads_only_the_slices_its_plan_needs(llama_dir, artifact_dir):
     """The bulk of an artifact (every eigenvector of every space) stays on disk; the plan's slices equal a full
     load's."""
-    from kvcore_eval.artifact import load_calibration
+    from kvcore_eval.calibration.artifact import load_calibration
 
     lazy, full = load_calibration(artifact_dir, eigenvectors=False), load_calibration(artifact_dir)
     assert lazy.eigenvectors == {} and lazy.head_eigenvectors == {}
@@ -371,7 +371,7 @@ def test_slightly_scaled_weights_are_refused(dtype, scale, family_dirs, artifact
 def test_metadata_that_disagrees_with_the_basis_shapes_is_refused(artifact_dir, tmp_path):
     import shutil
 
-    from kvcore_eval.artifact import load_calibration
+    from kvcore_eval.calibration.artifact import load_calibration
 
     edited = tmp_path / "edited"
     shutil.copytree(artifact_dir, edited)
@@ -400,8 +400,8 @@ def test_each_layers_bases_go_to_the_device_of_its_key_projection(family_dirs, l
     On a GPU machine tests/test_gpu.py splits the layers between cuda and cpu and checks the same, with scores."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    from kvcore_eval.models import layer_devices
-    from kvcore_eval.rope import attention_modules
+    from kvcore_eval.model.models import layer_devices
+    from kvcore_eval.model.rope import attention_modules
 
     cpu, meta = torch.device("cpu"), torch.device("meta")
     for family, path in family_dirs.items():  # own k_proj, fused qkv_proj / query_key_value / c_attn: all found

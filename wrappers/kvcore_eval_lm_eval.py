@@ -23,7 +23,7 @@ from importlib.machinery import ModuleSpec, PathFinder
 from pathlib import Path
 
 MODEL_NAME = "kvcore_hf"
-WRAPPER_TARGET = "kvcore_eval.wrapper:KVCoreHFLM"
+WRAPPER_TARGET = "kvcore_eval.harness.wrapper:KVCoreHFLM"
 TASK_MARKER = "_kvcore_perplexity.yaml"  # a file every copy of our tasks folder holds
 
 

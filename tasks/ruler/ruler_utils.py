@@ -1,4 +1,4 @@
-"""Functions the kvcore_ruler YAMLs call: documents from kvcore_eval.ruler; scoring is lm-eval's RULER scoring."""
+"""Functions the kvcore_ruler YAMLs call: documents from kvcore_eval.harness.ruler; scoring is lm-eval's RULER's."""
 
 from __future__ import annotations
 
@@ -11,7 +11,7 @@ def _dataset(task: str, **kwargs) -> dict:
     """custom_dataset: lm-eval passes --metadata (and, from the lm_eval command, the model args) as keywords."""
     import datasets
 
-    from kvcore_eval.ruler import documents
+    from kvcore_eval.harness.ruler import documents
 
     return {"test": datasets.Dataset.from_list(documents(task, **kwargs), split=datasets.Split.TEST)}
 
@@ -40,6 +40,6 @@ def longtext(haystack: str | None = None, doc_words: int | None = None, **_: obj
     """custom_dataset of kvcore_longtext: non-overlapping runs of `doc_words` (1800) words of the haystack."""
     import datasets
 
-    from kvcore_eval.ruler import DEFAULT_DOC_WORDS, text_documents
+    from kvcore_eval.harness.ruler import DEFAULT_DOC_WORDS, text_documents
 
     return {"test": datasets.Dataset.from_list(text_documents(haystack, doc_words or DEFAULT_DOC_WORDS))}

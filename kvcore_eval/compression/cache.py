@@ -5,7 +5,7 @@ right singular vectors P_r and stores the latents K·P_r (r numbers per token in
 the reconstruction K·P_r·P_rᵀ of everything cached to attention. Every attention call goes through
 `update`, so a one-shot scoring forward and each generation step attend to the same rank-r keys and values.
 
-Memory really shrinks (the stored tensors are the latents). With `latent=True` (`kvcore_eval.latent`) the
+Memory really shrinks (the stored tensors are the latents). With `latent=True` (`kvcore_eval.compression.latent`) the
 update stores the same and returns without reconstructing, and attention reads the latents directly; otherwise
 attention gets the reconstruction, a matmul per layer per step.
 
@@ -25,11 +25,11 @@ from dataclasses import dataclass
 import torch
 from transformers.cache_utils import Cache, DynamicCache, DynamicLayer
 
-from kvcore_eval.artifact import Calibration
-from kvcore_eval.bases import sequence_basis
-from kvcore_eval.quantize import Codec
-from kvcore_eval.rank_plan import RankPlan
-from kvcore_eval.rope import RopeTap, RotaryTables, rotate, unrotate
+from kvcore_eval.calibration.artifact import Calibration
+from kvcore_eval.compression.bases import sequence_basis
+from kvcore_eval.compression.quantize import Codec
+from kvcore_eval.compression.rank_plan import RankPlan
+from kvcore_eval.model.rope import RopeTap, RotaryTables, rotate, unrotate
 from kvcore_eval.spaces import KEY_SPACES
 
 
@@ -284,8 +284,8 @@ class LowRankCache(Cache):
     """One `LowRankLayer` per decoder layer. Pass as `cache=` to a forward or to `generate`.
 
     `tap` (pre_rope truncation of a RoPE model) supplies the tables each layer applied; the cache keeps them.
-    `latent`: attention reads the latents (`kvcore_eval.latent`), nothing is reconstructed on update.
-    `codec`: how latents are stored (`kvcore_eval.quantize`); None keeps the model's dtype.
+    `latent`: attention reads the latents (`kvcore_eval.compression.latent`), nothing is reconstructed on update.
+    `codec`: how latents are stored (`kvcore_eval.compression.quantize`); None keeps the model's dtype.
     `set_token_mask` names the real tokens of the next prefill (basis=sequence excludes padding from its bases)."""
 
     def __init__(

@@ -19,7 +19,7 @@ def tasks_dir() -> Path:
     installed = Path(lm_eval.__file__).parent / "tasks" / "kvcore"
     if (installed / TASK_MARKER).is_file():
         return installed
-    source = Path(__file__).resolve().parents[1] / "tasks"
+    source = Path(__file__).resolve().parents[2] / "tasks"
     if (source / TASK_MARKER).is_file():
         return source
     raise FileNotFoundError(f"kvcore's lm-eval tasks are neither in {installed} nor in {source}: reinstall kvcore-eval")
@@ -128,7 +128,7 @@ def cached_tokenizer_dir(tokenizer) -> Path:
     import shutil
     import tempfile
 
-    from kvcore_eval.data import CACHE_ENV
+    from kvcore_eval.calibration.data import CACHE_ENV
 
     root = Path(os.environ.get(CACHE_ENV, "~/.cache/kvcore-eval")).expanduser() / "tokenizers"
     root.mkdir(parents=True, exist_ok=True)

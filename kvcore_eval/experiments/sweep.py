@@ -18,8 +18,8 @@ metric at full rank (the baseline) and at each rank below it for each `--truncat
 documents (RULER) runs at each length of `--metadata '{"max_seq_lengths": [...]}'`, each length its own points and
 held-out calibration (`<task>@<length>`): a table in sweep.md and accuracy.png (context length x rank, a panel per
 kind). `--position-buckets` adds, for rolling-perplexity tasks, ND-PPL by position in the context window
-(`kvcore_eval.positions`): a table in sweep.md and position_nd_ppl.png. Every option is checked, the chosen metric
-against each task's metric_list included, before the model loads. Finished points of an earlier run that this run
+(`kvcore_eval.analysis.positions`): a table in sweep.md and position_nd_ppl.png. Every option is checked, the chosen
+metric against each task's metric_list included, before the model loads. Finished points of an earlier run that this run
 does not include are named in sweep.md and in a warning.
 """
 
@@ -34,10 +34,11 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
-from kvcore_eval import metrics, outputs, study
+from kvcore_eval import metrics, outputs
+from kvcore_eval.analysis import study
 from kvcore_eval.config import CalibrationConfig, SweepConfig, identity, identity_differences, split_paths
+from kvcore_eval.harness.units import Unit, check_kinds, task_units
 from kvcore_eval.spaces import KEY_SPACES
-from kvcore_eval.units import Unit, check_kinds, task_units
 
 logger = logging.getLogger(__name__)
 
@@ -131,7 +132,7 @@ def point_metadata(session: Session, unit: Unit) -> dict[str, Any]:
 
 def unit_manager(session: Session, unit: Unit):
     """The TaskManager that loads the unit's task as it is scored (its metadata: tokenizer, --metadata, length)."""
-    from kvcore_eval.lm_tasks import task_manager
+    from kvcore_eval.harness.lm_tasks import task_manager
 
     return task_manager(session.config.data_dir, split_paths(session.config.include_path), unit_metadata(session, unit))
 
@@ -139,8 +140,8 @@ def unit_manager(session: Session, unit: Unit):
 def loaded_task(session: Session, unit: Unit):
     """The unit's lm-eval task, built once per run: a generated task (RULER) draws its documents when it loads (500
     of them), so every point reuses one build, loaded under the seeds simple_evaluate sets (the same documents)."""
-    from kvcore_eval.data import leaf_tasks
-    from kvcore_eval.lm_tasks import load_as_evaluated
+    from kvcore_eval.calibration.data import leaf_tasks
+    from kvcore_eval.harness.lm_tasks import load_as_evaluated
 
     if unit.name not in session.loaded:
         (session.loaded[unit.name],) = leaf_tasks(load_as_evaluated(unit_manager(session, unit), [unit.task]))
@@ -150,8 +151,8 @@ def loaded_task(session: Session, unit: Unit):
 def task_calibration(session: Session, task: str) -> Path:
     """The task's own calibration on its held-out documents (reused when made with the same settings); `task` is a
     unit name (a RULER task at one length is calibrated on documents of that length)."""
-    from kvcore_eval import artifact
-    from kvcore_eval.calibrate import calibrate
+    from kvcore_eval.calibration import artifact
+    from kvcore_eval.calibration.calibrate import calibrate
 
     config = session.config
     unit = session.units[task]
@@ -201,7 +202,7 @@ def _truncation(session: Session, basis: Path, key_rank: Any, value_rank: Any, t
 
 def point_settings(session: Session, task: str, truncation, documents: list[int] | None, metric: str) -> dict[str, Any]:
     """Everything that changes a point's number: a saved point is reused only when all of it is equal."""
-    from kvcore_eval.artifact import read_metadata
+    from kvcore_eval.calibration.artifact import read_metadata
 
     unit = session.units[task]
     settings = {
@@ -217,7 +218,7 @@ def point_settings(session: Session, task: str, truncation, documents: list[int]
     settings.update({"metadata": metadata} if (metadata := session.config.task_metadata()) else {})
     settings.update({"gen_kwargs": gen} if unit.generation and (gen := session.config.gen_kwargs) else {})
     if truncation.sensitivity is not None:  # the table's content, not its path, sets the plan
-        from kvcore_eval.models import file_sha256
+        from kvcore_eval.model.models import file_sha256
 
         settings["sensitivity_sha256"] = file_sha256(str(truncation.sensitivity))
     return settings
@@ -232,7 +233,7 @@ def evaluate_point(
 
 def use_truncation(session: Session, truncation) -> Any:
     """The session's one KVCoreHFLM (built on first use) with `truncation` in place."""
-    from kvcore_eval.wrapper import KVCoreHFLM
+    from kvcore_eval.harness.wrapper import KVCoreHFLM
 
     if session.lm is None:
         session.lm = KVCoreHFLM(
@@ -254,7 +255,7 @@ def run_point(
     same settings is reused; other settings are an error."""
     import lm_eval
 
-    from kvcore_eval.documents import per_document_counts, per_document_values
+    from kvcore_eval.harness.documents import per_document_counts, per_document_values
 
     config = session.config
     unit = session.units[task]
@@ -312,7 +313,7 @@ def run_point(
 def document_loglikelihoods(samples: list[dict[str, Any]], metric: str) -> dict[str, list[float]] | None:
     """doc_id -> [loglikelihood, count] of a weighted-perplexity metric (what a paired bootstrap resamples); None for
     other metrics (`documents.WEIGHTED_PERPLEXITIES`)."""
-    from kvcore_eval.documents import WEIGHTED_PERPLEXITIES
+    from kvcore_eval.harness.documents import WEIGHTED_PERPLEXITIES
 
     if metric not in WEIGHTED_PERPLEXITIES:
         return None
@@ -334,7 +335,7 @@ def nd_ppl_interval(point: dict[str, Any], baseline: dict[str, Any]) -> dict[str
 
 def claim_and_load(config, kind: str, own_names: tuple[str, ...]) -> tuple[Path, Any]:
     """After every check: claim the output folder (config.json), then load the model."""
-    from kvcore_eval import models
+    from kvcore_eval.model import models
 
     out = Path(config.out)
     outputs.check_run_folder(out, kind, own_names)
@@ -359,8 +360,8 @@ def open_units(
     Only the tokenizer loads first: tasks that build their documents (RULER) need it. `config` is a
     TaskScoringConfig with an `out` and `tasks`; `selectors` are its fields that choose which points run rather than
     what a point's number is."""
-    from kvcore_eval import models
-    from kvcore_eval.lm_tasks import task_manager, tokenizer_metadata
+    from kvcore_eval.harness.lm_tasks import task_manager, tokenizer_metadata
+    from kvcore_eval.model import models
 
     model_id, gguf_file = models.gguf_location(config.model, config.gguf_file)
     tokenizer = models.load_tokenizer(model_id, None, gguf_file)
@@ -387,7 +388,7 @@ def open_sweep(config: SweepConfig) -> Session:
     def check(units: list[Unit], manager_for: Callable[[int | None], Any]) -> None:
         check_kinds(config, units)
         if config.basis_scope == "shared":
-            from kvcore_eval.artifact import read_metadata
+            from kvcore_eval.calibration.artifact import read_metadata
 
             read_metadata(config.truncation.calibration)  # an artifact is there, in a format this version reads
             if not config.allow_overlap:
@@ -400,8 +401,8 @@ def check_shared_overlap(config: SweepConfig, units: list[Unit], manager_for: Ca
     """Before any model loads: refuse a shared calibration that saw documents the sweep scores."""
     import itertools
 
-    from kvcore_eval import data, overlap
-    from kvcore_eval.artifact import load_calibration
+    from kvcore_eval.calibration import data, overlap
+    from kvcore_eval.calibration.artifact import load_calibration
 
     shared = config.truncation.calibration
     digests = load_calibration(shared, eigenvectors=False).document_digests
@@ -425,8 +426,8 @@ def task_document_ner(session: Session, task: str) -> list[dict[str, Any]]:
     reused when made with the same settings."""
     import itertools
 
-    from kvcore_eval.data import lm_eval_task_documents
-    from kvcore_eval.documents import document_ner
+    from kvcore_eval.calibration.data import lm_eval_task_documents
+    from kvcore_eval.harness.documents import document_ner
 
     config = session.config
     path = session.out / "documents" / f"{task}.json"
@@ -452,7 +453,7 @@ def task_document_ner(session: Session, task: str) -> list[dict[str, Any]]:
 
 
 def run_sweep(config: SweepConfig) -> dict[str, Any]:
-    from kvcore_eval import models
+    from kvcore_eval.model import models
 
     session = open_sweep(config)
     units = session.units
@@ -497,8 +498,8 @@ def perplexity_metric(units: dict[str, Unit]) -> str:
 
 def perplexity_study(session: Session, calibrations: dict[str, Path], basis: dict[str, Path], design: dict[str, Any]):
     """ND-PPL per perplexity task and rank (one kind), NER, and their correlations across tasks and documents."""
-    from kvcore_eval.artifact import load_calibration
-    from kvcore_eval.report import layer_table, mean_ner
+    from kvcore_eval.analysis.report import layer_table, mean_ner
+    from kvcore_eval.calibration.artifact import load_calibration
 
     config, tasks = session.config, session.tasks
     (kind,) = config.truncate_kinds()  # check_kinds refuses several kinds with perplexity tasks
@@ -546,7 +547,7 @@ def rank_truncation(session: Session, basis: Path, rank: float, kind: str):
 def run_accuracy(session: Session, units: list[Unit], basis: dict[str, Path], design: dict[str, Any]) -> dict:
     """Each unit's own metric at full rank (the baseline: kvcore_hf at full rank is `hf`) and at every rank below it
     for every --truncate kind."""
-    from kvcore_eval import accuracy
+    from kvcore_eval.analysis import accuracy
 
     config = session.config
     full = {
@@ -572,7 +573,7 @@ def run_accuracy(session: Session, units: list[Unit], basis: dict[str, Path], de
 
 def run_positions(session: Session, basis: dict[str, Path]) -> dict[str, Any]:
     """ND-PPL by position bucket for each rolling perplexity task, at each rank of the study's kind."""
-    from kvcore_eval import positions
+    from kvcore_eval.analysis import positions
 
     config = session.config
     (kind,) = config.truncate_kinds()
@@ -597,9 +598,9 @@ def point_positions(session: Session, task: str, name: str, truncation) -> dict[
     import itertools
     import math
 
-    from kvcore_eval import positions
-    from kvcore_eval.data import leaf_tasks
-    from kvcore_eval.lm_tasks import load_as_evaluated
+    from kvcore_eval.analysis import positions
+    from kvcore_eval.calibration.data import leaf_tasks
+    from kvcore_eval.harness.lm_tasks import load_as_evaluated
 
     point = outputs.read_json(session.out / "points" / task / f"{name}.json", "sweep point")  # the study's
     path = session.out / "positions" / task / f"{name}.json"
@@ -635,7 +636,7 @@ def left_out_points(session: Session) -> list[str]:
 def write_summary(session: Session, summary: dict[str, Any], final: bool = True) -> None:
     """sweep.json, sweep.md and the figures of what the run holds; finished points it left out are named (and,
     once the run is done, `final`, logged)."""
-    from kvcore_eval import accuracy, positions
+    from kvcore_eval.analysis import accuracy, positions
 
     out = session.out
     summary["left_out"] = left_out_points(session)
@@ -692,8 +693,8 @@ def layer_nd_ppl(
 
 
 def load_width(basis: Path) -> int:
-    from kvcore_eval.artifact import read_metadata
-    from kvcore_eval.models import KVGeometry
+    from kvcore_eval.calibration.artifact import read_metadata
+    from kvcore_eval.model.models import KVGeometry
 
     return KVGeometry(**read_metadata(basis)["model"]["geometry"]).width
 
@@ -701,7 +702,7 @@ def load_width(basis: Path) -> int:
 def task_residual_energy(own: Path, basis: Path, space: str, rank: int, layers: int) -> list[float]:
     """Per layer, the fraction of the task's own energy tr(G_t) outside the basis used: Σ_{i>r} λ_i of its own
     spectrum when the basis is its own; (tr G_t − tr P_rᵀ G_t P_r) / tr G_t under another (--basis shared)."""
-    from kvcore_eval.artifact import load_calibration
+    from kvcore_eval.calibration.artifact import load_calibration
 
     task = load_calibration(own, eigenvectors=Path(own) != Path(basis))
     if Path(own) == Path(basis):
@@ -727,7 +728,7 @@ def run_per_layer(
 ) -> dict[str, Any]:
     """Each layer's ND-PPL with only that layer's keys (then values) truncated to `per_layer_rank` of D, beside the
     layer's NER and residual energy on the task's own data (its own calibration's Gram) under the basis used."""
-    from kvcore_eval.artifact import load_calibration
+    from kvcore_eval.calibration.artifact import load_calibration
 
     config = session.config
     nd_ppl, layer_ner, residual, intervals = {}, {}, {}, {}

@@ -14,9 +14,9 @@ from typing import Any
 import torch
 
 from kvcore_eval import metrics
-from kvcore_eval.gram import GramAccumulator, GramRecorder
-from kvcore_eval.models import kv_geometry
-from kvcore_eval.rope import RopeTap
+from kvcore_eval.calibration.gram import GramAccumulator, GramRecorder
+from kvcore_eval.model.models import kv_geometry
+from kvcore_eval.model.rope import RopeTap
 from kvcore_eval.spaces import KEY_SPACES
 
 # metric -> per-document value from lm-eval's logged (loglikelihood, count) pair

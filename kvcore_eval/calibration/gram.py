@@ -16,8 +16,8 @@ from dataclasses import dataclass
 import torch
 from transformers.cache_utils import Cache, DynamicLayer
 
-from kvcore_eval.models import KVGeometry
-from kvcore_eval.rope import RopeTap, pre_rope_keys
+from kvcore_eval.model.models import KVGeometry
+from kvcore_eval.model.rope import RopeTap, pre_rope_keys
 from kvcore_eval.spaces import SPACES
 
 

@@ -19,8 +19,8 @@ import torch
 from torch import nn
 from transformers.cache_utils import Cache, DynamicLayer
 
-from kvcore_eval.models import kv_geometry
-from kvcore_eval.rope import RopeTap, pre_rope_keys
+from kvcore_eval.model.models import kv_geometry
+from kvcore_eval.model.rope import RopeTap, pre_rope_keys
 
 logger = logging.getLogger(__name__)
 

@@ -9,7 +9,7 @@ from pathlib import Path
 import numpy as np
 
 from kvcore_eval import metrics, outputs
-from kvcore_eval.artifact import Calibration, load_calibration
+from kvcore_eval.calibration.artifact import Calibration, load_calibration
 from kvcore_eval.spaces import SPACES
 
 logger = logging.getLogger(__name__)

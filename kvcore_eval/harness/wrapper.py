@@ -18,17 +18,20 @@ import torch
 from lm_eval.api.registry import register_model
 from lm_eval.models.huggingface import HFLM
 
-from kvcore_eval import bases, latent
-from kvcore_eval.artifact import Calibration, load_calibration, read_metadata
-from kvcore_eval.cache import (
+from kvcore_eval.calibration.artifact import Calibration, load_calibration, read_metadata
+from kvcore_eval.calibration.overlap import OverlapCounter
+from kvcore_eval.compression import bases, latent
+from kvcore_eval.compression.cache import (
     LowRankCache,
     cache_bytes_per_token,
     compare_with_model_cache,
     layer_bases,
     sliding_window_layers,
 )
+from kvcore_eval.compression.quantize import Codec
+from kvcore_eval.compression.rank_plan import make_plan
 from kvcore_eval.config import TruncationConfig, split_options
-from kvcore_eval.models import (
+from kvcore_eval.model.models import (
     config_fingerprint,
     dtype_name,
     kv_geometry,
@@ -38,11 +41,8 @@ from kvcore_eval.models import (
     weights_fingerprint,
     weights_sample,
 )
-from kvcore_eval.overlap import OverlapCounter
-from kvcore_eval.quantize import Codec
-from kvcore_eval.rank_plan import make_plan
-from kvcore_eval.rope import RopeTap
-from kvcore_eval.selfcheck import check_key_recovery
+from kvcore_eval.model.rope import RopeTap
+from kvcore_eval.model.selfcheck import check_key_recovery
 from kvcore_eval.spaces import KEY_SPACES
 
 # A child of lm-eval's logger: plain `lm_eval` shows it.

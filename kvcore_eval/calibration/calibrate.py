@@ -27,12 +27,14 @@ from typing import Any
 
 import torch
 
-from kvcore_eval import __version__, artifact, data, models, outputs, overlap
+from kvcore_eval import __version__, outputs
+from kvcore_eval.calibration import artifact, data, overlap
+from kvcore_eval.calibration.gram import GramAccumulator, GramRecorder
 from kvcore_eval.config import CalibrationConfig, identity, identity_differences, parse_metadata, split_paths
-from kvcore_eval.gram import GramAccumulator, GramRecorder
-from kvcore_eval.lm_tasks import tokenizer_metadata
-from kvcore_eval.rope import RopeTap
-from kvcore_eval.selfcheck import check_key_recovery
+from kvcore_eval.harness.lm_tasks import tokenizer_metadata
+from kvcore_eval.model import models
+from kvcore_eval.model.rope import RopeTap
+from kvcore_eval.model.selfcheck import check_key_recovery
 
 logger = logging.getLogger(__name__)
 

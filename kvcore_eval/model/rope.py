@@ -7,7 +7,7 @@ pre-hook on every attention module and records the `position_embeddings` the mod
 layer in that very forward. Undoing RoPE with those tables inverts what the layer did, whatever the family.
 
 Conventions (the layout of cos/sin and which dimensions pair up) differ by family; they are declared in
-`CONVENTIONS` and *verified* against the model's own pre-RoPE key by `kvcore_eval.selfcheck`, never trusted.
+`CONVENTIONS` and *verified* against the model's own pre-RoPE key by `kvcore_eval.model.selfcheck`, never trusted.
 RoPE maps each pair (x1, x2) to (x1·cos − x2·sin, x2·cos + x1·sin), a rotation scaled by the rope's
 `attention_scaling` (cos² + sin² = s²); its inverse is the opposite rotation divided by s². Partial rotary
 (tables narrower than head_dim) rotates only the first `rotary_dim` dimensions.

@@ -471,7 +471,7 @@ def lm_eval_task_documents(
     an evaluation loads them (`lm_tasks.load_as_evaluated`); a generation task's prompt is the context lm-eval sends
     (its answer prefix, gen_prefix, included: what `overlap` matches a scored request by) and its response every
     reference answer."""
-    from kvcore_eval.lm_tasks import load_as_evaluated, task_manager
+    from kvcore_eval.harness.lm_tasks import load_as_evaluated, task_manager
 
     # Every record of a kvcore task, in its seeded order (the YAML's num_samples would cap the pool that lies
     # beyond the scored documents); the first N are those `--limit N` scores, with or without the cap.

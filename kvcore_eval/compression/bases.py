@@ -29,9 +29,9 @@ import torch
 from torch import nn
 from transformers.cache_utils import DynamicLayer
 
-from kvcore_eval.artifact import Calibration
-from kvcore_eval.models import KVGeometry, kv_geometry
-from kvcore_eval.rope import RopeTap, attention_modules
+from kvcore_eval.calibration.artifact import Calibration
+from kvcore_eval.model.models import KVGeometry, kv_geometry
+from kvcore_eval.model.rope import RopeTap, attention_modules
 from kvcore_eval.spaces import SPACES
 
 
@@ -174,7 +174,7 @@ class _Recorder(DynamicLayer):
         self.seen, self.layer_idx, self.tap = seen, layer_idx, tap
 
     def update(self, key_states: torch.Tensor, value_states: torch.Tensor, *args, **kwargs):
-        from kvcore_eval.selfcheck import pre_rope_keys
+        from kvcore_eval.model.selfcheck import pre_rope_keys
 
         def rows(states: torch.Tensor) -> torch.Tensor:
             return states.float().transpose(1, 2).flatten(2)
@@ -186,7 +186,7 @@ class _Recorder(DynamicLayer):
 
 def check_projections(model: nn.Module, tap: RopeTap, projections: dict, kinds: tuple[str, ...]) -> dict:
     """[W | b]·[x; 1] against the cache's pre-RoPE key / value on the probe batch; relative errors by (layer, kind)."""
-    from kvcore_eval.selfcheck import TOLERANCE, run_probe
+    from kvcore_eval.model.selfcheck import TOLERANCE, run_probe
 
     config = model.config
     family = getattr(config, "model_type", type(model).__name__)

@@ -210,9 +210,10 @@ def make_plan(
     config: TruncationConfig, calibration, bytes_per_token: Callable[[RankPlan], dict] | None = None
 ) -> RankPlan:
     """The per-layer ranks a `TruncationConfig` asks for, against a loaded `Calibration` (or any basis source of
-    `kvcore_eval.bases`). A `rank_budget` is met in bytes when `bytes_per_token` (`cache.cache_bytes_per_token` of a
-    plan) is given: the truncated kinds' bytes per token, with rotary tables and quantization scales, stay within
-    rank_budget of their full-cache bytes, as close as whole dimensions allow; without it, in dimensions alone."""
+    `kvcore_eval.compression.bases`). A `rank_budget` is met in bytes when `bytes_per_token`
+    (`cache.cache_bytes_per_token` of a plan) is given: the truncated kinds' bytes per token, with rotary tables and
+    quantization scales, stay within rank_budget of their full-cache bytes, as close as whole dimensions allow;
+    without it, in dimensions alone."""
     from kvcore_eval import metrics
 
     geometry = calibration.geometry

@@ -22,7 +22,7 @@ from typing import Any
 import torch
 
 from kvcore_eval import outputs
-from kvcore_eval.models import KVGeometry, file_sha256
+from kvcore_eval.model.models import KVGeometry, file_sha256
 from kvcore_eval.spaces import SPACES
 
 FORMAT_VERSION = 2

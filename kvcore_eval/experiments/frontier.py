@@ -270,7 +270,7 @@ def probe_bytes(lm, probe_ids) -> float:
     """Bytes per token the current cache of `lm` holds after one forward over `probe_ids` (1, tokens)."""
     import torch
 
-    from kvcore_eval import latent
+    from kvcore_eval.compression import latent
 
     cache = lm.new_cache()
     with torch.no_grad(), latent.active(cache):
@@ -304,9 +304,9 @@ def held_out_ids(session, name: str, tokens: int):
     longer: full sequences only, unless the text is shorter than one."""
     import torch
 
+    from kvcore_eval.calibration.data import iter_texts, pack_sequences
     from kvcore_eval.config import split_paths
-    from kvcore_eval.data import iter_texts, pack_sequences
-    from kvcore_eval.sweep import unit_metadata
+    from kvcore_eval.experiments.sweep import unit_metadata
 
     config, unit = session.config, session.units[name]
     seq_len = max(config.seq_len, unit.length or 0)
@@ -328,8 +328,8 @@ def held_out_perplexity(session, truncation, ids) -> float:
 
     import torch
 
-    from kvcore_eval import latent
-    from kvcore_eval.sweep import use_truncation
+    from kvcore_eval.compression import latent
+    from kvcore_eval.experiments.sweep import use_truncation
 
     use_truncation(session, truncation)
     cache = session.lm.new_cache()
@@ -346,8 +346,8 @@ def _measure_sensitivity(session, plan: TaskPlan) -> Path:
     `sensitivity_tokens` tokens of the documents after the scored ones, by a direct forward (2 x layers + 1 of
     them; lm-eval's per-document overhead x 60 layers would dominate the frontier). A per_layer.json."""
     from kvcore_eval import outputs
-    from kvcore_eval.artifact import read_metadata
-    from kvcore_eval.sweep import layer_nd_ppl
+    from kvcore_eval.calibration.artifact import read_metadata
+    from kvcore_eval.experiments.sweep import layer_nd_ppl
 
     config = session.config
     path = session.out / "sensitivity" / f"{plan.name}.json"
@@ -384,9 +384,9 @@ def _measure_sensitivity(session, plan: TaskPlan) -> Path:
 
 
 def _prepare_task(session, task: str) -> TaskPlan:
-    from kvcore_eval.artifact import read_metadata
-    from kvcore_eval.models import KVGeometry
-    from kvcore_eval.sweep import run_point, task_calibration, task_document_ner, use_truncation
+    from kvcore_eval.calibration.artifact import read_metadata
+    from kvcore_eval.experiments.sweep import run_point, task_calibration, task_document_ner, use_truncation
+    from kvcore_eval.model.models import KVGeometry
 
     config = session.config
     basis = task_calibration(session, task)
@@ -413,7 +413,8 @@ def _bits(session, method: Method) -> int:
 
 
 def _row(session, plan: TaskPlan, name: str, method: Method, budget, knob, point, measured: float) -> dict[str, Any]:
-    from kvcore_eval import metrics, study
+    from kvcore_eval import metrics
+    from kvcore_eval.analysis import study
 
     raw, base = point["value"], plan.baseline["value"]
     # bytes per token: what the evaluation's own caches held where kvcore_hf measures it, else the probe's
@@ -451,7 +452,7 @@ def uncertainty(plan: TaskPlan, point: dict[str, Any]) -> dict[str, Any]:
     same documents (the sweep's `nd_ppl_interval`; None for the baseline itself and for points saved without
     per-document log-likelihoods); for another metric, the bootstrap standard error of its mean over documents."""
     from kvcore_eval import metrics
-    from kvcore_eval.sweep import nd_ppl_interval
+    from kvcore_eval.experiments.sweep import nd_ppl_interval
 
     if not plan.perplexity:
         return {"stderr": metrics.bootstrap_stderr_of_mean(point["per_document"].values())}
@@ -462,7 +463,7 @@ def within_reach(session, truncation, geometry):
     """`truncation` in place on the session's model, or, where its rank_budget (met in bytes, overheads included)
     is below what one dimension per layer and kind already costs, that one-dimension plan: the point then reports
     its measured bytes, over the budget."""
-    from kvcore_eval.sweep import use_truncation
+    from kvcore_eval.experiments.sweep import use_truncation
 
     try:
         use_truncation(session, truncation)
@@ -480,7 +481,7 @@ def within_reach(session, truncation, geometry):
 
 def method_rows(session, plan: TaskPlan, name: str, budgets: list[float]) -> list[dict[str, Any]]:
     """One row per budget (one row in all for a method without a knob), each at its measured bytes."""
-    from kvcore_eval.sweep import run_point
+    from kvcore_eval.experiments.sweep import run_point
 
     config, method = session.config, METHODS[name]
     memo: dict[int | None, float] = {}
@@ -533,8 +534,8 @@ def pareto(rows: list[dict[str, Any]]) -> list[bool]:
 def check_sensitivity_file(config: FrontierConfig) -> None:
     """Before the model loads: --sensitivity is a per_layer.json of this key space and this model's layer count (the
     model's config is read, not its weights)."""
-    from kvcore_eval import models
-    from kvcore_eval.rank_plan import measured_sensitivity
+    from kvcore_eval.compression.rank_plan import measured_sensitivity
+    from kvcore_eval.model import models
     from kvcore_eval.spaces import KEY_SPACES
 
     model_id, gguf_file = models.gguf_location(config.model, config.gguf_file)
@@ -578,7 +579,7 @@ def run_frontier(config: FrontierConfig) -> list[dict[str, Any]]:
     from tqdm.auto import tqdm
 
     from kvcore_eval import outputs
-    from kvcore_eval.sweep import open_units
+    from kvcore_eval.experiments.sweep import open_units
 
     def check(units, manager_for) -> None:
         if config.sensitivity is not None and "sensitivity" in config.method_list():
@@ -649,7 +650,7 @@ def winners(rows: list[dict[str, Any]], budgets: list[float]) -> dict[str, dict[
 
 
 def to_markdown(rows: list[dict[str, Any]], config: FrontierConfig, dropped: list[str] | None = None) -> str:
-    from kvcore_eval.study import _stat, with_interval
+    from kvcore_eval.analysis.study import _stat, with_interval
 
     budgets = config.budget_list()
     lines = [

@@ -51,8 +51,8 @@ def dataset_label(spec: str) -> str:
 
 
 def build_table(config: TableConfig) -> dict[str, Any]:
-    from kvcore_eval.artifact import load_calibration
-    from kvcore_eval.report import layer_table, mean_ner, model_label
+    from kvcore_eval.analysis.report import layer_table, mean_ner, model_label
+    from kvcore_eval.calibration.artifact import load_calibration
 
     key = f"key_{config.key_space}"
     cells: dict[str, dict[str, dict[str, Any]]] = defaultdict(dict)  # model -> dataset -> cell

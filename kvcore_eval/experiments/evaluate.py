@@ -8,8 +8,8 @@ from pathlib import Path
 from typing import Any
 
 from kvcore_eval.config import EvalConfig, split_paths
-from kvcore_eval.lm_tasks import task_manager
-from kvcore_eval.models import resolve_device
+from kvcore_eval.harness.lm_tasks import task_manager
+from kvcore_eval.model.models import resolve_device
 from kvcore_eval.outputs import atomic_write_text, check_output_file
 
 logger = logging.getLogger(__name__)
@@ -30,7 +30,7 @@ def run_lm_eval(
     tasks as lm-eval's --metadata does."""
     import lm_eval
 
-    import kvcore_eval.wrapper  # noqa: F401  registers kvcore_hf
+    import kvcore_eval.harness.wrapper  # noqa: F401  registers kvcore_hf
 
     if config.output:  # before the evaluation, not after it
         check_output_file(Path(config.output), "--output", _is_results_file)

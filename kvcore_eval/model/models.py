@@ -87,7 +87,7 @@ def layer_devices(model: torch.nn.Module) -> list[torch.device]:
     devices; each layer's bases and latents go where its keys are computed."""
     import torch
 
-    from kvcore_eval.rope import attention_modules
+    from kvcore_eval.model.rope import attention_modules
 
     devices = []
     for layer_idx, attention in attention_modules(model).items():
