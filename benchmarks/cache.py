@@ -147,7 +147,8 @@ def measure(model, make_candidates: Callable[[], list[Candidate]], context, args
     ]
 
 
-def main() -> None:
+def build_parser() -> argparse.ArgumentParser:
+    """The command line (the docs test parses the commands the docs show with it)."""
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     add_model_arguments(parser)
     parser.add_argument("--contexts", default="1024,4096,8192")
@@ -156,7 +157,11 @@ def main() -> None:
     parser.add_argument("--batch-sizes", default="1,8")
     parser.add_argument("--new-tokens", type=int, default=8, help="greedy tokens per candidate per round")
     add_timing_arguments(parser, rounds=5)
-    args = parser.parse_args()
+    return parser
+
+
+def main() -> None:
+    args = build_parser().parse_args()
     contexts = [int(c) for c in args.contexts.split(",")]
     model, geometry, device = build_model(args, max_positions=max(contexts) + args.new_tokens * (args.rounds + 1))
     latent.register()

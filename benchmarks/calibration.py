@@ -27,14 +27,19 @@ from kvcore_eval.calibration.gram import GramAccumulator, GramRecorder
 from kvcore_eval.model.rope import RopeTap
 
 
-def main() -> None:
+def build_parser() -> argparse.ArgumentParser:
+    """The command line (the docs test parses the commands the docs show with it)."""
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     add_model_arguments(parser)
     parser.add_argument("--batches", type=int, default=8)
     parser.add_argument("--batch-size", type=int, default=4)
     parser.add_argument("--seq-len", type=int, default=512)
     add_timing_arguments(parser, rounds=0)
-    args = parser.parse_args()
+    return parser
+
+
+def main() -> None:
+    args = build_parser().parse_args()
     rounds = args.rounds or 3 * args.batches  # default: three passes over the batches
     model, geometry, device = build_model(args, max_positions=4096)
     batches = [

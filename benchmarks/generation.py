@@ -50,7 +50,8 @@ def prompt_ids(tokenizer, data_dir: Path, tokens: int) -> torch.Tensor:
     return ids.repeat(1, tokens // ids.shape[1] + 1)[:, :tokens]
 
 
-def main() -> None:
+def build_parser() -> argparse.ArgumentParser:
+    """The command line (the docs test parses the commands the docs show with it)."""
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--model", default=None, help="a .gguf file or model folder (default: SmolLM2-135M's GGUF)")
     parser.add_argument("--data-dir", default=str(REPO / "examples" / "real-text"))
@@ -59,7 +60,11 @@ def main() -> None:
     parser.add_argument("--rank", default="0.25", help="key_rank = value_rank (fraction of D)")
     parser.add_argument("--profile", action="store_true", help="print torch.profiler's top operators per candidate")
     add_timing_arguments(parser, rounds=3)
-    args = parser.parse_args()
+    return parser
+
+
+def main() -> None:
+    args = build_parser().parse_args()
 
     from lm_eval.models.huggingface import HFLM
 

@@ -23,7 +23,8 @@ from common import SMOLLM2_GGUF, add_timing_arguments, interleave, paired_ratio,
 REPO = Path(__file__).resolve().parents[1]
 
 
-def main() -> None:
+def build_parser() -> argparse.ArgumentParser:
+    """The command line (the docs test parses the commands the docs show with it)."""
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument(
         "--model", default=None, help="model folder (default: SmolLM2-135M where installed, else examples/tiny-llama)"
@@ -32,7 +33,11 @@ def main() -> None:
     parser.add_argument("--task", default="kvcore_alpaca")
     parser.add_argument("--batch-size", type=int, default=4)
     add_timing_arguments(parser, rounds=3)
-    args = parser.parse_args()
+    return parser
+
+
+def main() -> None:
+    args = build_parser().parse_args()
 
     import lm_eval
     from lm_eval.models.huggingface import HFLM

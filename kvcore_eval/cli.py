@@ -6,18 +6,29 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import json
 import logging
 import sys
 from collections.abc import Sequence
 from pathlib import Path
+
+from kvcore_eval import __version__
+from kvcore_eval.config import (
+    CalibrationConfig,
+    EvalConfig,
+    FrontierConfig,
+    JudgeConfig,
+    SweepConfig,
+    TableConfig,
+    choices,
+    field_type,
+)
 
 
 def add_dataclass_arguments(parser: argparse.ArgumentParser, config_class: type, skip: tuple[str, ...] = ()) -> None:
     """One --flag per field, from its one declaration: required fields have no default, bools are switches, a
     Literal's values are the choices, help is the field's help. An embedded configuration (a dataclass field)
     contributes its own fields, but those its field's `cli_skip` names."""
-    from kvcore_eval.config import choices, field_type
-
     for field in dataclasses.fields(config_class):
         if field.name in skip:
             continue
@@ -48,8 +59,6 @@ def add_dataclass_arguments(parser: argparse.ArgumentParser, config_class: type,
 def config_from_args(config_class: type, args: argparse.Namespace, skip: tuple[str, ...] = ()):
     """The configuration the flags of `add_dataclass_arguments` describe (embedded configurations built whole; the
     fields their `cli_skip` names keep their defaults, even where the outer configuration has a flag of that name)."""
-    from kvcore_eval.config import field_type
-
     values = {}
     for field in dataclasses.fields(config_class):
         kind = field_type(config_class, field.name)
@@ -62,15 +71,14 @@ def config_from_args(config_class: type, args: argparse.Namespace, skip: tuple[s
 
 def _calibrate(args: argparse.Namespace) -> None:
     """`kvcore-eval calibrate`: accumulate the Grams over the dataset and write the artifact."""
-    from kvcore_eval.calibration.calibrate import calibrate
-    from kvcore_eval.config import CalibrationConfig
+    from kvcore_eval.calibration.calibrate import calibrate  # lazy: torch, lm-eval (a fast --help)
 
     calibrate(config_from_args(CalibrationConfig, args))
 
 
 def _report(args: argparse.Namespace) -> None:
     """`kvcore-eval report`: per-layer NER tables and plot of an artifact; prints the files written."""
-    from kvcore_eval.analysis.report import write_report
+    from kvcore_eval.analysis.report import write_report  # lazy: torch, lm-eval (a fast --help)
 
     for kind, path in write_report(args.artifact, args.out).items():
         print(f"{kind}: {path}")
@@ -80,16 +88,14 @@ def _eval(args: argparse.Namespace) -> None:
     """`kvcore-eval eval`: one lm-eval run; prints lm-eval's results table."""
     from lm_eval.utils import make_table
 
-    from kvcore_eval.config import EvalConfig
-    from kvcore_eval.experiments.evaluate import run_lm_eval
+    from kvcore_eval.experiments.evaluate import run_lm_eval  # lazy: torch, lm-eval (a fast --help)
 
     print(make_table(run_lm_eval(config_from_args(EvalConfig, args))))
 
 
 def _sweep(args: argparse.Namespace) -> None:
     """`kvcore-eval sweep`: ND-PPL over tasks and ranks with one model load; prints its markdown tables."""
-    from kvcore_eval.config import SweepConfig
-    from kvcore_eval.experiments.sweep import run_sweep
+    from kvcore_eval.experiments.sweep import run_sweep  # lazy: torch, lm-eval (a fast --help)
 
     config = config_from_args(SweepConfig, args)
     run_sweep(config)
@@ -100,7 +106,7 @@ def _sweep(args: argparse.Namespace) -> None:
 
 def _frontier(args: argparse.Namespace) -> None:
     """`kvcore-eval frontier`: every method at each budget of measured bytes; prints frontier.md."""
-    from kvcore_eval.experiments.frontier import FrontierConfig, run_frontier
+    from kvcore_eval.experiments.frontier import run_frontier  # lazy: torch, lm-eval (a fast --help)
 
     config = config_from_args(FrontierConfig, args)
     run_frontier(config)
@@ -109,14 +115,14 @@ def _frontier(args: argparse.Namespace) -> None:
 
 def _compare(args: argparse.Namespace) -> None:
     """`kvcore-eval compare`: two lm-eval results files side by side, as markdown."""
-    from kvcore_eval.analysis.compare import compare, to_markdown
+    from kvcore_eval.analysis.compare import compare, labels, to_markdown  # lazy: torch, lm-eval (a fast --help)
 
-    print(to_markdown(compare(args.a, args.b), Path(args.a).name, Path(args.b).name))
+    print(to_markdown(compare(args.a, args.b), *labels(args.a, args.b)))
 
 
 def _table(args: argparse.Namespace) -> None:
     """`kvcore-eval table`: the paper's models x datasets NER table from calibrations; prints the files."""
-    from kvcore_eval.analysis.table import TableConfig, write_table
+    from kvcore_eval.analysis.table import write_table  # lazy: torch, lm-eval (a fast --help)
 
     for kind, path in write_table(config_from_args(TableConfig, args)).items():
         print(f"{kind}: {path}")
@@ -124,8 +130,8 @@ def _table(args: argparse.Namespace) -> None:
 
 def _tokenizer(args: argparse.Namespace) -> None:
     """`kvcore-eval tokenizer`: write a GGUF model's tokenizer to a folder lm-eval's RULER tasks can read."""
-    from kvcore_eval.harness.lm_tasks import save_tokenizer
-    from kvcore_eval.model import models
+    from kvcore_eval.harness.lm_tasks import save_tokenizer  # lazy: torch, lm-eval (a fast --help)
+    from kvcore_eval.model import models  # lazy: torch, lm-eval (a fast --help)
 
     model_id, gguf_file = models.gguf_location(args.model, args.gguf_file)
     out = save_tokenizer(models.load_tokenizer(model_id, None, gguf_file), Path(args.out))
@@ -133,22 +139,22 @@ def _tokenizer(args: argparse.Namespace) -> None:
 
 
 def _judge(args: argparse.Namespace) -> None:
-    """`kvcore-eval judge`: GPT-score a samples file through an OpenAI-compatible judge; prints the summary."""
-    import json
+    """`kvcore-eval judge`: GPT-score samples files through an OpenAI-compatible judge; prints a summary per file."""
+    from kvcore_eval.harness.judge import judge_samples  # lazy: torch, lm-eval (a fast --help)
 
-    from kvcore_eval.harness.judge import JudgeConfig, judge_samples
-
-    print(json.dumps(judge_samples(args.samples, config_from_args(JudgeConfig, args), args.out), indent=2))
+    if args.out is not None and len(args.samples) > 1:
+        raise ValueError(
+            f"--out names one file, and {len(args.samples)} samples files were given: drop --out (each file's scores "
+            "go to judged_<its name> beside it), or judge one file"
+        )
+    config = config_from_args(JudgeConfig, args)
+    summaries = {path: judge_samples(path, config, args.out) for path in args.samples}
+    print(json.dumps(summaries if len(summaries) > 1 else next(iter(summaries.values())), indent=2))
 
 
 def build_parser() -> argparse.ArgumentParser:
     """The `kvcore-eval` parser: one subcommand per step, its flags generated from the configurations."""
-    from kvcore_eval.config import CalibrationConfig, EvalConfig, SweepConfig
-    from kvcore_eval.harness.judge import JudgeConfig
-
     parser = argparse.ArgumentParser(prog="kvcore-eval", description=__doc__)
-    from kvcore_eval import __version__
-
     parser.add_argument("--version", action="version", version=f"kvcore-eval {__version__}")
     parser.add_argument("--log-level", default="INFO", help="logging level (default: INFO)")
     commands = parser.add_subparsers(dest="command", required=True)
@@ -176,15 +182,11 @@ def build_parser() -> argparse.ArgumentParser:
     add_dataclass_arguments(sweep, SweepConfig)
     sweep.set_defaults(run=_sweep)
 
-    from kvcore_eval.experiments.frontier import FrontierConfig
-
     frontier = commands.add_parser(
         "frontier", help="every method (basis, allocation, bits) at equal measured bytes per token: the Pareto front"
     )
     add_dataclass_arguments(frontier, FrontierConfig)
     frontier.set_defaults(run=_frontier)
-
-    from kvcore_eval.analysis.table import TableConfig
 
     table = commands.add_parser(
         "table", help="the paper's models x datasets NER table, and layer x dataset heatmaps, from calibrations"
@@ -209,7 +211,9 @@ def build_parser() -> argparse.ArgumentParser:
     judge = commands.add_parser(
         "judge", help="GPT-score an lm-eval samples file of a _gen task through an OpenAI-compatible judge"
     )
-    judge.add_argument("samples", help="lm-eval samples .jsonl (written with --log_samples)")
+    judge.add_argument(
+        "samples", nargs="+", help="lm-eval samples .jsonl files (written with --log_samples; a glob may name several)"
+    )
     judge.add_argument("--out", default=None, help="judged samples .jsonl (default: judged_<samples name>, beside it)")
     add_dataclass_arguments(judge, JudgeConfig)
     judge.set_defaults(run=_judge)

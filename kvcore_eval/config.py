@@ -13,12 +13,19 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
+import json
+import os
 import types
 import typing
 from collections.abc import Mapping
 from dataclasses import dataclass
-from typing import Any, Literal
+from pathlib import Path
+from typing import Any, ClassVar, Literal
 
+from kvcore_eval.analysis.positions import parse_edges
+from kvcore_eval.compression.methods import BUDGET_ALLOCATIONS, METHOD_FIELDS, METHODS, truncation_for
+from kvcore_eval.metrics import PERPLEXITY_METRICS
+from kvcore_eval.model.models import gguf_location
 from kvcore_eval.spaces import DEFAULT_KEY_SPACE, Granularity, KeySpace, Truncate
 
 ModelDtype = Literal["float32", "bfloat16", "float16"]
@@ -266,18 +273,37 @@ class TruncationConfig:
             )
 
 
-@dataclass
-class CalibrationConfig:
-    """What `kvcore-eval calibrate` runs. Each field's `help` is its --help line."""
+@dataclass(kw_only=True)
+class ModelConfig:
+    """The model a run loads and where its data and tasks come from: declared once, for every run that loads a model
+    (calibrate, eval, sweep, frontier)."""
 
     model: str = option(help="Hugging Face hub id, local directory, or .gguf file of a causal LM")
+    gguf_file: str | None = option(None, help="GGUF file inside --model's folder or hub repo (dequantized on load)")
+    data_dir: str | None = option(
+        None, help="folder of <source>.jsonl files read instead of the hub (kvcore's datasets and tasks)"
+    )
+    include_path: str | None = option(
+        None, help="extra lm-eval task folders, comma-separated (lm-eval's --include_path)"
+    )
+    device: str = option(
+        "auto",
+        help="cpu, cuda, cuda:N, or auto (cuda when available, else cpu; under accelerate or torchrun, the "
+        "process's own device)",
+    )
+    dtype: ModelDtype = option("float32", help="model dtype (Grams are always float64)")
+
+
+@dataclass(kw_only=True)
+class CalibrationConfig(ModelConfig):
+    """What `kvcore-eval calibrate` runs. Each field's `help` is its --help line."""
+
     dataset: str = option(
         help="kvcore:<source>[:<lang>] (alpaca, visr:de, ...), lm_eval:<task> (any lm-eval task's documents), "
         "a hub dataset id, or a local .jsonl/.json/.txt/.parquet file"
     )
     out: str = option(help="output directory of the artifact (basis.safetensors + kvcore.json)", identity=False)
     revision: str | None = option(None, help="model revision (branch, tag or commit) on the hub")
-    gguf_file: str | None = option(None, help="GGUF file inside --model's folder or hub repo (dequantized on load)")
     split: str = option("train", help="dataset split (hub datasets)")
     data_dir: str | None = option(
         None, help="folder of <source>.jsonl files read instead of the hub for kvcore:<source>"
@@ -286,9 +312,6 @@ class CalibrationConfig:
         0,
         help="lm_eval:<task> only: documents skipped first (those an evaluation with --limit N scores), "
         "so calibration and evaluation are disjoint",
-    )
-    include_path: str | None = option(
-        None, help="lm_eval:<task> only: extra task folders, comma-separated (lm-eval's --include_path)"
     )
     metadata: str | None = option(
         None,
@@ -302,8 +325,6 @@ class CalibrationConfig:
     max_tokens: int = option(200_000, help="stop after this many tokens (over all processes)")
     seq_len: int = option(512, help="tokens per packed sequence")
     batch_size: int = option(4, help="sequences per forward pass")
-    device: str = option("auto", help="cpu, cuda, cuda:N, or auto (the accelerate process's device)")
-    dtype: ModelDtype = option("float32", help="model dtype (Grams are always float64)")
     checkpoint_every: int = option(100_000, help="tokens between checkpoints (per process)", identity=False)
     resume: bool = option(False, help="continue an interrupted run in --out", identity=False)
     overwrite: bool = option(False, help="replace whatever --out holds", identity=False)
@@ -332,8 +353,6 @@ class CalibrationConfig:
 
 def parse_metadata(metadata: str | None) -> dict:
     """--metadata as a dict: a JSON object, as lm-eval's --metadata takes it."""
-    import json
-
     if not metadata:
         return {}
     try:
@@ -354,18 +373,10 @@ def split_paths(paths: str | None) -> list[str]:
 
 
 @dataclass(kw_only=True)
-class LMEvalRunConfig:
+class LMEvalRunConfig(ModelConfig):
     """The model and task-loading options of every lm-eval run the CLI makes (eval, sweep, frontier)."""
 
-    model: str = option(help="Hugging Face hub id, local directory, or .gguf file")
-    gguf_file: str | None = option(None, help="GGUF file inside --model's folder or hub repo (dequantized on load)")
-    data_dir: str | None = option(None, help="folder of <source>.jsonl files read instead of the hub")
-    include_path: str | None = option(
-        None, help="extra lm-eval task folders, comma-separated (lm-eval's --include_path)"
-    )
     batch_size: int = option(1, help="lm-eval batch size")
-    device: str = option("auto", help="cpu, cuda, cuda:N, or auto (what lm-eval picks: cuda when available, else cpu)")
-    dtype: ModelDtype = option("float32", help="model dtype")
 
 
 @dataclass(kw_only=True)
@@ -428,8 +439,6 @@ class TaskScoringConfig(LMEvalRunConfig):
                 f"--metric {self.metric!r}: give one perplexity metric and task=metric pairs, e.g. "
                 "byte_perplexity,niah_single_1=1024"
             )
-        from kvcore_eval.harness.documents import PERPLEXITY_METRICS
-
         if bare and bare[0] not in PERPLEXITY_METRICS:
             raise ValueError(
                 f"--metric {bare[0]}: a bare metric is the perplexity of ND-PPL ({', '.join(PERPLEXITY_METRICS)}); "
@@ -484,8 +493,6 @@ class EvalConfig(LMEvalRunConfig):
 
     def model_args(self) -> dict[str, Any]:
         """lm-eval model_args: `hf`'s, plus kvcore_hf's (every option not left at None) with a calibration."""
-        from kvcore_eval.model.models import gguf_location
-
         pretrained, gguf_file = gguf_location(self.model, self.gguf_file)
         args = {"pretrained": pretrained, "dtype": self.dtype}
         if gguf_file is not None:
@@ -496,10 +503,10 @@ class EvalConfig(LMEvalRunConfig):
         return args
 
 
-# The sweep sets these per point (overlap: from --allow-overlap); its command line does not offer them.
+# TruncationConfig fields each point of a sweep or a frontier sets itself (overlap: from --allow-overlap), and the
+# kind truncated (the sweep's own --truncate lists kinds, each its own points); their command lines do not offer them.
 PER_POINT = ("key_rank", "value_rank", "rank_budget", "budget_method", "sensitivity", "overlap")
-# ... and the kind truncated, which the sweep's own --truncate lists (each kind its own points).
-SWEEP_PER_POINT = (*PER_POINT, "truncate")
+PER_POINT_KIND = (*PER_POINT, "truncate")
 KINDS_TRUNCATED = ("keys", "values", "both")
 
 
@@ -507,6 +514,20 @@ KINDS_TRUNCATED = ("keys", "values", "both")
 class SweepConfig(TaskScoringConfig):
     """What `kvcore-eval sweep` runs: ND-PPL per task and rank, NER per task, their correlation; other tasks
     (generation: RULER, ...) by their own metric per rank, kind and context length; one model load."""
+
+    # Fields that choose which points run, not what a point's number is. metric, metadata and gen_kwargs change
+    # numbers: the part each point depends on is in its own settings.
+    selectors: ClassVar[tuple[str, ...]] = (
+        "tasks",
+        "ranks",
+        "per_layer",
+        "per_layer_rank",
+        "truncate",
+        "metric",
+        "metadata",
+        "gen_kwargs",
+        "position_buckets",
+    )
 
     out: str = option(
         help="output directory (finished points and calibrations are reused: an interrupted sweep resumes)",
@@ -525,7 +546,7 @@ class SweepConfig(TaskScoringConfig):
     truncation: TruncationConfig = option(
         TruncationConfig,
         help="the truncation every point shares; the sweep sets the ranks and the kind truncated",
-        cli_skip=SWEEP_PER_POINT,
+        cli_skip=PER_POINT_KIND,
     )
     ranks: str = option("1.0,0.75,0.5,0.25,0.125", help="comma-separated fractions of D in (0, 1]")
     truncate: str = option(
@@ -552,7 +573,7 @@ class SweepConfig(TaskScoringConfig):
         check_choices(self)
         self.rank_list()
         if given := [
-            name for name in SWEEP_PER_POINT if getattr(self.truncation, name) != getattr(TruncationConfig, name)
+            name for name in PER_POINT_KIND if getattr(self.truncation, name) != getattr(TruncationConfig, name)
         ]:
             raise ValueError(
                 f"the sweep sets {', '.join(given)} itself at each point: leave them out (kinds: --truncate)"
@@ -560,8 +581,6 @@ class SweepConfig(TaskScoringConfig):
         self.truncate_kinds()
         self.check_scoring()
         if self.position_buckets is not None:
-            from kvcore_eval.analysis.positions import parse_edges
-
             parse_edges(self.position_buckets, 1 << 30)
         shared = self.truncation.calibration is not None
         if self.basis_scope == "shared" and not shared:
@@ -593,3 +612,169 @@ class SweepConfig(TaskScoringConfig):
         if any(not 0 < r <= 1 for r in ranks):
             raise ValueError(f"--ranks {self.ranks!r}: every rank must be a fraction in (0, 1]")
         return sorted(set(ranks), reverse=True)
+
+
+@dataclass(kw_only=True)
+class FrontierConfig(TaskScoringConfig):
+    """What `kvcore-eval frontier` runs: every method at each budget of measured bytes per token, one model load."""
+
+    # The bases are always each task's own held-out calibration: a scored document is never calibrated on.
+    allow_overlap: ClassVar[bool] = False
+    # Fields that choose which points run, not what a point's number is (a point's own settings say the rest).
+    # metadata and gen_kwargs change numbers: the part each point depends on is in its own settings.
+    selectors: ClassVar[tuple[str, ...]] = (
+        "tasks",
+        "budgets",
+        "methods",
+        "sensitivity",
+        "sensitivity_tokens",
+        "sensitivity_rank",
+        "metadata",
+        "gen_kwargs",
+    )
+
+    out: str = option(
+        help="output directory (finished points are reused: an interrupted frontier resumes)", identity=False
+    )
+    tasks: str = option(
+        "kvcore_domains",
+        help="comma-separated lm-eval tasks or groups (perplexity tasks: ND-PPL; others, generation included: their "
+        "own metric, at each --metadata max_seq_lengths where they build documents for a length)",
+    )
+    budgets: str = option(
+        "0.5,0.25,0.125", help="comma-separated fractions of the full cache's measured bytes per token, in (0, 1)"
+    )
+    methods: str = option(",".join(METHODS), help=f"comma-separated, of: {', '.join(METHODS)}")
+    truncation: TruncationConfig = option(
+        TruncationConfig,
+        help="the options every point shares (key space, granularity, attention); the frontier sets the rest",
+        cli_skip=(*PER_POINT_KIND, *METHOD_FIELDS),
+    )
+    sensitivity: str | None = option(
+        None,
+        help="per_layer.json of `sweep --per-layer` for the sensitivity method "
+        "(default: measured here on held-out text)",
+    )
+    sensitivity_tokens: int = option(
+        1024, help="held-out tokens (documents after the scored ones) the per-layer sensitivity is measured on"
+    )
+    sensitivity_rank: float = option(
+        0.25, help="fraction of D the one truncated layer keeps when sensitivity is measured"
+    )
+
+    def __post_init__(self) -> None:
+        check_choices(self)
+        self.check_scoring()
+        self.budget_list()
+        if given := [
+            name
+            for name in (*PER_POINT_KIND, *METHOD_FIELDS)
+            if getattr(self.truncation, name) != getattr(TruncationConfig, name)
+        ]:
+            raise ValueError(f"the frontier sets {', '.join(given)} itself at each point: leave them out")
+        unknown = [m for m in self.method_list() if m not in METHODS]
+        if unknown:
+            raise ValueError(f"--methods {', '.join(unknown)}: unknown; choose from {', '.join(METHODS)}")
+        for name in self.method_list():  # each method's own kvcore_hf options, as its points will set them
+            try:
+                truncation_for(self.truncation, METHODS[name], 1, Path("bases"), _SOME_GEOMETRY, "sensitivity.json")
+            except ValueError as err:
+                raise ValueError(f"--methods {name} cannot run with these options: {err}") from err
+        budgeted = [m for m in self.method_list() if METHODS[m].allocation in BUDGET_ALLOCATIONS]
+        if budgeted and self.truncation.granularity != "layer":
+            raise ValueError(
+                f"--methods {', '.join(budgeted)} spend a budget over layer spectra: use --granularity layer"
+            )
+        if self.sensitivity_tokens < MIN_SEQ_LEN or not 0 < self.sensitivity_rank < 1:
+            raise ValueError(
+                f"--sensitivity-tokens must be >= {MIN_SEQ_LEN} and --sensitivity-rank a fraction in (0, 1), got "
+                f"{self.sensitivity_tokens} and {self.sensitivity_rank}"
+            )
+        if self.sensitivity is not None and not Path(self.sensitivity).is_file():
+            raise ValueError(
+                f"--sensitivity {self.sensitivity}: no such file; pass the per_layer.json of `kvcore-eval sweep "
+                "--per-layer`, or drop it to measure the sensitivity here"
+            )
+
+    def budget_list(self) -> list[float]:
+        try:
+            budgets = sorted({float(b) for b in self.budgets.split(",") if b.strip()}, reverse=True)
+        except ValueError as err:
+            raise ValueError(f"--budgets {self.budgets!r} must be comma-separated fractions such as 0.5,0.25") from err
+        if not budgets or any(not 0 < b < 1 for b in budgets):
+            raise ValueError(f"--budgets {self.budgets!r}: give fractions of the full cache in (0, 1), e.g. 0.5,0.25")
+        return budgets
+
+    def method_list(self) -> list[str]:
+        return list(dict.fromkeys(m.strip() for m in self.methods.split(",") if m.strip()))
+
+
+# Any geometry will do to build each method's TruncationConfig before the model loads (its checks need no shapes).
+_SOME_GEOMETRY = type("Geometry", (), {"num_layers": 2, "width": 2})
+
+
+# Any geometry will do to build each method's TruncationConfig before the model loads (its checks need no shapes).
+_SOME_GEOMETRY = type("Geometry", (), {"num_layers": 2, "width": 2})
+
+
+@dataclass
+class TableConfig:
+    """What `kvcore-eval table` builds. Each field's `help` is its --help line."""
+
+    runs: list[str] = option(help="calibration artifact folders (any number of models x datasets)")
+    out: str = option("table", help="output folder: table.md, table.json, heatmaps/<model>.png", identity=False)
+    key_space: KeySpace = option(DEFAULT_KEY_SPACE, help="pre_rope (the paper's) or post_rope keys")
+    allow_mixed: bool = option(
+        False, help="keep artifacts of one model calibrated differently, and list the differences"
+    )
+
+    def __post_init__(self) -> None:
+        check_choices(self)
+        if not self.runs:
+            raise ValueError("give at least one calibration folder")
+
+
+@dataclass
+class JudgeConfig:
+    """Where the judge lives and how hard to try. Each field's `help` is its --help line."""
+
+    model: str = option(help="judge model name on the server, e.g. gpt-4o-mini")
+    base_url: str | None = option(
+        None, help="OpenAI-compatible endpoint, e.g. http://localhost:8000/v1 (default: OpenAI)"
+    )
+    api_key_env: str = option("OPENAI_API_KEY", help="environment variable holding the API key")
+    cache_path: str = option("~/.cache/kvcore-eval/judge.sqlite", help="sqlite file caching every judgement")
+    max_concurrency: int = option(4, help="requests in flight at once")
+    max_retries: int = option(5, help="HTTP retries (exponential backoff) on 429, 5xx and timeouts")
+    timeout: float = option(60.0, help="seconds per request")
+    seed: int | None = option(0, help="sampling seed sent to servers that take one")
+
+    def __post_init__(self) -> None:
+        if self.max_concurrency < 1 or self.max_retries < 0 or self.timeout <= 0:
+            raise ValueError("max_concurrency must be >= 1, max_retries >= 0 and timeout > 0")
+        if self.base_url is not None and not self.base_url.startswith(("http://", "https://")):
+            raise ValueError(
+                f"judge base URL {self.base_url!r} has no scheme: write it as http://{self.base_url} (or https://)"
+            )
+
+    @classmethod
+    def from_env(cls) -> JudgeConfig:
+        """The judge of lm-eval `_gen` tasks: each field from KVCORE_JUDGE_<FIELD> (KVCORE_JUDGE_MODEL,
+        KVCORE_JUDGE_BASE_URL, ...)."""
+        hints = typing.get_type_hints(cls)
+        settings: dict[str, Any] = {}
+        for f in dataclasses.fields(cls):
+            value = os.environ.get(env_name(f.name))
+            if value:
+                kind = next((t for t in typing.get_args(hints[f.name]) if t is not type(None)), hints[f.name])
+                settings[f.name] = kind(value)
+        if "model" not in settings:
+            raise ValueError(
+                f"GPT-score needs a judge: set {env_name('model')} (and {env_name('base_url')} for a non-OpenAI server)"
+            )
+        return cls(**settings)
+
+
+def env_name(field_name: str) -> str:
+    """The environment variable that sets a JudgeConfig field inside lm-eval (KVCORE_JUDGE_<FIELD>)."""
+    return f"KVCORE_JUDGE_{field_name.upper()}"

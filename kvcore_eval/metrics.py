@@ -59,6 +59,17 @@ def residual_energy_under(eigenvalues: np.ndarray, eigenvectors: np.ndarray, bas
     return float(max(0.0, total - (energy * captured).sum()) / total)
 
 
+# metric -> per-document value from lm-eval's logged (loglikelihood, count) pair
+PERPLEXITY_METRICS = {
+    "byte_perplexity": lambda ll, count: math.exp(-ll / count),
+    "word_perplexity": lambda ll, count: math.exp(-ll / count),
+    "bits_per_byte": lambda ll, count: -ll / count / math.log(2),
+}
+# Those that are exp(-Σ loglikelihood / Σ count) over documents: what a paired bootstrap of ND-PPL resamples
+# (bits_per_byte logs the same pairs, but its relative change is not that perplexity ratio).
+WEIGHTED_PERPLEXITIES = ("byte_perplexity", "word_perplexity")
+
+
 def nd_ppl(ppl_truncated: float, ppl_full: float) -> float:
     """Normalized delta perplexity: (PPL_truncated − PPL_full) / PPL_full."""
     if ppl_full <= 0:

@@ -31,12 +31,19 @@ logger = logging.getLogger(__name__)
 CONFIG_FILE = "config.json"
 TEMPORARY_SUFFIX = ".kvcore-tmp"
 LOCK_SUFFIX = ".kvcore-lock"
+CACHE_ENV = "KVCORE_CACHE_DIR"  # what kvcore-eval keeps between runs (downloads, tokenizers); default below
+DEFAULT_CACHE_DIR = "~/.cache/kvcore-eval"
 # Temporaries of earlier versions: `.<own name>.tmp`, and safetensors' own `.tmpXXXXXX` beside the target.
 _LEGACY_TEMPORARY = re.compile(r"^\.(tmp[A-Za-z0-9]{6}|.+\.tmp)$")
 
 
 class DiskFullError(OSError):
     """No space left while writing an output; the previous files are intact."""
+
+
+def cache_dir(*parts: str) -> Path:
+    """A folder under kvcore-eval's cache ($KVCORE_CACHE_DIR, default ~/.cache/kvcore-eval), not created here."""
+    return Path(os.environ.get(CACHE_ENV, DEFAULT_CACHE_DIR)).expanduser().joinpath(*parts)
 
 
 def temporary_path(path: Path) -> Path:

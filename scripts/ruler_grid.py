@@ -55,7 +55,8 @@ def write_table(out: Path) -> str:
     return table
 
 
-def main() -> None:
+def build_parser() -> argparse.ArgumentParser:
+    """The command line (the docs test parses the commands the docs show with it)."""
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--model", required=True, help="model folder or .gguf file")
     parser.add_argument("--out", required=True, help="output folder (cells/*.json, grid.md)")
@@ -70,15 +71,18 @@ def main() -> None:
     parser.add_argument("--limit", type=int, default=5, help="documents per cell (the first of the task)")
     parser.add_argument("--gen-kwargs", default="", help="lm-eval --gen_kwargs for every cell, e.g. max_gen_toks=16")
     parser.add_argument("--batch-size", type=int, default=1)
-    args = parser.parse_args()
+    return parser
+
+
+def main() -> None:
+    args = build_parser().parse_args()
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
 
     import lm_eval
     from lm_eval.models.huggingface import HFLM
 
-    from kvcore_eval.calibration.data import leaf_tasks
-    from kvcore_eval.compression.rank_plan import TruncationConfig
-    from kvcore_eval.harness.lm_tasks import load_as_evaluated, task_manager, tokenizer_metadata
+    from kvcore_eval.config import TruncationConfig
+    from kvcore_eval.harness.lm_tasks import leaf_tasks, load_as_evaluated, task_manager, tokenizer_metadata
     from kvcore_eval.harness.wrapper import KVCoreHFLM
     from kvcore_eval.model import models
 

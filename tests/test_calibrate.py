@@ -168,6 +168,7 @@ def _long_data(tmp_path):
     return long
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("launcher", LAUNCHERS)
 def test_two_processes_sum_to_the_single_process_grams(finished_run, llama_dir, tmp_path, launcher):
     """Two real CPU processes (gloo; accelerate's --multi_gpu launcher is torchrun, and on a machine without CUDA
@@ -183,6 +184,7 @@ def test_two_processes_sum_to_the_single_process_grams(finished_run, llama_dir, 
         assert torch.allclose(two.eigenvalues[space], values, rtol=1e-10, atol=1e-12 * values.max().item()), space
 
 
+@pytest.mark.slow
 def test_accelerate_cpu_with_two_processes_is_refused_before_the_model_loads(llama_dir, tmp_path):
     """`accelerate launch --cpu --num_processes 2` starts one process (no mpirun): refused, not run as one."""
     out = tmp_path / "one"
@@ -193,6 +195,7 @@ def test_accelerate_cpu_with_two_processes_is_refused_before_the_model_loads(lla
     assert "Loading weights" not in result.stderr and not out.exists()
 
 
+@pytest.mark.slow
 def test_cli_calibrate_and_report(llama_dir, tmp_path):
     out = tmp_path / "cli"
     result = _run_cli(
@@ -372,6 +375,7 @@ def test_too_short_sequences_are_refused(llama_dir, tmp_path):
         config(llama_dir, tmp_path / "x", seq_len=1)
 
 
+@pytest.mark.slow
 def test_cli_errors_are_one_line_that_names_the_fix(finished_run, tmp_path):
     import shutil
 
@@ -416,6 +420,7 @@ def test_cli_errors_are_one_line_that_names_the_fix(finished_run, tmp_path):
     assert report.returncode == 2 and f"{half / 'kvcore.json'} is not valid JSON" in report.stderr
 
 
+@pytest.mark.slow
 def test_ctrl_c_during_calibrate_says_how_to_resume(llama_dir, tmp_path):
     import signal
     import time
@@ -444,6 +449,7 @@ def test_ctrl_c_during_calibrate_says_how_to_resume(llama_dir, tmp_path):
     assert process.returncode == 130 and "--resume" in stderr and "Traceback" not in stderr
 
 
+@pytest.mark.slow
 def test_torchrun_with_device_auto_shards_on_cpu(finished_run, llama_dir, tmp_path):
     out = tmp_path / "auto"
     result = _run_cli([*LAUNCHERS["torchrun"], *_calibrate_cli(llama_dir, out)], OMP_NUM_THREADS="1")
@@ -559,6 +565,7 @@ cli.main(sys.argv[1:])
 """
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("again", ["--resume", "--overwrite"])
 def test_temporaries_of_a_kill_during_the_final_write_are_cleared(again, finished_run, llama_dir, tmp_path):
     """kill -9 while basis.safetensors is being written, then the same command with --resume or --overwrite:
@@ -631,6 +638,7 @@ def _long_calibration(llama_dir, tmp_path, out):
     return subprocess.Popen(command, cwd=REPO, stderr=subprocess.DEVNULL)
 
 
+@pytest.mark.slow
 def test_one_writer_per_folder_a_second_calibration_is_refused_and_named(llama_dir, tmp_path, caplog):
     """A second calibration into a folder being written is refused, naming the first; once the first is killed
     (kill -9: its lock file stays), its lock is recognized as stale and taken over."""

@@ -61,3 +61,26 @@ def test_missing_or_other_files_are_named(tmp_path):
     b = results(tmp_path / "b.json", {"u": {"acc,none": 0.5}})
     with pytest.raises(ValueError, match=r"cover different tasks \(\['t'\] vs \['u'\]\)"):
         compare(a, b)
+
+
+def test_columns_are_labelled_by_model_and_plan_not_file_names(tmp_path):
+    from kvcore_eval.analysis.compare import labels
+
+    full = {"model": "hf", "model_args": "pretrained=runs/smol,gguf_file=SmolLM2.gguf,dtype=float32"}
+    truncated = {
+        "model": "kvcore_hf",
+        "model_args": {"pretrained": "runs/smol", "gguf_file": "SmolLM2.gguf"},
+        "kvcore": {
+            "truncation": {"basis": "data", "key_rank": "0.25", "value_rank": "0.25", "truncate": "both"},
+            "cache_bytes_per_token": {"ratio": 0.261},
+        },
+    }
+    a, b = tmp_path / "results_1.json", tmp_path / "results_2.json"
+    a.write_text(json.dumps({"results": {"t": {"acc,none": 0.5}}, "config": full}))
+    b.write_text(json.dumps({"results": {"t": {"acc,none": 0.4}}, "config": truncated}))
+    assert labels(a, b) == (
+        "SmolLM2.gguf · hf (full cache)",
+        "SmolLM2.gguf · kvcore_hf key_rank=0.25 value_rank=0.25, 26.1 % cache",
+    )
+    same = labels(a, a)
+    assert same[0].endswith("(results_1.json)") and same[0] == same[1], "the same run twice: file names tell them apart"

@@ -184,7 +184,7 @@ def test_key_space_default_is_written_once():
 
 
 def test_model_loading_options_are_declared_once_for_every_lm_eval_run():
-    from kvcore_eval.experiments.frontier import FrontierConfig
+    from kvcore_eval.config import FrontierConfig
 
     shared = {f.name: f for f in dataclasses.fields(C.LMEvalRunConfig)}
     assert set(shared) == {"model", "gguf_file", "data_dir", "include_path", "batch_size", "device", "dtype"}
@@ -195,7 +195,7 @@ def test_model_loading_options_are_declared_once_for_every_lm_eval_run():
 
 
 def test_the_scoring_options_of_sweep_and_frontier_are_declared_once():
-    from kvcore_eval.experiments.frontier import FrontierConfig
+    from kvcore_eval.config import FrontierConfig
 
     own = {f.name for f in dataclasses.fields(C.TaskScoringConfig)} - {
         f.name for f in dataclasses.fields(C.LMEvalRunConfig)

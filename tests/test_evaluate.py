@@ -34,6 +34,7 @@ def test_model_args_view():
     assert EvalConfig(model="m", tasks="t").model_args() == {"pretrained": "m", "dtype": "float32"}
 
 
+@pytest.mark.slow
 def test_cli_eval_runs_kvcore_hf_and_writes_results(tmp_path):
     calibrate = subprocess.run(
         [
@@ -142,6 +143,7 @@ def count_evaluations(monkeypatch):
     return calls
 
 
+@pytest.mark.slow
 def test_an_output_that_cannot_be_written_fails_before_the_evaluation(tmp_path, count_evaluations):
     from kvcore_eval.experiments.evaluate import run_lm_eval
 

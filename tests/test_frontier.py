@@ -6,7 +6,8 @@ import pytest
 import torch
 from conftest import EXAMPLE_DATA, EXAMPLE_MODEL, calibrate_in_memory
 
-from kvcore_eval.experiments.frontier import FrontierConfig, largest_within, pareto, run_frontier
+from kvcore_eval.config import FrontierConfig
+from kvcore_eval.experiments.frontier import largest_within, pareto, run_frontier
 
 TASK = "kvcore_codealpaca"
 BUDGETS = (0.5, 0.25)
@@ -53,6 +54,7 @@ def test_config_refuses_bad_budgets_methods_and_missing_sensitivity(tmp_path):
         frontier_config(tmp_path, sensitivity=str(tmp_path / "missing.json"))
 
 
+@pytest.mark.slow
 def test_a_row_per_method_and_budget_within_budget_at_measured_bytes(frontier_run):
     out, rows = frontier_run
     assert json.loads((out / "frontier.json").read_text()) == json.loads(json.dumps(rows))
@@ -126,6 +128,7 @@ def test_pareto_and_placement_by_hand():
     assert largest_within(bytes_of, 1, 32, 5) == 1, "nothing fits: the smallest, flagged by within_budget"
 
 
+@pytest.mark.slow
 def test_rerun_reuses_finished_points_and_refuses_changed_settings(frontier_run, count_evaluations):
     out, rows = frontier_run
     again = run_frontier(frontier_config(out))
@@ -145,6 +148,7 @@ def test_rerun_reuses_finished_points_and_refuses_changed_settings(frontier_run,
         run_frontier(frontier_config(out, calibration_tokens=900))
 
 
+@pytest.mark.slow
 def test_a_rerun_with_fewer_budgets_and_methods_says_which_finished_points_it_left_out(
     frontier_run, count_evaluations, caplog
 ):
@@ -178,6 +182,7 @@ def test_too_few_held_out_documents_are_refused_before_the_model_loads(tmp_path)
     assert not (tmp_path / "short").exists()
 
 
+@pytest.mark.slow
 def test_per_document_ner_is_each_documents_own_gram(frontier_run):
     """The recorded NER of a scored document equals the NER of that document's Gram computed directly."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
@@ -251,6 +256,7 @@ metric_list:
 """
 
 
+@pytest.mark.slow
 def test_an_accuracy_point_carries_its_bootstrap_standard_error(tmp_path):
     """A task scored by accuracy (not a perplexity): each point's accuracy comes with the bootstrap standard error of
     its mean over the scored documents, in frontier.json and frontier.md."""
@@ -340,6 +346,7 @@ def test_every_option_is_checked_before_anything_is_written_or_loaded(tmp_path):
         assert not out.exists(), "nothing written: no folder, no calibration"
 
 
+@pytest.mark.slow
 def test_a_generation_task_at_a_context_length_is_a_frontier_of_its_own_metric(tmp_path):
     """kvcore_ruler at one length: calibrated in windows of that length on held-out documents of that length,
     scored by RULER's metric named by the length (higher is better, with its bootstrap standard error), each method

@@ -18,6 +18,8 @@ from pathlib import Path
 import pytest
 from conftest import EXAMPLE_DATA, EXAMPLE_MODEL, REPO
 
+pytestmark = pytest.mark.slow  # a fresh install: about a minute each
+
 
 def _run(command, **kwargs):
     env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}  # as a user's shell: no checkout on the path

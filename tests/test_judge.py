@@ -12,7 +12,8 @@ import pytest
 from conftest import EXAMPLE_DATA, EXAMPLE_MODEL, REPO
 from judge_server import JudgeServer
 
-from kvcore_eval.harness.judge import GPTJudge, JudgeConfig, JudgeUnavailable, judge_samples, parse_rating
+from kvcore_eval.config import JudgeConfig
+from kvcore_eval.harness.judge import GPTJudge, JudgeUnavailable, judge_samples, parse_rating
 
 KEY = "sk-test-SECRET-0123456789"
 
@@ -43,6 +44,7 @@ def test_parse_rating():
     assert parse_rating("Rating: 11") is None and parse_rating("great answer") is None
 
 
+@pytest.mark.slow
 def test_scores_parsed_retried_and_cached(server, judge_config):
     judge = GPTJudge(judge_config)
     items = [
@@ -77,6 +79,7 @@ def test_reference_is_shown_and_changes_the_cache_key(server, judge_config):
     assert server.attempts["four score=8"] == 2
 
 
+@pytest.mark.slow
 def test_judge_down_fails_clearly_and_keeps_scores(server, judge_config):
     judge = GPTJudge(judge_config)
     assert judge.score("Q", "fine score=7").score == 7.0
@@ -109,6 +112,7 @@ def _samples(path, answers):
     return path
 
 
+@pytest.mark.slow
 def test_kill_mid_run_loses_nothing(tmp_path):
     """A judging subprocess is killed after some judgements; the rerun asks only for the rest."""
     with subprocess.Popen(
@@ -159,6 +163,7 @@ def test_kill_mid_run_loses_nothing(tmp_path):
             assert KEY.encode() not in path.read_bytes(), f"the key leaked into {path}"
 
 
+@pytest.mark.slow
 def test_gen_task_end_to_end_gives_gpt_score_in_results(server, tmp_path, monkeypatch, caplog):
     from kvcore_eval.config import EvalConfig
     from kvcore_eval.experiments.evaluate import run_lm_eval
@@ -201,6 +206,7 @@ def test_bad_judge_inputs_name_the_fix(judge_config, tmp_path):
         judge_samples(results, judge_config)
 
 
+@pytest.mark.slow
 def test_gen_run_with_the_judge_down_keeps_every_generation_for_a_later_judge(tmp_path):
     """lm_eval with a dead judge finishes and writes its samples; `kvcore-eval judge` then scores all of them."""
     import socket
@@ -340,6 +346,7 @@ def test_bad_samples_lines_and_cache_files_are_one_line_naming_the_file(server, 
     assert not_a_database.read_text() == "doc,score\n" * 200 and server.requests == 0
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("server_kind", [{"models": ("judge-1",)}, {"fault": "no-choices"}], ids=["404", "no choices"])
 def test_gen_run_with_a_misbehaving_judge_keeps_every_generation(server_kind, tmp_path):
     """Plain lm_eval with --log_samples: a judge answering 404 (a mistyped name) or 200 without choices costs

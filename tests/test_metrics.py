@@ -80,11 +80,11 @@ def test_residual_energy_under_another_basis_is_the_projection_error():
 
 
 def test_no_p_value_from_fewer_than_four_points():
-    from kvcore_eval.analysis.study import _stat
+    from kvcore_eval.analysis.study import format_correlation
 
     three = metrics.correlation([0.1, 0.2, 0.3], [3.0, 2.0, 1.0])
     assert three["spearman"] == pytest.approx(-1.0) and np.isnan(three["spearman_p"]) and np.isnan(three["pearson_p"])
-    assert "p=" not in _stat(three) and "too few points for a p-value" in _stat(three)
+    assert "p=" not in format_correlation(three) and "too few points for a p-value" in format_correlation(three)
     four = metrics.correlation([0.1, 0.2, 0.3, 0.5], [3.0, 2.0, 1.5, 1.0])
     assert four["spearman_p"] == pytest.approx(stats.spearmanr([0.1, 0.2, 0.3, 0.5], [3.0, 2.0, 1.5, 1.0]).pvalue)
 

@@ -76,6 +76,7 @@ def test_eval_refuses_an_in_sample_calibration_before_scoring(in_sample):
         _evaluate(in_sample)
 
 
+@pytest.mark.slow
 def test_overlap_is_recorded_in_the_results_and_warned_loudly(in_sample, held_out, caplog):
     with caplog.at_level(logging.WARNING):
         assert _evaluate(in_sample, allow_overlap=True) == {"scored": 4, "seen": 4, "fraction": 1.0}

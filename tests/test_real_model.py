@@ -26,7 +26,10 @@ def smollm2_dir() -> Path | None:
     return folder if (folder / GGUF_NAME).is_file() else None
 
 
-pytestmark = pytest.mark.skipif(smollm2_dir() is None, reason=f"the real model is not installed: {ENABLE}")
+pytestmark = [
+    pytest.mark.slow,
+    pytest.mark.skipif(smollm2_dir() is None, reason=f"the real model is not installed: {ENABLE}"),
+]
 
 
 @pytest.fixture(scope="session")

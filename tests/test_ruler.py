@@ -127,6 +127,7 @@ def first_request(task: str):
     return instance, doc, Instance("generate_until", doc, arguments, 0)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("task", OFFLINE_RULER + KVCORE_RULER)
 def test_ruler_tasks_run_offline_and_full_rank_kvcore_hf_generates_what_hf_generates(task, models, monkeypatch):
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
@@ -141,6 +142,7 @@ def test_ruler_tasks_run_offline_and_full_rank_kvcore_hf_generates_what_hf_gener
         assert doc["length"] >= 0.98 * LENGTH
 
 
+@pytest.mark.slow
 def test_calibration_on_a_generated_task_reads_only_documents_after_the_scored_ones(models):
     """`lm_eval:niah_single_1` with --skip-docs N: the first N documents are exactly those an evaluation with
     --limit N scores (same needles: the task is loaded under the evaluation's seeds), and none is calibrated."""
@@ -180,6 +182,7 @@ def test_tokenizer_command_writes_a_folder_ruler_reads(tmp_path, capsys, count_t
         save_tokenizer(get_tokenizer(str(tmp_path / "tok")), tmp_path / "tok")
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("skip_docs,seen", [(0, 2), (2, 0)])
 def test_overlap_of_a_calibration_on_a_generated_task_with_its_scored_documents(skip_docs, seen, tmp_path):
     """Calibrated on `lm_eval:niah_single_1` (documents generated at load time), then scored by kvcore_hf on

@@ -88,6 +88,7 @@ def sweep_config(out, **overrides) -> SweepConfig:
     return SweepConfig(**{**settings, **overrides})
 
 
+@pytest.mark.slow
 def test_per_task_sweep_loads_once_truncates_each_task_with_its_own_held_out_calibration(tmp_path, count_loads):
     out = tmp_path / "per-task"
     summary = run_sweep(sweep_config(out))
@@ -126,10 +127,9 @@ def test_per_task_sweep_loads_once_truncates_each_task_with_its_own_held_out_cal
 def test_held_out_calibration_never_reads_a_scored_document(tmp_path):
     """The scored documents (lm-eval's first num_samples) and the calibration texts share no document."""
     from kvcore_eval.calibration.data import iter_texts, leaf_tasks
-    from kvcore_eval.experiments.sweep import TASK_METADATA
-    from kvcore_eval.harness.lm_tasks import task_manager
+    from kvcore_eval.harness.lm_tasks import ALL_RECORDS, task_manager
 
-    manager = task_manager(str(EXAMPLE_DATA), None, TASK_METADATA)
+    manager = task_manager(str(EXAMPLE_DATA), None, ALL_RECORDS)
     (task,) = leaf_tasks(manager.load_task_or_group(["kvcore_codealpaca"]))
     scored = {task.doc_to_text(doc) + task.doc_to_target(doc) for doc in list(task.eval_docs)[:4]}
     calibration = set(iter_texts("lm_eval:kvcore_codealpaca", data_dir=str(EXAMPLE_DATA), skip_docs=4))
@@ -137,11 +137,12 @@ def test_held_out_calibration_never_reads_a_scored_document(tmp_path):
     assert len(scored) + len(calibration) == len(list(task.eval_docs))
 
 
+@pytest.mark.slow
 def test_shared_basis_reproduces_a_plain_kvcore_hf_run(shared_artifact, tmp_path, count_loads):
     """--basis shared gives the ND-PPL of separate `kvcore-eval eval` runs with that artifact, with one load."""
     from kvcore_eval.config import EvalConfig
     from kvcore_eval.experiments.evaluate import run_lm_eval
-    from kvcore_eval.experiments.sweep import TASK_METADATA
+    from kvcore_eval.harness.lm_tasks import ALL_RECORDS
 
     summary = run_sweep(
         sweep_config(
@@ -163,7 +164,7 @@ def test_shared_basis_reproduces_a_plain_kvcore_hf_run(shared_artifact, tmp_path
             limit=4,
             truncation=TruncationConfig(calibration=str(shared_artifact) if ranks else None, **ranks),
         )
-        separate[name] = run_lm_eval(eval_config, metadata=TASK_METADATA)["results"]["kvcore_codealpaca"][
+        separate[name] = run_lm_eval(eval_config, metadata=ALL_RECORDS)["results"]["kvcore_codealpaca"][
             "byte_perplexity,none"
         ]
     assert summary["baseline_perplexity"]["kvcore_codealpaca"] == pytest.approx(separate["baseline"], rel=1e-6)
@@ -172,6 +173,7 @@ def test_shared_basis_reproduces_a_plain_kvcore_hf_run(shared_artifact, tmp_path
     )
 
 
+@pytest.mark.slow
 def test_rerun_reuses_points_and_calibrations_and_refuses_other_settings(tmp_path, caplog):
     import logging
 
@@ -218,6 +220,7 @@ def test_rerun_reuses_points_and_calibrations_and_refuses_other_settings(tmp_pat
         ),
     ],
 )
+@pytest.mark.slow
 def test_every_option_is_checked_against_the_tasks_before_the_model_loads(tmp_path, count_loads, options, message):
     """A metric the task does not declare (read from its metric_list), several kinds for the ND-PPL study, too few
     documents to hold out: refused before any model loads, calibration runs or output is written."""
@@ -236,6 +239,7 @@ def test_foreign_folders_are_refused_before_anything_runs(tmp_path, count_loads)
     assert count_loads == []
 
 
+@pytest.mark.slow
 def test_a_rerun_with_fewer_ranks_names_the_finished_points_it_leaves_out(tmp_path, caplog):
     import logging
 
@@ -251,6 +255,7 @@ def test_a_rerun_with_fewer_ranks_names_the_finished_points_it_leaves_out(tmp_pa
     assert json.loads((out / "sweep.json").read_text())["left_out"] == ["points/kvcore_codealpaca/rank_0.25.json"]
 
 
+@pytest.mark.slow
 def test_a_custom_task_runs_end_to_end_with_include_path(tmp_path):
     """A user's own task YAML (not a kvcore source): scored, calibrated on its own held-out documents, NER included."""
     folder = tmp_path / "my_tasks"
@@ -280,6 +285,7 @@ def test_a_custom_task_runs_end_to_end_with_include_path(tmp_path):
     )
 
 
+@pytest.mark.slow
 def test_a_task_name_that_is_a_path_is_refused_before_anything_is_written(tmp_path, count_loads):
     """A task named `../escape` (a user's YAML) would put its calibration and points outside --out."""
     folder = tmp_path / "my_tasks"
@@ -296,6 +302,7 @@ def test_a_task_name_that_is_a_path_is_refused_before_anything_is_written(tmp_pa
     assert count_loads == [] and not (tmp_path / "runs").exists()
 
 
+@pytest.mark.slow
 def test_per_layer_sensitivity_one_load_a_row_per_layer_and_correlations(tmp_path, count_loads):
     out = tmp_path / "layers"
     summary = run_sweep(sweep_config(out, tasks="kvcore_codealpaca", ranks="0.5", per_layer=True, per_layer_rank=0.25))
@@ -338,6 +345,7 @@ def test_compare(tmp_path):
         compare(a, other)
 
 
+@pytest.mark.slow
 def test_shared_basis_per_layer_residual_energy_is_each_tasks_own(shared_artifact, tmp_path):
     """Under --basis-scope shared, a layer's residual energy is the task's own energy outside the shared basis,
     (tr G_t − tr P_rᵀ G_t P_r) / tr G_t, not the shared artifact's spectrum repeated for every task."""
@@ -383,6 +391,7 @@ def test_shared_basis_per_layer_residual_energy_is_each_tasks_own(shared_artifac
     assert residual["kvcore_codealpaca"]["value"] != pytest.approx(residual["kvcore_medalpaca"]["value"], rel=1e-3)
 
 
+@pytest.mark.slow
 def test_generation_tasks_score_their_own_metric_per_context_length_rank_and_kind(tmp_path, count_loads):
     """kvcore_ruler at two lengths: each length its own points and held-out calibration at that length, scored by
     the metric RULER names by the length; keys and values truncated apart; a table and a heatmap."""
@@ -431,6 +440,7 @@ def test_generation_tasks_score_their_own_metric_per_context_length_rank_and_kin
     assert "points/kvcore_ruler_niah_single_2@1024/baseline.json" in fewer["left_out"]
 
 
+@pytest.mark.slow
 def test_position_buckets_of_a_rolling_task_sum_back_and_vanish_at_full_rank(tmp_path):
     """kvcore_longtext (documents longer than the example model's 1024 positions): ND-PPL by position bucket, each
     point's buckets checked against lm-eval's own rolling log-likelihood before they are written."""
@@ -462,7 +472,7 @@ def test_position_buckets_of_a_rolling_task_sum_back_and_vanish_at_full_rank(tmp
 
 
 def test_one_document_gives_no_interval_rather_than_one_of_zero_width():
-    from kvcore_eval.experiments.sweep import nd_ppl_interval
+    from kvcore_eval.experiments.session import nd_ppl_interval
 
     one = {"per_document_loglikelihood": {"0": [-120.0, 100]}}
     cut = {"per_document_loglikelihood": {"0": [-130.0, 100]}}
@@ -476,7 +486,7 @@ def test_one_document_gives_no_interval_rather_than_one_of_zero_width():
 def test_bits_per_byte_gets_no_perplexity_interval():
     """bits_per_byte logs (loglikelihood, bytes) pairs like byte_perplexity, but its relative change is not the
     perplexity ratio the bootstrap computes: an interval there would not even hold its own value."""
-    from kvcore_eval.experiments.sweep import document_loglikelihoods
+    from kvcore_eval.experiments.session import document_loglikelihoods
 
     samples = [{"doc_id": 0, "bits_per_byte": (-10.0, 8), "byte_perplexity": (-10.0, 8)}]
     assert document_loglikelihoods(samples, "bits_per_byte") is None

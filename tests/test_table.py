@@ -3,7 +3,8 @@ import json
 import pytest
 from conftest import EXAMPLE_DATA, EXAMPLE_MODEL
 
-from kvcore_eval.analysis.table import TableConfig, dataset_label, write_table
+from kvcore_eval.analysis.table import dataset_label, write_table
+from kvcore_eval.config import TableConfig
 
 
 @pytest.fixture(scope="module")

@@ -4,6 +4,7 @@ import shutil
 import pytest
 from conftest import EXAMPLE_DATA, REPO
 
+from kvcore_eval import outputs
 from kvcore_eval.calibration.data import VISR_LANGUAGES, iter_texts, task_dataset
 
 DOMAINS = ["alpaca", "medalpaca", "codealpaca", "wizardcoder", "functioncall"]
@@ -126,7 +127,7 @@ def test_visr_is_downloaded_from_the_pinned_url_and_cached(tmp_path, monkeypatch
     )
     threading.Thread(target=server.serve_forever, daemon=True).start()
     monkeypatch.setenv(data.VISR_URL_ENV, f"http://127.0.0.1:{server.server_address[1]}/{{commit}}/../{{file}}")
-    monkeypatch.setenv(data.CACHE_ENV, str(tmp_path / "cache"))
+    monkeypatch.setenv(outputs.CACHE_ENV, str(tmp_path / "cache"))
     monkeypatch.delenv(data.DATA_DIR_ENV, raising=False)
     try:
         first = task_dataset("visr", language="ja")["response"]
@@ -153,6 +154,7 @@ def test_functioncall_generation_prompt_is_the_first_request(data_dir):
     assert row["response"] == ' <functioncall> {"name": "get_weather", "arguments": \'{"city": "Paris"}\'}'
 
 
+@pytest.mark.slow
 def test_perplexity_tasks_score_a_seeded_default_subset(tmp_path):
     """A source larger than the default subset: 1000 documents by default, --metadata num_samples changes it."""
     with open(tmp_path / "alpaca.jsonl", "w") as f:
@@ -182,6 +184,7 @@ def test_calibration_texts_keep_the_language_filter_with_a_field_override(data_d
     assert list(iter_texts("kvcore:visr:de", data_dir=str(data_dir))) == texts
 
 
+@pytest.mark.slow
 def test_lm_eval_task_texts_skip_the_evaluated_documents(data_dir):
     """lm_eval:<task> reads the task's own documents; skip_docs leaves out the ones --limit would score."""
     every = list(iter_texts("lm_eval:kvcore_codealpaca", data_dir=str(data_dir)))
@@ -213,6 +216,7 @@ def test_scored_bytes_and_words_are_those_lm_eval_scores(task_manager):
         assert weights["word_perplexity"][1] == len(scored.split())
 
 
+@pytest.mark.slow
 def test_held_out_pool_is_not_capped_by_the_task_yaml_num_samples(tmp_path):
     """1,100 records, the YAML's default subset of 1,000 scored: calibration reads the other 100."""
     from kvcore_eval.calibration.data import iter_documents
@@ -222,3 +226,25 @@ def test_held_out_pool_is_not_capped_by_the_task_yaml_num_samples(tmp_path):
     (tmp_path / "alpaca.jsonl").write_text("\n".join(lines) + "\n")
     pool = list(iter_documents("lm_eval:kvcore_alpaca", data_dir=str(tmp_path), skip_docs=1000))
     assert len(pool) == 100
+
+
+def test_loading_kvcore_tasks_warns_of_nothing_they_declare(caplog):
+    """lm-eval's per-load "Custom kwargs" notice is dropped for our tasks, and every metric declares its aggregation
+    and direction (no "aggregation is not" / "higher_is_better is not" defaults)."""
+    import logging
+
+    from kvcore_eval.harness.lm_tasks import ALL_RECORDS, load_as_evaluated, task_manager
+
+    with caplog.at_level(logging.WARNING):
+        load_as_evaluated(task_manager(str(EXAMPLE_DATA), None, ALL_RECORDS), ["kvcore_all", "kvcore_longtext"])
+    noise = [r.getMessage() for r in caplog.records if r.name.startswith("lm_eval")]
+    assert not [m for m in noise if "Custom kwargs" in m or "is not. using default" in m], noise
+
+
+def test_lm_evals_ruler_module_prints_no_download_error_offline():
+    import subprocess
+    import sys
+
+    code = "from kvcore_eval.harness.lm_tasks import import_ruler_quietly; import_ruler_quietly()"
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True, cwd=REPO)
+    assert "[nltk_data]" not in result.stdout + result.stderr and "urlopen" not in result.stdout + result.stderr

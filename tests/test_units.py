@@ -81,6 +81,7 @@ def test_the_direction_of_a_metric_is_the_tasks_own_and_an_undeclared_one_is_ref
         higher_is_better(task({"4096": True, "8192": False}), "1024")
 
 
+@pytest.mark.slow
 def test_a_bare_metric_is_a_perplexity_and_options_no_task_uses_are_refused(tmp_path):
     """`--metric acc` would silently score nothing differently (a bare metric is ND-PPL's perplexity); --gen-kwargs
     and max_seq_lengths without a task that generates or builds documents for a length would be ignored."""

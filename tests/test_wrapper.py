@@ -289,6 +289,7 @@ def test_artifact_from_another_model_is_refused_unless_allowed(family_dirs, arti
         )
 
 
+@pytest.mark.slow
 def test_plain_lm_eval_cli_runs_kvcore_hf_verbatim(llama_dir, artifact_dir, tmp_path):
     """`lm_eval --model kvcore_hf ... --tasks kvcore_alpaca`, as a user types it after `pip install .`."""
     command = [

@@ -99,9 +99,10 @@ def plot_heatmap(result: dict[str, Any], path: Path) -> None:
 
     tasks, kinds = list(_by_task(result)), result["kinds"]
     columns = ["full", *result["ranks"]]
-    figure = Figure(
-        figsize=(2.0 + 0.6 * len(columns) * len(kinds), 0.5 + 2.0 * len(tasks)), dpi=130, layout="constrained"
-    )
+    title = f"{result['design'].get('model_name', '')}: task metric by context length and rank"
+    # wide enough for the longest title at its font size (about 0.075 inch a character at 9 pt): none is clipped
+    width = max(2.0 + 0.6 * len(columns) * len(kinds), 0.075 * max(len(title), *map(len, tasks)) + 0.5)
+    figure = Figure(figsize=(width, 0.5 + 2.0 * len(tasks)), dpi=130, layout="constrained")
     for subfigure, task in zip(figure.subfigures(len(tasks), 1, squeeze=False)[:, 0], tasks, strict=True):
         units = _by_task(result)[task]
         grids = {kind: grid(result, task, kind) for kind in kinds}
@@ -123,5 +124,5 @@ def plot_heatmap(result: dict[str, Any], path: Path) -> None:
         axes[0].set_ylabel("context length (tokens)", fontsize=8)
         subfigure.colorbar(image, ax=list(axes), shrink=0.9).set_label(f"metric: {metric_label(units)}", fontsize=7)
         subfigure.suptitle(task, fontsize=9)
-    figure.suptitle(f"{result['design'].get('model_name', '')}: task metric by context length and rank", fontsize=9)
+    figure.suptitle(title, fontsize=9)
     figure.savefig(path)

@@ -1,4 +1,5 @@
-"""`kvcore-eval compare a.json b.json`: two lm-eval results files side by side, metric by metric."""
+"""`kvcore-eval compare a.json b.json`: two lm-eval results files side by side, metric by metric, each column named by
+the model and the plan that made it (read from the results' own config), not by its file name."""
 
 from __future__ import annotations
 
@@ -46,6 +47,40 @@ def compare(path_a: str | Path, path_b: str | Path) -> list[dict[str, Any]]:
                 }
             )
     return rows
+
+
+def describe_run(results: dict[str, Any]) -> str:
+    """What made a results file, as a column label: the model's name and the cache it ran with (kvcore_hf's plan and
+    cache share, or the full cache of `hf`)."""
+    config = results.get("config") or {}
+    args = config.get("model_args") or {}
+    if isinstance(args, str):  # lm-eval records the command line's "k=v,k=v" string
+        args = dict(item.split("=", 1) for item in args.split(",") if "=" in item)
+    pretrained = str(args.get("pretrained", "")) or "model"
+    name = Path(str(args.get("gguf_file") or pretrained)).name or pretrained
+    kvcore = config.get("kvcore")
+    if not kvcore:
+        return f"{name} · {config.get('model', 'hf')} (full cache)"
+    truncation = kvcore.get("truncation") or {}
+    shown = [
+        f"{key}={truncation[key]}"
+        for key in ("basis", "key_rank", "value_rank", "rank_budget", "budget_method", "latent_bits", "truncate")
+        if truncation.get(key) is not None
+        and not (key == "basis" and truncation[key] == "data")
+        and not (key == "truncate" and truncation[key] == "both")
+        and not (key == "budget_method" and truncation.get("rank_budget") is None)
+    ]
+    ratio = (kvcore.get("cache_bytes_per_token") or {}).get("ratio")
+    share = f", {100 * ratio:.1f} % cache" if ratio is not None else ""
+    return f"{name} · kvcore_hf {' '.join(shown)}{share}"
+
+
+def labels(path_a: str | Path, path_b: str | Path) -> tuple[str, str]:
+    """Column labels of two results files: what made each; the file names are added where that is the same."""
+    a, b = describe_run(load_results(path_a)), describe_run(load_results(path_b))
+    if a == b:
+        return f"{a} ({Path(path_a).name})", f"{b} ({Path(path_b).name})"
+    return a, b
 
 
 def to_markdown(rows: list[dict[str, Any]], label_a: str, label_b: str) -> str:

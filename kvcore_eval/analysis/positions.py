@@ -19,6 +19,8 @@ from typing import Any
 
 import numpy as np
 
+from kvcore_eval.metrics import nd_ppl
+
 DEFAULT_EDGES = (256, 512, 1024, 2048, 4096, 8192, 16384, 32768, 65536, 131072)
 
 
@@ -108,8 +110,6 @@ def score_documents(lm, texts: list[str], edges: list[int]) -> dict[str, dict[st
 
 def nd_ppl_by_bucket(truncated: dict, baseline: dict) -> dict[str, float]:
     """ND-PPL of each bucket's token perplexity: (PPL_r - PPL_full) / PPL_full."""
-    from kvcore_eval.metrics import nd_ppl
-
     return {
         name: nd_ppl(truncated[name]["token_perplexity"], baseline[name]["token_perplexity"])
         for name in baseline

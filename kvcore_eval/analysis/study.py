@@ -134,11 +134,14 @@ def documents_markdown(correlations: dict[str, dict[str, Any]]) -> list[str]:
         "|---:|---|---|---|",
     ]
     for rank, scopes in correlations.items():
-        lines += [f"| {rank} | {scope} | {_stat(c['key'])} | {_stat(c['value'])} |" for scope, c in scopes.items()]
+        lines += [
+            f"| {rank} | {scope} | {format_correlation(c['key'])} | {format_correlation(c['value'])} |"
+            for scope, c in scopes.items()
+        ]
     return lines
 
 
-def _stat(c: dict[str, float]) -> str:
+def format_correlation(c: dict[str, float]) -> str:
     """r, ρ with their p-values and n of one correlation, or n/a when it is undefined."""
     if np.isnan(c["pearson"]):
         return f"n/a (n={c['n']})"
@@ -176,7 +179,7 @@ def to_markdown(summary: dict[str, Any]) -> str:
         "|---:|---|---|",
     ]
     lines += [
-        f"| {rank} | {_stat(c['key'])} | {_stat(c['value'])} |"
+        f"| {rank} | {format_correlation(c['key'])} | {format_correlation(c['value'])} |"
         for rank, c in summary["correlation"]["across_tasks"].items()
     ]
     if "across_documents" in summary["correlation"]:
@@ -252,7 +255,7 @@ def per_layer_markdown(layers: dict[str, Any]) -> str:
         }
         for scope, name in names.items():
             c = layers["correlation"][task][scope]
-            lines.append(f"| {name} | {_stat(c['ner'])} | {_stat(c['residual_energy'])} |")
+            lines.append(f"| {name} | {format_correlation(c['ner'])} | {format_correlation(c['residual_energy'])} |")
         lines.append("")
     return "\n".join(lines)
 
@@ -328,7 +331,7 @@ def plot_ner_vs_nd_ppl(summary: dict[str, Any], path: Path) -> None:
             xlabel=f"mean NER of {'keys' if kind == 'key' else 'values'} over layers",
             ylabel=f"ND-PPL at rank {rank}",
         )
-        ax.set_title(f"{'Keys' if kind == 'key' else 'Values'}\n{_stat(c)}", fontsize=10)
+        ax.set_title(f"{'Keys' if kind == 'key' else 'Values'}\n{format_correlation(c)}", fontsize=10)
         ax.grid(alpha=0.3)
         ax.margins(0.15)
     figure.legend(*axes[0].get_legend_handles_labels(), frameon=False, fontsize=8, loc="outside right center")

@@ -10,36 +10,19 @@ from the artifacts (nothing is computed that the artifacts do not hold).
 from __future__ import annotations
 
 from collections import defaultdict
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
 from kvcore_eval import outputs
-from kvcore_eval.config import check_choices, option
-from kvcore_eval.spaces import DEFAULT_KEY_SPACE, KeySpace
+from kvcore_eval.analysis.report import layer_table, mean_ner, model_label
+from kvcore_eval.calibration.artifact import load_calibration
+from kvcore_eval.config import TableConfig
 
 KIND = "table"
 OWN_NAMES = ("config.json", "table.md", "table.json", "heatmaps")
 ALIKE = ("tokens", "seq_len", "model_dtype")  # what cells of one model must share to be compared
-
-
-@dataclass
-class TableConfig:
-    """What `kvcore-eval table` builds. Each field's `help` is its --help line."""
-
-    runs: list[str] = option(help="calibration artifact folders (any number of models x datasets)")
-    out: str = option("table", help="output folder: table.md, table.json, heatmaps/<model>.png", identity=False)
-    key_space: KeySpace = option(DEFAULT_KEY_SPACE, help="pre_rope (the paper's) or post_rope keys")
-    allow_mixed: bool = option(
-        False, help="keep artifacts of one model calibrated differently, and list the differences"
-    )
-
-    def __post_init__(self) -> None:
-        check_choices(self)
-        if not self.runs:
-            raise ValueError("give at least one calibration folder")
 
 
 def dataset_label(spec: str) -> str:
@@ -51,9 +34,6 @@ def dataset_label(spec: str) -> str:
 
 
 def build_table(config: TableConfig) -> dict[str, Any]:
-    from kvcore_eval.analysis.report import layer_table, mean_ner, model_label
-    from kvcore_eval.calibration.artifact import load_calibration
-
     key = f"key_{config.key_space}"
     cells: dict[str, dict[str, dict[str, Any]]] = defaultdict(dict)  # model -> dataset -> cell
     for run in config.runs:

@@ -66,14 +66,18 @@ class Calibration:
         return vectors
 
 
+def sign_fixed(vectors: torch.Tensor) -> torch.Tensor:
+    """Columns with their largest-magnitude entry positive (deterministic bases): (..., n, k)."""
+    pivot = vectors.abs().argmax(dim=-2, keepdim=True)
+    signs = torch.sign(torch.gather(vectors, -2, pivot))
+    return vectors * torch.where(signs == 0, 1.0, signs)
+
+
 def _eigh_descending(gram: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """Eigendecomposition of symmetric (..., n, n) float64 matrices, eigenvalues descending, signs fixed
     so that each eigenvector's largest-magnitude entry is positive (deterministic bases)."""
     eigenvalues, eigenvectors = torch.linalg.eigh(gram.to(torch.float64))
-    eigenvalues, eigenvectors = eigenvalues.flip(-1), eigenvectors.flip(-1)
-    pivot = eigenvectors.abs().argmax(dim=-2, keepdim=True)
-    signs = torch.sign(torch.gather(eigenvectors, -2, pivot))
-    return eigenvalues, eigenvectors * torch.where(signs == 0, 1.0, signs)
+    return eigenvalues.flip(-1), sign_fixed(eigenvectors.flip(-1))
 
 
 def decompose(

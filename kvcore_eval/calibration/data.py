@@ -13,7 +13,6 @@ repository (`QA/multilingual_QA.json`; English in `QA/{text,table,figure}_QA.jso
 
 from __future__ import annotations
 
-import itertools
 import json
 import logging
 import os
@@ -23,10 +22,12 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from kvcore_eval import outputs
+from kvcore_eval.harness.lm_tasks import lm_eval_task_documents
+
 logger = logging.getLogger(__name__)
 
 DATA_DIR_ENV = "KVCORE_DATA_DIR"
-CACHE_ENV = "KVCORE_CACHE_DIR"  # downloads kvcore-eval keeps (VisR-Bench's QA files); default ~/.cache/kvcore-eval
 LOCAL_SUFFIXES = (".jsonl", ".json", ".txt", ".parquet", ".csv")
 
 
@@ -240,16 +241,9 @@ def visr_documents(name: str, data_dir: str | None) -> list[dict[str, Any]]:
     import hashlib
 
     url = os.environ.get(VISR_URL_ENV, VISR_URL).format(commit=VISR_COMMIT, file=name)
-    cache = (
-        Path(os.environ.get(CACHE_ENV, "~/.cache/kvcore-eval")).expanduser()
-        / "visr"
-        / hashlib.sha256(url.encode()).hexdigest()[:16]
-        / name
-    )
+    cache = outputs.cache_dir("visr", hashlib.sha256(url.encode()).hexdigest()[:16], name)
     if not cache.is_file():
         import urllib.request
-
-        from kvcore_eval.outputs import atomic_write_text
 
         try:
             with urllib.request.urlopen(url, timeout=120) as response:
@@ -260,7 +254,7 @@ def visr_documents(name: str, data_dir: str | None) -> list[dict[str, Any]]:
                 f"copy, or {DATA_DIR_ENV} to a folder holding visr/{name}"
             ) from err
         cache.parent.mkdir(parents=True, exist_ok=True)
-        atomic_write_text(cache, text)
+        outputs.atomic_write_text(cache, text)
     return list(read_json_records(cache))
 
 
@@ -450,67 +444,3 @@ def task_dataset(
         raise ValueError(f"{source.name} has no records: check its data (data_dir or the hub)")
     num_samples = None if num_samples is None else int(num_samples)
     return datasets.Dataset.from_list([rows[i] for i in split_indices(len(rows), num_samples, seed)])
-
-
-ALL_RECORDS = {"num_samples": None}  # lm-eval metadata: a kvcore task's every record, in its seeded order
-
-
-def lm_eval_task_documents(
-    task: str,
-    skip_docs: int = 0,
-    data_dir: str | None = None,
-    include_path: list[str] | None = None,
-    metadata: dict[str, Any] | None = None,
-) -> Iterator[tuple[str, str]]:
-    """An lm-eval task's documents as lm-eval scores them, (doc_to_text, delimiter + doc_to_target), after the first
-    `skip_docs` (the documents an evaluation with --limit skip_docs scores): calibration data disjoint from the
-    evaluation.
-
-    `metadata` reaches the task as lm-eval's --metadata does. Generated tasks (RULER, kvcore_ruler) draw their
-    documents at load time from the global random state and the tokenizer named in it, so they are loaded the way
-    an evaluation loads them (`lm_tasks.load_as_evaluated`); a generation task's prompt is the context lm-eval sends
-    (its answer prefix, gen_prefix, included: what `overlap` matches a scored request by) and its response every
-    reference answer."""
-    from kvcore_eval.harness.lm_tasks import load_as_evaluated, task_manager
-
-    # Every record of a kvcore task, in its seeded order (the YAML's num_samples would cap the pool that lies
-    # beyond the scored documents); the first N are those `--limit N` scores, with or without the cap.
-    manager = task_manager(data_dir, include_path, {**ALL_RECORDS, **(metadata or {})})
-    tasks = list(leaf_tasks(load_as_evaluated(manager, [task])))
-    if len(tasks) != 1:
-        raise ValueError(f"lm_eval:{task} names a group of {len(tasks)} tasks: calibrate on one task at a time")
-    instance = tasks[0]
-    delimiter = instance.config.target_delimiter or ""
-    generation = instance.config.output_type == "generate_until"
-    for doc in itertools.islice(instance.eval_docs, skip_docs, None):
-        target = instance.doc_to_target(doc)
-        if generation:
-            answers = target if isinstance(target, list) else [target]
-            prefix = instance.doc_to_prefix(doc) or ""
-            text = str(instance.doc_to_text(doc))
-            yield _generation_split(
-                instance, doc, text + f"{delimiter}{prefix} {', '.join(map(str, answers))}".rstrip()
-            )
-            continue
-        if isinstance(target, list):
-            target = target[0] if target else ""
-        if isinstance(target, int) and instance.config.doc_to_choice is not None:
-            target = instance.doc_to_choice(doc)[target]
-        yield str(instance.doc_to_text(doc)), f"{delimiter}{target}"
-
-
-def _generation_split(instance, doc, whole: str) -> tuple[str, str]:
-    """(prompt, response) of a generation document whose calibrated text is `whole`: the prompt is the context lm-eval
-    sends the model (doc_to_text, the target delimiter and the answer prefix, 0-shot), so that the calibration's
-    prompt digest is the digest of the scored request's context (`overlap`); where that context is not a prefix of
-    the text (a description or few-shot examples), doc_to_text."""
-    context = instance.fewshot_context(doc, num_fewshot=0, gen_prefix=instance.doc_to_prefix(doc))
-    if isinstance(context, str) and whole.startswith(context):
-        return context, whole[len(context) :]
-    text = str(instance.doc_to_text(doc))
-    return text, whole[len(text) :]
-
-
-def leaf_tasks(loaded) -> Iterator[Any]:
-    for value in loaded.values():
-        yield from leaf_tasks(value) if isinstance(value, dict) else [value]

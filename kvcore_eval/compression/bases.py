@@ -29,17 +29,10 @@ import torch
 from torch import nn
 from transformers.cache_utils import DynamicLayer
 
-from kvcore_eval.calibration.artifact import Calibration
+from kvcore_eval.calibration.artifact import Calibration, sign_fixed
 from kvcore_eval.model.models import KVGeometry, kv_geometry
 from kvcore_eval.model.rope import RopeTap, attention_modules
 from kvcore_eval.spaces import SPACES
-
-
-def _sign_fixed(vectors: torch.Tensor) -> torch.Tensor:
-    """Columns with their largest-magnitude entry positive (deterministic bases): (..., n, k)."""
-    pivot = vectors.abs().argmax(dim=-2, keepdim=True)
-    signs = torch.sign(torch.gather(vectors, -2, pivot))
-    return vectors * torch.where(signs == 0, 1.0, signs)
 
 
 def _calibration(geometry: KVGeometry, source: str, spaces, eigenvalues, eigenvectors, head_values, head_vectors):
@@ -124,7 +117,7 @@ def _svd_basis(augmented: torch.Tensor, width: int) -> tuple[torch.Tensor, torch
     u, s, _ = torch.linalg.svd(augmented, full_matrices=True)
     values = torch.zeros(width, dtype=torch.float64)
     values[: s.shape[0]] = s.double() ** 2
-    return _sign_fixed(u).float(), values
+    return sign_fixed(u).float(), values
 
 
 def weight_bases(model: nn.Module, tap: RopeTap, truncates_keys: bool) -> Calibration:
@@ -228,4 +221,4 @@ def sequence_basis(rows: torch.Tensor, mask: torch.Tensor | None, rank: int) -> 
         rows = rows * mask.to(rows.device, torch.float64).unsqueeze(-1)
     gram = rows.transpose(1, 2) @ rows  # (batch, D, D)
     _, vectors = torch.linalg.eigh(gram)
-    return _sign_fixed(vectors.flip(-1)[..., :rank]).float()
+    return sign_fixed(vectors.flip(-1)[..., :rank]).float()

@@ -26,6 +26,7 @@ import torch
 from torch import nn
 
 from kvcore_eval.compression.cache import LowRankCache, LowRankLayer
+from kvcore_eval.model.selfcheck import TOLERANCE, probe_batch
 
 NAME = "kvcore_latent"
 _ACTIVE: ContextVar[LowRankCache | None] = ContextVar("kvcore_active_cache", default=None)
@@ -123,8 +124,6 @@ def latent_attention(
 def check_against_reconstruction(model: nn.Module, new_cache, reconstruct_implementation: str) -> float:
     """Logits of the probe batch with latent attention vs with the reconstruction path (`new_cache(latent)` makes
     each cache); returns the relative error, or raises where they disagree beyond float round-off."""
-    from kvcore_eval.model.selfcheck import TOLERANCE, probe_batch
-
     input_ids, attention_mask, position_ids = probe_batch(
         model.config.get_text_config(decoder=True).vocab_size, model.device
     )

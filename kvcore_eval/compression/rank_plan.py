@@ -16,7 +16,9 @@ from typing import Any
 
 import numpy as np
 
+from kvcore_eval import metrics
 from kvcore_eval.config import RankSpec, TruncationConfig
+from kvcore_eval.outputs import read_json
 from kvcore_eval.spaces import KEY_SPACES
 
 
@@ -176,8 +178,6 @@ def measured_sensitivity(config: TruncationConfig, spaces: list[str], num_layers
     of a `sweep --per-layer` run."""
     from pathlib import Path
 
-    from kvcore_eval.outputs import read_json
-
     if not Path(config.sensitivity).is_file():
         raise ValueError(
             f"sensitivity={config.sensitivity} does not exist: pass the per_layer.json that "
@@ -214,8 +214,6 @@ def make_plan(
     (`cache.cache_bytes_per_token` of a plan) is given: the truncated kinds' bytes per token, with rotary tables and
     quantization scales, stay within rank_budget of their full-cache bytes, as close as whole dimensions allow;
     without it, in dimensions alone."""
-    from kvcore_eval import metrics
-
     geometry = calibration.geometry
     width = geometry.width if config.granularity == "layer" else geometry.head_dim
     key_space = KEY_SPACES[config.key_space]

@@ -7,6 +7,9 @@ import logging
 from pathlib import Path
 from typing import Any
 
+import lm_eval
+
+import kvcore_eval.harness.wrapper  # noqa: F401  registers kvcore_hf
 from kvcore_eval.config import EvalConfig, split_paths
 from kvcore_eval.harness.lm_tasks import task_manager
 from kvcore_eval.model.models import resolve_device
@@ -28,10 +31,6 @@ def run_lm_eval(
 ) -> dict[str, Any]:
     """Run lm-eval once; returns its results dict (and writes it to config.output when set). `metadata` reaches the
     tasks as lm-eval's --metadata does."""
-    import lm_eval
-
-    import kvcore_eval.harness.wrapper  # noqa: F401  registers kvcore_hf
-
     if config.output:  # before the evaluation, not after it
         check_output_file(Path(config.output), "--output", _is_results_file)
     model = "kvcore_hf" if config.truncation.runs_kvcore else "hf"

@@ -30,11 +30,35 @@ before the model loads; a rerun with fewer tasks, budgets or methods names the f
 from __future__ import annotations
 
 import logging
-from dataclasses import dataclass, field, fields, replace
+import math
+from dataclasses import dataclass, field, replace
 from pathlib import Path
-from typing import Any, ClassVar
+from typing import Any
 
-from kvcore_eval.config import MIN_SEQ_LEN, TaskScoringConfig, TruncationConfig, check_choices, option
+import torch
+from tqdm.auto import tqdm
+
+from kvcore_eval import metrics, outputs
+from kvcore_eval.analysis import study
+from kvcore_eval.analysis.study import format_correlation, with_interval
+from kvcore_eval.calibration.artifact import read_metadata
+from kvcore_eval.calibration.data import iter_texts, pack_sequences
+from kvcore_eval.compression import latent
+from kvcore_eval.compression.methods import METHODS, Method, knob_range, truncation_for
+from kvcore_eval.compression.rank_plan import measured_sensitivity
+from kvcore_eval.config import FrontierConfig, split_paths
+from kvcore_eval.experiments.session import (
+    layer_nd_ppl,
+    nd_ppl_interval,
+    open_units,
+    run_point,
+    task_calibration,
+    task_document_ner,
+    unit_metadata,
+    use_truncation,
+)
+from kvcore_eval.model import models
+from kvcore_eval.spaces import KEY_SPACES
 
 logger = logging.getLogger(__name__)
 
@@ -51,196 +75,7 @@ OWN_NAMES = (
 )
 
 
-@dataclass(frozen=True)
-class Method:
-    """basis: where the bases come from; allocation: how ranks spread over layers; bits: stored latent bits
-    (None: the model's dtype); option: the TruncationConfig field the method needs beyond today's."""
-
-    basis: str
-    allocation: str
-    bits: int | None = None
-
-
-METHODS = {
-    "uniform": Method("data", "uniform"),
-    "energy": Method("data", "energy"),
-    "ner": Method("data", "ner"),
-    "sensitivity": Method("data", "sensitivity"),
-    "weights": Method("weights", "uniform"),
-    "random": Method("random", "uniform"),
-    "sequence": Method("sequence", "uniform"),
-    "int8": Method("data", "full", 8),
-    "int4": Method("data", "full", 4),
-    "lowrank_int8": Method("data", "uniform", 8),
-}
-BUDGET_ALLOCATIONS = ("energy", "ner", "sensitivity")
-
-
-def _truncation_options() -> set[str]:
-    return {f.name for f in fields(TruncationConfig)}
-
-
-def missing_option(method: Method) -> str | None:
-    """The kvcore_hf option a method needs that this version lacks (None: it runs)."""
-    options = _truncation_options()
-    if method.basis != "data" and "basis" not in options:
-        return "basis"
-    if method.bits is not None and "latent_bits" not in options:
-        return "latent_bits"
-    return None
-
-
-# TruncationConfig fields each frontier point sets itself (the rest, key_space, granularity, attention..., are shared)
-PER_POINT = (
-    "calibration",
-    "key_rank",
-    "value_rank",
-    "rank_budget",
-    "budget_method",
-    "truncate",
-    "sensitivity",
-    "overlap",
-    "basis",
-    "latent_bits",
-)
-# Fields that choose which points run, not what a point's number is (a point's own settings say the rest).
-# metadata and gen_kwargs change numbers: the part each point depends on is in its own settings.
-SELECTORS = (
-    "tasks",
-    "budgets",
-    "methods",
-    "sensitivity",
-    "sensitivity_tokens",
-    "sensitivity_rank",
-    "metadata",
-    "gen_kwargs",
-)
-
-
-@dataclass(kw_only=True)
-class FrontierConfig(TaskScoringConfig):
-    """What `kvcore-eval frontier` runs: every method at each budget of measured bytes per token, one model load."""
-
-    # The bases are always each task's own held-out calibration: a scored document is never calibrated on.
-    allow_overlap: ClassVar[bool] = False
-
-    out: str = option(
-        help="output directory (finished points are reused: an interrupted frontier resumes)", identity=False
-    )
-    tasks: str = option(
-        "kvcore_domains",
-        help="comma-separated lm-eval tasks or groups (perplexity tasks: ND-PPL; others, generation included: their "
-        "own metric, at each --metadata max_seq_lengths where they build documents for a length)",
-    )
-    budgets: str = option(
-        "0.5,0.25,0.125", help="comma-separated fractions of the full cache's measured bytes per token, in (0, 1)"
-    )
-    methods: str = option(",".join(METHODS), help=f"comma-separated, of: {', '.join(METHODS)}")
-    truncation: TruncationConfig = option(
-        TruncationConfig,
-        help="the options every point shares (key space, granularity, attention); the frontier sets the rest",
-        cli_skip=PER_POINT,
-    )
-    sensitivity: str | None = option(
-        None,
-        help="per_layer.json of `sweep --per-layer` for the sensitivity method "
-        "(default: measured here on held-out text)",
-    )
-    sensitivity_tokens: int = option(
-        1024, help="held-out tokens (documents after the scored ones) the per-layer sensitivity is measured on"
-    )
-    sensitivity_rank: float = option(
-        0.25, help="fraction of D the one truncated layer keeps when sensitivity is measured"
-    )
-
-    def __post_init__(self) -> None:
-        check_choices(self)
-        self.check_scoring()
-        self.budget_list()
-        if given := [
-            name
-            for name in PER_POINT
-            if hasattr(TruncationConfig, name) and getattr(self.truncation, name) != getattr(TruncationConfig, name)
-        ]:
-            raise ValueError(f"the frontier sets {', '.join(given)} itself at each point: leave them out")
-        unknown = [m for m in self.method_list() if m not in METHODS]
-        if unknown:
-            raise ValueError(f"--methods {', '.join(unknown)}: unknown; choose from {', '.join(METHODS)}")
-        lacking = {m: option for m in self.method_list() if (option := missing_option(METHODS[m]))}
-        if lacking:
-            raise ValueError(
-                f"--methods {', '.join(lacking)}: this version of kvcore_hf has no "
-                f"{', '.join(sorted(set(lacking.values())))}= option yet; drop those methods"
-            )
-        for name in self.method_list():  # each method's own kvcore_hf options, as its points will set them
-            try:
-                truncation_for(self, METHODS[name], 1, Path("bases"), _SOME_GEOMETRY, "sensitivity.json")
-            except ValueError as err:
-                raise ValueError(f"--methods {name} cannot run with these options: {err}") from err
-        budgeted = [m for m in self.method_list() if METHODS[m].allocation in BUDGET_ALLOCATIONS]
-        if budgeted and self.truncation.granularity != "layer":
-            raise ValueError(
-                f"--methods {', '.join(budgeted)} spend a budget over layer spectra: use --granularity layer"
-            )
-        if self.sensitivity_tokens < MIN_SEQ_LEN or not 0 < self.sensitivity_rank < 1:
-            raise ValueError(
-                f"--sensitivity-tokens must be >= {MIN_SEQ_LEN} and --sensitivity-rank a fraction in (0, 1), got "
-                f"{self.sensitivity_tokens} and {self.sensitivity_rank}"
-            )
-        if self.sensitivity is not None and not Path(self.sensitivity).is_file():
-            raise ValueError(
-                f"--sensitivity {self.sensitivity}: no such file; pass the per_layer.json of `kvcore-eval sweep "
-                "--per-layer`, or drop it to measure the sensitivity here"
-            )
-
-    def budget_list(self) -> list[float]:
-        try:
-            budgets = sorted({float(b) for b in self.budgets.split(",") if b.strip()}, reverse=True)
-        except ValueError as err:
-            raise ValueError(f"--budgets {self.budgets!r} must be comma-separated fractions such as 0.5,0.25") from err
-        if not budgets or any(not 0 < b < 1 for b in budgets):
-            raise ValueError(f"--budgets {self.budgets!r}: give fractions of the full cache in (0, 1), e.g. 0.5,0.25")
-        return budgets
-
-    def method_list(self) -> list[str]:
-        return list(dict.fromkeys(m.strip() for m in self.methods.split(",") if m.strip()))
-
-    @property
-    def measures_sensitivity(self) -> bool:
-        return "sensitivity" in self.method_list() and self.sensitivity is None
-
-
-# Any geometry will do to build each method's TruncationConfig before the model loads (its checks need no shapes).
-_SOME_GEOMETRY = type("Geometry", (), {"num_layers": 2, "width": 2})
-
-
 # --- placing a method at a budget -------------------------------------------------------------------------------
-
-
-def truncation_for(config: FrontierConfig, method: Method, knob: int | None, basis: Path, geometry, sensitivity):
-    """The TruncationConfig of `method` at `knob` (uniform: the rank of every layer; budget allocations: total
-    dimensions over layers and kinds; None: full rank), on the frontier's shared options."""
-    extra: dict[str, Any] = {}
-    if method.basis != "data":
-        extra["basis"] = method.basis
-    if method.bits is not None:
-        extra["latent_bits"] = method.bits
-    if method.allocation == "full" or knob is None:
-        ranks = {"key_rank": "full", "value_rank": "full"}
-    elif method.allocation == "uniform":
-        spec = ":".join([str(knob)] * geometry.num_layers)  # a list: a bare 1 would be refused as ambiguous
-        ranks = {"key_rank": spec, "value_rank": spec}
-    else:
-        ranks = {"rank_budget": knob / (2 * geometry.num_layers * geometry.width), "budget_method": method.allocation}
-        if method.allocation == "sensitivity":
-            ranks["sensitivity"] = str(sensitivity)
-    return replace(config.truncation, calibration=str(basis), truncate="both", overlap="refuse", **ranks, **extra)
-
-
-def knob_range(method: Method, geometry) -> tuple[int, int]:
-    if method.allocation == "uniform":
-        return 1, geometry.width
-    return 2 * geometry.num_layers, 2 * geometry.num_layers * geometry.width
 
 
 def largest_within(bytes_of, low: int, high: int, target: float) -> int:
@@ -268,9 +103,6 @@ def largest_within(bytes_of, low: int, high: int, target: float) -> int:
 
 def probe_bytes(lm, probe_ids) -> float:
     """Bytes per token the current cache of `lm` holds after one forward over `probe_ids` (1, tokens)."""
-    import torch
-
-    from kvcore_eval.compression import latent
 
     cache = lm.new_cache()
     with torch.no_grad(), latent.active(cache):
@@ -302,11 +134,6 @@ def held_out_ids(session, name: str, tokens: int):
     """(sequences, seq_len) token ids of the unit's held-out text (the documents after the scored ones, as the task
     builds them at the unit's length) in sequences of --seq-len, or of the unit's context length where that is
     longer: full sequences only, unless the text is shorter than one."""
-    import torch
-
-    from kvcore_eval.calibration.data import iter_texts, pack_sequences
-    from kvcore_eval.config import split_paths
-    from kvcore_eval.experiments.sweep import unit_metadata
 
     config, unit = session.config, session.units[name]
     seq_len = max(config.seq_len, unit.length or 0)
@@ -324,12 +151,6 @@ def held_out_ids(session, name: str, tokens: int):
 
 def held_out_perplexity(session, truncation, ids) -> float:
     """Token perplexity of `ids` (sequences, seq) under `truncation`: one direct forward, every next token scored."""
-    import math
-
-    import torch
-
-    from kvcore_eval.compression import latent
-    from kvcore_eval.experiments.sweep import use_truncation
 
     use_truncation(session, truncation)
     cache = session.lm.new_cache()
@@ -345,10 +166,6 @@ def _measure_sensitivity(session, plan: TaskPlan) -> Path:
     """Each layer's ND-PPL truncated alone (keys, then values), on held-out text: token perplexity of up to
     `sensitivity_tokens` tokens of the documents after the scored ones, by a direct forward (2 x layers + 1 of
     them; lm-eval's per-document overhead x 60 layers would dominate the frontier). A per_layer.json."""
-    from kvcore_eval import outputs
-    from kvcore_eval.calibration.artifact import read_metadata
-    from kvcore_eval.experiments.sweep import layer_nd_ppl
-
     config = session.config
     path = session.out / "sensitivity" / f"{plan.name}.json"
     ids = held_out_ids(session, plan.name, config.sensitivity_tokens)
@@ -361,7 +178,7 @@ def _measure_sensitivity(session, plan: TaskPlan) -> Path:
     }
     if path.exists() and outputs.read_json(path, "sensitivity table").get("settings") == settings:
         return path
-    full = truncation_for(config, METHODS["uniform"], None, plan.basis, plan.geometry, None)
+    full = truncation_for(config.truncation, METHODS["uniform"], None, plan.basis, plan.geometry, None)
     baseline = held_out_perplexity(session, full, ids)
     rank = max(1, round(config.sensitivity_rank * plan.geometry.width))
     nd_ppl = layer_nd_ppl(
@@ -384,15 +201,12 @@ def _measure_sensitivity(session, plan: TaskPlan) -> Path:
 
 
 def _prepare_task(session, task: str) -> TaskPlan:
-    from kvcore_eval.calibration.artifact import read_metadata
-    from kvcore_eval.experiments.sweep import run_point, task_calibration, task_document_ner, use_truncation
-    from kvcore_eval.model.models import KVGeometry
 
     config = session.config
     basis = task_calibration(session, task)
-    geometry = KVGeometry(**read_metadata(basis)["model"]["geometry"])
+    geometry = models.KVGeometry(**read_metadata(basis)["model"]["geometry"])
     unit = session.units[task]
-    full = truncation_for(config, METHODS["uniform"], None, basis, geometry, None)
+    full = truncation_for(config.truncation, METHODS["uniform"], None, basis, geometry, None)
     baseline = run_point(session, task, "baseline", full)
     probe = held_out_ids(session, task, config.seq_len)[:1]
     full_bytes = probe_bytes(use_truncation(session, full), probe)
@@ -407,14 +221,11 @@ def _prepare_task(session, task: str) -> TaskPlan:
 
 
 def _bits(session, method: Method) -> int:
-    import torch
 
     return method.bits or 8 * torch.empty(0, dtype=session.model.dtype).element_size()
 
 
 def _row(session, plan: TaskPlan, name: str, method: Method, budget, knob, point, measured: float) -> dict[str, Any]:
-    from kvcore_eval import metrics
-    from kvcore_eval.analysis import study
 
     raw, base = point["value"], plan.baseline["value"]
     # bytes per token: what the evaluation's own caches held where kvcore_hf measures it, else the probe's
@@ -451,9 +262,6 @@ def uncertainty(plan: TaskPlan, point: dict[str, Any]) -> dict[str, Any]:
     """A point's noise over documents: for ND-PPL, the 95 % paired bootstrap interval against the full cache on the
     same documents (the sweep's `nd_ppl_interval`; None for the baseline itself and for points saved without
     per-document log-likelihoods); for another metric, the bootstrap standard error of its mean over documents."""
-    from kvcore_eval import metrics
-    from kvcore_eval.experiments.sweep import nd_ppl_interval
-
     if not plan.perplexity:
         return {"stderr": metrics.bootstrap_stderr_of_mean(point["per_document"].values())}
     return {"nd_ppl_interval": None if point is plan.baseline else nd_ppl_interval(point, plan.baseline)}
@@ -463,8 +271,6 @@ def within_reach(session, truncation, geometry):
     """`truncation` in place on the session's model, or, where its rank_budget (met in bytes, overheads included)
     is below what one dimension per layer and kind already costs, that one-dimension plan: the point then reports
     its measured bytes, over the budget."""
-    from kvcore_eval.experiments.sweep import use_truncation
-
     try:
         use_truncation(session, truncation)
         return truncation
@@ -481,14 +287,12 @@ def within_reach(session, truncation, geometry):
 
 def method_rows(session, plan: TaskPlan, name: str, budgets: list[float]) -> list[dict[str, Any]]:
     """One row per budget (one row in all for a method without a knob), each at its measured bytes."""
-    from kvcore_eval.experiments.sweep import run_point
-
     config, method = session.config, METHODS[name]
     memo: dict[int | None, float] = {}
 
     def bytes_of(knob: int | None) -> float:
         if knob not in memo:
-            truncation = truncation_for(config, method, knob, plan.basis, plan.geometry, plan.sensitivity)
+            truncation = truncation_for(config.truncation, method, knob, plan.basis, plan.geometry, plan.sensitivity)
             within_reach(session, truncation, plan.geometry)
             memo[knob] = probe_bytes(session.lm, plan.probe)
         return memo[knob]
@@ -502,7 +306,9 @@ def method_rows(session, plan: TaskPlan, name: str, budgets: list[float]) -> lis
     for budget, knob in placed:
         measured = bytes_of(knob)
         truncation = within_reach(
-            session, truncation_for(config, method, knob, plan.basis, plan.geometry, plan.sensitivity), plan.geometry
+            session,
+            truncation_for(config.truncation, method, knob, plan.basis, plan.geometry, plan.sensitivity),
+            plan.geometry,
         )
         point_name = f"{name}/{'full' if knob is None else knob}"
         point = run_point(session, plan.name, point_name, truncation, metric=plan.metric)
@@ -534,10 +340,6 @@ def pareto(rows: list[dict[str, Any]]) -> list[bool]:
 def check_sensitivity_file(config: FrontierConfig) -> None:
     """Before the model loads: --sensitivity is a per_layer.json of this key space and this model's layer count (the
     model's config is read, not its weights)."""
-    from kvcore_eval.compression.rank_plan import measured_sensitivity
-    from kvcore_eval.model import models
-    from kvcore_eval.spaces import KEY_SPACES
-
     model_id, gguf_file = models.gguf_location(config.model, config.gguf_file)
     layers = models.kv_geometry(models.load_config(model_id, None, gguf_file)).num_layers
     plan = replace(config.truncation, sensitivity=config.sensitivity, budget_method="sensitivity", rank_budget=0.5)
@@ -556,8 +358,6 @@ def left_out(out: Path, rows: list[dict[str, Any]]) -> list[str]:
     """The finished points in `out` this run's rows do not report: rows of the previous frontier.json whose task,
     method and budget are not among them, then saved points (points/<task>/<name>.json) no row of either refers to
     (an earlier run interrupted before its frontier.json)."""
-    from kvcore_eval import outputs
-
     path = out / "frontier.json"
     previous = outputs.read_json(path, "previous frontier") if path.exists() else []
     placed = {(r["task"], r["method"], r["budget"]) for r in rows}
@@ -576,16 +376,12 @@ def left_out(out: Path, rows: list[dict[str, Any]]) -> list[str]:
 
 
 def run_frontier(config: FrontierConfig) -> list[dict[str, Any]]:
-    from tqdm.auto import tqdm
-
-    from kvcore_eval import outputs
-    from kvcore_eval.experiments.sweep import open_units
 
     def check(units, manager_for) -> None:
         if config.sensitivity is not None and "sensitivity" in config.method_list():
             check_sensitivity_file(config)
 
-    session = open_units(config, KIND, OWN_NAMES, SELECTORS, check=check)
+    session = open_units(config, KIND, OWN_NAMES, check=check)
     rows = []
     for task in session.units:
         plan = _prepare_task(session, task)
@@ -650,7 +446,6 @@ def winners(rows: list[dict[str, Any]], budgets: list[float]) -> dict[str, dict[
 
 
 def to_markdown(rows: list[dict[str, Any]], config: FrontierConfig, dropped: list[str] | None = None) -> str:
-    from kvcore_eval.analysis.study import _stat, with_interval
 
     budgets = config.budget_list()
     lines = [
@@ -680,10 +475,18 @@ def to_markdown(rows: list[dict[str, Any]], config: FrontierConfig, dropped: lis
             f"frontier (fewer --tasks, --budgets or --methods; they stay in points/): {'; '.join(dropped)}.",
             "",
         ]
+    order = {name: index for index, name in enumerate(["full", *config.method_list()])}
     for task in dict.fromkeys(row["task"] for row in rows):
-        task_rows = sorted((r for r in rows if r["task"] == task), key=lambda r: (r["method"], -r["bytes_per_token"]))
+        task_rows = sorted(
+            (r for r in rows if r["task"] == task),
+            key=lambda r: (order.get(r["method"], len(order)), -r["bytes_per_token"]),
+        )
+        full = next(r for r in task_rows if r["method"] == "full")
         lines += [
             f"## {task}",
+            "",
+            f"Full cache: {full['metric'].removeprefix('nd_ppl(').removesuffix(')')} {full['baseline_raw']:.4f} on the "
+            f"scored documents ({full['bytes_per_token']:.0f} bytes per token).",
             "",
             "| method | basis | allocation | bits | budget | bytes/token | % of full | "
             + metric_label(task_rows[0]["metric"])
@@ -721,7 +524,9 @@ def to_markdown(rows: list[dict[str, Any]], config: FrontierConfig, dropped: lis
             for r in documented:
                 budget = "-" if r["budget"] is None else f"{r['budget']:g}"
                 c = r["across_documents"]
-                lines.append(f"| {r['method']} | {budget} | {_stat(c['key'])} | {_stat(c['value'])} |")
+                lines.append(
+                    f"| {r['method']} | {budget} | {format_correlation(c['key'])} | {format_correlation(c['value'])} |"
+                )
         lines.append("")
     return "\n".join(lines)
 
@@ -741,6 +546,13 @@ def _quality(row: dict[str, Any], with_interval) -> str:
     return with_interval(row["value"], row.get("nd_ppl_interval"))
 
 
+MARKERS = ("o", "s", "^", "v", "D", "P", "X", "<", ">", "h")  # one per method, so that lines that meet stay apart
+
+
+def _close(a: float, b: float) -> bool:
+    return math.isclose(a, b, rel_tol=1e-3, abs_tol=1e-4)
+
+
 def plot_frontier(rows: list[dict[str, Any]], config: FrontierConfig, path: Path) -> None:
     """Per task: quality against bytes per token, one line per method, the Pareto front as a black step line."""
     from matplotlib.figure import Figure
@@ -751,17 +563,26 @@ def plot_frontier(rows: list[dict[str, Any]], config: FrontierConfig, path: Path
     for ax, task in zip(axes, tasks, strict=True):
         task_rows = [r for r in rows if r["task"] == task]
         full = next(r for r in task_rows if r["method"] == "full")
+        drawn: list[tuple[float, float]] = []
         for index, name in enumerate(dict.fromkeys(r["method"] for r in task_rows if r["method"] != "full")):
             points = sorted((r for r in task_rows if r["method"] == name), key=lambda r: r["bytes_per_token"])
+            color = f"C{index % 10}"
             ax.plot(
                 [r["bytes_per_token"] for r in points],
                 [r["value"] for r in points],
-                marker="o",
+                marker=MARKERS[index % len(MARKERS)],
                 ms=4,
                 lw=1.2,
-                color=f"C{index % 10}",
+                color=color,
                 label=name,
             )
+            for r in points:  # a point on top of earlier ones gets a ring, larger for each one under it
+                under = sum(
+                    math.isclose(r["bytes_per_token"], x, rel_tol=1e-3) and _close(r["value"], y) for x, y in drawn
+                )
+                if under:
+                    ax.scatter(r["bytes_per_token"], r["value"], s=40 + 50 * under, facecolors="none", edgecolors=color)
+                drawn.append((r["bytes_per_token"], r["value"]))
         front = sorted((r for r in task_rows if r["pareto"]), key=lambda r: r["bytes_per_token"])
         ax.step(
             [r["bytes_per_token"] for r in front],

@@ -8,26 +8,16 @@ exp(−loglikelihood / bytes of the scored continuation), the same formula lm-ev
 
 from __future__ import annotations
 
-import math
 from typing import Any
 
 import torch
 
 from kvcore_eval import metrics
 from kvcore_eval.calibration.gram import GramAccumulator, GramRecorder
+from kvcore_eval.metrics import PERPLEXITY_METRICS
 from kvcore_eval.model.models import kv_geometry
 from kvcore_eval.model.rope import RopeTap
 from kvcore_eval.spaces import KEY_SPACES
-
-# metric -> per-document value from lm-eval's logged (loglikelihood, count) pair
-PERPLEXITY_METRICS = {
-    "byte_perplexity": lambda ll, count: math.exp(-ll / count),
-    "word_perplexity": lambda ll, count: math.exp(-ll / count),
-    "bits_per_byte": lambda ll, count: -ll / count / math.log(2),
-}
-# Those that are exp(-Σ loglikelihood / Σ count) over documents: what a paired bootstrap of ND-PPL resamples
-# (bits_per_byte logs the same pairs, but its relative change is not that perplexity ratio).
-WEIGHTED_PERPLEXITIES = ("byte_perplexity", "word_perplexity")
 
 
 def gram_ner(grams: dict[str, torch.Tensor], key_space: str) -> dict[str, list[float]]:

@@ -23,13 +23,14 @@ import re
 import sqlite3
 import sys
 import threading
-import typing
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import asdict, dataclass, field, fields
+from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
+from kvcore_eval.config import JudgeConfig, env_name
 from kvcore_eval.metrics import bootstrap_stderr_of_mean
+from kvcore_eval.outputs import atomic_write_text
 
 logger = logging.getLogger(__name__)
 
@@ -44,56 +45,6 @@ STRICT_REMINDER = (
     "Your reply could not be read. Reply with exactly `Rating: N`, N an integer from 1 to 10, and nothing else."
 )
 _RATING = re.compile(r"rating\s*[:=]\s*\[*\s*(\d+(?:\.\d+)?)", re.IGNORECASE)
-
-
-@dataclass
-class JudgeConfig:
-    """Where the judge lives and how hard to try. Each field's `help` is its --help line."""
-
-    model: str = field(metadata={"help": "judge model name on the server, e.g. gpt-4o-mini"})
-    base_url: str | None = field(
-        default=None, metadata={"help": "OpenAI-compatible endpoint, e.g. http://localhost:8000/v1 (default: OpenAI)"}
-    )
-    api_key_env: str = field(default="OPENAI_API_KEY", metadata={"help": "environment variable holding the API key"})
-    cache_path: str = field(
-        default="~/.cache/kvcore-eval/judge.sqlite", metadata={"help": "sqlite file caching every judgement"}
-    )
-    max_concurrency: int = field(default=4, metadata={"help": "requests in flight at once"})
-    max_retries: int = field(
-        default=5, metadata={"help": "HTTP retries (exponential backoff) on 429, 5xx and timeouts"}
-    )
-    timeout: float = field(default=60.0, metadata={"help": "seconds per request"})
-    seed: int | None = field(default=0, metadata={"help": "sampling seed sent to servers that take one"})
-
-    def __post_init__(self) -> None:
-        if self.max_concurrency < 1 or self.max_retries < 0 or self.timeout <= 0:
-            raise ValueError("max_concurrency must be >= 1, max_retries >= 0 and timeout > 0")
-        if self.base_url is not None and not self.base_url.startswith(("http://", "https://")):
-            raise ValueError(
-                f"judge base URL {self.base_url!r} has no scheme: write it as http://{self.base_url} (or https://)"
-            )
-
-    @classmethod
-    def from_env(cls) -> JudgeConfig:
-        """The judge of lm-eval `_gen` tasks: each field from KVCORE_JUDGE_<FIELD> (KVCORE_JUDGE_MODEL,
-        KVCORE_JUDGE_BASE_URL, ...)."""
-        hints = typing.get_type_hints(cls)
-        settings: dict[str, Any] = {}
-        for f in fields(cls):
-            value = os.environ.get(env_name(f.name))
-            if value:
-                kind = next((t for t in typing.get_args(hints[f.name]) if t is not type(None)), hints[f.name])
-                settings[f.name] = kind(value)
-        if "model" not in settings:
-            raise ValueError(
-                f"GPT-score needs a judge: set {env_name('model')} (and {env_name('base_url')} for a non-OpenAI server)"
-            )
-        return cls(**settings)
-
-
-def env_name(field_name: str) -> str:
-    """The environment variable that sets a JudgeConfig field inside lm-eval (KVCORE_JUDGE_<FIELD>)."""
-    return f"KVCORE_JUDGE_{field_name.upper()}"
 
 
 @dataclass
@@ -384,8 +335,6 @@ def judge_samples(samples_path: str | Path, config: JudgeConfig, out_path: str |
         {"doc_id": sample.get("doc_id"), "gpt_score": judgement.score, "judge_raw": judgement.raw}
         for sample, judgement in zip(samples, judgements, strict=True)
     ]
-    from kvcore_eval.outputs import atomic_write_text
-
     atomic_write_text(out_path, "".join(json.dumps(row) + "\n" for row in rows))
     scores = [j.score for j in judgements if j.score is not None]
     return {

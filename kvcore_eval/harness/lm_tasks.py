@@ -3,11 +3,16 @@ tasks/), the user's --include_path folders, and one index per process (building 
 
 from __future__ import annotations
 
+import contextlib
 import functools
+import itertools
 import json
 import logging
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
+
+from kvcore_eval import outputs
 
 TASK_MARKER = "_kvcore_perplexity.yaml"
 
@@ -35,9 +40,10 @@ def task_manager(
     return _task_manager(tuple(include_path or ()), json.dumps(metadata, sort_keys=True))
 
 
-class _OncePerTask(logging.Filter):
-    """lm-eval warns "Custom kwargs can be passed to `--metadata`" each time a task with a custom dataset loads;
-    a sweep loads each task at every point (24 times in a small sweep): once per task says it."""
+class _QuietTaskLoads(logging.Filter):
+    """lm-eval warns "Custom kwargs can be passed to `--metadata`" each time a task with a custom dataset loads: our
+    tasks all have one (their options are documented in tasks/README.md), and a sweep loads each task at every point,
+    so for kvcore's tasks the warning is dropped, for any other task said once."""
 
     MESSAGE = "Custom kwargs can be passed to `--metadata`"
 
@@ -50,15 +56,57 @@ class _OncePerTask(logging.Filter):
         if self.MESSAGE not in message:
             return True
         task = message.partition(":")[0]
-        first = task not in self.seen
+        first = task not in self.seen and not task.startswith("kvcore_")
         self.seen.add(task)
         return first
 
 
-def _quiet_repeated_warnings() -> None:
+def quiet_lm_eval_warnings() -> None:
+    """Install the filter of lm-eval's task-loading warnings (idempotent): kvcore-eval's commands and kvcore_hf do."""
     task_logger = logging.getLogger("lm_eval.api.task")
-    if not any(isinstance(f, _OncePerTask) for f in task_logger.filters):
-        task_logger.addFilter(_OncePerTask())
+    if not any(isinstance(f, _QuietTaskLoads) for f in task_logger.filters):
+        task_logger.addFilter(_QuietTaskLoads())
+
+
+@contextlib.contextmanager
+def without_warning(logger_name: str, text: str) -> Iterator[None]:
+    """Drop the warnings of one logger that contain `text` while the block runs (one known, inapplicable warning)."""
+    drop = logging.Filter()
+    drop.filter = lambda record: text not in record.getMessage()  # type: ignore[method-assign]
+    logger = logging.getLogger(logger_name)
+    logger.addFilter(drop)
+    try:
+        yield
+    finally:
+        logger.removeFilter(drop)
+
+
+def import_ruler_quietly() -> None:
+    """Import lm-eval's RULER data module once, its offline nltk download attempt captured: at import it tries to
+    fetch nltk's punkt_tab and prints a `urlopen error` when there is no network. What it printed becomes one warning
+    that says who needs that data (lm-eval's essay tasks; kvcore_ruler and niah_single_1 do not)."""
+    import importlib.util
+    import io
+    import sys
+
+    name = "lm_eval.tasks.ruler.prepare_niah"
+    if (
+        name in sys.modules
+        or importlib.util.find_spec("nltk") is None
+        or importlib.util.find_spec("wonderwords") is None
+    ):
+        return
+    printed = io.StringIO()
+    with contextlib.redirect_stdout(printed), contextlib.redirect_stderr(printed):
+        importlib.import_module(name)
+    if "Error loading punkt_tab" in printed.getvalue():
+        logging.getLogger(__name__).warning(
+            "nltk's punkt_tab data is not installed and could not be downloaded (no network): lm-eval's essay RULER "
+            "tasks need it (python -m nltk.downloader punkt_tab where a network is reachable); kvcore_ruler_* and "
+            "niah_single_1 do not"
+        )
+    elif printed.getvalue().strip():
+        logging.getLogger(__name__).info("lm-eval's RULER module printed: %s", printed.getvalue().strip())
 
 
 @functools.lru_cache(maxsize=8)
@@ -66,7 +114,7 @@ def _task_manager(include_path: tuple[str, ...], metadata_json: str):
     import lm_eval
     from lm_eval.tasks import TaskManager
 
-    _quiet_repeated_warnings()
+    quiet_lm_eval_warnings()
 
     ours = tasks_dir()
     paths = ([] if ours.is_relative_to(Path(lm_eval.__file__).parent) else [str(ours)]) + list(include_path)
@@ -83,6 +131,7 @@ def load_as_evaluated(manager, names: list[str]) -> dict:
     import torch
     from lm_eval.defaults import DEFAULT_OTHER_SEED, DEFAULT_RANDOM_SEED
 
+    import_ruler_quietly()  # before the seeds are set: its import draws nothing, but prints offline
     states = random.getstate(), np.random.get_state(), torch.get_rng_state()
     try:
         random.seed(DEFAULT_RANDOM_SEED)
@@ -128,9 +177,7 @@ def cached_tokenizer_dir(tokenizer) -> Path:
     import shutil
     import tempfile
 
-    from kvcore_eval.calibration.data import CACHE_ENV
-
-    root = Path(os.environ.get(CACHE_ENV, "~/.cache/kvcore-eval")).expanduser() / "tokenizers"
+    root = outputs.cache_dir("tokenizers")
     root.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(dir=root, prefix=".tmp."))
     tokenizer.save_pretrained(tmp)
@@ -143,3 +190,65 @@ def cached_tokenizer_dir(tokenizer) -> Path:
     else:
         os.replace(tmp, final)
     return final
+
+
+ALL_RECORDS = {"num_samples": None}  # lm-eval metadata: a kvcore task's every record, in its seeded order
+
+
+def lm_eval_task_documents(
+    task: str,
+    skip_docs: int = 0,
+    data_dir: str | None = None,
+    include_path: list[str] | None = None,
+    metadata: dict[str, Any] | None = None,
+) -> Iterator[tuple[str, str]]:
+    """An lm-eval task's documents as lm-eval scores them, (doc_to_text, delimiter + doc_to_target), after the first
+    `skip_docs` (the documents an evaluation with --limit skip_docs scores): calibration data disjoint from the
+    evaluation.
+
+    `metadata` reaches the task as lm-eval's --metadata does. Generated tasks (RULER, kvcore_ruler) draw their
+    documents at load time from the global random state and the tokenizer named in it, so they are loaded the way
+    an evaluation loads them (`lm_tasks.load_as_evaluated`); a generation task's prompt is the context lm-eval sends
+    (its answer prefix, gen_prefix, included: what `overlap` matches a scored request by) and its response every
+    reference answer."""
+    # Every record of a kvcore task, in its seeded order (the YAML's num_samples would cap the pool that lies
+    # beyond the scored documents); the first N are those `--limit N` scores, with or without the cap.
+    manager = task_manager(data_dir, include_path, {**ALL_RECORDS, **(metadata or {})})
+    tasks = list(leaf_tasks(load_as_evaluated(manager, [task])))
+    if len(tasks) != 1:
+        raise ValueError(f"lm_eval:{task} names a group of {len(tasks)} tasks: calibrate on one task at a time")
+    instance = tasks[0]
+    delimiter = instance.config.target_delimiter or ""
+    generation = instance.config.output_type == "generate_until"
+    for doc in itertools.islice(instance.eval_docs, skip_docs, None):
+        target = instance.doc_to_target(doc)
+        if generation:
+            answers = target if isinstance(target, list) else [target]
+            prefix = instance.doc_to_prefix(doc) or ""
+            text = str(instance.doc_to_text(doc))
+            yield _generation_split(
+                instance, doc, text + f"{delimiter}{prefix} {', '.join(map(str, answers))}".rstrip()
+            )
+            continue
+        if isinstance(target, list):
+            target = target[0] if target else ""
+        if isinstance(target, int) and instance.config.doc_to_choice is not None:
+            target = instance.doc_to_choice(doc)[target]
+        yield str(instance.doc_to_text(doc)), f"{delimiter}{target}"
+
+
+def _generation_split(instance, doc, whole: str) -> tuple[str, str]:
+    """(prompt, response) of a generation document whose calibrated text is `whole`: the prompt is the context lm-eval
+    sends the model (doc_to_text, the target delimiter and the answer prefix, 0-shot), so that the calibration's
+    prompt digest is the digest of the scored request's context (`overlap`); where that context is not a prefix of
+    the text (a description or few-shot examples), doc_to_text."""
+    context = instance.fewshot_context(doc, num_fewshot=0, gen_prefix=instance.doc_to_prefix(doc))
+    if isinstance(context, str) and whole.startswith(context):
+        return context, whole[len(context) :]
+    text = str(instance.doc_to_text(doc))
+    return text, whole[len(text) :]
+
+
+def leaf_tasks(loaded) -> Iterator[Any]:
+    for value in loaded.values():
+        yield from leaf_tasks(value) if isinstance(value, dict) else [value]

@@ -31,6 +31,7 @@ from kvcore_eval.compression.cache import (
 from kvcore_eval.compression.quantize import Codec
 from kvcore_eval.compression.rank_plan import make_plan
 from kvcore_eval.config import TruncationConfig, split_options
+from kvcore_eval.harness.lm_tasks import quiet_lm_eval_warnings
 from kvcore_eval.model.models import (
     config_fingerprint,
     dtype_name,
@@ -127,6 +128,7 @@ class KVCoreHFLM(HFLM):
         except (ValueError, OSError) as err:
             logger.error("kvcore_hf: %s", err)
             raise
+        quiet_lm_eval_warnings()
         super().__init__(**hf_options)  # the weights load here, after every check that needs none
         self._tap = RopeTap(self.model)  # stays on the model: records the rotary tables of every forward
         self._keys_checked = False

@@ -87,7 +87,7 @@ def layer_devices(model: torch.nn.Module) -> list[torch.device]:
     devices; each layer's bases and latents go where its keys are computed."""
     import torch
 
-    from kvcore_eval.model.rope import attention_modules
+    from kvcore_eval.model.rope import attention_modules  # lazy: torch (config reads this module and stays light)
 
     devices = []
     for layer_idx, attention in attention_modules(model).items():
