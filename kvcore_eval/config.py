@@ -23,15 +23,28 @@ from pathlib import Path
 from typing import Any, ClassVar, Literal
 
 from kvcore_eval.analysis.positions import parse_edges
-from kvcore_eval.compression.methods import BUDGET_ALLOCATIONS, METHOD_FIELDS, METHODS, truncation_for
+from kvcore_eval.compression.methods import (
+    BASES,
+    DEFAULT_METHODS,
+    METHOD_FIELDS,
+    METHODS,
+    Budget,
+    check_basis,
+    check_batch_size,
+    parse_budgets,
+    truncation_for,
+    uses_budget_allocation,
+)
 from kvcore_eval.metrics import PERPLEXITY_METRICS
 from kvcore_eval.model.models import gguf_location
 from kvcore_eval.spaces import DEFAULT_KEY_SPACE, Granularity, KeySpace, Truncate
 
 ModelDtype = Literal["float32", "bfloat16", "float16"]
-BudgetMethod = Literal["energy", "ner", "sensitivity", "uniform"]
-Basis = Literal["data", "weights", "random", "sequence"]
-LATENT_BITS = (16, 8, 4)
+BudgetMethod = Literal["energy", "ner", "sensitivity", "uniform", "waterfill"]
+Basis = Literal["data", "weights", "random", "sequence", "rotation", "identity"]
+Quantizer = Literal["absmax", "minmax", "midrise"]
+Weighting = Literal["relative", "absolute"]
+LATENT_BITS = (1, 2, 3, 4, 5, 6, 7, 8, 16)
 Attention = Literal["reconstruct", "latent"]
 OverlapPolicy = Literal["warn", "refuse"]
 BasisScope = Literal["per-task", "shared"]
@@ -144,7 +157,18 @@ class TruncationConfig:
         "energy",
         help="energy: keep the largest normalized eigenvalues across layers; ner: ranks proportional to NER; "
         "sensitivity: proportional to each layer's measured ND-PPL (needs sensitivity=); uniform: one rank for all, "
-        "the largest that fits. The budget is in bytes and includes rotary tables and quantization scales",
+        "the largest that fits; waterfill: bits per latent channel by reverse water-filling on the spectrum (the "
+        "spectral code). The budget is in bytes and includes rotary positions or tables and quantization scales",
+    )
+    bits: float | None = option(
+        None,
+        help="a budget in bits per cached number of the kinds truncated, scales and rotary positions included (e.g. "
+        "2 with budget_method=waterfill); an alternative to rank_budget that reads the same on every dtype",
+    )
+    weighting: Weighting = option(
+        "relative",
+        help="what budget_method=waterfill minimizes: relative: the sum of each layer's relative squared error (layers "
+        "count alike whatever their scale); absolute: the squared error summed over layers",
     )
     key_space: KeySpace = option(
         DEFAULT_KEY_SPACE, help="pre_rope (the paper's K = X·W_k) or post_rope (the cached keys)"
@@ -169,20 +193,33 @@ class TruncationConfig:
     basis: Basis = option(
         "data",
         help="data: calibrated (calibration=); weights: SVD of [W_k | b_k], [W_v | b_v] (data-free); random: seeded "
-        "random orthonormal (basis_seed=); sequence: each sequence's own prefill SVD, stored in the cache",
+        "random orthonormal (basis_seed=); sequence: each sequence's own prefill SVD, stored in the cache; rotation: "
+        "seeded randomized Hadamard per KV head, kept whole (with latent_bits: TurboQuant's and QuaRot's first "
+        "stage); identity: the states as they are (with latent_bits: a plain quantized cache)",
     )
-    basis_seed: int = option(0, help="seed of basis=random")
+    basis_seed: int = option(0, help="seed of basis=random and basis=rotation")
     latent_bits: int | None = option(
         None,
-        help="16: latents stored as 16-bit floats; 8 or 4: symmetric absmax integers per token and group of 32 "
-        "channels with float16 scales (4 bits packed two a byte); unset: the model's dtype",
+        help="bits of every stored number: 16: a 16-bit float; 1 to 8: integer codes per token and group of 32 "
+        "channels with float16 scales, packed; unset: the model's dtype",
+    )
+    quantizer: Quantizer | None = option(
+        None,
+        help="integer codes: absmax (symmetric, 2^b - 1 levels; the default at 8 and 4 bits), minmax (asymmetric, "
+        "every level, a scale and a zero-point a group: KIVI's), midrise (every level, one scale a group; the "
+        "default at other widths and for budget_method=waterfill)",
     )
 
     def __post_init__(self) -> None:
         check_choices(self)
         if self.latent_bits is not None and self.latent_bits not in LATENT_BITS:
-            raise ValueError(f"latent_bits={self.latent_bits}: use 16, 8 or 4, or leave it unset for the model's dtype")
-        self._check_basis()
+            raise ValueError(
+                f"latent_bits={self.latent_bits}: use 1 to 8 or 16, or leave it unset for the model's dtype"
+            )
+        if self.scheme == "absmax" and self.latent_bits == 1:
+            raise ValueError(
+                "latent_bits=1 with quantizer=absmax has one level (zero): use quantizer=minmax or midrise"
+            )
         if (self.budget_method == "sensitivity") != (self.sensitivity is not None):
             raise ValueError(
                 "budget_method=sensitivity and sensitivity=<per_layer.json of `kvcore-eval sweep --per-layer`> "
@@ -197,54 +234,50 @@ class TruncationConfig:
                     f"{name}={getattr(self, name)} with truncate={self.truncate} truncates nothing: "
                     f"pass truncate=both (or truncate={kind}), or drop {name}"
                 )
-        if self.rank_budget is not None:
+        self._check_budget()
+        check_basis(self)
+
+    def _check_budget(self) -> None:
+        if self.rank_budget is not None and self.bits is not None:
+            raise ValueError("rank_budget and bits both given: each is a budget, pass one or the other")
+        if self.budgeted:
             if given := self.ranks_given:
                 raise ValueError(
-                    f"rank_budget and {given[0]} both given: a budget sets every rank, pass one or the other"
+                    f"{'rank_budget' if self.bits is None else 'bits'} and {given[0]} both given: a budget sets every "
+                    "rank, pass one or the other"
                 )
-            if not 0 < float(self.rank_budget) <= 1:
+            if self.rank_budget is not None and not 0 < float(self.rank_budget) <= 1:
                 raise ValueError(f"rank_budget={self.rank_budget} must be a fraction in (0, 1]")
+            if self.bits is not None and not 0 < float(self.bits) <= 32:
+                raise ValueError(f"bits={self.bits} must be a number of bits per cached number in (0, 32]")
             if self.granularity != "layer":
                 raise ValueError(
                     "rank_budget is planned over layer spectra: use granularity=layer, or give key_rank/value_rank"
                 )
-            self._check_budget_basis()
-
-    def _check_basis(self) -> None:
-        if self.basis == "weights" and self.key_space == "post_rope" and self.truncates_keys:
+        if self.budget_method == "waterfill" and self.budgeted and self.latent_bits is not None:
             raise ValueError(
-                "basis=weights with key_space=post_rope: post-RoPE keys are rotated by their position, so the "
-                "projection weights give no basis for them: use key_space=pre_rope, or truncate=values"
-            )
-        if self.basis == "sequence" and self.granularity != "layer":
-            raise ValueError("basis=sequence computes one basis per layer and sequence: use granularity=layer")
-        if self.basis == "sequence" and self.attention == "latent":
-            raise ValueError(
-                "basis=sequence with attention=latent: latent attention reads one basis per layer, not one per "
-                "sequence: use attention=reconstruct"
-            )
-
-    def _check_budget_basis(self) -> None:
-        if self.basis == "sequence":
-            raise ValueError(
-                "rank_budget with basis=sequence: each sequence stores its own bases, whose bytes per token depend "
-                "on its length, so no plan can meet a budget: give key_rank/value_rank and read the measured bytes"
-            )
-        if self.basis == "random" and self.budget_method != "uniform":
-            raise ValueError(
-                f"budget_method={self.budget_method} needs a spectrum and basis=random has none: use "
-                "budget_method=uniform, or give key_rank/value_rank"
-            )
-        if self.basis != "data" and self.budget_method == "sensitivity":
-            raise ValueError(
-                "budget_method=sensitivity reads ND-PPL measured with the calibrated bases, not "
-                f"basis={self.basis}: use basis=data, or budget_method=energy|ner|uniform"
+                "budget_method=waterfill chooses the bits of every latent channel itself: drop latent_bits"
             )
 
     @property
+    def scheme(self) -> str:
+        """The integer code in use: `quantizer`, else absmax at 8 and 4 bits (today's int8 and int4) and midrise at
+        every other width and for waterfill allocations."""
+        if self.quantizer is not None:
+            return self.quantizer
+        if self.budget_method == "waterfill" and self.budgeted:
+            return "midrise"
+        return "absmax" if self.latent_bits in (None, 8, 4, 16) else "midrise"
+
+    @property
+    def budgeted(self) -> bool:
+        """Whether a budget (rank_budget or bits) sets the ranks and bits."""
+        return self.rank_budget is not None or self.bits is not None
+
+    @property
     def runs_kvcore(self) -> bool:
-        """Whether these options ask for kvcore_hf at all (a calibration, or a data-free basis)."""
-        return self.calibration is not None or self.basis != "data"
+        """Whether these options ask for kvcore_hf at all (a calibration, or a basis that needs none)."""
+        return self.calibration is not None or not BASES[self.basis].calibrated
 
     @property
     def ranks_given(self) -> list[str]:
@@ -261,15 +294,21 @@ class TruncationConfig:
     def check_runnable(self) -> None:
         """What kvcore_hf needs beyond a consistent configuration: bases (an artifact for basis=data) and something
         to truncate or quantize."""
-        if self.calibration is None and self.basis == "data":
+        source = BASES[self.basis]
+        if self.calibration is None and source.calibrated:
             raise ValueError(
                 "kvcore_hf needs calibration=<artifact folder> (written by `kvcore-eval calibrate`), or a data-free "
-                "basis=weights|random|sequence; for the uncompressed baseline use --model hf"
+                "basis=weights|random|sequence|rotation|identity; for the uncompressed baseline use --model hf"
             )
-        if self.rank_budget is None and not self.ranks_given:
+        if (source.whole or not source.projects) and self.latent_bits is None:
             raise ValueError(
-                "no truncation asked for: pass key_rank=, value_rank= (e.g. 0.25) or rank_budget= "
-                "(key_rank=full,value_rank=full,latent_bits=8 is the plain int8 cache)"
+                f"basis={self.basis} keeps every dimension: give the bits of its codes with latent_bits= (e.g. 4), "
+                "or there is nothing to compress"
+            )
+        if source.projects and not source.whole and not self.budgeted and not self.ranks_given:
+            raise ValueError(
+                "no truncation asked for: pass key_rank=, value_rank= (e.g. 0.25), rank_budget= or bits= "
+                "(basis=identity,latent_bits=8 is the plain int8 cache)"
             )
 
 
@@ -642,9 +681,14 @@ class FrontierConfig(TaskScoringConfig):
         "own metric, at each --metadata max_seq_lengths where they build documents for a length)",
     )
     budgets: str = option(
-        "0.5,0.25,0.125", help="comma-separated fractions of the full cache's measured bytes per token, in (0, 1)"
+        "4b,3b,2b,1.5b",
+        help="comma-separated budgets of measured bytes per token: fractions of the full cache in (0, 1) (0.25), or "
+        "bits per cached number with a b (2b: the same on every dtype, scales and rotary positions included)",
     )
-    methods: str = option(",".join(METHODS), help=f"comma-separated, of: {', '.join(METHODS)}")
+    methods: str = option(
+        ",".join(DEFAULT_METHODS),
+        help=f"comma-separated, of: {', '.join(METHODS)} (default: {', '.join(DEFAULT_METHODS)})",
+    )
     truncation: TruncationConfig = option(
         TruncationConfig,
         help="the options every point shares (key space, granularity, attention); the frontier sets the rest",
@@ -675,12 +719,16 @@ class FrontierConfig(TaskScoringConfig):
         unknown = [m for m in self.method_list() if m not in METHODS]
         if unknown:
             raise ValueError(f"--methods {', '.join(unknown)}: unknown; choose from {', '.join(METHODS)}")
-        for name in self.method_list():  # each method's own kvcore_hf options, as its points will set them
+        for name in self.method_list():  # each method's own kvcore_hf options and constraints, as its points set them
             try:
-                truncation_for(self.truncation, METHODS[name], 1, Path("bases"), _SOME_GEOMETRY, "sensitivity.json")
+                knob = (METHODS[name].knob_range(_SOME_GEOMETRY) or (None,))[0]  # any knob the method takes
+                truncation = truncation_for(
+                    self.truncation, METHODS[name], knob, Path("bases"), _SOME_GEOMETRY, "sensitivity.json"
+                )
+                check_batch_size(truncation, self.batch_size)
             except ValueError as err:
                 raise ValueError(f"--methods {name} cannot run with these options: {err}") from err
-        budgeted = [m for m in self.method_list() if METHODS[m].allocation in BUDGET_ALLOCATIONS]
+        budgeted = [m for m in self.method_list() if uses_budget_allocation(METHODS[m])]
         if budgeted and self.truncation.granularity != "layer":
             raise ValueError(
                 f"--methods {', '.join(budgeted)} spend a budget over layer spectra: use --granularity layer"
@@ -696,14 +744,9 @@ class FrontierConfig(TaskScoringConfig):
                 "--per-layer`, or drop it to measure the sensitivity here"
             )
 
-    def budget_list(self) -> list[float]:
-        try:
-            budgets = sorted({float(b) for b in self.budgets.split(",") if b.strip()}, reverse=True)
-        except ValueError as err:
-            raise ValueError(f"--budgets {self.budgets!r} must be comma-separated fractions such as 0.5,0.25") from err
-        if not budgets or any(not 0 < b < 1 for b in budgets):
-            raise ValueError(f"--budgets {self.budgets!r}: give fractions of the full cache in (0, 1), e.g. 0.5,0.25")
-        return budgets
+    def budget_list(self) -> list[Budget]:
+        """The budgets, largest first within each unit (fractions, then bits)."""
+        return parse_budgets(self.budgets)
 
     def method_list(self) -> list[str]:
         return list(dict.fromkeys(m.strip() for m in self.methods.split(",") if m.strip()))

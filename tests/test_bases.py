@@ -6,8 +6,9 @@ from conftest import VOCAB
 from transformers import DynamicCache
 
 from kvcore_eval.compression import bases
+from kvcore_eval.compression.bases import SequenceBasis
 from kvcore_eval.compression.cache import LayerBases, LowRankCache
-from kvcore_eval.compression.rank_plan import TruncationConfig
+from kvcore_eval.config import TruncationConfig
 from kvcore_eval.model.models import kv_geometry
 from kvcore_eval.model.rope import RopeTap, attention_modules
 
@@ -139,7 +140,9 @@ def test_sequence_basis_at_full_rank_and_16_bits_equals_the_plain_model(family, 
     model = family_models[family]
     geometry = kv_geometry(model.config)
     tap = RopeTap(model)
-    full = [LayerBases(None, None, geometry.width, geometry.width) for _ in range(geometry.num_layers)]
+    full = [
+        LayerBases(SequenceBasis(geometry.width), SequenceBasis(geometry.width)) for _ in range(geometry.num_layers)
+    ]
     plain = logits(model, token_batch)
     for codec, tolerance in ((None, 1e-5), (Codec(16, torch.float32), 2e-3)):
         cache = LowRankCache(full, geometry.kv_heads, tap if key_space == "pre_rope" else None, codec=codec)
@@ -147,7 +150,7 @@ def test_sequence_basis_at_full_rank_and_16_bits_equals_the_plain_model(family, 
         steps += [logits(model, token_batch[:, i : i + 1], cache) for i in range(16, token_batch.shape[1])]
         error = (torch.cat(steps, dim=1) - plain).abs().max() / plain.abs().max()
         assert error < tolerance
-        assert cache.layers[0].basis["key"].shape == (token_batch.shape[0], geometry.width, geometry.width)
+        assert cache.layers[0].basis["key"].vectors.shape == (token_batch.shape[0], geometry.width, geometry.width)
     tap.remove()
 
 
@@ -158,7 +161,7 @@ def test_sequence_basis_ignores_left_padding_in_batched_generation(family_models
     geometry = kv_geometry(model.config)
     tap = RopeTap(model)
     rank = 4
-    layer_bases = [LayerBases(None, None, rank, rank) for _ in range(geometry.num_layers)]
+    layer_bases = [LayerBases(SequenceBasis(rank), SequenceBasis(rank)) for _ in range(geometry.num_layers)]
     input_ids = torch.randint(3, VOCAB, (2, 10), generator=torch.Generator().manual_seed(3))
     attention_mask = torch.ones_like(input_ids)
     input_ids[1, :4], attention_mask[1, :4] = 0, 0
@@ -188,5 +191,7 @@ def test_sequence_basis_ignores_left_padding_in_batched_generation(family_models
     unmasked = LowRankCache(layer_bases, geometry.kv_heads, tap)  # without the mask, padding enters the bases
     logits(model, input_ids, unmasked)
     # (layer 1: the pad embedding is zero, so layer 0's pad keys are zero and cannot show it)
-    assert not torch.allclose(unmasked.layers[1].basis["key"][1], cache.layers[1].basis["key"][1], atol=1e-3)
+    assert not torch.allclose(
+        unmasked.layers[1].basis["key"].vectors[1], cache.layers[1].basis["key"].vectors[1], atol=1e-3
+    )
     tap.remove()

@@ -112,33 +112,38 @@ def test_stored_bytes_are_r_over_d_of_dynamic_cache(granularity, family_models, 
     stored = cache.stored_bytes()
     assert stored["keys"] == full_keys * key_rank // width
     assert stored["values"] == full_keys * value_rank // width
-    assert stored["rope_tables"] == 0
+    assert stored["rope_tables"] == stored["rope_positions"] == 0
     plan = RankPlan([key_rank] * 2, [value_rank] * 2, width, granularity, "post_rope")
-    per_token = cache_bytes_per_token(plan, geometry.kv_heads, geometry.num_layers, 4, rope_table_bytes=999)
+    per_token = cache_bytes_per_token(plan, geometry.kv_heads, geometry.num_layers, 4, {"rope_positions": 999})
     assert per_token["low_rank"] * token_batch.numel() == stored["keys"] + stored["values"]
     assert per_token["ratio"] == pytest.approx((key_rank + value_rank) / (2 * width))
 
 
-@pytest.mark.parametrize("family,groups", [("llama", 1), ("gemma3", 2)])
-def test_pre_rope_cache_keeps_rotary_tables_once_per_group(family, groups, family_models, calibrations, token_batch):
-    """The tables applied to each token are kept once per rotary group, not per layer, and reported."""
+@pytest.mark.parametrize(
+    "family,groups,kept", [("llama", 1, "positions"), ("gemma3", 2, "positions"), ("phi3", 1, "tables")]
+)
+def test_pre_rope_cache_keeps_positions_once_per_group(family, groups, kept, family_models, calibrations, token_batch):
+    """What rotates the cached pre-RoPE keys is kept once per rotary group, not per layer, and reported: the
+    positions (4 bytes a token), from which the model's rotary module recomputes the tables; the tables themselves
+    where their frequencies change with the length (Phi-3's longrope)."""
     model, calibration = family_models[family], calibrations[family]
     cache = low_rank_cache(model, calibration, 4, None, "pre_rope")
     logits(model, token_batch, cache)
     rotary_dim = tap_of(model).tables(0).cos.shape[-1]
-    table_bytes = 2 * rotary_dim * 4  # cos and sin, float32, per token and group
-    assert len(cache.rope.groups) == groups
-    # the three rows share their positions, hence one row of tables per group
-    assert cache.stored_bytes()["rope_tables"] == groups * table_bytes * token_batch.shape[1]
+    per_token = {"positions": 4, "tables": 2 * rotary_dim * 4}[kept]  # int32 positions; cos and sin in float32
+    assert len(cache.rope.positions if kept == "positions" else cache.rope.groups) == groups
+    # the three rows share their positions, hence one row a group
+    assert cache.stored_bytes()[f"rope_{kept}"] == groups * per_token * token_batch.shape[1]
+    assert cache.stored_bytes()["rope_tables" if kept == "positions" else "rope_positions"] == 0
     assert cache.layers[0].keys.shape == (3, 24, 4)
     geometry = calibration.geometry
     plan = RankPlan([4] * 2, None, geometry.width, "layer", "pre_rope")
-    per_token = cache_bytes_per_token(
-        plan, geometry.kv_heads, geometry.num_layers, 4, rope_table_bytes=groups * table_bytes
+    predicted = cache_bytes_per_token(
+        plan, geometry.kv_heads, geometry.num_layers, 4, {f"rope_{kept}": groups * per_token}
     )
     stored = cache.stored_bytes()
     assert (
-        per_token["low_rank"] == (stored["keys"] + stored["values"]) / token_batch.numel() + groups * table_bytes
+        predicted["low_rank"] == (stored["keys"] + stored["values"]) / token_batch.numel() + groups * per_token
     )  # per row: an upper bound
 
 
@@ -307,12 +312,11 @@ def test_measured_bytes_per_token_equal_the_expected_count(method, family_models
         logits(model, tokens[:, position : position + 1], cache)
     stored = cache.stored_bytes()
     assert cache.stored_positions() == 40
-    rotary_dim = tap_of(model).tables(0).cos.shape[-1]
-    rope = 2 * rotary_dim * 4
+    rope = {"rope_positions": 4}  # llama's tables are recomputed from int32 positions
     expected = cache_bytes_per_token(plan, geometry.kv_heads, geometry.num_layers, 4, rope, codec)
     assert sum(stored.values()) / 40 == pytest.approx(expected["low_rank"] + sequence_numbers * 4 / 40)
     assert stored["sequence_bases"] == sequence_numbers * 4
-    assert stored["rope_tables"] == (40 * rope if plan.key_rank_per_layer else 0)
+    assert stored["rope_positions"] == (40 * 4 if plan.key_rank_per_layer else 0) and stored["rope_tables"] == 0
     assert (stored["scales"] > 0) == (codec.bits in (8, 4))
 
 

@@ -61,6 +61,9 @@ OTHER_VALUES = {
     "basis": "random",
     "basis_seed": 5,
     "latent_bits": 8,
+    "quantizer": "minmax",
+    "bits": 2.0,
+    "weighting": "absolute",
     "allow_overlap": True,
 }
 
@@ -138,7 +141,7 @@ def test_identity_names_the_fields_that_differ():
         ({"key_space": "rope"}, "key_space='rope': use pre_rope or post_rope"),
         ({"truncate": "all"}, "use keys, values or both"),
         ({"attention": "fast"}, "use reconstruct or latent"),
-        ({"budget_method": "magic"}, "use energy, ner, sensitivity or uniform"),
+        ({"budget_method": "magic"}, "use energy, ner, sensitivity, uniform or waterfill"),
     ],
 )
 def test_allowed_values_come_from_the_declared_literal(options, message):

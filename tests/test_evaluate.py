@@ -22,6 +22,7 @@ def test_model_args_view():
         "calibration": "c",
         "key_rank": "8:4",
         "budget_method": "energy",
+        "weighting": "relative",
         "key_space": "pre_rope",
         "granularity": "layer",
         "truncate": "both",

@@ -65,7 +65,7 @@ def test_a_row_per_method_and_budget_within_budget_at_measured_bytes(frontier_ru
     # the embedded default: 4 layers, D = 32, float32 -> a full cache holds 2 * 4 * 32 * 4 bytes a token
     assert full["bytes_per_token"] == 2 * 4 * 32 * 4
     for method in METHODS.split(","):
-        placed = {r["budget"]: r for r in rows if r["method"] == method}
+        placed = {float(r["budget"]): r for r in rows if r["method"] == method}
         assert sorted(placed) == sorted(BUDGETS), method
         for budget, row in placed.items():
             assert row["within_budget"] and row["bytes_per_token"] <= budget * full["bytes_per_token"], (method, budget)
@@ -73,10 +73,10 @@ def test_a_row_per_method_and_budget_within_budget_at_measured_bytes(frontier_ru
             for key in ("task", "basis", "allocation", "bits", "metric", "value"):
                 assert row[key] is not None, key
         assert placed[0.25]["value"] > placed[0.5]["value"] > 0, f"{method}: fewer bytes cost more ND-PPL"
-    uniform = next(r for r in rows if r["method"] == "uniform" and r["budget"] == 0.5)
+    uniform = next(r for r in rows if r["method"] == "uniform" and r["budget"] == "0.5")
     rank = uniform["rank_plan"]["key_rank_per_layer"][0]
-    rope_tables = 2 * 16 * 4  # cos and sin of one rotary group (head_dim 16, float32) per token
-    assert uniform["bytes_per_token"] == 2 * 4 * rank * 4 + rope_tables, "bytes counted from what the cache holds"
+    rope_positions = 4  # one int32 position of one rotary group per token: its tables are recomputed
+    assert uniform["bytes_per_token"] == 2 * 4 * rank * 4 + rope_positions, "bytes counted from what the cache holds"
     assert uniform["bytes_per_token"] + 2 * 4 * 4 > 0.5 * full["bytes_per_token"], "the largest rank that fits"
     sensitivity = json.loads((out / "sensitivity" / f"{TASK}.json").read_text())
     assert sensitivity["settings"]["tokens"] == 128 and "held-out" in sensitivity["settings"]["measure"]
@@ -87,7 +87,7 @@ def test_per_document_byte_perplexities_aggregate_to_lm_evals(frontier_run):
     """Each document's own byte perplexity, weighted by the bytes lm-eval scored in it, gives back lm-eval's byte
     perplexity of the task."""
     out, rows = frontier_run
-    row = next(r for r in rows if r["method"] == "uniform" and r["budget"] == 0.5)
+    row = next(r for r in rows if r["method"] == "uniform" and r["budget"] == "0.5")
     point = json.loads((out / "points" / TASK / f"{row['point']}.json").read_text())
     sizes = point["per_document_weight"]
     assert sorted(sizes) == ["0", "1", "2"] and all(size > 0 for size in sizes.values())
@@ -187,7 +187,7 @@ def test_per_document_ner_is_each_documents_own_gram(frontier_run):
     """The recorded NER of a scored document equals the NER of that document's Gram computed directly."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    from kvcore_eval.calibration.data import lm_eval_task_documents
+    from kvcore_eval.harness.lm_tasks import lm_eval_task_documents
     from kvcore_eval.metrics import normalized_effective_rank, singular_values
 
     out, rows = frontier_run
@@ -206,7 +206,7 @@ def test_per_document_ner_is_each_documents_own_gram(frontier_run):
             ]
             np.testing.assert_allclose(document[kind], expected, rtol=1e-6)
         assert document["tokens"] == ids.shape[1]
-    row = next(r for r in rows if r["method"] == "uniform" and r["budget"] == 0.25)
+    row = next(r for r in rows if r["method"] == "uniform" and r["budget"] == "0.25")
     assert row["across_documents"]["key"]["n"] == 3
     assert "across documents" in (out / "frontier.md").read_text()
 
@@ -292,8 +292,10 @@ def test_a_point_whose_interval_holds_zero_is_marked_within_noise(tmp_path, capl
             "basis": "data",
             "allocation": "uniform",
             "bits": 32,
-            "budget": None if method == "full" else 0.5,
+            "budget": None if method == "full" else "0.5",
             "bytes_per_token": 1024 if method == "full" else 500,
+            "bits_per_number": 32 if method == "full" else 32 * 500 / 1024,
+            "baseline_raw": 1.5,
             "fraction_of_full": 1 if method == "full" else 500 / 1024,
             "metric": "nd_ppl(byte_perplexity)",
             "value": value,

@@ -181,8 +181,12 @@ def test_device_map_split_between_device_and_cpu(device, llama_dir, cpu_artifact
     cache = lm.new_cache()
     for index, layer in enumerate(cache.layers):
         expected = torch.device(device_map[f"model.layers.{index}"]).type
-        assert layer.bases.key.device.type == expected, f"layer {index}: key basis on {layer.bases.key.device}"
-        assert layer.bases.value.device.type == expected, f"layer {index}: value basis on {layer.bases.value.device}"
+        assert layer.bases.key.vectors.device.type == expected, (
+            f"layer {index}: key basis on {layer.bases.key.vectors.device}"
+        )
+        assert layer.bases.value.vectors.device.type == expected, (
+            f"layer {index}: value basis on {layer.bases.value.vectors.device}"
+        )
     results = lm_eval.simple_evaluate(
         model=lm, tasks=["kvcore_alpaca"], limit=DOCUMENTS, task_manager=task_manager(str(EXAMPLE_DATA))
     )

@@ -49,3 +49,48 @@ def test_sixteen_bits_stores_a_16_bit_float_and_refuses_overflow():
     with pytest.raises(ValueError, match="exceeds its range"):
         codec.encode(torch.full((1, 2), 1e6))
     assert Codec(None, torch.float32).bytes_per_vector(3) == 12
+
+
+@pytest.mark.parametrize("scheme", ["minmax", "midrise"])
+@pytest.mark.parametrize("bits", [1, 2, 3, 5, 6, 7])
+def test_every_width_packs_to_its_bytes_and_decodes_near_the_input(scheme, bits):
+    """Gaussian channels (what a rotation or whitening makes of a vector): every width packs to ceil(bits·width/8)
+    bytes, and its error is the one the bit allocation counts on (`relative_error`)."""
+    from kvcore_eval.compression.quantize import relative_error
+
+    x = torch.randn(2, 5, 45, generator=torch.Generator().manual_seed(3))
+    codec = Codec(bits, torch.float32, scheme)
+    codes, scales = codec.encode(x)
+    groups = math.ceil(45 / GROUP_SIZE)
+    assert codes.dtype == torch.uint8 and codes.shape[-1] == math.ceil(bits * 45 / 8)
+    assert scales.shape[-1] == groups * (2 if scheme == "minmax" else 1)
+    assert codes.numel() + scales.numel() * 2 == 10 * codec.bytes_per_vector(45)
+    decoded = codec.decode(codes, scales, 45, torch.float32)
+    error = float((decoded - x).square().sum() / x.square().sum())
+    assert error == pytest.approx(relative_error(bits, scheme), rel=0.5)
+
+
+def test_midrise_uses_every_level_where_absmax_leaves_one_out():
+    x = torch.linspace(-1, 1, 32).reshape(1, 1, 32)
+    for scheme, levels in (("midrise", 4), ("minmax", 4), ("absmax", 3)):
+        codec = Codec(2, torch.float32, scheme)
+        decoded = codec.decode(*codec.encode(x), 32, torch.float32)
+        assert len(torch.unique(decoded[0, 0])) == levels, scheme
+
+
+def test_a_segmented_code_shares_its_scales_and_counts_its_bytes():
+    from kvcore_eval.compression.quantize import Segment, SegmentCodec
+
+    x = eigen_ordered_latents(width=70)
+    whitening = 0.9 ** torch.arange(70)
+    segments = (Segment(0, 2, 16), Segment(2, 10, 6), Segment(10, 40, 3), Segment(40, 70, 1))
+    codec = SegmentCodec(segments, torch.float32, "midrise", whitening)
+    codes, scales = codec.encode(x)
+    # 2 float16 channels, then 68 coded channels: 3 groups of 32 share 3 scales across the segment boundaries
+    assert scales.shape[-1] == 3 and codes.shape[-1] == 2 * 2 + 6 + math.ceil(3 * 30 / 8) + math.ceil(30 / 8)
+    assert codes.numel() + scales.numel() * 2 == 10 * codec.bytes_per_vector()
+    decoded = codec.decode(codes, scales, 70, torch.float32)
+    assert torch.allclose(decoded[..., :2], x[..., :2], rtol=1e-3)  # float16
+    white = (decoded - x) / whitening
+    errors = [white[..., s.start : s.stop].square().mean() for s in segments[1:]]
+    assert errors[0] < errors[1] < errors[2], "more bits, less error per whitened channel"

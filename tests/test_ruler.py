@@ -117,8 +117,7 @@ def first_request(task: str):
     """The task's first document and the generation request lm-eval builds for it (documents made once)."""
     from lm_eval.api.instance import Instance
 
-    from kvcore_eval.calibration.data import leaf_tasks
-    from kvcore_eval.harness.lm_tasks import load_as_evaluated
+    from kvcore_eval.harness.lm_tasks import leaf_tasks, load_as_evaluated
 
     (instance,) = leaf_tasks(load_as_evaluated(manager(), [task]))
     doc = next(iter(instance.eval_docs))

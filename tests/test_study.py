@@ -91,6 +91,16 @@ def test_design_sentence_names_the_basis_scope_and_held_out_data():
     assert "the bases of `runs/shared` (`--basis-scope shared`)" in shared
     assert "whatever it was calibrated on" in shared and "whatever" not in per_task
     assert "byte_perplexity" in per_task and "pre_rope keys" in per_task
+    assert "kept dimensions stored in the model's dtype" in per_task
+
+
+def test_design_sentence_names_a_data_free_basis_and_the_bits():
+    """A sweep with basis=random and latent_bits=8 is not truncated with "its own calibration"."""
+    sweep = design("per-task")
+    sweep["truncation"] = {**sweep["truncation"], "basis": "random", "latent_bits": 8}
+    sentence = study.design_sentence(sweep)
+    assert "seeded random orthonormal bases (`basis=random`)" in sentence and "own calibration" not in sentence
+    assert "kept dimensions stored in 8 bits" in sentence
 
 
 LAYER_ND = {"kvcore_alpaca": {"key": [0.5, 0.1, 0.02, 0.3], "value": [0.2, 0.4, 0.1, 0.05]}}

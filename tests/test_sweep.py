@@ -126,8 +126,8 @@ def test_per_task_sweep_loads_once_truncates_each_task_with_its_own_held_out_cal
 
 def test_held_out_calibration_never_reads_a_scored_document(tmp_path):
     """The scored documents (lm-eval's first num_samples) and the calibration texts share no document."""
-    from kvcore_eval.calibration.data import iter_texts, leaf_tasks
-    from kvcore_eval.harness.lm_tasks import ALL_RECORDS, task_manager
+    from kvcore_eval.calibration.data import iter_texts
+    from kvcore_eval.harness.lm_tasks import ALL_RECORDS, leaf_tasks, task_manager
 
     manager = task_manager(str(EXAMPLE_DATA), None, ALL_RECORDS)
     (task,) = leaf_tasks(manager.load_task_or_group(["kvcore_codealpaca"]))

@@ -8,8 +8,7 @@ from kvcore_eval.harness.units import choose_metric
 
 
 def instance(task: str, length: int | None = None):
-    from kvcore_eval.calibration.data import leaf_tasks
-    from kvcore_eval.harness.lm_tasks import load_as_evaluated, task_manager
+    from kvcore_eval.harness.lm_tasks import leaf_tasks, load_as_evaluated, task_manager
 
     metadata = {"pretrained": str(EXAMPLE_MODEL), "num_samples": 3, **({"max_seq_lengths": [length]} if length else {})}
     (found,) = leaf_tasks(load_as_evaluated(task_manager(str(EXAMPLE_DATA), None, metadata), [task]))

@@ -139,16 +139,16 @@ def test_rank_budget_turns_into_per_layer_ranks(llama_dir, artifact_dir):
     lm = KVCoreHFLM(
         pretrained=str(llama_dir), calibration=str(artifact_dir), rank_budget=0.4, batch_size=1, device="cpu"
     )
-    plan, per_token = lm.kvcore_plan, lm.kvcore_cache_bytes  # 2 layers, D = 32: rotary tables 25 % of a full cache
-    assert 0.39 <= per_token["ratio"] <= 0.4 and per_token["rope_tables"] > 0, "the budget pays for the rotary tables"
+    plan, per_token = lm.kvcore_plan, lm.kvcore_cache_bytes  # 2 layers, D = 32; one int32 position a token
+    assert 0.39 <= per_token["ratio"] <= 0.4 and per_token["rope_positions"] == 4, "the budget pays for the positions"
     dims = sum(plan.key_rank_per_layer) + sum(plan.value_rank_per_layer)
-    assert dims * 4 + per_token["rope_tables"] == per_token["low_rank"]
+    assert dims * 4 + per_token["rope_positions"] == per_token["low_rank"] and per_token["rope_tables"] == 0
 
 
 @pytest.fixture(scope="module")
 def example_artifact(tmp_path_factory, calibration_tokens):
-    """A calibration of the embedded default model (examples/tiny-llama: 4 layers, D = 32, rotary tables 12.5 % of
-    a full cache per token)."""
+    """A calibration of the embedded default model (examples/tiny-llama: 4 layers, D = 32, one int32 rotary position
+    a token)."""
     from conftest import EXAMPLE_MODEL
     from transformers import AutoModelForCausalLM
 
@@ -172,8 +172,8 @@ def example_artifact(tmp_path_factory, calibration_tokens):
 )  # fmt: skip
 def test_rank_budget_is_met_in_measured_bytes_including_overheads(budget, method, bits, within, example_artifact):
     """On the embedded model, rank_budget=0.4 with energy gave a cache of 52.3 % before the rotary tables were
-    counted. Now the bytes the caches really hold over an evaluation (batch 1: each row keeps its own tables) are
-    within 1 % of the budget, below it, with rotary tables and quantization scales included; uniform (one rank for
+    counted. Now the bytes the caches really hold over an evaluation (batch 1: each row keeps its own positions) are
+    within 1 % of the budget, below it, with rotary positions and quantization scales included; uniform (one rank for
     all) within one rank step (16 bytes of 256 here). (int8 at full rank is 28 % of the cache here, so an int8 budget
     above that keeps every rank full and stays below it.)"""
     from conftest import EXAMPLE_MODEL
@@ -190,7 +190,7 @@ def test_rank_budget_is_met_in_measured_bytes_including_overheads(budget, method
     assert lm.kvcore_measured_bytes() is None
     run(lm, "loglikelihood_rolling")
     measured = lm.get_model_info()["kvcore"]["measured_cache_bytes_per_token"]
-    assert measured["parts_per_token"]["rope_tables"] > 0
+    assert measured["parts_per_token"]["rope_positions"] == 4 and measured["parts_per_token"]["rope_tables"] == 0
     assert (measured["parts_per_token"]["scales"] > 0) == (bits is not None)
     assert measured["ratio"] == pytest.approx(lm.kvcore_cache_bytes["ratio"])  # computed = measured at batch 1
     assert budget * (1 - within) <= measured["ratio"] <= budget
@@ -199,8 +199,9 @@ def test_rank_budget_is_met_in_measured_bytes_including_overheads(budget, method
 def test_budget_below_the_overheads_is_refused(example_artifact):
     from conftest import EXAMPLE_MODEL
 
-    with pytest.raises(ValueError, match=r"rank_budget=0.1 cannot be met: .* already costs 15.6% of the full cache"):
-        KVCoreHFLM(pretrained=str(EXAMPLE_MODEL), calibration=str(example_artifact), rank_budget=0.1, device="cpu")
+    # one dimension of each of 4 layers x 2 kinds (8 x 4 bytes) and one int32 position: 36 of 1024 bytes a token
+    with pytest.raises(ValueError, match=r"rank_budget=0.02 cannot be met: .* already costs 3.5% of the full cache"):
+        KVCoreHFLM(pretrained=str(EXAMPLE_MODEL), calibration=str(example_artifact), rank_budget=0.02, device="cpu")
 
 
 def test_quantized_full_cache_is_the_plain_quantized_baseline(llama_dir, artifact_dir, baseline):
@@ -256,8 +257,8 @@ def test_data_free_bases_run_without_a_calibration(basis, llama_dir, baseline):
         ({}, ValueError, "no truncation asked for"),
         ({"key_rank": 4, "basis": "sequence", "batch_size": 2}, ValueError, "use batch_size=1"),
         ({"basis": "random", "rank_budget": 0.5}, ValueError, "budget_method=uniform"),
-        ({"key_rank": 4, "latent_bits": 3}, ValueError, "use 16, 8 or 4"),
-        ({"key_rank": 4, "basis": "spectral"}, ValueError, "use data, weights, random or sequence"),
+        ({"key_rank": 4, "latent_bits": 9}, ValueError, "use 1 to 8 or 16"),
+        ({"key_rank": 4, "basis": "spectral"}, ValueError, "use data, weights, random, sequence, rotation or identity"),
     ],
 )
 def test_bad_input_fails_before_weights_load_and_is_logged_first(
@@ -345,8 +346,8 @@ def test_kvcore_hf_reads_only_the_slices_its_plan_needs(llama_dir, artifact_dir)
     assert torch.equal(lazy.basis("value", 1, 5, "layer"), full.eigenvectors["value"][1][:, :5])
     assert torch.equal(lazy.basis("key_pre_rope", 0, 3, "head"), full.head_eigenvectors["key_pre_rope"][0][..., :3])
     lm = KVCoreHFLM(pretrained=str(llama_dir), calibration=str(artifact_dir), key_rank=4, value_rank=8, device="cpu")
-    assert [tuple(b.key.shape) for b in lm._bases] == [(32, 4), (32, 4)] and [
-        tuple(b.value.shape) for b in lm._bases
+    assert [tuple(b.key.vectors.shape) for b in lm._bases] == [(32, 4), (32, 4)] and [
+        tuple(b.value.vectors.shape) for b in lm._bases
     ] == [(32, 8), (32, 8)]
 
 
@@ -417,9 +418,11 @@ def test_each_layers_bases_go_to_the_device_of_its_key_projection(family_dirs, l
         value_rank=8,
         batch_size=1,
     )
-    assert [(layer.bases.key.device, layer.bases.value.device) for layer in lm.new_cache().layers] == [(cpu, cpu)] * 2
+    assert [(layer.bases.key.vectors.device, layer.bases.value.vectors.device) for layer in lm.new_cache().layers] == [
+        (cpu, cpu)
+    ] * 2
     lm.model.model.layers[1].self_attn.k_proj.to("meta")
     assert layer_devices(lm.model) == [cpu, meta]
     lm.set_truncation(lm.kvcore_config)
-    placed = [(layer.bases.key.device, layer.bases.value.device) for layer in lm.new_cache().layers]
+    placed = [(layer.bases.key.vectors.device, layer.bases.value.vectors.device) for layer in lm.new_cache().layers]
     assert placed == [(cpu, cpu), (meta, meta)]

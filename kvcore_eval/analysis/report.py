@@ -1,4 +1,6 @@
-"""`kvcore-eval report`: per-layer NER, effective rank and energy ranks of an artifact, as markdown, JSON and PNG."""
+"""`kvcore-eval report`: per-layer NER, effective rank and energy ranks of an artifact, and its compressibility in bits
+(the Gaussian rate–distortion bound of each layer's spectrum at 1, 2 and 4 bits a number, and the coding gain a code
+that knows the spectrum has over one that does not), as markdown, JSON and PNG."""
 
 from __future__ import annotations
 
@@ -10,11 +12,13 @@ import numpy as np
 
 from kvcore_eval import metrics, outputs
 from kvcore_eval.calibration.artifact import Calibration, load_calibration
+from kvcore_eval.compression import waterfill
 from kvcore_eval.spaces import SPACES
 
 logger = logging.getLogger(__name__)
 
 ENERGY_FRACTIONS = (0.90, 0.95, 0.99)
+BOUND_BITS = (1, 2, 4)  # bits a number at which each layer's rate–distortion bound is reported
 
 
 @dataclass
@@ -27,6 +31,10 @@ class SpaceStats:
     rank_95: int
     rank_99: int
     head_ner_mean: float  # mean NER of the per-head spectra (head granularity)
+    coding_gain_db: float  # arithmetic over geometric mean of the eigenvalues: what knowing the spectrum saves
+    bound_1: float  # the least relative squared error at 1 bit a number (Gaussian rate–distortion bound)
+    bound_2: float
+    bound_4: float
 
 
 def space_stats(eigenvalues: np.ndarray, head_eigenvalues: np.ndarray) -> SpaceStats:
@@ -34,7 +42,15 @@ def space_stats(eigenvalues: np.ndarray, head_eigenvalues: np.ndarray) -> SpaceS
     singular = metrics.singular_values(eigenvalues)
     ranks = [metrics.energy_rank(eigenvalues, f) for f in ENERGY_FRACTIONS]
     head_ner = float(np.mean([metrics.normalized_effective_rank(metrics.singular_values(h)) for h in head_eigenvalues]))
-    return SpaceStats(metrics.normalized_effective_rank(singular), metrics.effective_rank(singular), *ranks, head_ner)
+    bounds = [waterfill.rd_bound(eigenvalues, bits * len(eigenvalues)) for bits in BOUND_BITS]
+    return SpaceStats(
+        metrics.normalized_effective_rank(singular),
+        metrics.effective_rank(singular),
+        *ranks,
+        head_ner,
+        waterfill.coding_gain_db(eigenvalues),
+        *bounds,
+    )
 
 
 def model_path(model: dict) -> str:
@@ -76,21 +92,31 @@ def to_markdown(calibration: Calibration, table: list[dict[str, SpaceStats]]) ->
         f"D = {width} (kv_heads x head_dim = "
         f"{calibration.geometry.kv_heads} x {calibration.geometry.head_dim}).",
         "",
-        "| layer | NER K pre-RoPE | NER K post-RoPE | NER V | erank K pre | erank V | K pre r90/95/99 | V r90/95/99 |",
-        "|---:|---:|---:|---:|---:|---:|---:|---:|",
+        "Compressibility in bits: *bound* is the least relative squared error any code reaches at 1, 2 and 4 bits a "
+        "number (the Gaussian rate–distortion bound of the layer's spectrum, by reverse water-filling), *gain* the "
+        "coding gain in dB a code that knows the spectrum has over one that does not (post-RoPE keys: report.json).",
+        "",
+        "| layer | NER K pre-RoPE | NER K post-RoPE | NER V | erank K pre | erank V | K pre r90/95/99 | V r90/95/99 "
+        "| K pre bound 1/2/4 bits | K gain | V bound 1/2/4 bits | V gain |",
+        "|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
     ]
     for layer, stats in enumerate(table):
         k, kp, v = stats["key_pre_rope"], stats["key_post_rope"], stats["value"]
         lines.append(
             f"| {layer} | {k.ner:.3f} | {kp.ner:.3f} | {v.ner:.3f} | {k.effective_rank:.1f} | {v.effective_rank:.1f} "
-            f"| {k.rank_90}/{k.rank_95}/{k.rank_99} | {v.rank_90}/{v.rank_95}/{v.rank_99} |"
+            f"| {k.rank_90}/{k.rank_95}/{k.rank_99} | {v.rank_90}/{v.rank_95}/{v.rank_99} "
+            f"| {_bounds(k)} | {k.coding_gain_db:.1f} | {_bounds(v)} | {v.coding_gain_db:.1f} |"
         )
     means = {space: mean_ner(table, space) for space in SPACES}
     lines.append(
         f"| **mean** | **{means['key_pre_rope']:.3f}** | **{means['key_post_rope']:.3f}** | "
-        f"**{means['value']:.3f}** | | | | |"
+        f"**{means['value']:.3f}** | | | | | | | | |"
     )
     return "\n".join(lines) + "\n"
+
+
+def _bounds(stats: SpaceStats) -> str:
+    return f"{stats.bound_1:.2g} / {stats.bound_2:.2g} / {stats.bound_4:.2g}"
 
 
 def plot_ner(table: list[dict[str, SpaceStats]], title: str, path: Path) -> None:

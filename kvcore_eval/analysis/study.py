@@ -15,6 +15,7 @@ from typing import Any
 import numpy as np
 
 from kvcore_eval import metrics
+from kvcore_eval.compression.methods import BASES
 
 KINDS = ("key", "value")
 
@@ -188,16 +189,21 @@ def to_markdown(summary: dict[str, Any]) -> str:
 
 
 def design_sentence(design: dict[str, Any]) -> str:
-    """One sentence saying how the sweep's numbers were made (basis scope, truncation, metric, held-out data)."""
+    """One sentence saying how the sweep's numbers were made (what truncates each task, the bits kept, the metric, the
+    held-out data), derived from the sweep's configuration."""
     truncation, per_task = design["truncation"], design["basis_scope"] == "per-task"
-    basis = (
-        "each task truncated with the bases of its own calibration (`--basis-scope per-task`)"
-        if per_task
-        else f"every task truncated with the bases of `{truncation['calibration']}` (`--basis-scope shared`)"
-    )
+    source = BASES[truncation.get("basis", "data")]
+    if not source.calibrated:
+        basis = f"each task truncated with {source.description} (`basis={source.name}`)"
+    elif per_task:
+        basis = f"each task truncated with {source.description} (`--basis-scope per-task`)"
+    else:
+        basis = f"every task truncated with the bases of `{truncation['calibration']}` (`--basis-scope shared`)"
+    bits = truncation.get("latent_bits")
+    stored = "kept dimensions stored in the model's dtype" if bits is None else f"kept dimensions stored in {bits} bits"
     kind = design.get("truncate", truncation["truncate"])  # the sweep's kind; the truncation's in older sweeps
     return (
-        f"{basis}, truncating {kind} ({truncation['key_space']} keys); "
+        f"{basis}, truncating {kind} ({truncation['key_space']} keys), {stored}; "
         f"ND-PPL = (PPL_r − PPL_full) / PPL_full on {design.get('perplexity_metric', design['metric'])}, over the "
         f"first {design['num_samples']} "
         f"documents of each task. NER from each task's calibration on {design['calibration_tokens']} tokens of its "

@@ -31,7 +31,8 @@ from transformers.cache_utils import DynamicLayer
 
 from kvcore_eval.calibration.artifact import Calibration, sign_fixed
 from kvcore_eval.model.models import KVGeometry, kv_geometry
-from kvcore_eval.model.rope import RopeTap, attention_modules
+from kvcore_eval.model.rope import RopeTap, attention_modules, pre_rope_keys
+from kvcore_eval.model.selfcheck import TOLERANCE, run_probe
 from kvcore_eval.spaces import SPACES
 
 
@@ -68,6 +69,38 @@ def random_bases(geometry: KVGeometry, seed: int) -> Calibration:
     head_vectors = {space: orthonormal(layers, heads, head_dim, head_dim) for space in SPACES}
     flat = flat_spectrum(geometry, "random")
     return _calibration(geometry, "random", SPACES, flat.eigenvalues, vectors, flat.head_eigenvalues, head_vectors)
+
+
+def hadamard(size: int) -> torch.Tensor:
+    """Sylvester's orthonormal Hadamard matrix of a power-of-two `size` (float64): H_2n = [[H, H], [H, -H]] / √2."""
+    if size < 1 or size & (size - 1):
+        raise ValueError(
+            f"basis=rotation needs a power-of-two head_dim for its Hadamard transform, and head_dim is {size}: use "
+            "basis=random (a dense seeded rotation) instead"
+        )
+    matrix = torch.ones(1, 1, dtype=torch.float64)
+    while matrix.shape[0] < size:
+        matrix = torch.cat([torch.cat([matrix, matrix], 1), torch.cat([matrix, -matrix], 1)], 0)
+    return matrix / size**0.5
+
+
+def rotation_bases(geometry: KVGeometry, seed: int) -> Calibration:
+    """Seeded randomized Hadamard rotations (TurboQuant's and QuaRot's first stage): per layer, space and KV head, H·S
+    with S a diagonal of random signs; a layer's basis is block-diagonal over its KV heads (D × D), so each head is
+    rotated within itself. A rotation spreads a vector's energy evenly over its coordinates (outlier channels too), so
+    one scale a group fits every coordinate; its spectrum is flat: it is kept whole and coded in uniform bits."""
+    generator = torch.Generator().manual_seed(int(seed))
+    layers, heads, head_dim = geometry.num_layers, geometry.kv_heads, geometry.head_dim
+    transform = hadamard(head_dim)
+
+    def randomized(*shape: int) -> torch.Tensor:  # (..., head_dim, head_dim): H·diag(signs), signs per leading index
+        signs = torch.randint(0, 2, (*shape, head_dim), generator=generator, dtype=torch.float64) * 2 - 1
+        return (transform * signs.unsqueeze(-2)).float()
+
+    head_vectors = {space: randomized(layers, heads) for space in SPACES}
+    vectors = {space: torch.stack([torch.block_diag(*blocks) for blocks in head_vectors[space]]) for space in SPACES}
+    flat = flat_spectrum(geometry, "rotation")
+    return _calibration(geometry, "rotation", SPACES, flat.eigenvalues, vectors, flat.head_eigenvalues, head_vectors)
 
 
 @dataclass(frozen=True)
@@ -167,8 +200,6 @@ class _Recorder(DynamicLayer):
         self.seen, self.layer_idx, self.tap = seen, layer_idx, tap
 
     def update(self, key_states: torch.Tensor, value_states: torch.Tensor, *args, **kwargs):
-        from kvcore_eval.model.selfcheck import pre_rope_keys
-
         def rows(states: torch.Tensor) -> torch.Tensor:
             return states.float().transpose(1, 2).flatten(2)
 
@@ -179,8 +210,6 @@ class _Recorder(DynamicLayer):
 
 def check_projections(model: nn.Module, tap: RopeTap, projections: dict, kinds: tuple[str, ...]) -> dict:
     """[W | b]·[x; 1] against the cache's pre-RoPE key / value on the probe batch; relative errors by (layer, kind)."""
-    from kvcore_eval.model.selfcheck import TOLERANCE, run_probe
-
     config = model.config
     family = getattr(config, "model_type", type(model).__name__)
     inputs: dict[nn.Module, torch.Tensor] = {}
@@ -222,3 +251,85 @@ def sequence_basis(rows: torch.Tensor, mask: torch.Tensor | None, rank: int) -> 
     gram = rows.transpose(1, 2) @ rows  # (batch, D, D)
     _, vectors = torch.linalg.eigh(gram)
     return sign_fixed(vectors.flip(-1)[..., :rank]).float()
+
+
+def _rows(states: torch.Tensor) -> torch.Tensor:
+    """(batch, kv_heads, seq, head_dim) -> (batch, seq, D): all KV heads of a token concatenated."""
+    return states.transpose(1, 2).flatten(2)
+
+
+class FixedBasis:
+    """One basis for every sequence, calibrated, from the weights, random or a rotation: (D, r) for a layer, or
+    (kv_heads, head_dim, r) per head. Its vectors are constants of the model, not stored per token."""
+
+    def __init__(self, vectors: torch.Tensor):
+        self.vectors = vectors
+
+    def fresh(self) -> FixedBasis:
+        return self
+
+    def prepare(self, states: torch.Tensor, mask: torch.Tensor | None, dtype: torch.dtype) -> None:
+        """Nothing to learn from a prefill."""
+
+    def project(self, states: torch.Tensor) -> torch.Tensor:
+        """(batch, kv_heads, seq, head_dim) -> latent (batch, seq, r) [layer] or (batch, kv_heads, seq, r) [heads]."""
+        states = states.to(self.vectors.dtype)
+        if self.vectors.ndim == 2:
+            return _rows(states) @ self.vectors
+        return torch.einsum("bhsd,hdr->bhsr", states, self.vectors)
+
+    def reconstruct(self, latent: torch.Tensor, kv_heads: int) -> torch.Tensor:
+        """Inverse of `project` up to the dropped directions: latent -> (batch, kv_heads, seq, head_dim)."""
+        latent = latent.to(self.vectors.dtype)
+        if self.vectors.ndim == 2:
+            batch, seq, _ = latent.shape
+            return (latent @ self.vectors.T).reshape(batch, seq, kv_heads, -1).transpose(1, 2)
+        return torch.einsum("bhsr,hdr->bhsd", latent, self.vectors)
+
+    def stored(self) -> list[torch.Tensor]:
+        return []
+
+    def edit(self, change) -> None:
+        """Nothing per row to keep in step with a batch edit."""
+
+
+class SequenceBasis:
+    """Each sequence's own rank-r basis (ShadowKV's and xKV's oracle), computed from its prefill with padding left out
+    and frozen for the decode steps that follow; its vectors (batch, D, r), in the model's dtype, are stored in the
+    cache and counted. `fresh()` gives the state of one cache."""
+
+    def __init__(self, rank: int):
+        self.rank = rank
+        self.vectors: torch.Tensor | None = None
+        self.dtype: torch.dtype | None = None
+
+    def fresh(self) -> SequenceBasis:
+        return SequenceBasis(self.rank)
+
+    def prepare(self, states: torch.Tensor, mask: torch.Tensor | None, dtype: torch.dtype) -> None:
+        """states: (batch, kv_heads, seq, head_dim) of the prefill (pre-RoPE keys in float32), mask (batch, seq);
+        the basis is kept in the model's `dtype`."""
+        if self.vectors is not None:
+            return  # frozen after the prefill
+        batch, seq = states.shape[0], states.shape[2]
+        if mask is not None and tuple(mask.shape) != (batch, seq):
+            raise RuntimeError(
+                f"a per-sequence basis: the prefill has {batch} x {seq} tokens but the token mask {tuple(mask.shape)}: "
+                "the padding of this batch is unknown, so its bases would be wrong"
+            )
+        self.dtype = dtype
+        self.vectors = sequence_basis(_rows(states), mask, self.rank).to(dtype)
+
+    def project(self, states: torch.Tensor) -> torch.Tensor:  # per row: (batch, seq, D) @ (batch, D, r)
+        return (_rows(states).float() @ self.vectors.float()).to(self.dtype)
+
+    def reconstruct(self, latent: torch.Tensor, kv_heads: int) -> torch.Tensor:  # (batch, seq, r) @ (batch, r, D)
+        rows = latent.float() @ self.vectors.float().transpose(1, 2)
+        return rows.unflatten(-1, (kv_heads, -1)).transpose(1, 2)
+
+    def stored(self) -> list[torch.Tensor]:
+        return [] if self.vectors is None else [self.vectors]
+
+    def edit(self, change) -> None:
+        if self.vectors is not None:
+            self.vectors = change(self.vectors)

@@ -1,20 +1,22 @@
-"""A KV cache that stores rank-r projections of keys and values: the one module that knows cache internals.
+"""A KV cache that stores what a codec keeps of keys and values: the one module that knows cache internals.
 
-`LowRankLayer` is a `DynamicLayer` whose `update` projects the new keys and values onto the calibrated
-right singular vectors P_r and stores the latents K·P_r (r numbers per token instead of D), then returns
-the reconstruction K·P_r·P_rᵀ of everything cached to attention. Every attention call goes through
-`update`, so a one-shot scoring forward and each generation step attend to the same rank-r keys and values.
+`LowRankLayer` is a `DynamicLayer` whose `update` projects the new keys and values on a basis (the calibrated right
+singular vectors P_r, the projection weights' SVD, a random or per-sequence basis, a rotation kept whole, or none),
+encodes what it keeps (the model's dtype, 16-bit floats, integer codes with group scales, or a spectral code's
+segments: `quantize`), stores that, and returns the reconstruction of everything cached to attention. Every attention
+call goes through `update`, so a one-shot scoring forward and each generation step attend to the same keys and values.
 
-Memory really shrinks (the stored tensors are the latents). With `latent=True` (`kvcore_eval.compression.latent`) the
+Memory really shrinks (the stored tensors are the latents and codes). With `latent=True` (`compression.latent`) the
 update stores the same and returns without reconstructing, and attention reads the latents directly; otherwise
 attention gets the reconstruction, a matmul per layer per step.
 
-pre_rope keys (the paper's K = X·W_k): the cache undoes RoPE on the new keys with the tables the layer
-itself applied (`rope.RopeTap`), projects and stores the latent; on return it reconstructs and re-applies
-RoPE with the tables kept for every cached token. Keeping the applied tables, rather than recomputing them
-from positions, makes a full-rank cache hold exactly what the model's own cache holds, also under dynamic
-or longrope scaling, where frequencies change with the length. One history of tables per rotary group
-(layers that receive the same tables) serves all its layers. This equals folding P_r·P_rᵀ into W_k (tested).
+pre_rope keys (the paper's K = X·W_k): the cache undoes RoPE on the new keys with the tables the layer itself applied
+(`rope.RopeTap`), projects and stores the latent; on return it reconstructs and re-applies RoPE to every cached token.
+What it keeps for that is each token's position (int32), from which the model's own rotary module recomputes the tables,
+as an inference engine would; where the tables cannot be recomputed exactly from positions (dynamic or longrope
+frequencies, or a check that fails), the applied tables themselves, so that a full-rank cache holds exactly what the
+model's own cache holds. One history per rotary group (layers that receive the same tables) serves all its layers.
+This equals folding P_r·P_rᵀ into W_k (tested).
 """
 
 from __future__ import annotations
@@ -26,93 +28,100 @@ import torch
 from transformers.cache_utils import Cache, DynamicCache, DynamicLayer
 
 from kvcore_eval.calibration.artifact import Calibration
-from kvcore_eval.compression.bases import sequence_basis
-from kvcore_eval.compression.quantize import Codec
+from kvcore_eval.compression.bases import FixedBasis, SequenceBasis
+from kvcore_eval.compression.quantize import Codec, Segment, SegmentCodec
 from kvcore_eval.compression.rank_plan import RankPlan
 from kvcore_eval.model.rope import RopeTap, RotaryTables, rotate, unrotate
 from kvcore_eval.spaces import KEY_SPACES
 
+KINDS = ("key", "value")
+
 
 @dataclass(frozen=True)
 class LayerBases:
-    """Orthonormal bases of one layer: (D, r) for granularity=layer, (kv_heads, head_dim, r) for head; None: stored in
-    full, unless a `*_sequence_rank` asks each sequence's own rank-r basis, computed at its prefill (basis=sequence)."""
+    """How one layer's keys and values enter the cache: a basis each (`bases.FixedBasis`, a per-sequence
+    `bases.SequenceBasis`, or None: stored in full) and, where a kind has its own code (a spectral allocation: bits
+    per latent channel), that code; else the cache's codec."""
 
-    key: torch.Tensor | None
-    value: torch.Tensor | None
-    key_sequence_rank: int | None = None
-    value_sequence_rank: int | None = None
+    key: FixedBasis | SequenceBasis | None
+    value: FixedBasis | SequenceBasis | None
+    key_code: Codec | SegmentCodec | None = None
+    value_code: Codec | SegmentCodec | None = None
+
+    def __post_init__(self) -> None:  # a bare tensor is a fixed basis
+        for kind in KINDS:
+            if isinstance(getattr(self, kind), torch.Tensor):
+                object.__setattr__(self, kind, FixedBasis(getattr(self, kind)))
 
     def truncates(self, kind: str) -> bool:
-        return getattr(self, kind) is not None or getattr(self, f"{kind}_sequence_rank") is not None
-
-
-def project(states: torch.Tensor, basis: torch.Tensor) -> torch.Tensor:
-    """(batch, kv_heads, seq, head_dim) -> latent (batch, seq, r) [layer basis] or (batch, kv_heads, seq, r) [head
-    bases]."""
-    states = states.to(basis.dtype)
-    if basis.ndim == 2:
-        batch, kv_heads, seq, head_dim = states.shape
-        return states.transpose(1, 2).reshape(batch, seq, kv_heads * head_dim) @ basis
-    return torch.einsum("bhsd,hdr->bhsr", states, basis)
-
-
-def reconstruct(latent: torch.Tensor, basis: torch.Tensor, kv_heads: int) -> torch.Tensor:
-    """Inverse of `project` up to the dropped directions: latent -> (batch, kv_heads, seq, head_dim)."""
-    latent = latent.to(basis.dtype)
-    if basis.ndim == 2:
-        batch, seq, _ = latent.shape
-        return (latent @ basis.T).reshape(batch, seq, kv_heads, -1).transpose(1, 2)
-    return torch.einsum("bhsr,hdr->bhsd", latent, basis)
+        return getattr(self, kind) is not None
 
 
 class RopeHistory:
-    """The rotary tables applied to every cached token, per rotary group: cos, sin (batch, seq, rotary_dim)."""
+    """What rotates every cached pre-RoPE key at read time, per rotary group (layers that receive the same tables):
+    the positions of its tokens (batch or 1, seq) int32, from which the model's own rotary module recomputes the
+    tables, or, where that is not exact (`RopeTap.recomputable`), the tables themselves, cos and sin
+    (batch or 1, seq, rotary_dim)."""
 
     def __init__(self, tap: RopeTap):
         self.tap = tap
-        self.groups: dict[int, RotaryTables] = {}
+        self.groups: dict[int, RotaryTables] = {}  # groups whose tables are kept
+        self.positions: dict[int, torch.Tensor] = {}  # groups whose tables are recomputed
 
     def extend(self, layer_idx: int, length: int) -> tuple[int, RotaryTables]:
         """The group of `layer_idx` and its new tokens' tables; the group's history grows to `length` tokens
         (the first layer of the group in a forward appends, the others find it done)."""
         tables, group = self.tap.tables(layer_idx), self.tap.group_of(layer_idx)
+        if self.tap.recomputable(layer_idx):
+            kept = self.positions.get(group)
+            if kept is None or kept.shape[-1] < length:
+                new = self.tap.positions(layer_idx).to(torch.int32)
+                self.positions[group] = new if kept is None else torch.cat(_widen(kept, new), dim=-1)
+            return group, tables
         kept = self.groups.get(group)
-        kept_length = 0 if kept is None else kept.cos.shape[-2]
-        if kept_length < length:
-            if kept is not None:  # rows share one table while their positions agree (batch 1); widen when they part
-                batch = max(kept.cos.shape[0], tables.cos.shape[0])
-                kept, tables = _widen(kept, batch), _widen(tables, batch)
-            cos = tables.cos if kept is None else torch.cat([kept.cos, tables.cos], dim=-2)
-            sin = tables.sin if kept is None else torch.cat([kept.sin, tables.sin], dim=-2)
+        if kept is None or kept.cos.shape[-2] < length:
+            cos = tables.cos if kept is None else torch.cat(_widen(kept.cos, tables.cos), dim=-2)
+            sin = tables.sin if kept is None else torch.cat(_widen(kept.sin, tables.sin), dim=-2)
             self.groups[group] = RotaryTables(cos, sin, tables.interleaved)
         return group, tables
 
+    def tables(self, group: int) -> RotaryTables:
+        """The tables of every cached token of `group`."""
+        if group in self.positions:
+            return self.tap.tables_at(group, self.positions[group])
+        return self.groups[group]
+
     def edit(self, change: Callable[[torch.Tensor], torch.Tensor], batch_edit: bool = True) -> None:
-        """Apply a batch or length edit of the cache to every kept table (a shared batch-1 table needs no batch
-        edit)."""
+        """Apply a batch or length edit of the cache to every kept table and position (a row shared by the batch,
+        batch 1, needs no batch edit). Positions are (batch, seq): a length edit `change` on (..., seq, dim) is
+        applied to them with a trailing dim."""
         self.groups = {
             group: t
             if batch_edit and t.cos.shape[0] == 1
             else RotaryTables(change(t.cos), change(t.sin), t.interleaved)
             for group, t in self.groups.items()
         }
+        self.positions = {
+            group: p if batch_edit and p.shape[0] == 1 else change(p.unsqueeze(-1)).squeeze(-1)
+            for group, p in self.positions.items()
+        }
 
-    def stored_bytes(self) -> int:
-        return sum(
-            t.cos.numel() * t.cos.element_size() + t.sin.numel() * t.sin.element_size() for t in self.groups.values()
-        )
+    def clear(self) -> None:
+        self.groups.clear()
+        self.positions.clear()
+
+    def stored_bytes(self) -> dict[str, int]:
+        size = lambda t: t.numel() * t.element_size()  # noqa: E731
+        return {
+            "rope_tables": sum(size(t.cos) + size(t.sin) for t in self.groups.values()),
+            "rope_positions": sum(size(p) for p in self.positions.values()),
+        }
 
 
-def _widen(tables: RotaryTables, batch: int) -> RotaryTables:
-    if tables.cos.shape[0] == batch:
-        return tables
-    return RotaryTables(tables.cos.expand(batch, -1, -1), tables.sin.expand(batch, -1, -1), tables.interleaved)
-
-
-def _rows(states: torch.Tensor) -> torch.Tensor:
-    """(batch, kv_heads, seq, head_dim) -> (batch, seq, D): all KV heads of a token concatenated."""
-    return states.transpose(1, 2).flatten(2)
+def _widen(kept: torch.Tensor, new: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Rows share one table or position row while they agree (batch 1); widened to the batch when they part."""
+    batch = max(kept.shape[0], new.shape[0])
+    return kept.expand(batch, *kept.shape[1:]), new.expand(batch, *new.shape[1:])
 
 
 def _append(old: torch.Tensor | None, new: torch.Tensor) -> torch.Tensor:
@@ -122,18 +131,18 @@ def _append(old: torch.Tensor | None, new: torch.Tensor) -> torch.Tensor:
 
 @dataclass
 class _Shared:
-    """What every layer of one cache reads: the prefill's token mask (batch, seq), nonzero on real tokens."""
+    """What every layer of one cache reads: the prefill's token mask (batch, seq), nonzero on real tokens, and whether
+    to measure the squared error of what is stored."""
 
     token_mask: torch.Tensor | None = None
+    measure_error: bool = False
 
 
 class LowRankLayer(DynamicLayer):
-    """Stores latents K·P_r and V·P_r (encoded by `codec`); returns their reconstructions (post-RoPE keys).
-
-    Per kind it holds: `keys`/`values` (latents (batch, seq, r) for a layer basis, (batch, kv_heads, seq, r) for head
-    bases, or the states in full (batch, kv_heads, seq, head_dim)), as codes when quantized, `scales[kind]` (the
-    same leading dims, one float16 per group of channels) and, for basis=sequence, `basis[kind]` per row
-    (batch, D, r) in the model's dtype, computed at prefill."""
+    """Stores each kind projected on its basis (latents (batch, seq, r) for a layer basis, (batch, kv_heads, seq, r)
+    for head bases, or the states in full (batch, kv_heads, seq, head_dim)), encoded by its code (codes, or bytes of
+    per-segment codes, with `scales[kind]`: the same leading dims, float16 scales); returns their reconstructions
+    (post-RoPE keys). Per-sequence bases are part of the layer's state (`basis[kind]`), stored and counted."""
 
     def __init__(
         self,
@@ -150,46 +159,41 @@ class LowRankLayer(DynamicLayer):
         self.bases = bases
         self.kv_heads = kv_heads
         self.layer_idx = layer_idx
-        self.codec = codec
         self.shared = shared or _Shared()
-        self.basis: dict[str, torch.Tensor | None] = {"key": bases.key, "value": bases.value}
+        self.codes = {kind: getattr(bases, f"{kind}_code") or codec for kind in KINDS}
+        self.basis = {kind: None if getattr(bases, kind) is None else getattr(bases, kind).fresh() for kind in KINDS}
         self.scales: dict[str, torch.Tensor | None] = {"key": None, "value": None}
         self.widths: dict[str, int] = {}
+        self.error = {kind: [0.0, 0.0] for kind in KINDS}  # squared error, squared norm of what entered
         # Only truncated pre-RoPE keys need RoPE undone and redone.
         self.rope = rope if bases.truncates("key") else None
         self.rope_group: int | None = None
 
-    def _sequence_rank(self, kind: str) -> int | None:
-        return getattr(self.bases, f"{kind}_sequence_rank")
-
-    def _prefill_mask(self, batch: int, seq: int) -> torch.Tensor | None:
-        mask = self.shared.token_mask
-        if mask is not None and tuple(mask.shape) != (batch, seq):
-            raise RuntimeError(
-                f"basis=sequence: the prefill has {batch} x {seq} tokens but the token mask {tuple(mask.shape)}: "
-                "the padding of this batch is unknown, so its bases would be wrong"
-            )
-        return mask
-
     def _encode(self, kind: str, states: torch.Tensor, dtype: torch.dtype) -> None:
-        """Project (if truncated), encode and append the new states (batch, kv_heads, seq, head_dim) of one kind."""
-        rank = self._sequence_rank(kind)
-        if rank is not None and self.basis[kind] is None:  # this sequence's prefill: its own basis, then frozen
-            mask = self._prefill_mask(states.shape[0], states.shape[2])
-            self.basis[kind] = sequence_basis(_rows(states), mask, rank).to(dtype)
-        basis = self.basis[kind]
+        """Project (if a basis), encode and append the new states (batch, kv_heads, seq, head_dim) of one kind."""
+        basis, codec = self.basis[kind], self.codes[kind]
         if basis is None:
             stored = states.to(dtype)
-        elif rank is not None:  # per row: (batch, seq, D) @ (batch, D, r)
-            stored = (_rows(states).float() @ basis.float()).to(dtype)
         else:
-            stored = project(states, basis).to(dtype)
+            basis.prepare(states, self.shared.token_mask, dtype)
+            stored = basis.project(states).to(dtype)
         self.widths[kind] = stored.shape[-1]
-        codes, scales = (stored, None) if self.codec is None else self.codec.encode(stored)
+        codes, scales = (stored, None) if codec is None else codec.encode(stored)
+        if self.shared.measure_error:
+            self._measure(kind, states, codes, scales, dtype)
         name = "keys" if kind == "key" else "values"
         setattr(self, name, _append(getattr(self, name), codes))
         if scales is not None:
             self.scales[kind] = _append(self.scales[kind], scales)
+
+    def _measure(self, kind: str, states, codes, scales, dtype) -> None:
+        """Add the squared error of the new tokens as they will be read back, and their squared norm."""
+        decoded = (
+            codes if self.codes[kind] is None else self.codes[kind].decode(codes, scales, self.widths[kind], dtype)
+        )
+        back = decoded if self.basis[kind] is None else self.basis[kind].reconstruct(decoded, self.kv_heads)
+        self.error[kind][0] += float((back.float() - states.float()).square().sum())
+        self.error[kind][1] += float(states.float().square().sum())
 
     def update(
         self, key_states: torch.Tensor, value_states: torch.Tensor, *args, **kwargs
@@ -210,24 +214,26 @@ class LowRankLayer(DynamicLayer):
     def stored(self, kind: str, dtype: torch.dtype) -> torch.Tensor:
         """What is held for `kind`, decoded: latents or the states in full (see the class docstring)."""
         held = self.keys if kind == "key" else self.values
-        if self.codec is None:
+        if self.codes[kind] is None:
             return held
-        return self.codec.decode(held, self.scales[kind], self.widths[kind], dtype)
+        return self.codes[kind].decode(held, self.scales[kind], self.widths[kind], dtype)
+
+    def fixed_basis(self, kind: str) -> torch.Tensor | None:
+        """The vectors of a basis shared by every sequence (what latent attention folds into the query), else None."""
+        basis = self.basis[kind]
+        return basis.vectors if isinstance(basis, FixedBasis) else None
 
     def _reconstruct(self, kind: str, dtype: torch.dtype) -> torch.Tensor:
         basis = self.basis[kind]
         if basis is None:
             return self.stored(kind, dtype).to(dtype)
-        if self._sequence_rank(kind) is not None:  # (batch, seq, r) @ (batch, r, D)
-            rows = self.stored(kind, torch.float32).float() @ basis.float().transpose(1, 2)
-            return rows.unflatten(-1, (self.kv_heads, -1)).transpose(1, 2)
-        return reconstruct(self.stored(kind, basis.dtype), basis, self.kv_heads)
+        return basis.reconstruct(self.stored(kind, torch.float32), self.kv_heads)  # bases are float32
 
     def read_keys(self, dtype: torch.dtype) -> torch.Tensor:
         """All cached keys as attention sees them: (batch, kv_heads, seq, head_dim), after RoPE."""
         keys = self._reconstruct("key", dtype)
         if self.rope is not None:
-            keys = rotate(keys, self.rope.groups[self.rope_group])
+            keys = rotate(keys, self.rope.tables(self.rope_group))
         return keys.to(dtype)
 
     def read_values(self, dtype: torch.dtype) -> torch.Tensor:
@@ -238,26 +244,25 @@ class LowRankLayer(DynamicLayer):
         size = lambda t: 0 if t is None else t.numel() * t.element_size()  # noqa: E731
         if not self.is_initialized:
             return {"keys": 0, "values": 0, "scales": 0, "sequence_bases": 0}
-        sequence = [self.basis[kind] for kind in ("key", "value") if self._sequence_rank(kind) is not None]
         return {
             "keys": size(self.keys),
             "values": size(self.values),
             "scales": size(self.scales["key"]) + size(self.scales["value"]),
-            "sequence_bases": sum(size(basis) for basis in sequence),
+            "sequence_bases": sum(size(t) for kind in KINDS if self.basis[kind] for t in self.basis[kind].stored()),
         }
 
     # Batch and length edits keep scales and per-sequence bases in step with what they describe.
     def _edit(self, change: Callable[[torch.Tensor], torch.Tensor], bases_too: bool = True) -> None:
-        for kind in ("key", "value"):
+        for kind in KINDS:
             if self.scales[kind] is not None:
                 self.scales[kind] = change(self.scales[kind])
-            if bases_too and self._sequence_rank(kind) is not None and self.basis[kind] is not None:
-                self.basis[kind] = change(self.basis[kind])
+            if bases_too and self.basis[kind] is not None:
+                self.basis[kind].edit(change)
 
     def reset(self) -> None:
         super().reset()
         self.scales = {"key": None, "value": None}
-        self.basis = {"key": self.bases.key, "value": self.bases.value}
+        self.basis = {kind: None if b is None else b.fresh() for kind, b in self.basis.items()}
 
     def crop(self, tokens_to_remove: int) -> None:
         if self.is_initialized and tokens_to_remove < 0:
@@ -283,10 +288,12 @@ class LowRankLayer(DynamicLayer):
 class LowRankCache(Cache):
     """One `LowRankLayer` per decoder layer. Pass as `cache=` to a forward or to `generate`.
 
-    `tap` (pre_rope truncation of a RoPE model) supplies the tables each layer applied; the cache keeps them.
-    `latent`: attention reads the latents (`kvcore_eval.compression.latent`), nothing is reconstructed on update.
-    `codec`: how latents are stored (`kvcore_eval.compression.quantize`); None keeps the model's dtype.
-    `set_token_mask` names the real tokens of the next prefill (basis=sequence excludes padding from its bases)."""
+    `tap` (pre_rope truncation of a RoPE model) supplies the tables each layer applied; the cache keeps their positions
+    (or the tables, where they cannot be recomputed exactly). `latent`: attention reads the latents
+    (`kvcore_eval.compression.latent`), nothing is reconstructed on update. `codec`: how what is stored is encoded
+    where a layer's kind has no code of its own (`kvcore_eval.compression.quantize`); None keeps the model's dtype.
+    `set_token_mask` names the real tokens of the next prefill (a per-sequence basis excludes padding).
+    `measure_error`: keep each layer's squared error of what it stores (`relative_errors`)."""
 
     def __init__(
         self,
@@ -295,10 +302,11 @@ class LowRankCache(Cache):
         tap: RopeTap | None = None,
         latent: bool = False,
         codec: Codec | None = None,
+        measure_error: bool = False,
     ):
         self.rope = RopeHistory(tap) if tap is not None and tap.has_rope else None
         self.kv_heads = kv_heads
-        self.shared = _Shared()
+        self.shared = _Shared(measure_error=measure_error)
         codec = None if codec is None or codec.bits is None else codec
         super().__init__(
             layers=[
@@ -313,29 +321,29 @@ class LowRankCache(Cache):
 
     def stored_bytes(self) -> dict[str, int]:
         """Bytes held, summed over layers: keys and values (latents or codes), their scales, per-sequence bases, and
-        the rotary tables of pre-RoPE truncation."""
-        totals = {
-            "keys": 0,
-            "values": 0,
-            "scales": 0,
-            "sequence_bases": 0,
-            "rope_tables": 0 if self.rope is None else self.rope.stored_bytes(),
-        }
+        what rotates pre-RoPE keys (positions, or rotary tables)."""
+        totals = {"keys": 0, "values": 0, "scales": 0, "sequence_bases": 0, "rope_tables": 0, "rope_positions": 0}
+        if self.rope is not None:
+            totals.update(self.rope.stored_bytes())
         for layer in self.layers:
             for name, size in layer.stored_bytes().items():
                 totals[name] += size
         return totals
+
+    def squared_errors(self) -> dict[str, list[list[float]]]:
+        """Per kind, per layer: [squared error, squared norm] of every state that entered (measure_error=True)."""
+        return {kind: [list(layer.error[kind]) for layer in self.layers] for kind in KINDS}
 
     def stored_positions(self) -> int:
         """Token positions held: batch rows × cached length (padding included, as a full cache would hold it)."""
         layer = self.layers[0]
         return 0 if layer.get_seq_length() == 0 else layer.keys.shape[0] * layer.get_seq_length()
 
-    # Batch and length edits keep the rotary tables in step with the latents.
+    # Batch and length edits keep the rotary history in step with the latents.
     def reset(self) -> None:
         super().reset()
         if self.rope is not None:
-            self.rope.groups.clear()
+            self.rope.clear()
 
     def crop(self, tokens_to_remove: int) -> None:
         super().crop(tokens_to_remove)
@@ -358,40 +366,61 @@ class LowRankCache(Cache):
             self.rope.edit(lambda t: t.index_select(0, beam_idx.to(t.device)))
 
 
+def segments(runs: list[list[int]]) -> tuple[Segment, ...]:
+    """A plan's [[bits, channels], ...] as contiguous segments of latent channels."""
+    found, start = [], 0
+    for bits, count in runs:
+        found.append(Segment(start, start + count, bits))
+        start += count
+    return tuple(found)
+
+
 def layer_bases(
     calibration: Calibration,
     plan: RankPlan,
     device: torch.device | str | list[torch.device] = "cpu",
     sequence: bool = False,
+    whole: bool = False,
+    model_dtype: torch.dtype = torch.float32,
+    scheme: str = "midrise",
 ) -> list[LayerBases]:
-    """The plan's top-r right singular vectors per layer, float32 on `device` (one for all layers, or one per layer:
-    `models.layer_devices` of a model split by a device_map); full rank means stored in full.
-    `sequence`: no fixed bases; each sequence computes its own rank-r basis at prefill (basis=sequence)."""
+    """Per layer, each kind's basis, float32 on `device` (one for all layers, or one per layer: `models.layer_devices`
+    of a model split by a device_map): the plan's top-r right singular vectors, or nothing where a kind keeps its full
+    width (stored in full) unless `whole` (a rotation, applied at full width) or the plan gives its channels bits (a
+    spectral code: the eigen-channels whitened by their calibrated standard deviation, coded segment by segment).
+    `sequence`: no fixed bases; each sequence computes its own rank-r basis at prefill."""
     key_space = KEY_SPACES[plan.key_space]
     num_layers = calibration.geometry.num_layers
     devices = device if isinstance(device, list) else [device] * num_layers
     if len(devices) != num_layers:
         raise ValueError(f"{len(devices)} layer devices for {num_layers} layers: the model and the bases disagree")
 
-    def basis(space: str, layer: int, rank: int) -> torch.Tensor | None:
-        if rank >= plan.width or sequence:
-            return None
-        return calibration.basis(space, layer, rank, plan.granularity).to(devices[layer], torch.float32).contiguous()
-
-    def sequence_rank(rank: int) -> int | None:
-        return rank if sequence and rank < plan.width else None
+    def kind_bases(kind: str, space: str, layer: int, rank: int) -> tuple:
+        runs = plan.bits(kind, layer)
+        if sequence and rank < plan.width:
+            return SequenceBasis(rank), None
+        if rank >= plan.width and not whole and runs is None:
+            return None, None
+        vectors = calibration.basis(space, layer, rank, plan.granularity).to(devices[layer], torch.float32)
+        if runs is None:
+            return FixedBasis(vectors.contiguous()), None
+        tokens = max(float(calibration.token_count[layer]), 1.0) if calibration.token_count.numel() else 1.0
+        variances = calibration.eigenvalues[space][layer][:rank].double() / tokens  # each channel's mean square
+        deviation = variances.clamp_min(float(variances.max()) * 1e-12).sqrt().float().to(devices[layer])
+        return FixedBasis(vectors.contiguous()), SegmentCodec(segments(runs), model_dtype, scheme, deviation)
 
     key_ranks = plan.key_rank_per_layer or [plan.width] * num_layers
     value_ranks = plan.value_rank_per_layer or [plan.width] * num_layers
-    return [
-        LayerBases(
-            basis(key_space, layer, key_ranks[layer]),
-            basis("value", layer, value_ranks[layer]),
-            sequence_rank(key_ranks[layer]),
-            sequence_rank(value_ranks[layer]),
+    built = []
+    for layer in range(num_layers):
+        key, key_code = (
+            kind_bases("key", key_space, layer, key_ranks[layer]) if plan.key_rank_per_layer else (None, None)
         )
-        for layer in range(num_layers)
-    ]
+        value, value_code = (
+            kind_bases("value", "value", layer, value_ranks[layer]) if plan.value_rank_per_layer else (None, None)
+        )
+        built.append(LayerBases(key, value, key_code, value_code))
+    return built
 
 
 def cache_bytes_per_token(
@@ -399,36 +428,52 @@ def cache_bytes_per_token(
     kv_heads: int,
     num_layers: int,
     element_size: int,
-    rope_table_bytes: int = 0,
+    rope_bytes: dict[str, float] | None = None,
     codec: Codec | None = None,
+    whole: bool = False,
 ) -> dict[str, float]:
-    """Bytes one token costs in the low-rank cache and in a full cache of every layer, and their ratio.
+    """Bytes one token costs in the compressed cache and in a full cache of every layer, and their ratio.
 
-    Mirrors `LowRankCache`: per layer and kind, a rank below the width stores r numbers per basis (one vector, or one
-    per head for granularity=head), else the states in full (one vector of head_dim per head); `codec` encodes each
-    vector (codes plus group scales). Truncated pre-RoPE keys also keep the rotary tables applied to each token
-    (`rope_table_bytes` per token, once per rotary group, not per layer). Per-sequence bases (basis=sequence) are not
-    per token and are not in this figure: the measured bytes include them."""
+    Mirrors `LowRankCache`: per layer and kind, a kept rank below the width (or a basis kept `whole`, or a spectral
+    code) stores r numbers per basis (one vector, or one per head for granularity=head), else the states in full (one
+    vector of head_dim per head); a spectral code's segments, or else `codec`, encode each vector (codes plus group
+    scales). Truncated pre-RoPE keys also keep what rotates them at read time, `rope_bytes` per token (positions, or
+    rotary tables, once per rotary group, not per layer). Per-sequence bases (basis=sequence) are not per token and
+    are not in this figure: the measured bytes include them."""
     head_dim = plan.width if plan.granularity == "head" else plan.width // kv_heads
     per_basis = 1 if plan.granularity == "layer" else kv_heads  # head granularity stores r per head
 
-    def vector_bytes(width: int) -> int:
+    def vector_bytes(width: int, runs) -> int:
+        if runs is not None:
+            return SegmentCodec(segments(runs), torch.float32).bytes_per_vector()
         return width * element_size if codec is None or codec.bits is None else codec.bytes_per_vector(width)
 
-    def kind_bytes(ranks: list[int] | None) -> int:
-        ranks = ranks or [plan.width] * num_layers
-        return sum(per_basis * vector_bytes(r) if r < plan.width else kv_heads * vector_bytes(head_dim) for r in ranks)
+    def kind_bytes(kind: str, ranks: list[int] | None) -> int:
+        if ranks is None:  # stored in full
+            return num_layers * kv_heads * vector_bytes(head_dim, None)
+        total = 0
+        for layer, rank in enumerate(ranks):
+            runs = plan.bits(kind, layer)
+            projected = rank < plan.width or runs is not None or whole
+            total += per_basis * vector_bytes(rank, runs) if projected else kv_heads * vector_bytes(head_dim, None)
+        return total
 
-    key_ranks = plan.key_rank_per_layer or [plan.width] * num_layers
-    truncates_pre_rope = plan.key_space == "pre_rope" and any(r < plan.width for r in key_ranks)
+    key_ranks = plan.key_rank_per_layer or []
+    # pre-RoPE keys projected on a basis (a rotation is applied to the cached keys as they are)
+    rotated = (
+        plan.key_space == "pre_rope"
+        and not whole
+        and (any(r < plan.width for r in key_ranks) or plan.key_bits_per_layer is not None)
+    )
     parts = {
-        "keys": float(kind_bytes(plan.key_rank_per_layer)),
-        "values": float(kind_bytes(plan.value_rank_per_layer)),
-        "rope_tables": float(rope_table_bytes if truncates_pre_rope else 0),
+        "keys": float(kind_bytes("key", plan.key_rank_per_layer)),
+        "values": float(kind_bytes("value", plan.value_rank_per_layer)),
+        "rope_tables": float((rope_bytes or {}).get("rope_tables", 0.0)) if rotated else 0.0,
+        "rope_positions": float((rope_bytes or {}).get("rope_positions", 0.0)) if rotated else 0.0,
     }
     low_rank = sum(parts.values())
     full = 2 * num_layers * kv_heads * head_dim * element_size
-    return {"low_rank": low_rank, "full": float(full), "ratio": low_rank / full, **parts}
+    return {"low_rank": low_rank, "full": float(full), "ratio": low_rank / full, "element_size": element_size, **parts}
 
 
 def sliding_window_layers(config) -> dict[int, int]:

@@ -62,7 +62,7 @@ def _keys(query: torch.Tensor, layer: LowRankLayer, kv_heads: int) -> tuple[torc
     """(query, keys) whose products are q·Kᵀ: post-RoPE latent keys pair q·P_g (batch, query_heads, q_len, r) with
     Z_k (batch, 1 or kv_heads, kv_len, r); keys stored in full or pre-RoPE (their rotation depends on the position)
     pair the query itself with the rebuilt keys (batch, kv_heads, kv_len, head_dim)."""
-    basis = layer.bases.key
+    basis = layer.fixed_basis("key")
     if basis is None or layer.rope is not None:
         return query, layer.read_keys(query.dtype)
     projected = torch.einsum("bhqd,hdr->bhqr", query, _per_query_head(basis, kv_heads, query.shape[1]).to(query.dtype))
@@ -106,7 +106,7 @@ def latent_attention(
     layer, kv_heads, heads = cache.layers[module.layer_idx], cache.kv_heads, query.shape[1]
     scaling = scaling if scaling is not None else query.shape[-1] ** -0.5
     query, keys = _keys(query, layer, kv_heads)
-    value_basis = layer.bases.value
+    value_basis = layer.fixed_basis("value")
     values = layer.stored("value", query.dtype).to(query.dtype)
     values = _heads_first(values) if value_basis is not None else values  # latents, or (batch, kv_heads, kv_len, hd)
     if keys.shape[1] != values.shape[1]:  # one latent head on one side, kv_heads on the other: a view, no copy

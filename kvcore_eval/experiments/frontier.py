@@ -1,30 +1,33 @@
 """`kvcore-eval frontier`: quality against measured bytes per token, every method at equal bytes, one model load.
 
-A method is a basis (data: the task's own held-out calibration; weights; random; sequence), an allocation of
-ranks over layers (uniform; energy, ner, sensitivity: a `rank_budget` spent by that rule; full: no truncation) and
-the bits of the stored latents. For each budget (a fraction of the full cache's bytes per token) each method's one
-free knob (the uniform rank, or the total dimensions of a budget plan) is set by bisection to the largest value
-whose **measured** bytes per token (what a `LowRankCache` really holds after a probe forward over `seq_len`
-held-out tokens: latents, scales, rotary tables, per-sequence bases) stay within the budget. A row reports the
-bytes per token the evaluation's own caches held (kvcore_hf's measurement over the scored documents) where
-kvcore_hf measures them, else the probe's. A method without a knob (int8, int4 at full rank) is one point at its
-measured bytes, whatever the budget.
+A method (`compression.methods`) is one codec: a basis and bits per latent channel. Low rank keeps the top r
+directions of a basis at the model's dtype (or int8) and drops the rest; intN keeps every dimension at N bits with no
+basis; `rotation` first applies a seeded randomized Hadamard transform; `spectral` gives each eigen-channel of the
+calibrated basis its bits by reverse water-filling. For each budget (a fraction of the full cache's bytes per token, or
+bits per cached number: `4b`) each method's one free knob (a rank, a total of dimensions, a budget in bits) is set by
+bisection to the largest value whose **measured** bytes per token (what a `LowRankCache` really holds after a probe
+forward over `seq_len` held-out tokens: latents or codes, scales, rotary positions, per-sequence bases) stay within
+the budget. A row reports the bytes per token the evaluation's own caches held over the scored documents, and the
+same in bits per cached number (the unit that reads the same on every dtype). A method without a knob (intN,
+rotations) is one point at its measured bytes, whatever the budget.
 
-Each task is scored on its first `num_samples` documents and calibrated on the documents after them, as in
-`sweep` (whose machinery this reuses: `open_units`, `task_calibration`, `run_point`, `layer_nd_ppl`). A perplexity
-task is scored by ND-PPL; any other by its own metric (`--metric task=metric`, else the first of its metric_list),
-generation included: a task that builds its documents for a length (RULER, kvcore_ruler) runs at each length of
-`--metadata '{"max_seq_lengths": [...]}'` as its own frontier (`<task>@<length>`), calibrated in windows of that
-length on held-out documents of that length, with `--gen-kwargs` part of its points' identity. The
-`sensitivity` allocation needs each layer's ND-PPL when truncated alone: measured here on held-out text (never the
-scored documents) as the token perplexity of one direct forward per layer and kind (2 x layers forwards per task,
-seconds, where lm-eval per layer would dominate the whole frontier), or read from `--sensitivity` (the
-per_layer.json of `sweep --per-layer`, lm-eval's metric on that sweep's scored documents). For a generation task
-that held-out text is its prompts: the sensitivity is then a proxy (token perplexity), not the task's metric.
-Outputs: frontier.json (one row per task, method and budget), frontier.md, frontier.png. Each ND-PPL carries the
-sweep's 95 % paired bootstrap interval over the scored documents against the full cache (`nd_ppl_interval`, within
-noise when it holds 0), another metric the bootstrap standard error of its mean (`stderr`). Every option is checked
-before the model loads; a rerun with fewer tasks, budgets or methods names the finished points it leaves out.
+Every row also measures how far its code sits from the limit: the relative squared error of the keys and values the
+scored documents put in the cache (each layer's own, as read back; keys in the space the plan codes them), against the
+Gaussian rate–distortion bound of the calibrated spectra at the same bits (`waterfill.joint_rd_bound`), in dB.
+
+Each task is scored on its first `num_samples` documents and calibrated on the documents after them, as in `sweep`
+(both stand on `experiments.session`). A perplexity task is scored by ND-PPL; any other by its own metric (`--metric
+task=metric`, else the first of its metric_list), generation included: a task that builds its documents for a length
+(RULER, kvcore_ruler) runs at each length of `--metadata '{"max_seq_lengths": [...]}'` as its own frontier
+(`<task>@<length>`), calibrated in windows of that length on held-out documents of that length, with `--gen-kwargs`
+part of its points' identity. The `sensitivity` allocation needs each layer's ND-PPL when truncated alone: measured
+here on held-out text (never the scored documents) as the token perplexity of one direct forward per layer and kind,
+or read from `--sensitivity` (the per_layer.json of `sweep --per-layer`). Outputs: frontier.json (one row per task,
+method and budget), frontier.md, frontier.png (quality, and distortion against the bound, by bits per number). Each
+ND-PPL carries its 95 % paired bootstrap interval over the scored documents against the full cache (within noise when
+it holds 0), another metric the bootstrap standard error of its mean. Every option, each method's constraints
+included, is checked before the model loads; a rerun with fewer tasks, budgets or methods names the finished points
+it leaves out.
 """
 
 from __future__ import annotations
@@ -41,10 +44,10 @@ from tqdm.auto import tqdm
 from kvcore_eval import metrics, outputs
 from kvcore_eval.analysis import study
 from kvcore_eval.analysis.study import format_correlation, with_interval
-from kvcore_eval.calibration.artifact import read_metadata
+from kvcore_eval.calibration.artifact import load_calibration, read_metadata
 from kvcore_eval.calibration.data import iter_texts, pack_sequences
-from kvcore_eval.compression import latent
-from kvcore_eval.compression.methods import METHODS, Method, knob_range, truncation_for
+from kvcore_eval.compression import latent, waterfill
+from kvcore_eval.compression.methods import METHODS, Budget, full_cache, truncation_for
 from kvcore_eval.compression.rank_plan import measured_sensitivity
 from kvcore_eval.config import FrontierConfig, split_paths
 from kvcore_eval.experiments.session import (
@@ -126,8 +129,15 @@ class TaskPlan:
     probe: Any  # (1, tokens) held-out token ids
     baseline: dict[str, Any]
     full_bytes: float
+    spectra: list[Any]  # the calibrated eigenvalues of every layer's keys (in the key space) and values: the bound's
+    model_bits: int  # bits of one number of the full cache (the model's dtype)
     sensitivity: Path | None = None
     documents: list[dict[str, Any]] = field(default_factory=list)
+
+    @property
+    def numbers(self) -> int:
+        """Numbers a full cache holds per token: keys and values of every layer, D each."""
+        return 2 * self.geometry.num_layers * self.geometry.width
 
 
 def held_out_ids(session, name: str, tokens: int):
@@ -178,8 +188,7 @@ def _measure_sensitivity(session, plan: TaskPlan) -> Path:
     }
     if path.exists() and outputs.read_json(path, "sensitivity table").get("settings") == settings:
         return path
-    full = truncation_for(config.truncation, METHODS["uniform"], None, plan.basis, plan.geometry, None)
-    baseline = held_out_perplexity(session, full, ids)
+    baseline = held_out_perplexity(session, full_cache(config.truncation, plan.basis), ids)
     rank = max(1, round(config.sensitivity_rank * plan.geometry.width))
     nd_ppl = layer_nd_ppl(
         session,
@@ -206,12 +215,30 @@ def _prepare_task(session, task: str) -> TaskPlan:
     basis = task_calibration(session, task)
     geometry = models.KVGeometry(**read_metadata(basis)["model"]["geometry"])
     unit = session.units[task]
-    full = truncation_for(config.truncation, METHODS["uniform"], None, basis, geometry, None)
+    full = full_cache(config.truncation, basis)
+    use_truncation(session, full).kvcore_measure_error = True  # every point measures its squared error
     baseline = run_point(session, task, "baseline", full)
     probe = held_out_ids(session, task, config.seq_len)[:1]
     full_bytes = probe_bytes(use_truncation(session, full), probe)
+    eigenvalues = load_calibration(basis, eigenvectors=False).eigenvalues
+    spectra = [
+        eigenvalues[space][layer].numpy()
+        for space in (KEY_SPACES[config.truncation.key_space], "value")
+        for layer in range(geometry.num_layers)
+    ]
+    model_bits = 8 * torch.empty(0, dtype=session.model.dtype).element_size()
     plan = TaskPlan(
-        task, basis, geometry, unit.metric, unit.perplexity, unit.higher_is_better, probe, baseline, full_bytes
+        task,
+        basis,
+        geometry,
+        unit.metric,
+        unit.perplexity,
+        unit.higher_is_better,
+        probe,
+        baseline,
+        full_bytes,
+        spectra,
+        model_bits,
     )
     if "sensitivity" in config.method_list():
         plan.sensitivity = Path(config.sensitivity) if config.sensitivity else _measure_sensitivity(session, plan)
@@ -220,28 +247,24 @@ def _prepare_task(session, task: str) -> TaskPlan:
     return plan
 
 
-def _bits(session, method: Method) -> int:
-
-    return method.bits or 8 * torch.empty(0, dtype=session.model.dtype).element_size()
-
-
-def _row(session, plan: TaskPlan, name: str, method: Method, budget, knob, point, measured: float) -> dict[str, Any]:
-
+def _row(plan: TaskPlan, name: str, label: dict[str, Any], budget, knob, point, measured: float) -> dict[str, Any]:
     raw, base = point["value"], plan.baseline["value"]
     # bytes per token: what the evaluation's own caches held where kvcore_hf measures it, else the probe's
     evaluated_on_documents = bool(point.get("measured_cache_bytes"))
     evaluated = point["measured_cache_bytes"]["bytes_per_token"] if evaluated_on_documents else measured
+    target = None if budget is None else budget.bytes(plan.full_bytes, plan.numbers)
     row = {
         "task": plan.name,
         "method": name,
-        "basis": method.basis if method.allocation != "full" else "none",
-        "allocation": method.allocation,
-        "bits": _bits(session, method),
-        "budget": budget,
+        **label,
+        "bits": label["bits"] or plan.model_bits,
+        "budget": None if budget is None else budget.text,
+        "budget_bytes": target,
         "knob": knob,
         "bytes_per_token": evaluated,
+        "bits_per_number": 8 * evaluated / plan.numbers,
         "fraction_of_full": evaluated / plan.full_bytes,
-        "within_budget": None if budget is None else evaluated <= budget * plan.full_bytes * (1 + 1e-9),
+        "within_budget": None if target is None else evaluated <= target * (1 + 1e-9),
         "probe_bytes_per_token": measured,
         "bytes_measured_on": "scored documents" if evaluated_on_documents else f"probe of {plan.probe.shape[1]} tokens",
         "metric": f"nd_ppl({plan.metric})" if plan.perplexity else plan.metric,
@@ -250,12 +273,32 @@ def _row(session, plan: TaskPlan, name: str, method: Method, budget, knob, point
         "baseline_raw": base,
         "higher_is_better": False if plan.perplexity else plan.higher_is_better,
         "rank_plan": point["rank_plan"],
+        **distance_from_bound(plan, point, evaluated),
     }
     row.update(uncertainty(plan, point))
     if plan.documents:
         deltas = study.document_nd_ppl(point["per_document"], plan.baseline["per_document"])
         row["across_documents"] = study.across_documents(plan.documents, deltas)
     return row
+
+
+def distance_from_bound(plan: TaskPlan, point: dict[str, Any], bytes_per_token: float) -> dict[str, Any]:
+    """The point's relative squared error of keys and values on the scored documents' own tokens (the mean over
+    layers and kinds of ‖x − x̂‖² / ‖x‖², keys in the plan's key space), the Gaussian rate–distortion bound of the
+    calibrated spectra at the same bits (`waterfill.joint_rd_bound`: every bit the point holds, scales and positions
+    included, spent optimally over layers and channels) and their distance in dB. Nothing for the full cache or a
+    point saved without errors."""
+    errors = point.get("relative_errors")
+    if not errors or plan.baseline is point:
+        return {}
+    measured = [e for kind in ("key", "value") for e in errors[kind] if e is not None]
+    error = sum(measured) / len(measured)
+    bound = waterfill.joint_rd_bound(plan.spectra, 8 * bytes_per_token)
+    return {
+        "relative_error": error,
+        "bound": bound,
+        "distance_db": 10 * math.log10(error / bound) if error > 0 and bound > 0 else None,
+    }
 
 
 def uncertainty(plan: TaskPlan, point: dict[str, Any]) -> dict[str, Any]:
@@ -268,24 +311,30 @@ def uncertainty(plan: TaskPlan, point: dict[str, Any]) -> dict[str, Any]:
 
 
 def within_reach(session, truncation, geometry):
-    """`truncation` in place on the session's model, or, where its rank_budget (met in bytes, overheads included)
-    is below what one dimension per layer and kind already costs, that one-dimension plan: the point then reports
-    its measured bytes, over the budget."""
+    """`truncation` in place on the session's model, or, where its budget (met in bytes, overheads included) is below
+    what one dimension per layer and kind already costs, that one-dimension plan: the point then reports its measured
+    bytes, over the budget."""
     try:
         use_truncation(session, truncation)
         return truncation
     except ValueError as err:
-        if truncation.rank_budget is None or "cannot be met" not in str(err):
+        if not truncation.budgeted or "cannot be met" not in str(err):
             raise
     ones = ":".join(["1"] * geometry.num_layers)
     floor = replace(
-        truncation, rank_budget=None, budget_method="energy", sensitivity=None, key_rank=ones, value_rank=ones
+        truncation,
+        rank_budget=None,
+        bits=None,
+        budget_method="energy",
+        sensitivity=None,
+        key_rank=ones,
+        value_rank=ones,
     )
     use_truncation(session, floor)
     return floor
 
 
-def method_rows(session, plan: TaskPlan, name: str, budgets: list[float]) -> list[dict[str, Any]]:
+def method_rows(session, plan: TaskPlan, name: str, budgets: list[Budget]) -> list[dict[str, Any]]:
     """One row per budget (one row in all for a method without a knob), each at its measured bytes."""
     config, method = session.config, METHODS[name]
     memo: dict[int | None, float] = {}
@@ -297,10 +346,11 @@ def method_rows(session, plan: TaskPlan, name: str, budgets: list[float]) -> lis
             memo[knob] = probe_bytes(session.lm, plan.probe)
         return memo[knob]
 
+    knobs = method.knob_range(plan.geometry)
     placed = (
         [(None, None)]
-        if method.allocation == "full"
-        else [(b, largest_within(bytes_of, *knob_range(method, plan.geometry), b * plan.full_bytes)) for b in budgets]
+        if knobs is None
+        else [(b, largest_within(bytes_of, *knobs, b.bytes(plan.full_bytes, plan.numbers))) for b in budgets]
     )
     rows = []
     for budget, knob in placed:
@@ -312,7 +362,7 @@ def method_rows(session, plan: TaskPlan, name: str, budgets: list[float]) -> lis
         )
         point_name = f"{name}/{'full' if knob is None else knob}"
         point = run_point(session, plan.name, point_name, truncation, metric=plan.metric)
-        rows.append({**_row(session, plan, name, method, budget, knob, point, measured), "point": point_name})
+        rows.append({**_row(plan, name, method.label(), budget, knob, point, measured), "point": point_name})
     return rows
 
 
@@ -382,11 +432,12 @@ def run_frontier(config: FrontierConfig) -> list[dict[str, Any]]:
             check_sensitivity_file(config)
 
     session = open_units(config, KIND, OWN_NAMES, check=check)
-    rows = []
+    rows, bounds = [], {}
     for task in session.units:
         plan = _prepare_task(session, task)
-        full = _row(session, plan, "full", Method("none", "full"), None, None, plan.baseline, plan.full_bytes)
-        rows.append({**full, "point": "baseline"})
+        bounds[task] = bound_curve(plan)
+        label = {"basis": "none", "allocation": "full", "bits": None}
+        rows.append({**_row(plan, "full", label, None, None, plan.baseline, plan.full_bytes), "point": "baseline"})
         for name in tqdm(config.method_list(), desc=f"frontier {task}", unit="method"):
             rows += method_rows(session, plan, name, config.budget_list())
     for row, front in zip(rows, pareto(rows), strict=True):
@@ -403,7 +454,7 @@ def run_frontier(config: FrontierConfig) -> list[dict[str, Any]]:
         )
     outputs.atomic_write_json(session.out / "frontier.json", rows)
     outputs.atomic_write_text(session.out / "frontier.md", to_markdown(rows, config, dropped))
-    plot_frontier(rows, config, session.out / "frontier.png")
+    plot_frontier(rows, config, session.out / "frontier.png", bounds)
     return rows
 
 
@@ -429,19 +480,22 @@ def warn_noise(rows: list[dict[str, Any]]) -> None:
             )
 
 
-def winners(rows: list[dict[str, Any]], budgets: list[float]) -> dict[str, dict[float, dict[str, Any] | None]]:
-    """task -> budget -> the best row whose measured bytes fit that budget (the full cache never does)."""
-    best: dict[str, dict[float, dict[str, Any] | None]] = {}
+def winners(rows: list[dict[str, Any]], budgets: list[Budget]) -> dict[str, dict[str, dict[str, Any] | None]]:
+    """task -> budget (as given) -> the best row whose measured bytes fit that budget (the full cache never does)."""
+    best: dict[str, dict[str, dict[str, Any] | None]] = {}
     for task in dict.fromkeys(row["task"] for row in rows):
+        full = next(r for r in rows if r["task"] == task and r["method"] == "full")
+        numbers = round(8 * full["bytes_per_token"] / full["bits_per_number"])
         best[task] = {}
         for budget in budgets:
+            target = budget.bytes(full["bytes_per_token"], numbers)
             fitting = [
                 r
                 for r in rows
-                if r["task"] == task and r["method"] != "full" and r["fraction_of_full"] <= budget * (1 + 1e-9)
+                if r["task"] == task and r["method"] != "full" and r["bytes_per_token"] <= target * (1 + 1e-9)
             ]
             key = (lambda r: r["value"]) if fitting and fitting[0]["higher_is_better"] else (lambda r: -r["value"])
-            best[task][budget] = max(fitting, key=key) if fitting else None
+            best[task][budget.text] = max(fitting, key=key) if fitting else None
     return best
 
 
@@ -454,8 +508,13 @@ def to_markdown(rows: list[dict[str, Any]], config: FrontierConfig, dropped: lis
         f"Each task scored on its first {config.num_samples} documents; its data bases from "
         f"{config.calibration_tokens} tokens of its documents after those (disjoint). Bytes per token measured from "
         f"what the cache holds after a probe over {config.seq_len} held-out tokens (a task at a context length: that "
-        "length); a budget is a fraction of the full "
-        "cache's. ★: on the task's Pareto front (no other row has as few bytes and as good a quality, one strictly). "
+        "length); a budget is a fraction of the full cache's bytes, or bits per cached number (`2b`). *bits/number*: "
+        "the bytes per token in bits over the numbers a full cache holds (2 x layers x D), scales, rotary positions "
+        "and per-sequence bases included: the unit that reads the same on every dtype. *vs bound*: the relative "
+        "squared error of the keys and values the scored documents put in the cache (mean over layers and kinds; keys "
+        f"{config.truncation.key_space.replace('_', '-')}) against the Gaussian rate–distortion bound of the "
+        "calibrated spectra at the same bits, in dB above it. "
+        "★: on the task's Pareto front (no other row has as few bytes and as good a quality, one strictly). "
         "ND-PPL in brackets: its 95 % paired bootstrap interval over the scored documents against the full cache on "
         "the same documents, *within noise* when it holds 0; another metric: ± its bootstrap standard error. "
         "*(over)*: the scored documents' caches held more than the budget the probe placed the point within (per-"
@@ -488,23 +547,23 @@ def to_markdown(rows: list[dict[str, Any]], config: FrontierConfig, dropped: lis
             f"Full cache: {full['metric'].removeprefix('nd_ppl(').removesuffix(')')} {full['baseline_raw']:.4f} on the "
             f"scored documents ({full['bytes_per_token']:.0f} bytes per token).",
             "",
-            "| method | basis | allocation | bits | budget | bytes/token | % of full | "
+            "| method | basis | allocation | bits | budget | bytes/token | bits/number | % of full | "
             + metric_label(task_rows[0]["metric"])
-            + " | front |",
-            "|---|---|---|---:|---:|---:|---:|---:|:---:|",
+            + " | vs bound | front |",
+            "|---|---|---|---:|---:|---:|---:|---:|---:|---:|:---:|",
         ]
         for r in task_rows:
-            budget = "-" if r["budget"] is None else f"{r['budget']:g}"
+            distance = "" if r.get("distance_db") is None else f"+{r['distance_db']:.1f} dB"
             lines.append(
-                f"| {r['method']} | {r['basis']} | {r['allocation']} | {r['bits']} | {budget} | "
-                f"{r['bytes_per_token']:.0f} | {100 * r['fraction_of_full']:.1f}{over_budget(r)} | "
-                f"{_quality(r, with_interval)} | "
+                f"| {r['method']} | {r['basis']} | {r['allocation']} | {r['bits']} | {r['budget'] or '-'} | "
+                f"{r['bytes_per_token']:.0f} | {r['bits_per_number']:.2f} | "
+                f"{100 * r['fraction_of_full']:.1f}{over_budget(r)} | {_quality(r, with_interval)} | {distance} | "
                 f"{'★' if r['pareto'] else ''} |"
             )
         lines += ["", "Best method within each budget (measured bytes):", ""]
         for budget, row in winners(rows, budgets)[task].items():
             lines.append(
-                f"- {budget:g}: "
+                f"- {budget}: "
                 + (
                     "none fits"
                     if row is None
@@ -522,7 +581,7 @@ def to_markdown(rows: list[dict[str, Any]], config: FrontierConfig, dropped: lis
                 "|---|---:|---|---|",
             ]
             for r in documented:
-                budget = "-" if r["budget"] is None else f"{r['budget']:g}"
+                budget = r["budget"] or "-"
                 c = r["across_documents"]
                 lines.append(
                     f"| {r['method']} | {budget} | {format_correlation(c['key'])} | {format_correlation(c['value'])} |"
@@ -553,39 +612,52 @@ def _close(a: float, b: float) -> bool:
     return math.isclose(a, b, rel_tol=1e-3, abs_tol=1e-4)
 
 
-def plot_frontier(rows: list[dict[str, Any]], config: FrontierConfig, path: Path) -> None:
-    """Per task: quality against bytes per token, one line per method, the Pareto front as a black step line."""
+BOUND_BITS = tuple(x / 4 for x in range(1, 65))  # bits per number where the bound curve is drawn: 0.25 to 16
+
+
+def bound_curve(plan: TaskPlan) -> list[tuple[float, float]]:
+    """(bits per number, the Gaussian rate–distortion bound of the task's calibrated spectra there)."""
+    return [(bits, waterfill.joint_rd_bound(plan.spectra, bits * plan.numbers)) for bits in BOUND_BITS]
+
+
+def plot_frontier(
+    rows: list[dict[str, Any]], config: FrontierConfig, path: Path, bounds: dict[str, list[tuple[float, float]]]
+) -> None:
+    """Per task, against bits per cached number: the quality (top; one line per method, the Pareto front as a black
+    step line, points that coincide ringed), and the relative squared error of the stored keys and values with the
+    rate–distortion bound of the calibrated spectra (bottom)."""
     from matplotlib.figure import Figure
 
     tasks = list(dict.fromkeys(row["task"] for row in rows))
-    figure = Figure(figsize=(6.5 * len(tasks), 4.6), dpi=130, layout="constrained")
-    axes = figure.subplots(1, len(tasks), squeeze=False)[0]
-    for ax, task in zip(axes, tasks, strict=True):
+    figure = Figure(figsize=(6.5 * len(tasks), 8.4), dpi=130, layout="constrained")
+    grid = figure.subplots(2, len(tasks), squeeze=False)
+    for (ax, low), task in zip(zip(grid[0], grid[1], strict=True), tasks, strict=True):
         task_rows = [r for r in rows if r["task"] == task]
         full = next(r for r in task_rows if r["method"] == "full")
+        numbers = round(8 * full["bytes_per_token"] / full["bits_per_number"])
         drawn: list[tuple[float, float]] = []
         for index, name in enumerate(dict.fromkeys(r["method"] for r in task_rows if r["method"] != "full")):
-            points = sorted((r for r in task_rows if r["method"] == name), key=lambda r: r["bytes_per_token"])
-            color = f"C{index % 10}"
-            ax.plot(
-                [r["bytes_per_token"] for r in points],
-                [r["value"] for r in points],
-                marker=MARKERS[index % len(MARKERS)],
-                ms=4,
-                lw=1.2,
-                color=color,
-                label=name,
-            )
+            points = sorted((r for r in task_rows if r["method"] == name), key=lambda r: r["bits_per_number"])
+            style = {"marker": MARKERS[index % len(MARKERS)], "ms": 4, "lw": 1.2, "color": f"C{index % 10}"}
+            ax.plot([r["bits_per_number"] for r in points], [r["value"] for r in points], label=name, **style)
             for r in points:  # a point on top of earlier ones gets a ring, larger for each one under it
                 under = sum(
-                    math.isclose(r["bytes_per_token"], x, rel_tol=1e-3) and _close(r["value"], y) for x, y in drawn
+                    math.isclose(r["bits_per_number"], x, rel_tol=1e-3) and _close(r["value"], y) for x, y in drawn
                 )
                 if under:
-                    ax.scatter(r["bytes_per_token"], r["value"], s=40 + 50 * under, facecolors="none", edgecolors=color)
-                drawn.append((r["bytes_per_token"], r["value"]))
-        front = sorted((r for r in task_rows if r["pareto"]), key=lambda r: r["bytes_per_token"])
+                    ax.scatter(
+                        r["bits_per_number"],
+                        r["value"],
+                        s=40 + 50 * under,
+                        facecolors="none",
+                        edgecolors=style["color"],
+                    )
+                drawn.append((r["bits_per_number"], r["value"]))
+            measured = [r for r in points if r.get("relative_error")]
+            low.plot([r["bits_per_number"] for r in measured], [r["relative_error"] for r in measured], **style)
+        front = sorted((r for r in task_rows if r["pareto"]), key=lambda r: r["bits_per_number"])
         ax.step(
-            [r["bytes_per_token"] for r in front],
+            [r["bits_per_number"] for r in front],
             [r["value"] for r in front],
             where="post",
             color="black",
@@ -594,22 +666,32 @@ def plot_frontier(rows: list[dict[str, Any]], config: FrontierConfig, path: Path
             label="Pareto front",
         )
         ax.scatter(
-            [r["bytes_per_token"] for r in front],
+            [r["bits_per_number"] for r in front],
             [r["value"] for r in front],
             s=90,
             facecolors="none",
             edgecolors="black",
             zorder=3,
         )
+        curve = bounds.get(task, [])
+        low.plot([b for b, _ in curve], [d for _, d in curve], color="black", lw=1.5, label="rate–distortion bound")
         for budget in config.budget_list():
-            ax.axvline(budget * full["bytes_per_token"], color="0.6", lw=0.8, ls=":")
+            bits = 8 * budget.bytes(full["bytes_per_token"], numbers) / numbers
+            for axis in (ax, low):
+                axis.axvline(bits, color="0.6", lw=0.8, ls=":")
         if full["higher_is_better"] is False:
             ax.set_yscale("symlog", linthresh=0.01)  # ND-PPL spans orders of magnitude
             ax.set_ylim(bottom=min(0.0, *(r["value"] for r in task_rows)))
-        ax.set(
-            xlabel="bytes per token (measured)", ylabel=metric_label(full["metric"]), title=task.removeprefix("kvcore_")
+        ax.set(xlabel="bits per cached number (measured)", ylabel=metric_label(full["metric"]), title=task)
+        low.set(
+            xlabel="bits per cached number (measured)",
+            ylabel="relative squared error of K and V",
+            yscale="log",
+            xlim=ax.get_xlim(),
         )
-        ax.grid(alpha=0.3)
-    axes[-1].legend(frameon=False, fontsize=8, ncol=2)
+        for axis in (ax, low):
+            axis.grid(alpha=0.3)
+    grid[0][-1].legend(frameon=False, fontsize=8, ncol=2)
+    grid[1][-1].legend(frameon=False, fontsize=8)
     figure.suptitle(f"Bytes–quality frontier: {Path(config.model).name or config.model} (dotted: budgets)")
     figure.savefig(path)

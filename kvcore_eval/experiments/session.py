@@ -245,7 +245,9 @@ def run_point(
         "per_document_loglikelihood": document_loglikelihoods(samples, metric),
         "cache_bytes_per_token": session.lm.kvcore_cache_bytes,
         # what the evaluation's caches held, per cached position (kvcore_hf's measurement, where it has one)
-        "measured_cache_bytes": getattr(session.lm, "kvcore_measured_bytes", lambda: None)(),
+        "measured_cache_bytes": session.lm.kvcore_measured_bytes(),
+        # the relative squared error of every key and value that entered them, per kind and layer (when measured)
+        "relative_errors": session.lm.kvcore_relative_errors(),
     }
     path.parent.mkdir(parents=True, exist_ok=True)
     record["calibration_overlap"] = session.lm.get_model_info()["kvcore"]["calibration_overlap"].get(scored)

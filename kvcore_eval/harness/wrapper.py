@@ -28,6 +28,7 @@ from kvcore_eval.compression.cache import (
     layer_bases,
     sliding_window_layers,
 )
+from kvcore_eval.compression.methods import BASES, check_batch_size
 from kvcore_eval.compression.quantize import Codec
 from kvcore_eval.compression.rank_plan import make_plan
 from kvcore_eval.config import TruncationConfig, split_options
@@ -93,13 +94,14 @@ def _mismatch(message: str, allow_mismatch: bool) -> None:
 
 
 def _basis_source(truncation: TruncationConfig, model_config) -> Calibration:
-    """What a plan is made against before the weights load: the checked artifact (basis=data), random bases, or a
-    flat spectrum standing in for bases that need the weights (weights) or the sequence (sequence)."""
-    if truncation.basis == "data":
+    """What a plan is made against before the weights load: the checked artifact (calibrated bases), seeded bases
+    (random, rotation), or a flat spectrum standing in for bases that need the weights or the sequence (or none)."""
+    source = BASES[truncation.basis]
+    if source.calibrated:
         return _checked_artifact(truncation, model_config)
     geometry = kv_geometry(model_config)
-    if truncation.basis == "random":
-        return bases.random_bases(geometry, truncation.basis_seed)
+    if source.seeded is not None:
+        return getattr(bases, source.seeded)(geometry, truncation.basis_seed)
     return bases.flat_spectrum(geometry, truncation.basis)
 
 
@@ -118,13 +120,13 @@ class KVCoreHFLM(HFLM):
             options, hf_options = split_options(TruncationConfig, kwargs, others=_HFLM_OPTIONS)
             truncation = TruncationConfig(**options)
             truncation.check_runnable()
-            if truncation.basis == "sequence" and str(hf_options.get("batch_size", 1)) != "1":
-                raise ValueError(_SEQUENCE_BATCH)
+            check_batch_size(truncation, hf_options.get("batch_size", 1))
             model_config = _model_config(
                 hf_options.get("pretrained"), hf_options.get("revision"), hf_options.get("gguf_file")
             )
             source = _basis_source(truncation, model_config)
-            make_plan(truncation, source)  # rank errors before any weights load
+            if truncation.bits is None:  # rank errors before any weights load (a budget in bits needs the dtype)
+                make_plan(truncation, source)
         except (ValueError, OSError) as err:
             logger.error("kvcore_hf: %s", err)
             raise
@@ -134,6 +136,7 @@ class KVCoreHFLM(HFLM):
         self._keys_checked = False
         self._weight_bases: dict[bool, Calibration] = {}  # by whether keys are truncated
         self._attention_implementation = self.model.config._attn_implementation  # what the reconstruction path uses
+        self.kvcore_measure_error = False  # set by the frontier: caches keep the squared error of what they store
         self._apply(truncation, source)
 
     def set_truncation(self, truncation: TruncationConfig) -> None:
@@ -143,45 +146,70 @@ class KVCoreHFLM(HFLM):
         self._apply(truncation, _basis_source(truncation, self.model.config))
 
     def _apply(self, truncation: TruncationConfig, source: Calibration) -> None:
-        if truncation.basis == "sequence" and str(self.batch_size) != "1":
-            raise ValueError(_SEQUENCE_BATCH)
+        check_batch_size(truncation, self.batch_size)
+        kind = BASES[truncation.basis]
         self.kvcore_config = truncation
         # data-free bases saw no document: nothing of a task can be in-sample
-        self._overlap = OverlapCounter(source.document_digests if truncation.basis == "data" else _NO_DOCUMENTS)
-        self._artifact_metadata = source.metadata if truncation.basis == "data" else None
-        if truncation.basis == "data":
+        self._overlap = OverlapCounter(source.document_digests if kind.calibrated else _NO_DOCUMENTS)
+        self._artifact_metadata = source.metadata if kind.calibrated else None
+        if kind.calibrated:
             self._check_weights(source)
-        if truncation.key_space == "pre_rope" and truncation.truncates_keys and self._tap.has_rope:
+        if self._rotates_keys(truncation):
             self._check_keys()
-        if truncation.basis == "weights":
+        if kind.from_weights:  # the SVD of the projection weights, checked on the model
             truncates_keys = truncation.truncates_keys
             if truncates_keys not in self._weight_bases:
                 self._weight_bases[truncates_keys] = bases.weight_bases(self.model, self._tap, truncates_keys)
             source = self._weight_bases[truncates_keys]
-        self._codec = Codec(truncation.latent_bits, self.model.dtype)
+        self._codec = Codec(truncation.latent_bits, self.model.dtype, truncation.scheme)
         self.kvcore_plan = make_plan(truncation, source, self._bytes_per_token)
         self._setup_cache(source)
         self._measured = {"bytes": dict.fromkeys(_PARTS, 0), "positions": 0, "caches": 0}
+        self._errors = {"key": [], "value": []}  # per layer: [squared error, squared norm] over every cache
+
+    def _rotates_keys(self, truncation: TruncationConfig) -> bool:
+        """Whether the cache undoes and redoes RoPE: pre-RoPE keys projected on a basis of a RoPE model."""
+        kind = BASES[truncation.basis]
+        return (
+            truncation.key_space == "pre_rope"
+            and truncation.truncates_keys
+            and self._tap.has_rope
+            and kind.projects
+            and not kind.whole
+        )
 
     def _check_keys(self) -> None:
         if not self._keys_checked:
             check_key_recovery(self.model, self._tap)  # also leaves this forward's tables in the tap
             self._keys_checked = True
 
-    def _rope_table_bytes(self, plan) -> int:
-        """Bytes per token of the rotary tables the cache keeps: once per rotary group of truncated pre-RoPE keys."""
-        if plan.key_space != "pre_rope" or not self._tap.has_rope:
-            return 0
-        truncated = [layer for layer, rank in enumerate(plan.key_rank_per_layer or []) if rank < plan.width]
-        groups = {self._tap.group_of(layer) for layer in truncated}
-        tables = [self._tap.tables(group).cos for group in groups]
-        return sum(2 * cos.shape[-1] * cos.element_size() for cos in tables)
+    def _rope_bytes(self, plan) -> dict[str, float]:
+        """Bytes per token of what rotates the cached pre-RoPE keys at read time, once per rotary group of the layers
+        whose keys are projected: the positions (int32) where the model's rotary module recomputes the tables exactly
+        (`RopeTap.recomputable`), else the tables themselves (cos and sin). Read from the last forward's tap (the
+        key self-check's probe)."""
+        if not self._rotates_keys(self.kvcore_config):
+            return {}
+        projected = [
+            layer
+            for layer, rank in enumerate(plan.key_rank_per_layer or [])
+            if rank < plan.width or plan.bits("key", layer) is not None
+        ]
+        parts = {"rope_tables": 0.0, "rope_positions": 0.0}
+        for group in {self._tap.group_of(layer) for layer in projected}:
+            if self._tap.recomputable(group):
+                parts["rope_positions"] += torch.empty(0, dtype=torch.int32).element_size()
+            else:
+                cos = self._tap.tables(group).cos
+                parts["rope_tables"] += 2 * cos.shape[-1] * cos.element_size()
+        return parts
 
     def _bytes_per_token(self, plan) -> dict[str, float]:
         geometry = kv_geometry(self.model.config)
         element_size = torch.empty(0, dtype=self.model.dtype).element_size()
+        whole = BASES[self.kvcore_config.basis].whole
         return cache_bytes_per_token(
-            plan, geometry.kv_heads, geometry.num_layers, element_size, self._rope_table_bytes(plan), self._codec
+            plan, geometry.kv_heads, geometry.num_layers, element_size, self._rope_bytes(plan), self._codec, whole
         )
 
     def _check_weights(self, artifact: Calibration) -> None:
@@ -209,14 +237,20 @@ class KVCoreHFLM(HFLM):
         geometry = source.geometry
         plan = self.kvcore_plan
         # each layer's bases on its own layer's device (a device_map or parallelize=True spreads the layers)
+        kind = BASES[self.kvcore_config.basis]
         self._bases = layer_bases(
-            source, plan, layer_devices(self.model), sequence=self.kvcore_config.basis == "sequence"
+            source,
+            plan,
+            layer_devices(self.model),
+            sequence=kind.per_sequence,
+            whole=kind.whole,
+            model_dtype=self.model.dtype,
+            scheme=self.kvcore_config.scheme,
         )
         self._kv_heads = geometry.kv_heads
         truncates_keys = any(layer_bases.truncates("key") for layer_bases in self._bases)
-        # only truncated pre-RoPE keys of a RoPE model undo and redo RoPE
-        pre_rope = plan.key_space == "pre_rope" and truncates_keys and self._tap.has_rope
-        self._cache_tap = self._tap if pre_rope else None
+        # only projected pre-RoPE keys of a RoPE model undo and redo RoPE
+        self._cache_tap = self._tap if truncates_keys and self._rotates_keys(self.kvcore_config) else None
         self.kvcore_cache_bytes = self._bytes_per_token(plan)
         self.kvcore_model_cache = compare_with_model_cache(
             self.kvcore_cache_bytes, sliding_window_layers(self.model.config), geometry.num_layers
@@ -229,7 +263,7 @@ class KVCoreHFLM(HFLM):
             _ranks(plan.key_rank_per_layer),
             _ranks(plan.value_rank_per_layer),
             plan.width,
-            "" if self.kvcore_config.latent_bits is None else f", latents in {self.kvcore_config.latent_bits} bits",
+            _bits(self.kvcore_config, plan),
             100 * self.kvcore_cache_bytes["ratio"],
             self.kvcore_cache_bytes["low_rank"],
             self.kvcore_cache_bytes["full"],
@@ -248,14 +282,40 @@ class KVCoreHFLM(HFLM):
         self.model.set_attn_implementation(latent.NAME if self._latent else self._attention_implementation)
 
     def _cache(self, is_latent: bool) -> LowRankCache:
-        return LowRankCache(self._bases, self._kv_heads, self._cache_tap, latent=is_latent, codec=self._codec)
+        return LowRankCache(
+            self._bases,
+            self._kv_heads,
+            self._cache_tap,
+            latent=is_latent,
+            codec=self._codec,
+            measure_error=self.kvcore_measure_error,
+        )
 
     def _measure(self, cache: LowRankCache) -> None:
-        """Add what one cache held at its end to the evaluation's measured bytes."""
+        """Add what one cache held at its end to the evaluation's measured bytes (and, when measured, the squared
+        error of what entered it)."""
         for part, size in cache.stored_bytes().items():
             self._measured["bytes"][part] += size
         self._measured["positions"] += cache.stored_positions()
         self._measured["caches"] += 1
+        if self.kvcore_measure_error:
+            for kind, per_layer in cache.squared_errors().items():
+                if not self._errors[kind]:
+                    self._errors[kind] = [[0.0, 0.0] for _ in per_layer]
+                for total, (error, norm) in zip(self._errors[kind], per_layer, strict=True):
+                    total[0] += error
+                    total[1] += norm
+
+    def kvcore_relative_errors(self) -> dict[str, list[float | None]] | None:
+        """Per kind, per layer: the relative squared error ‖x − x̂‖² / ‖x‖² of every key (in the space the plan codes
+        it: pre-RoPE keys before their rotation) and value that entered the caches since the last plan, as read back;
+        None unless `kvcore_measure_error` was set before they were made."""
+        if not self.kvcore_measure_error or not self._errors["key"]:
+            return None
+        return {
+            kind: [error / norm if norm > 0 else None for error, norm in per_layer]
+            for kind, per_layer in self._errors.items()
+        }
 
     def kvcore_measured_bytes(self) -> dict[str, Any] | None:
         """Bytes per token measured over every cache this evaluation created (since the last plan): what the caches
@@ -317,8 +377,7 @@ class KVCoreHFLM(HFLM):
     ) -> torch.Tensor:
         if attn_mask is not None or labels is not None:
             raise NotImplementedError("kvcore_hf supports decoder-only causal LMs")
-        if self.kvcore_config.basis == "sequence" and inps.shape[0] != 1:
-            raise ValueError(_SEQUENCE_BATCH)
+        check_batch_size(self.kvcore_config, inps.shape[0])
         cache = self.new_cache()
         with (
             torch.no_grad(),
@@ -381,12 +440,19 @@ def describe_artifact(metadata: dict[str, Any] | None) -> dict[str, Any] | None:
     }
 
 
-_PARTS = ("keys", "values", "scales", "sequence_bases", "rope_tables")
+_PARTS = ("keys", "values", "scales", "sequence_bases", "rope_tables", "rope_positions")
 _NO_DOCUMENTS = torch.zeros((0, 2), dtype=torch.int64)
-_SEQUENCE_BATCH = (
-    "basis=sequence computes each sequence's basis from its own tokens, and lm-eval right-pads loglikelihood batches "
-    "without a mask, so padding would enter the bases: use batch_size=1"
-)
+
+
+def _bits(truncation: TruncationConfig, plan) -> str:
+    """How the kept numbers are stored, for the log line."""
+    if plan.key_bits_per_layer is not None or plan.value_bits_per_layer is not None:
+        return f", bits per latent channel by water-filling ({truncation.scheme} codes)"
+    if truncation.latent_bits is None:
+        return ""
+    return f", latents in {truncation.latent_bits} bits" + (
+        "" if truncation.latent_bits == 16 else f" ({truncation.scheme})"
+    )
 
 
 def _ranks(per_layer: list[int] | None) -> str:

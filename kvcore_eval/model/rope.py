@@ -8,6 +8,14 @@ layer in that very forward. Undoing RoPE with those tables inverts what the laye
 
 Conventions (the layout of cos/sin and which dimensions pair up) differ by family; they are declared in
 `CONVENTIONS` and *verified* against the model's own pre-RoPE key by `kvcore_eval.model.selfcheck`, never trusted.
+
+A cache that undoes and redoes RoPE needs the tables of every cached token at read time. Inference engines recompute
+them from the positions, and so does kvcore-eval where it can prove it is exact: a forward hook on each rotary module
+(`...RotaryEmbedding`) records the positions it was called with, so the tables of any positions come from the model's
+own module (`tables_at`). That is exact where the tables depend on the position alone: refused for rope types whose
+frequencies change with the length (dynamic, longrope), and checked, per rotary group, by recomputing the current
+forward's tables and comparing them with those the layer received (`recomputable`). Elsewhere the cache keeps the
+tables themselves.
 RoPE maps each pair (x1, x2) to (x1·cos − x2·sin, x2·cos + x1·sin), a rotation scaled by the rope's
 `attention_scaling` (cos² + sin² = s²); its inverse is the opposite rotation divided by s². Partial rotary
 (tables narrower than head_dim) rotates only the first `rotary_dim` dimensions.
@@ -73,6 +81,7 @@ class RopeTap:
         self.convention = CONVENTIONS.get(model_type, Convention())
         self.layers = attention_modules(model)
         self._tables: dict[int, RotaryTables] = {}
+        self._raw: dict[int, torch.Tensor] = {}  # layer -> the first tensor of the tables it received, as given
         self._handles = []
         for layer_idx, module in self.layers.items():
             parameters = list(_parameters(module))
@@ -82,12 +91,27 @@ class RopeTap:
             hook = self._recorder(layer_idx, position)
             self._handles.append(module.register_forward_pre_hook(hook, with_kwargs=True))
         self.has_rope = bool(self._handles)
+        self._calls: dict[int, RotaryCall] = {}  # the latest rotary calls, by their first output's id (held: no reuse)
+        self._verdicts: dict[int, bool] = {}  # rotary group -> whether its tables are recomputed from positions
+        for module in model.modules():
+            if self.has_rope and type(module).__name__.endswith("RotaryEmbedding"):
+                self._handles.append(module.register_forward_hook(self._rotary_recorder, with_kwargs=True))
+
+    def _rotary_recorder(self, module, args, kwargs, output) -> None:
+        positions = kwargs.get("position_ids", args[1] if len(args) > 1 else None)
+        if positions is None or not isinstance(output, tuple):
+            return
+        others = {name: value for name, value in kwargs.items() if name != "position_ids"}
+        self._calls[id(output[0])] = RotaryCall(module, output[0], positions, tuple(args[2:]), others)
+        while len(self._calls) > RECENT_CALLS:  # a module may be called several times a forward (Gemma3: per type)
+            del self._calls[next(iter(self._calls))]
 
     def _recorder(self, layer_idx: int, position: int):
         def record(module, args, kwargs) -> None:
             tables = kwargs.get("position_embeddings", args[position] if len(args) > position else None)
             if tables is not None:
                 self._tables[layer_idx] = self._normalize(tables)
+                self._raw[layer_idx] = tables[0]
 
         return record
 
@@ -116,10 +140,66 @@ class RopeTap:
                 return other
         return layer_idx
 
+    def call_of(self, layer_idx: int) -> RotaryCall | None:
+        """The rotary module call that produced layer `layer_idx`'s tables in this forward (None: none known)."""
+        raw = self._raw.get(layer_idx)
+        call = None if raw is None else self._calls.get(id(raw))
+        return call if call is not None and call.output is raw else None
+
+    def positions(self, layer_idx: int) -> torch.Tensor:
+        """The positions of this forward's new tokens at layer `layer_idx`: (batch or 1, seq)."""
+        return self.call_of(layer_idx).position_ids
+
+    def tables_at(self, layer_idx: int, positions: torch.Tensor) -> RotaryTables:
+        """The tables the model's own rotary module gives `positions` (batch or 1, seq), as layer `layer_idx` reads
+        them. Calls the module's forward directly: no hook records it."""
+        call = self.call_of(layer_idx)
+        probe = torch.empty(0, dtype=call.output.dtype, device=call.output.device)
+        return self._normalize(
+            call.module.forward(probe, positions.to(call.position_ids.dtype), *call.args, **call.kwargs)
+        )
+
+    def recomputable(self, layer_idx: int) -> bool:
+        """Whether the tables of layer `layer_idx`'s rotary group are recomputed from positions rather than kept: the
+        module depends on the position alone (no dynamic or longrope frequencies) and, checked on this forward, gives
+        the very tables the layer received. Decided once per group."""
+        group = self.group_of(layer_idx)
+        if group not in self._verdicts:
+            call = self.call_of(group)
+            rope_type = getattr(call.module, "rope_type", "default") if call is not None else None
+            if isinstance(rope_type, dict):  # one per layer type (Gemma3): the one this call used
+                rope_type = rope_type.get(call.args[0] if call.args else call.kwargs.get("layer_type"), "dynamic")
+            static = call is not None and "dynamic" not in str(rope_type) and rope_type != "longrope"
+            self._verdicts[group] = static and _same(self.tables_at(group, call.position_ids), self.tables(group))
+        return self._verdicts[group]
+
     def remove(self) -> None:
         for handle in self._handles:
             handle.remove()
         self._handles.clear()
+
+
+RECENT_CALLS = 8  # rotary calls remembered: those of the current forward (one per rotary module and layer type)
+
+
+@dataclass(frozen=True)
+class RotaryCall:
+    """One call of a rotary module: its first output tensor (what names the tables it made), the positions and the
+    other arguments it was called with."""
+
+    module: nn.Module
+    output: torch.Tensor
+    position_ids: torch.Tensor
+    args: tuple
+    kwargs: dict
+
+
+def _same(a: RotaryTables, b: RotaryTables) -> bool:
+    """Recomputed tables equal to those the layer received, to float round-off."""
+    return a.cos.shape[-1] == b.cos.shape[-1] and all(
+        torch.allclose(x.float(), y.float().expand_as(x), rtol=1e-6, atol=1e-7)
+        for x, y in ((a.cos, b.cos), (a.sin, b.sin))
+    )
 
 
 def _rotate_pairs(x: torch.Tensor, interleaved: bool) -> torch.Tensor:
