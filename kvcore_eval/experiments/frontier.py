@@ -626,9 +626,12 @@ def plot_frontier(
     """Per task, against bits per cached number: the quality (top; one line per method, the Pareto front as a black
     step line, points that coincide ringed), and the relative squared error of the stored keys and values with the
     rate–distortion bound of the calibrated spectra (bottom)."""
+    from matplotlib import colormaps
     from matplotlib.figure import Figure
 
     tasks = list(dict.fromkeys(row["task"] for row in rows))
+    methods = list(dict.fromkeys(r["method"] for r in rows if r["method"] != "full"))
+    palette = colormaps["tab10" if len(methods) <= 10 else "tab20"]
     figure = Figure(figsize=(6.5 * len(tasks), 8.4), dpi=130, layout="constrained")
     grid = figure.subplots(2, len(tasks), squeeze=False)
     for (ax, low), task in zip(zip(grid[0], grid[1], strict=True), tasks, strict=True):
@@ -636,9 +639,10 @@ def plot_frontier(
         full = next(r for r in task_rows if r["method"] == "full")
         numbers = round(8 * full["bytes_per_token"] / full["bits_per_number"])
         drawn: list[tuple[float, float]] = []
-        for index, name in enumerate(dict.fromkeys(r["method"] for r in task_rows if r["method"] != "full")):
+        for index, name in enumerate(m for m in methods if any(r["method"] == m for r in task_rows)):
             points = sorted((r for r in task_rows if r["method"] == name), key=lambda r: r["bits_per_number"])
-            style = {"marker": MARKERS[index % len(MARKERS)], "ms": 4, "lw": 1.2, "color": f"C{index % 10}"}
+            hue = index if palette.N == 10 else (2 * index) % 20 + (2 * index) // 20  # tab20: every hue, then shades
+            style = {"marker": MARKERS[index % len(MARKERS)], "ms": 4, "lw": 1.2, "color": palette(hue % palette.N)}
             ax.plot([r["bits_per_number"] for r in points], [r["value"] for r in points], label=name, **style)
             for r in points:  # a point on top of earlier ones gets a ring, larger for each one under it
                 under = sum(
@@ -673,8 +677,15 @@ def plot_frontier(
             edgecolors="black",
             zorder=3,
         )
-        curve = bounds.get(task, [])
+        # the methods' range of bits (the full cache is the reference, a line, not a point far to the right)
+        compressed = [r["bits_per_number"] for r in task_rows if r["method"] != "full"] or [full["bits_per_number"]]
+        right = 1.08 * max(compressed)
+        ax.axhline(full["value"], color="0.3", lw=0.8, label=f"full cache ({full['bits_per_number']:g} bits)")
+        curve = [(b, d) for b, d in bounds.get(task, []) if b <= right]
         low.plot([b for b, _ in curve], [d for _, d in curve], color="black", lw=1.5, label="rate–distortion bound")
+        errors = [r["relative_error"] for r in task_rows if r.get("relative_error")]
+        if errors:  # down to a decade and a half below the smallest measured error, not the bound's far tail
+            low.set_ylim(bottom=min(errors) / 30)
         for budget in config.budget_list():
             bits = 8 * budget.bytes(full["bytes_per_token"], numbers) / numbers
             for axis in (ax, low):
@@ -683,11 +694,12 @@ def plot_frontier(
             ax.set_yscale("symlog", linthresh=0.01)  # ND-PPL spans orders of magnitude
             ax.set_ylim(bottom=min(0.0, *(r["value"] for r in task_rows)))
         ax.set(xlabel="bits per cached number (measured)", ylabel=metric_label(full["metric"]), title=task)
+        ax.set_xlim(0, right)
         low.set(
             xlabel="bits per cached number (measured)",
             ylabel="relative squared error of K and V",
             yscale="log",
-            xlim=ax.get_xlim(),
+            xlim=(0, right),
         )
         for axis in (ax, low):
             axis.grid(alpha=0.3)
