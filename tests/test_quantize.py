@@ -94,3 +94,27 @@ def test_a_segmented_code_shares_its_scales_and_counts_its_bytes():
     white = (decoded - x) / whitening
     errors = [white[..., s.start : s.stop].square().mean() for s in segments[1:]]
     assert errors[0] < errors[1] < errors[2], "more bits, less error per whitened channel"
+
+
+def test_a_single_tokens_record_of_odd_length_decodes():
+    """One token's record (a decode step) of 29 bytes: its float16 segment is sliced at an odd offset."""
+    from kvcore_eval.compression.quantize import Segment, SegmentCodec
+
+    codec = SegmentCodec((Segment(0, 2, 16), Segment(2, 12, 7), Segment(12, 44, 3)), torch.float32, "midrise")
+    x = torch.randn(1, 1, 44, generator=torch.Generator().manual_seed(5))
+    codes, scales = codec.encode(x)
+    assert codes.shape[-1] % 2 == 1
+    record = torch.cat([torch.zeros(1, 1, 1, dtype=torch.uint8), codes], dim=-1)[..., 1:]  # odd storage offset
+    assert torch.allclose(codec.decode(record, scales, 44, torch.float32)[..., :2], x[..., :2], rtol=1e-3)
+
+
+def test_whitened_channels_far_past_their_calibration_keep_a_scale():
+    """Data unlike the calibration: a channel calibrated at 1e-4 of its real size whitens to about 1e5, past float16's
+    range; the spectral code's bfloat16 scale holds it and decodes it."""
+    from kvcore_eval.compression.quantize import Segment, SegmentCodec
+
+    whitening = torch.full((40,), 1e-4)
+    codec = SegmentCodec((Segment(0, 40, 4),), torch.float32, "midrise", whitening)
+    x = torch.randn(2, 3, 40, generator=torch.Generator().manual_seed(6)) * 10
+    decoded = codec.decode(*codec.encode(x), 40, torch.float32)
+    assert torch.isfinite(decoded).all() and float((decoded - x).square().mean() / x.square().mean()) < 0.05

@@ -406,7 +406,8 @@ def layer_bases(
             return FixedBasis(vectors.contiguous()), None
         tokens = max(float(calibration.token_count[layer]), 1.0) if calibration.token_count.numel() else 1.0
         variances = calibration.eigenvalues[space][layer][:rank].double() / tokens  # each channel's mean square
-        deviation = variances.clamp_min(float(variances.max()) * 1e-12).sqrt().float().to(devices[layer])
+        # a channel the calibration barely saw is not blown up past the others' range on data unlike it
+        deviation = variances.clamp_min(float(variances.max()) * 1e-8).sqrt().float().to(devices[layer])
         return FixedBasis(vectors.contiguous()), SegmentCodec(segments(runs), model_dtype, scheme, deviation)
 
     key_ranks = plan.key_rank_per_layer or [plan.width] * num_layers

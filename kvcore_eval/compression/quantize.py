@@ -26,9 +26,9 @@ refused. Without bits, the model's dtype. Nothing is simulated: the cache holds 
 `SegmentCodec` codes one vector in contiguous segments of channels, each with its own bits (a spectral allocation:
 the first eigen-channels at more bits than the last), optionally whitened (each channel divided by its calibrated
 standard deviation, so that one group's channels share a scale well); its codes and scales are concatenated as bytes,
-one record of fixed size per token. Its integer channels share one scale a group of 32 consecutive channels, whatever
-their bits (whitened channels all have unit variance, so one absmax serves them): the scales cost what the bit
-allocation counted, ceil(r/32) a vector, however many segments there are.
+one record of fixed size per token. Its integer channels share one scale (bfloat16) a group of 32 consecutive channels,
+whatever their bits (whitened channels all have unit variance, so one absmax serves them): the scales cost what the
+bit allocation counted, ceil(r/32) a vector, however many segments there are.
 """
 
 from __future__ import annotations
@@ -41,6 +41,10 @@ import torch
 
 GROUP_SIZE = 32  # channels sharing one scale
 SCALE_DTYPE = torch.float16
+# A spectral code's shared scales: whitened channels of data unlike the calibration's can reach far past float16's
+# range, and a bfloat16 scale (float32's range, 2 bytes) holds them; its coarser rounding only clips a group's largest
+# value by a fraction of a step, since the rounded scale is the one codes are made with.
+SEGMENT_SCALE_DTYPE = torch.bfloat16
 LATENT_BITS = (1, 2, 3, 4, 5, 6, 7, 8, 16)
 SCHEMES = ("absmax", "minmax", "midrise")
 _FLOAT16_MAX = torch.finfo(torch.float16).max
@@ -251,7 +255,7 @@ class SegmentCodec:
     16: a 16-bit float), optionally whitened first (`whitening` (r,): each channel's standard deviation, divided out
     before coding and multiplied back after). The integer channels share one float16 scale (their absmax) a group of
     GROUP_SIZE consecutive channels, across segment boundaries. A token's record is its segments' codes, packed and
-    concatenated (uint8), and its scales (float16)."""
+    concatenated (uint8), and its scales (bfloat16)."""
 
     def __init__(
         self,
@@ -280,7 +284,7 @@ class SegmentCodec:
         return math.ceil((self.width - self.coded_from) / GROUP_SIZE)
 
     def bytes_per_vector(self, width: int | None = None) -> int:
-        scale_size = torch.empty(0, dtype=SCALE_DTYPE).element_size()
+        scale_size = torch.empty(0, dtype=SEGMENT_SCALE_DTYPE).element_size()
         return sum(self._code_bytes(s) for s in self.segments) + self._scale_count() * scale_size
 
     def _channel_scales(self, scales: torch.Tensor) -> torch.Tensor:
@@ -294,7 +298,7 @@ class SegmentCodec:
         coded = x[..., self.coded_from :]
         scales = None
         if coded.shape[-1]:
-            scales = _checked_scale(_groups(coded).abs().amax(-1), max(s.bits for s in self.segments if s.bits < 16))
+            scales = _groups(coded).abs().amax(-1).to(SEGMENT_SCALE_DTYPE)
             per_channel = self._channel_scales(scales)
         parts = []
         for segment in self.segments:
@@ -313,7 +317,8 @@ class SegmentCodec:
             size = self._code_bytes(segment)
             code, at = codes[..., at : at + size], at + size
             if segment.bits == 16:
-                parts.append(code.contiguous().view(self.float_dtype).float())
+                # a fresh copy: a slice of one token can be "contiguous" with the record's strides and offset
+                parts.append(code.clone(memory_format=torch.contiguous_format).view(self.float_dtype).float())
                 continue
             local = per_channel[..., segment.start - self.coded_from : segment.stop - self.coded_from]
             parts.append(_unmidrise(_unpack(code, segment.bits, segment.stop - segment.start), local, segment.bits))
