@@ -35,6 +35,7 @@ from kvcore_eval.compression.methods import (
     truncation_for,
     uses_budget_allocation,
 )
+from kvcore_eval.compression.peers import check_backend
 from kvcore_eval.metrics import PERPLEXITY_METRICS
 from kvcore_eval.model.models import gguf_location
 from kvcore_eval.spaces import DEFAULT_KEY_SPACE, Granularity, KeySpace, Truncate
@@ -43,6 +44,8 @@ ModelDtype = Literal["float32", "bfloat16", "float16"]
 BudgetMethod = Literal["energy", "ner", "sensitivity", "uniform", "waterfill"]
 Basis = Literal["data", "weights", "random", "sequence", "rotation", "identity"]
 Quantizer = Literal["absmax", "minmax", "midrise"]
+Protocol = Literal["forward", "after_prefill"]
+Peer = Literal["quanto", "hqq"]
 Weighting = Literal["relative", "absolute"]
 LATENT_BITS = (1, 2, 3, 4, 5, 6, 7, 8, 16)
 Attention = Literal["reconstruct", "latent"]
@@ -190,6 +193,25 @@ class TruncationConfig:
         help="scored documents the calibration saw: warn (log loudly, record the fraction) or refuse",
         identity=False,
     )
+    protocol: Protocol = option(
+        "forward",
+        help="when the cache compresses: forward (every forward reads what the cache stores, the prompt's prefill "
+        "included: the paper's ND-PPL protocol); after_prefill (as deployed caches do: a forward attends exactly to "
+        "its own tokens and through the compressed cache to earlier ones; loglikelihood prefills the context, then "
+        "scores the continuation in a second forward; needs batch_size=1)",
+    )
+    prefill_chunk: int | None = option(
+        None,
+        help="with protocol=after_prefill: feed inputs in chunks of this many tokens, each attending exactly within "
+        "itself and through the compressed cache to the chunks before it (rolling perplexity needs it: a window "
+        "scored in one forward attends exactly)",
+    )
+    peer: Peer | None = option(
+        None,
+        help="run transformers' own QuantizedCache instead (quanto: 2 or 4 bits; hqq: 1, 2, 3, 4 or 8; latent_bits= "
+        "gives them; basis=identity; protocol=after_prefill): the quantized caches users already run",
+    )
+    residual_length: int = option(128, help="peer=: the last tokens QuantizedCache keeps in full precision")
     basis: Basis = option(
         "data",
         help="data: calibrated (calibration=); weights: SVD of [W_k | b_k], [W_v | b_v] (data-free); random: seeded "
@@ -236,6 +258,32 @@ class TruncationConfig:
                 )
         self._check_budget()
         check_basis(self)
+        self._check_protocol()
+
+    def _check_protocol(self) -> None:
+        if self.protocol == "after_prefill" and self.attention == "latent":
+            raise ValueError(
+                "protocol=after_prefill with attention=latent: latent attention reads only what the cache stores, so "
+                "a forward cannot attend exactly to its own tokens: use attention=reconstruct"
+            )
+        if self.prefill_chunk is not None and (self.protocol != "after_prefill" or self.prefill_chunk < 1):
+            raise ValueError(
+                f"prefill_chunk={self.prefill_chunk}: chunks are what protocol=after_prefill feeds one forward each; "
+                "give a positive number of tokens with protocol=after_prefill, or drop it"
+            )
+        if self.peer is not None:
+            if self.protocol != "after_prefill":
+                raise ValueError(
+                    f"peer={self.peer}: transformers' QuantizedCache attends exactly within each forward and quantizes "
+                    "what it stores, so it runs under protocol=after_prefill: pass protocol=after_prefill"
+                )
+            if self.basis != "identity" or self.budgeted or self.ranks_given:
+                raise ValueError(
+                    f"peer={self.peer} quantizes the states as they are: use basis=identity, no ranks or budget, and "
+                    "give its bits with latent_bits="
+                )
+        if self.residual_length < 1:
+            raise ValueError(f"residual_length={self.residual_length} must be a positive number of tokens")
 
     def _check_budget(self) -> None:
         if self.rank_budget is not None and self.bits is not None:
@@ -300,6 +348,8 @@ class TruncationConfig:
                 "kvcore_hf needs calibration=<artifact folder> (written by `kvcore-eval calibrate`), or a data-free "
                 "basis=weights|random|sequence|rotation|identity; for the uncompressed baseline use --model hf"
             )
+        if self.peer is not None:
+            check_backend(self.peer, self.latent_bits)
         if (source.whole or not source.projects) and self.latent_bits is None:
             raise ValueError(
                 f"basis={self.basis} keeps every dimension: give the bits of its codes with latent_bits= (e.g. 4), "

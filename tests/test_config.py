@@ -64,6 +64,10 @@ OTHER_VALUES = {
     "quantizer": "minmax",
     "bits": 2.0,
     "weighting": "absolute",
+    "protocol": "after_prefill",
+    "prefill_chunk": 64,
+    "peer": "hqq",
+    "residual_length": 64,
     "allow_overlap": True,
 }
 
@@ -73,12 +77,19 @@ PAIRED = {
     "sensitivity": {"budget_method": "sensitivity"},
     "basis_scope": {"truncation": TruncationConfig(calibration="artifact")},
     "truncation": {"basis_scope": "shared"},
+    "prefill_chunk": {"protocol": "after_prefill"},
+    "peer": {"basis": "identity", "latent_bits": 4, "protocol": "after_prefill"},
 }
 
 
 # A second value for the options that are valid only with their pair: a paired change is compared with the same
 # pair holding this value, so that only the option itself differs.
-ALTERNATE = {"calibration": "another-artifact", "sensitivity": "another_per_layer.json"}
+ALTERNATE = {
+    "calibration": "another-artifact",
+    "sensitivity": "another_per_layer.json",
+    "prefill_chunk": 32,
+    "peer": "quanto",
+}
 
 
 def _replace(config, name, value, alternate=None):
@@ -101,7 +112,11 @@ def _variants(config):
             skipped = field.metadata.get("cli_skip", ())
             for name, metadata, inner, _ in _variants(value):
                 if name not in skipped:
-                    alternate = dataclasses.replace(value, **{name: ALTERNATE[name]}) if name in ALTERNATE else value
+                    alternate = (
+                        dataclasses.replace(value, **{name: ALTERNATE[name], **PAIRED.get(name, {})})
+                        if name in ALTERNATE
+                        else value
+                    )
                     yield f"{field.name}.{name}", metadata, *_replace(config, field.name, inner, alternate)
         else:
             assert field.name in OTHER_VALUES, f"give {field.name} another value in OTHER_VALUES"

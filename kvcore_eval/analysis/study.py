@@ -203,7 +203,8 @@ def design_sentence(design: dict[str, Any]) -> str:
     stored = "kept dimensions stored in the model's dtype" if bits is None else f"kept dimensions stored in {bits} bits"
     kind = design.get("truncate", truncation["truncate"])  # the sweep's kind; the truncation's in older sweeps
     return (
-        f"{basis}, truncating {kind} ({truncation['key_space']} keys), {stored}; "
+        f"{basis}, truncating {kind} ({truncation['key_space']} keys), {stored}, "
+        f"protocol {truncation.get('protocol', 'forward')}; "
         f"ND-PPL = (PPL_r − PPL_full) / PPL_full on {design.get('perplexity_metric', design['metric'])}, over the "
         f"first {design['num_samples']} "
         f"documents of each task. NER from each task's calibration on {design['calibration_tokens']} tokens of its "

@@ -136,6 +136,7 @@ class _Shared:
 
     token_mask: torch.Tensor | None = None
     measure_error: bool = False
+    exact_current: bool = False  # attention reads this forward's own tokens exactly (protocol=after_prefill)
 
 
 class LowRankLayer(DynamicLayer):
@@ -209,7 +210,12 @@ class LowRankLayer(DynamicLayer):
         self._encode("value", value_states, value_states.dtype)
         if self.latent:
             return self.keys, self.values
-        return self.read_keys(key_states.dtype), self.read_values(value_states.dtype)
+        keys, values = self.read_keys(key_states.dtype), self.read_values(value_states.dtype)
+        if self.shared.exact_current:  # this forward's own tokens as they are; earlier ones as the cache holds them
+            new = key_states.shape[-2]
+            keys = torch.cat([keys[..., :-new, :], key_states], dim=-2)
+            values = torch.cat([values[..., :-new, :], value_states], dim=-2)
+        return keys, values
 
     def stored(self, kind: str, dtype: torch.dtype) -> torch.Tensor:
         """What is held for `kind`, decoded: latents or the states in full (see the class docstring)."""
@@ -293,7 +299,9 @@ class LowRankCache(Cache):
     (`kvcore_eval.compression.latent`), nothing is reconstructed on update. `codec`: how what is stored is encoded
     where a layer's kind has no code of its own (`kvcore_eval.compression.quantize`); None keeps the model's dtype.
     `set_token_mask` names the real tokens of the next prefill (a per-sequence basis excludes padding).
-    `measure_error`: keep each layer's squared error of what it stores (`relative_errors`)."""
+    `measure_error`: keep each layer's squared error of what it stores (`squared_errors`). `exact_current`: attention
+    reads each forward's own tokens exactly and only earlier tokens from what the cache stores (protocol=after_prefill:
+    the prompt's prefill is exact, as in deployed caches)."""
 
     def __init__(
         self,
@@ -303,10 +311,11 @@ class LowRankCache(Cache):
         latent: bool = False,
         codec: Codec | None = None,
         measure_error: bool = False,
+        exact_current: bool = False,
     ):
         self.rope = RopeHistory(tap) if tap is not None and tap.has_rope else None
         self.kv_heads = kv_heads
-        self.shared = _Shared(measure_error=measure_error)
+        self.shared = _Shared(measure_error=measure_error, exact_current=exact_current)
         codec = None if codec is None or codec.bits is None else codec
         super().__init__(
             layers=[

@@ -98,11 +98,20 @@ def check_basis(config: Any) -> None:
 
 
 def check_batch_size(config: Any, batch_size: Any) -> None:
-    """A per-sequence basis needs one sequence a batch: lm-eval right-pads loglikelihood batches without a mask."""
-    if BASES[config.basis].per_sequence and str(batch_size) != "1":
+    """A per-sequence basis and the after_prefill protocol need one sequence a batch: lm-eval right-pads
+    loglikelihood batches without a mask (padding would enter a sequence's bases), and after_prefill splits each
+    input where its own context ends."""
+    if str(batch_size) == "1":
+        return
+    if BASES[config.basis].per_sequence:
         raise ValueError(
             f"basis={config.basis} computes each sequence's basis from its own tokens, and lm-eval right-pads "
             "loglikelihood batches without a mask, so padding would enter the bases: use batch_size=1"
+        )
+    if config.protocol == "after_prefill":
+        raise ValueError(
+            "protocol=after_prefill prefills each request's own context before its continuation, one request a "
+            "forward: use batch_size=1"
         )
 
 
@@ -173,7 +182,26 @@ class Spectral:
         return {"basis": "data", "allocation": f"waterfill ({self.weighting})", "bits": "mixed"}
 
 
-Method = LowRank | Quantized | Spectral
+@dataclass(frozen=True)
+class Peer:
+    """transformers' own QuantizedCache (`compression.peers`): KIVI-style asymmetric codes per channel group from the
+    optimum-quanto or HQQ backend, the last `residual_length` tokens in full precision. The cache users would switch
+    on, as a row beside ours; it runs under protocol=after_prefill only. No knob: one point at its measured bytes."""
+
+    backend: str
+    bits: int
+
+    def options(self, knob: int | None, geometry, sensitivity) -> dict[str, Any]:
+        return {"basis": "identity", "peer": self.backend, "latent_bits": self.bits}
+
+    def knob_range(self, geometry) -> tuple[int, int] | None:
+        return None
+
+    def label(self) -> dict[str, Any]:
+        return {"basis": "identity", "allocation": f"QuantizedCache ({self.backend})", "bits": self.bits}
+
+
+Method = LowRank | Quantized | Spectral | Peer
 
 METHODS: dict[str, Method] = {
     "uniform": LowRank("data", "uniform"),
@@ -193,6 +221,10 @@ METHODS: dict[str, Method] = {
     "rotation2": Quantized(2, "rotation", "midrise"),
     "spectral": Spectral(),
     "spectral_absolute": Spectral("absolute"),
+    "quanto4": Peer("quanto", 4),
+    "quanto2": Peer("quanto", 2),
+    "hqq4": Peer("hqq", 4),
+    "hqq2": Peer("hqq", 2),
 }
 # The frontier's default: the spectrum-aware code, its corners and the spectrum-blind codes at every rate.
 DEFAULT_METHODS = (
@@ -208,7 +240,7 @@ DEFAULT_METHODS = (
     "rotation2",
 )
 # The TruncationConfig fields a method sets at each of its points (beyond the ranks every point sets).
-METHOD_FIELDS = ("calibration", "basis", "latent_bits", "quantizer", "bits", "weighting")
+METHOD_FIELDS = ("calibration", "basis", "latent_bits", "quantizer", "bits", "weighting", "peer")
 
 
 def uses_budget_allocation(method: Method) -> bool:

@@ -110,7 +110,7 @@ def probe_bytes(lm, probe_ids) -> float:
     cache = lm.new_cache()
     with torch.no_grad(), latent.active(cache):
         lm.model(probe_ids.to(lm.device), cache=cache, use_cache=True)
-    return sum(cache.stored_bytes().values()) / probe_ids.numel()
+    return sum(lm.held_bytes(cache).values()) / probe_ids.numel()
 
 
 # --- the run ----------------------------------------------------------------------------------------------------
@@ -505,6 +505,8 @@ def to_markdown(rows: list[dict[str, Any]], config: FrontierConfig, dropped: lis
     lines = [
         f"# Bytes–quality frontier: {Path(config.model).name or config.model}",
         "",
+        f"**Protocol: {config.truncation.protocol}**: " + PROTOCOLS[config.truncation.protocol],
+        "",
         f"Each task scored on its first {config.num_samples} documents; its data bases from "
         f"{config.calibration_tokens} tokens of its documents after those (disjoint). Bytes per token measured from "
         f"what the cache holds after a probe over {config.seq_len} held-out tokens (a task at a context length: that "
@@ -605,6 +607,13 @@ def _quality(row: dict[str, Any], with_interval) -> str:
     return with_interval(row["value"], row.get("nd_ppl_interval"))
 
 
+PROTOCOLS = {
+    "forward": "every forward reads what the cache stores, the prompt's prefill included (the KV-CoRE paper's ND-PPL "
+    "protocol: the harshest).",
+    "after_prefill": "each forward attends exactly to its own tokens and through the compressed cache to earlier "
+    "ones, as deployed caches run: a loglikelihood request prefills its context, then scores its continuation; a "
+    "generation decodes its answer through the compressed prompt.",
+}
 MARKERS = ("o", "s", "^", "v", "D", "P", "X", "<", ">", "h")  # one per method, so that lines that meet stay apart
 
 

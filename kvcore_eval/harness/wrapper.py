@@ -20,7 +20,7 @@ from lm_eval.models.huggingface import HFLM
 
 from kvcore_eval.calibration.artifact import Calibration, load_calibration, read_metadata
 from kvcore_eval.calibration.overlap import OverlapCounter
-from kvcore_eval.compression import bases, latent
+from kvcore_eval.compression import bases, latent, peers
 from kvcore_eval.compression.cache import (
     LowRankCache,
     cache_bytes_per_token,
@@ -137,6 +137,7 @@ class KVCoreHFLM(HFLM):
         self._weight_bases: dict[bool, Calibration] = {}  # by whether keys are truncated
         self._attention_implementation = self.model.config._attn_implementation  # what the reconstruction path uses
         self.kvcore_measure_error = False  # set by the frontier: caches keep the squared error of what they store
+        self._context_lengths: dict[tuple[int, ...], int] = {}  # after_prefill: where each request's context ends
         self._apply(truncation, source)
 
     def set_truncation(self, truncation: TruncationConfig) -> None:
@@ -255,19 +256,34 @@ class KVCoreHFLM(HFLM):
         self.kvcore_model_cache = compare_with_model_cache(
             self.kvcore_cache_bytes, sliding_window_layers(self.model.config), geometry.num_layers
         )
-        logger.info(
-            "kvcore_hf: basis=%s, %s key ranks %s, value ranks %s of %d%s; cache %.1f%% of a full cache "
-            "(%d vs %d bytes/token)",
-            self.kvcore_config.basis,
-            plan.key_space,
-            _ranks(plan.key_rank_per_layer),
-            _ranks(plan.value_rank_per_layer),
-            plan.width,
-            _bits(self.kvcore_config, plan),
-            100 * self.kvcore_cache_bytes["ratio"],
-            self.kvcore_cache_bytes["low_rank"],
-            self.kvcore_cache_bytes["full"],
-        )
+        config = self.kvcore_config
+        if config.peer is not None:  # transformers' own cache: what it holds is measured, not planned
+            peers.check_geometry(config.peer, geometry)
+            self.kvcore_cache_bytes = {**self.kvcore_cache_bytes, "low_rank": None, "ratio": None}
+            self.kvcore_model_cache = None
+            logger.info(
+                "kvcore_hf: transformers' QuantizedCache (%s, %d bits, the last %d tokens in full precision), "
+                "protocol=%s; its bytes are measured from what it holds",
+                config.peer,
+                config.latent_bits,
+                config.residual_length,
+                config.protocol,
+            )
+        else:
+            logger.info(
+                "kvcore_hf: basis=%s, %s key ranks %s, value ranks %s of %d%s, protocol=%s; cache %.1f%% of a full "
+                "cache (%d vs %d bytes/token)",
+                config.basis,
+                plan.key_space,
+                _ranks(plan.key_rank_per_layer),
+                _ranks(plan.value_rank_per_layer),
+                plan.width,
+                _bits(config, plan),
+                config.protocol,
+                100 * self.kvcore_cache_bytes["ratio"],
+                self.kvcore_cache_bytes["low_rank"],
+                self.kvcore_cache_bytes["full"],
+            )
         if self.kvcore_model_cache is not None:
             logger.warning("kvcore_hf: %s", self.kvcore_model_cache["note"])
         self._latent = self.kvcore_config.attention == "latent"
@@ -281,7 +297,10 @@ class KVCoreHFLM(HFLM):
             )
         self.model.set_attn_implementation(latent.NAME if self._latent else self._attention_implementation)
 
-    def _cache(self, is_latent: bool) -> LowRankCache:
+    def _cache(self, is_latent: bool):
+        config = self.kvcore_config
+        if config.peer is not None:
+            return peers.peer_cache(config.peer, self.model.config, config.latent_bits, config.residual_length)
         return LowRankCache(
             self._bases,
             self._kv_heads,
@@ -289,16 +308,22 @@ class KVCoreHFLM(HFLM):
             latent=is_latent,
             codec=self._codec,
             measure_error=self.kvcore_measure_error,
+            exact_current=config.protocol == "after_prefill",
         )
 
-    def _measure(self, cache: LowRankCache) -> None:
+    def held_bytes(self, cache) -> dict[str, int]:
+        """What a cache of this plan holds, by part (a low-rank cache's latents, codes, scales, positions...; a peer's
+        quantized states and residual window)."""
+        return peers.stored_bytes(cache) if self.kvcore_config.peer is not None else cache.stored_bytes()
+
+    def _measure(self, cache, rows: int) -> None:
         """Add what one cache held at its end to the evaluation's measured bytes (and, when measured, the squared
-        error of what entered it)."""
-        for part, size in cache.stored_bytes().items():
+        error of what entered it); `rows`: the batch it served."""
+        for part, size in self.held_bytes(cache).items():
             self._measured["bytes"][part] += size
-        self._measured["positions"] += cache.stored_positions()
+        self._measured["positions"] += rows * cache.get_seq_length()  # padding included, as a full cache holds it
         self._measured["caches"] += 1
-        if self.kvcore_measure_error:
+        if self.kvcore_measure_error and isinstance(cache, LowRankCache):
             for kind, per_layer in cache.squared_errors().items():
                 if not self._errors[kind]:
                     self._errors[kind] = [[0.0, 0.0] for _ in per_layer]
@@ -388,19 +413,51 @@ class KVCoreHFLM(HFLM):
                 enabled=self.mixed_precision_dtype is not None,
             ),
         ):
-            logits = self.model(inps, cache=cache, use_cache=True).logits
-        self._measure(cache)
+            logits = torch.cat(
+                [
+                    self.model(inps[:, start:stop], cache=cache, use_cache=True).logits
+                    for start, stop in self._chunks(inps)
+                ],
+                dim=1,
+            )
+        self._measure(cache, inps.shape[0])
         return logits
+
+    def _chunks(self, inps: torch.Tensor) -> list[tuple[int, int]]:
+        """The forwards one input is fed in: one (protocol=forward); under after_prefill, the request's context, then
+        its continuation, each cut every prefill_chunk tokens. An input of no known request is cut by prefill_chunk
+        alone."""
+        length = inps.shape[1]
+        if self.kvcore_config.protocol == "forward":
+            return [(0, length)]
+        cuts = {0, length, self._context_lengths.get(tuple(inps[0].tolist()), 0)}
+        if (chunk := self.kvcore_config.prefill_chunk) is not None:
+            cuts.update(range(0, length, chunk))
+        cuts = sorted(cut for cut in cuts if 0 <= cut <= length)
+        return list(zip(cuts[:-1], cuts[1:], strict=True))
+
+    def _loglikelihood_tokens(self, requests, disable_tqdm: bool = False, override_bs: int | None = None):
+        """Under after_prefill, each request's input as lm-eval builds it (context and continuation, the last token
+        dropped, cut from the left to max_length) is remembered with where its context ends in it, so that
+        `_model_call` can prefill the context before the continuation reads the compressed cache."""
+        if self.kvcore_config.protocol == "after_prefill":
+            self._context_lengths = {}
+            for _, context, continuation in requests:
+                tokens = (context + continuation)[-(self.max_length + 1) :][:-1]
+                # the first continuation token is predicted by the context's last: the context is the first forward
+                self._context_lengths[tuple(tokens)] = len(tokens) - len(continuation) + 1
+        return super()._loglikelihood_tokens(requests, disable_tqdm=disable_tqdm, override_bs=override_bs)
 
     def _model_generate(
         self, context: torch.Tensor, max_length: int, stop: list[str], **generation_kwargs
     ) -> torch.Tensor:
         cache = self.new_cache()
-        cache.set_token_mask(generation_kwargs.get("attention_mask"))  # basis=sequence: padding stays out of bases
+        if isinstance(cache, LowRankCache):  # a per-sequence basis keeps padding out of its bases
+            cache.set_token_mask(generation_kwargs.get("attention_mask"))
         with latent.active(cache):
             output = super()._model_generate(context, max_length, stop, cache=cache, **generation_kwargs)
         check_cache_kept(cache, output, self.model.config)
-        self._measure(cache)
+        self._measure(cache, context.shape[0])
         return output
 
     def get_model_info(self) -> dict[str, Any]:
@@ -440,7 +497,7 @@ def describe_artifact(metadata: dict[str, Any] | None) -> dict[str, Any] | None:
     }
 
 
-_PARTS = ("keys", "values", "scales", "sequence_bases", "rope_tables", "rope_positions")
+_PARTS = ("keys", "values", "scales", "sequence_bases", "rope_tables", "rope_positions", "quantized", "residual")
 _NO_DOCUMENTS = torch.zeros((0, 2), dtype=torch.int64)
 
 
