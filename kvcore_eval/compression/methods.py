@@ -1,9 +1,13 @@
-"""The frontier's methods: each a basis and an allocation of ranks (and bits) over layers, and how it is placed at
-a budget. Light (no torch), so that configurations and the command line can name and check them.
+"""What a compressed cache is made of, declared once and light (no torch), so that configurations and the command
+line can name and check it before anything loads.
 
-A method's one free knob is what the frontier sets by bisection to meet a budget in measured bytes: the rank of every
-layer (uniform allocations), the total dimensions a budget allocation spreads over layers and kinds, or nothing (a
-method at full rank is one point at its measured bytes).
+`BASES`: the sources of bases (`basis=`) with what each needs and allows (`check_basis`). `METHODS`: the frontier's
+methods, each one codec, a basis and the bits of each latent channel, as one small dataclass per kind: `LowRank`
+(bits {native or 8, 0}), `Quantized` (every dimension at N bits, as they are or rotated), `Spectral` (bits per
+eigen-channel by reverse water-filling), `Peer` (transformers' own QuantizedCache). A method's one free knob is what
+the frontier sets by bisection to meet a budget in measured bytes: a rank, the total dimensions a budget allocation
+spreads over layers and kinds, a budget in bits, or nothing (one point at its measured bytes). `Budget`: a budget as
+a fraction of the full cache or in bits per cached number.
 """
 
 from __future__ import annotations
@@ -74,7 +78,7 @@ def check_basis(config: Any) -> None:
                 f"basis={source.name} keeps every dimension ({source.description}): drop {', '.join(given)} and give "
                 "the bits of its codes with latent_bits="
             )
-    budgeted = config.rank_budget is not None or config.bits is not None
+    budgeted = config.budgeted
     if budgeted and config.budget_method == "waterfill" and not source.calibrated:
         raise ValueError(
             f"budget_method=waterfill spends bits by each channel's variance on data, and basis={source.name} has "
