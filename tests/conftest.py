@@ -170,3 +170,35 @@ def calibrate_in_memory(model, input_ids: torch.Tensor):
 @pytest.fixture(scope="session")
 def calibration_tokens() -> torch.Tensor:
     return torch.randint(3, VOCAB, (4, 64), generator=torch.Generator().manual_seed(7))
+
+
+@pytest.fixture
+def read_only():
+    """A function that makes a folder unwritable for the rest of the test: `chattr +i` where the tests run as root
+    (root writes through permissions), else chmod 0555; the test is skipped where neither holds."""
+    import contextlib
+    import os
+    import subprocess
+
+    made: list[Path] = []
+
+    def make(folder: Path) -> Path:
+        if os.geteuid() == 0:
+            if not shutil.which("chattr") or subprocess.run(["chattr", "+i", str(folder)]).returncode != 0:
+                pytest.skip("root without chattr +i: a read-only folder cannot be made here")
+        else:
+            folder.chmod(0o555)
+        made.append(folder)
+        try:
+            (folder / ".probe").touch()
+        except OSError:
+            return folder
+        (folder / ".probe").unlink()
+        pytest.skip(f"{folder} stays writable here")
+
+    yield make
+    for folder in made:
+        if os.geteuid() == 0:
+            subprocess.run(["chattr", "-i", str(folder)], check=True)
+        with contextlib.suppress(OSError):
+            folder.chmod(0o755)

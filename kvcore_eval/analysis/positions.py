@@ -19,6 +19,7 @@ from typing import Any
 
 import numpy as np
 
+from kvcore_eval import outputs
 from kvcore_eval.metrics import nd_ppl
 
 DEFAULT_EDGES = (256, 512, 1024, 2048, 4096, 8192, 16384, 32768, 65536, 131072)
@@ -176,4 +177,4 @@ def plot(result: dict[str, Any], path) -> None:
         ax.grid(alpha=0.3)
         ax.legend(frameon=False, fontsize=7)
     figure.suptitle(f"damage by position: truncated {result['truncate']}", fontsize=9)
-    figure.savefig(path)
+    outputs.atomic_save_figure(figure, path)

@@ -14,7 +14,7 @@ from typing import Any
 
 import numpy as np
 
-from kvcore_eval import metrics
+from kvcore_eval import metrics, outputs
 from kvcore_eval.compression.methods import BASES
 
 KINDS = ("key", "value")
@@ -315,7 +315,7 @@ def plot_nd_ppl(summary: dict[str, Any], path: Path) -> None:
     ax.invert_xaxis()
     ax.grid(alpha=0.3)
     ax.legend(frameon=False, fontsize=8, ncol=2)
-    figure.savefig(path)
+    outputs.atomic_save_figure(figure, path)
 
 
 def plot_ner_vs_nd_ppl(summary: dict[str, Any], path: Path) -> None:
@@ -345,7 +345,7 @@ def plot_ner_vs_nd_ppl(summary: dict[str, Any], path: Path) -> None:
         f"NER vs ND-PPL across tasks: {summary['design']['model_name']}, rank {rank} of D, "
         f"{summary['design']['basis_scope']} bases"
     )
-    figure.savefig(path)
+    outputs.atomic_save_figure(figure, path)
 
 
 def plot_per_layer(layers: dict[str, Any], path: Path) -> None:
@@ -368,4 +368,4 @@ def plot_per_layer(layers: dict[str, Any], path: Path) -> None:
         ax.grid(alpha=0.3, axis="y")
     figure.legend(*axes[0].get_legend_handles_labels(), frameon=False, fontsize=8, loc="outside upper right")
     figure.suptitle(f"ND-PPL with one layer truncated at rank {layers['rank']:g} of D, the others at full rank")
-    figure.savefig(path)
+    outputs.atomic_save_figure(figure, path)
