@@ -10,7 +10,7 @@ from typing import Any
 import lm_eval
 
 import kvcore_eval.harness.wrapper  # noqa: F401  registers kvcore_hf
-from kvcore_eval.config import EvalConfig, split_paths
+from kvcore_eval.config import EvalConfig, split_paths, task_list
 from kvcore_eval.harness.lm_tasks import task_manager
 from kvcore_eval.model.models import resolve_device
 from kvcore_eval.outputs import atomic_write_text, check_output_file
@@ -37,7 +37,7 @@ def run_lm_eval(
     results = lm_eval.simple_evaluate(
         model=model,
         model_args=config.model_args(),
-        tasks=[t.strip() for t in config.tasks.split(",") if t.strip()],
+        tasks=task_list(config.tasks),
         batch_size=config.batch_size,
         device=resolve_device(config.device),
         limit=config.limit,

@@ -16,7 +16,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from kvcore_eval import outputs
-from kvcore_eval.config import SweepConfig, TaskScoringConfig
+from kvcore_eval.config import SweepConfig, TaskScoringConfig, task_list
 from kvcore_eval.harness.lm_tasks import leaf_tasks, load_as_evaluated
 from kvcore_eval.metrics import PERPLEXITY_METRICS
 
@@ -109,7 +109,7 @@ def task_units(
     """The leaf tasks of `config.tasks` as units, each with its metric; a generation task at each --metadata
     max_seq_lengths (where given). Unknown tasks, metrics and document counts (`per_task`: each task calibrated on
     the documents after the scored ones) are refused here, before any output is touched or any model loads."""
-    names = [t.strip() for t in config.tasks.split(",") if t.strip()]
+    names = task_list(config.tasks)
     lengths = config.context_lengths() or [None]
     if unknown := [name for name in names if name not in manager_for(None).all_tasks]:
         raise ValueError(
