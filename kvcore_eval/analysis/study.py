@@ -149,8 +149,14 @@ def format_correlation(c: dict[str, float]) -> str:
     if np.isnan(c["pearson_p"]):
         return f"r={c['pearson']:+.2f}, ρ={c['spearman']:+.2f}, n={c['n']} (too few points for a p-value)"
     return (
-        f"r={c['pearson']:+.2f} (p={c['pearson_p']:.2g}), ρ={c['spearman']:+.2f} (p={c['spearman_p']:.2g}), n={c['n']}"
+        f"r={c['pearson']:+.2f} ({format_p(c['pearson_p'])}), ρ={c['spearman']:+.2f} ({format_p(c['spearman_p'])}), "
+        f"n={c['n']}"
     )
+
+
+def format_p(p: float) -> str:
+    """A p-value as printed: two significant digits, and never p=0 (a p-value below 1e-4 reads p<0.0001)."""
+    return "p<0.0001" if p < 1e-4 else f"p={p:.2g}"
 
 
 def to_markdown(summary: dict[str, Any]) -> str:
