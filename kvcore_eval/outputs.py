@@ -155,12 +155,23 @@ def content_digest(data: Any) -> str:
     return hashlib.sha256(text.encode()).hexdigest()
 
 
+# A file name holds at most 255 bytes (NAME_MAX); a run folder's name gets the longest suffix the tool adds to it.
+MAX_NAME_BYTES = 255 - len(".kvcore-staging")
+
+
 def check_path_component(name: str, what: str) -> None:
-    """A name that becomes one folder or file name under an output folder: never a path that leaves it."""
+    """A name that becomes one folder or file name under an output folder: never a path that leaves it, and short
+    enough to be a file name with the suffixes kvcore-eval adds (its lock, its staging folder)."""
     if not name or name in (".", "..") or any(c in name for c in ("/", "\\", "\0")):
         raise ValueError(
             f"{what} {name!r} cannot be used as a file name (it is empty, '.' or '..', or holds '/', '\\' or NUL), "
             "and outputs are written under a folder named after it: rename it"
+        )
+    if (size := len(name.encode("utf-8", "surrogatepass"))) > MAX_NAME_BYTES:
+        raise ValueError(
+            f"{what} {name[:40]!r}... is {size} bytes long: outputs are written under a folder named after it, and a "
+            f"file name holds at most 255 bytes with the suffixes kvcore-eval adds; rename it (at most "
+            f"{MAX_NAME_BYTES} bytes)"
         )
 
 

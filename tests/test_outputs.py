@@ -282,3 +282,14 @@ def test_a_content_digest_survives_the_round_trip_and_tells_an_edit(tmp_path):
     assert outputs.content_digest(read_back) == outputs.content_digest(record)
     read_back["value"] = 0.3
     assert outputs.content_digest(read_back) != outputs.content_digest(record)
+
+
+def test_a_name_too_long_for_a_file_name_with_the_tools_suffixes_is_refused(tmp_path):
+    longest = "t" * outputs.MAX_NAME_BYTES
+    outputs.check_path_component(longest, "task name")
+    with outputs.run_lock(tmp_path / longest):  # its lock file and staging folder are file names too
+        (tmp_path / f"{longest}.kvcore-staging").mkdir()
+    with pytest.raises(ValueError, match="task name 'tttt.*'... is 241 bytes long: .*rename it"):
+        outputs.check_path_component(longest + "t", "task name")
+    with pytest.raises(ValueError, match="is 242 bytes long"):
+        outputs.check_path_component("é" * 121, "task name")

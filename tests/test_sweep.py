@@ -547,3 +547,21 @@ def test_two_concurrent_sweeps_into_one_folder_one_runs_the_other_is_refused(tmp
     assert json.loads((out / "sweep.json").read_text())["ranks"] == ["1", "0.5"]
     assert json.loads((out / "config.json").read_text())["ranks"] == "1.0,0.5"
     assert not (out / "points" / "kvcore_codealpaca" / "rank_0.25.json").exists()
+
+
+@pytest.mark.slow
+def test_a_task_name_too_long_for_a_file_name_is_refused_before_the_folder_is_claimed(tmp_path, count_loads):
+    """A 300-character task name gave `File name too long` after the model loaded, the folder already claimed."""
+    folder = tmp_path / "my_tasks"
+    folder.mkdir()
+    (folder / "notes.jsonl").write_text(json.dumps({"text": "The river rose overnight."}) + "\n")
+    name = "n" * 300
+    (folder / "long.yaml").write_text(
+        f"task: {name}\ndataset_path: json\ndataset_kwargs:\n  data_files: {folder / 'notes.jsonl'}\n"
+        "test_split: train\noutput_type: loglikelihood_rolling\ndoc_to_text: ''\ndoc_to_target: '{{text}}'\n"
+        "metric_list:\n  - metric: byte_perplexity\n"
+    )
+    out = tmp_path / "runs" / "sweep"
+    with pytest.raises(ValueError, match="task name 'n+'... is 300 bytes long: .*rename it \\(at most 240 bytes\\)"):
+        run_sweep(sweep_config(out, tasks=name, include_path=str(folder)))
+    assert count_loads == [] and not (tmp_path / "runs").exists()

@@ -132,6 +132,7 @@ def task_units(
             unit = Unit(instance.config.task, unit_length, instance.config.output_type, "")
             metric = choose_metric(config, instance, unit_length)
             unit = dataclasses.replace(unit, metric=metric, higher_is_better=higher_is_better(instance, metric))
+            outputs.check_path_component(unit.name, "task name")  # with its length: <task>@<length>
             if per_task:
                 check_document_count(config, unit, len(list(instance.eval_docs)))
             units[unit.name] = unit
