@@ -114,6 +114,18 @@ def atomic_write_text(path: Path, text: str) -> None:
         temporary.unlink(missing_ok=True)
 
 
+def keep_elsewhere(text: str, path: Path) -> str:
+    """Keep what could not be written at `path` in a new file of the system's temporary folder; returns the words
+    that say where it is and how to put it in place (or that it could not be kept either)."""
+    try:
+        fd, kept = tempfile.mkstemp(prefix=f"kvcore-eval-{path.stem}-", suffix=path.suffix)
+        with os.fdopen(fd, "w", encoding="utf-8") as f:
+            f.write(text)
+    except OSError as err:
+        return f"could not be kept in {tempfile.gettempdir()} either ({err.strerror or err})"
+    return f"are kept in {kept}: once there is room, `cp {kept} {path}`"
+
+
 def atomic_write_json(path: Path, data: Any) -> None:
     atomic_write_text(path, json.dumps(data, indent=2, sort_keys=True, default=str) + "\n")
 
