@@ -17,7 +17,13 @@ import lm_eval
 import kvcore_eval.harness.wrapper  # noqa: F401  registers kvcore_hf
 from kvcore_eval import outputs
 from kvcore_eval.config import EvalConfig, split_paths, task_list
-from kvcore_eval.harness.lm_tasks import check_continuations_fit, leaf_tasks, load_as_evaluated, task_manager
+from kvcore_eval.harness.lm_tasks import (
+    check_continuations_fit,
+    check_declared_metrics,
+    leaf_tasks,
+    load_as_evaluated,
+    task_manager,
+)
 from kvcore_eval.model import models
 from kvcore_eval.model.models import resolve_device
 from kvcore_eval.outputs import atomic_write_text, check_output_file
@@ -64,12 +70,14 @@ def evaluate(config: EvalConfig, log_samples: bool = False, metadata: dict[str, 
 
 
 def check_documents_fit(config: EvalConfig, manager) -> None:
-    """Before the model loads: each scored loglikelihood document's continuation fits the model's context (its
-    config and tokenizer read, not its weights)."""
+    """Before the model loads: every metric a task's process_results returns is declared, and each scored
+    loglikelihood document's continuation fits the model's context (its config and tokenizer read, not its
+    weights)."""
     model_id, gguf_file = models.gguf_location(config.model, config.gguf_file)
     tokenizer = models.load_tokenizer(model_id, None, gguf_file)
     max_length = models.context_length(models.load_config(model_id, None, gguf_file), tokenizer)
     for instance in leaf_tasks(load_as_evaluated(manager, task_list(config.tasks))):
+        check_declared_metrics(instance)
         check_continuations_fit(instance, config.limit, tokenizer, max_length, config.model)
 
 

@@ -271,6 +271,36 @@ def check_continuations_fit(instance, limit: int | None, tokenizer, max_length: 
                 )
 
 
+# A stand-in model answer per output type: what lm-eval hands process_results for one loglikelihood document.
+_STAND_IN_RESULTS = {"loglikelihood": [(-1.0, False)], "loglikelihood_rolling": [-1.0]}
+
+
+def check_declared_metrics(instance) -> None:
+    """A task's own process_results may return a metric its metric_list does not declare: lm-eval then averages it,
+    a raw TypeError after the whole run where the value is a (loglikelihood, count) pair. Tried on the first
+    document with a stand-in answer (loglikelihood tasks only: no model, and nothing that calls out), such a metric is
+    refused before anything loads."""
+    stand_in = _STAND_IN_RESULTS.get(instance.config.output_type)
+    if stand_in is None or not callable(instance.config.process_results):
+        return
+    doc = next(iter(instance.eval_docs), None)
+    try:
+        returned = instance.process_results(doc, stand_in) if doc is not None else {}
+    except Exception:  # noqa: BLE001  the stand-in is not what this process_results reads: lm-eval's run will tell
+        return
+    declared = {str(entry["metric"]) for entry in instance.config.metric_list or []}
+    undeclared = sorted(
+        name for name, value in (returned or {}).items() if name not in declared and not isinstance(value, int | float)
+    )
+    if undeclared:
+        raise ValueError(
+            f"{instance.config.task}'s process_results returns {', '.join(undeclared)}, which its metric_list does not "
+            "declare, so lm-eval would average its (loglikelihood, count) pairs and fail after the run: add "
+            f"{undeclared[0]} to the metric_list of its YAML with its aggregation (e.g. bits_per_byte: aggregation "
+            "bits_per_byte), or stop returning it"
+        )
+
+
 def _continuations(instance, doc, delimiter: str) -> list[str]:
     """What lm-eval scores of a loglikelihood document: its target, or each choice of a multiple-choice one."""
     if instance.config.output_type == "multiple_choice":

@@ -17,7 +17,7 @@ from typing import Any
 
 from kvcore_eval import outputs
 from kvcore_eval.config import SweepConfig, TaskScoringConfig, task_list
-from kvcore_eval.harness.lm_tasks import leaf_tasks, load_as_evaluated
+from kvcore_eval.harness.lm_tasks import check_declared_metrics, leaf_tasks, load_as_evaluated
 from kvcore_eval.metrics import PERPLEXITY_METRICS
 
 
@@ -129,6 +129,7 @@ def task_units(
                 continue  # a task whose metric does not name a length (gsm8k, perplexity) is scored once
             unit_length = length if at_lengths else None
             check_single_filter(instance)
+            check_declared_metrics(instance)
             unit = Unit(instance.config.task, unit_length, instance.config.output_type, "")
             metric = choose_metric(config, instance, unit_length)
             unit = dataclasses.replace(unit, metric=metric, higher_is_better=higher_is_better(instance, metric))
