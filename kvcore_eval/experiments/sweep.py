@@ -86,12 +86,24 @@ def open_sweep(config: SweepConfig) -> contextlib.AbstractContextManager[Session
 
     def check(units: list[Unit], manager_for: Callable[[int | None], Any]) -> None:
         check_kinds(config, units)
+        if config.position_buckets:
+            check_position_buckets(config)
         if config.basis_scope == "shared":
             read_metadata(config.truncation.calibration)  # an artifact is there, in a format this version reads
             if not config.allow_overlap:
                 check_shared_overlap(config, units, manager_for)
 
     return open_units(config, KIND, OWN_NAMES, per_task=config.basis_scope == "per-task", check=check)
+
+
+def check_position_buckets(config: SweepConfig) -> None:
+    """--position-buckets against the context the model gets (its config and tokenizer read, not its weights): edges
+    past it are named, and edges that all are refused (one bucket)."""
+    model_id, gguf_file = models.gguf_location(config.model, config.gguf_file)
+    context = models.context_length(
+        models.load_config(model_id, None, gguf_file), models.load_tokenizer(model_id, None, gguf_file)
+    )
+    positions.check_edges(config.position_buckets, context)
 
 
 def check_shared_overlap(config: SweepConfig, units: list[Unit], manager_for: Callable[[int | None], Any]) -> None:
