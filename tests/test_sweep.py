@@ -565,3 +565,12 @@ def test_a_task_name_too_long_for_a_file_name_is_refused_before_the_folder_is_cl
     with pytest.raises(ValueError, match="task name 'n+'... is 300 bytes long: .*rename it \\(at most 240 bytes\\)"):
         run_sweep(sweep_config(out, tasks=name, include_path=str(folder)))
     assert count_loads == [] and not (tmp_path / "runs").exists()
+
+
+def test_a_read_only_out_is_named_with_the_fix_before_the_model_loads(tmp_path, count_loads, read_only):
+    out = tmp_path / "ro"
+    out.mkdir()
+    read_only(out)
+    with pytest.raises(PermissionError, match=f"^{out} cannot be written .*: the sweep writes its results there; make"):
+        run_sweep(sweep_config(out, tasks="kvcore_codealpaca"))
+    assert count_loads == [] and list(out.iterdir()) == [] and not (tmp_path / "ro.kvcore-lock").exists()
