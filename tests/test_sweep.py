@@ -574,3 +574,21 @@ def test_a_read_only_out_is_named_with_the_fix_before_the_model_loads(tmp_path, 
     with pytest.raises(PermissionError, match=f"^{out} cannot be written .*: the sweep writes its results there; make"):
         run_sweep(sweep_config(out, tasks="kvcore_codealpaca"))
     assert count_loads == [] and list(out.iterdir()) == [] and not (tmp_path / "ro.kvcore-lock").exists()
+
+
+def test_a_record_longer_than_the_context_is_refused_before_the_model_loads(tmp_path, count_loads):
+    """A scored document whose response is longer than the model's 1024 positions: lm-eval would assert it after the
+    model loaded and the calibration ran; refused before, naming the task and the document."""
+    import shutil
+
+    data = tmp_path / "data"
+    data.mkdir()
+    shutil.copy(EXAMPLE_DATA / "codealpaca.jsonl", data / "codealpaca.jsonl")
+    records = [json.loads(line) for line in (data / "codealpaca.jsonl").read_text().splitlines()]
+    for record in records:
+        record["output"] = "x = 1\n" * 300  # 1800 bytes: 1800 tokens of the byte-level tokenizer
+    (data / "codealpaca.jsonl").write_text("".join(json.dumps(r) + "\n" for r in records))
+    out = tmp_path / "sweep"
+    with pytest.raises(ValueError, match="kvcore_codealpaca document 0 .*continuation is 1800 tokens, more than"):
+        run_sweep(sweep_config(out, tasks="kvcore_codealpaca", data_dir=str(data)))
+    assert count_loads == [] and not out.exists()

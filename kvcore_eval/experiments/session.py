@@ -31,6 +31,7 @@ from kvcore_eval.config import CalibrationConfig, identity, identity_differences
 from kvcore_eval.harness.documents import document_ner, per_document_counts, per_document_values
 from kvcore_eval.harness.lm_tasks import (
     ALL_RECORDS,
+    check_continuations_fit,
     leaf_tasks,
     lm_eval_task_documents,
     load_as_evaluated,
@@ -373,7 +374,12 @@ def open_units(
         lengths = {"max_seq_lengths": [length]} if length is not None else {}
         return task_manager(config.data_dir, split_paths(config.include_path), {**metadata, **lengths})
 
-    units = task_units(config, manager_for, per_task)
+    max_length = models.context_length(models.load_config(model_id, None, gguf_file), tokenizer)
+
+    def fits(instance) -> None:  # the scored documents' continuations, against the context the model gets
+        check_continuations_fit(instance, config.num_samples, tokenizer, max_length, config.model)
+
+    units = task_units(config, manager_for, per_task, fits)
     if check is not None:
         check(list(units.values()), manager_for)
     with outputs.run_lock(Path(config.out)):

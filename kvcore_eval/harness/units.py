@@ -104,11 +104,15 @@ def check_single_filter(instance) -> None:
 
 
 def task_units(
-    config: TaskScoringConfig, manager_for: Callable[[int | None], Any], per_task: bool = True
+    config: TaskScoringConfig,
+    manager_for: Callable[[int | None], Any],
+    per_task: bool = True,
+    check_task: Callable[[Any], None] | None = None,
 ) -> dict[str, Unit]:
     """The leaf tasks of `config.tasks` as units, each with its metric; a generation task at each --metadata
     max_seq_lengths (where given). Unknown tasks, metrics and document counts (`per_task`: each task calibrated on
-    the documents after the scored ones) are refused here, before any output is touched or any model loads."""
+    the documents after the scored ones), and whatever `check_task(lm-eval task)` refuses, are refused here, before
+    any output is touched or any model loads."""
     names = task_list(config.tasks)
     lengths = config.context_lengths() or [None]
     if unknown := [name for name in names if name not in manager_for(None).all_tasks]:
@@ -130,6 +134,8 @@ def task_units(
             unit_length = length if at_lengths else None
             check_single_filter(instance)
             check_declared_metrics(instance)
+            if check_task is not None:
+                check_task(instance)
             unit = Unit(instance.config.task, unit_length, instance.config.output_type, "")
             metric = choose_metric(config, instance, unit_length)
             unit = dataclasses.replace(unit, metric=metric, higher_is_better=higher_is_better(instance, metric))
