@@ -258,7 +258,7 @@ def test_a_rerun_with_fewer_budgets_and_methods_says_which_finished_points_it_le
         with caplog.at_level("WARNING"):
             fewer = run_frontier(frontier_config(out, budgets="0.5", methods="uniform,ner"))
         assert count_evaluations == [], "every point was reused"
-        assert {(r["method"], r["budget"]) for r in fewer} == {("full", None), ("uniform", 0.5), ("ner", 0.5)}
+        assert {(r["method"], r["budget"]) for r in fewer} == {("full", None), ("uniform", "0.5"), ("ner", "0.5")}
         dropped = [f"{TASK} {m} at budget {b:g}" for m in ("uniform", "ner", "sensitivity") for b in BUDGETS]
         dropped = [d for d in dropped if not d.endswith(("uniform at budget 0.5", "ner at budget 0.5"))]
         markdown = (out / "frontier.md").read_text()

@@ -415,7 +415,7 @@ def left_out(out: Path, rows: list[dict[str, Any]]) -> list[str]:
     placed = {(r["task"], r["method"], r["budget"]) for r in rows}
     referred = {(r["task"], r.get("point")) for r in [*rows, *previous]}
     dropped = [
-        f"{r['task']} {r['method']}" + ("" if r["budget"] is None else f" at budget {r['budget']:g}")
+        f"{r['task']} {r['method']}" + ("" if r["budget"] is None else f" at budget {r['budget']}")
         for r in previous
         if (r["task"], r["method"], r["budget"]) not in placed
     ]
