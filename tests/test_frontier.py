@@ -481,6 +481,6 @@ def test_a_generation_task_at_a_context_length_is_a_frontier_of_its_own_metric(t
         768,
         "max_gen_toks=4",
     )
-    assert "| score (768-token context) | front |" in (out / "frontier.md").read_text()
+    assert "| score (768-token context) | vs bound | front |" in (out / "frontier.md").read_text()
     with pytest.raises(ValueError, match="gen_kwargs: 'max_gen_toks=4' then, 'max_gen_toks=5' now"):
         run_frontier(dataclasses.replace(config, gen_kwargs="max_gen_toks=5"))
