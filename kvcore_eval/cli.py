@@ -85,12 +85,17 @@ def _report(args: argparse.Namespace) -> None:
 
 
 def _eval(args: argparse.Namespace) -> None:
-    """`kvcore-eval eval`: one lm-eval run; prints lm-eval's results table."""
+    """`kvcore-eval eval`: one lm-eval run; prints lm-eval's results table, then writes --output (a late write that
+    fails loses nothing: the table is printed and the results kept elsewhere)."""
     from lm_eval.utils import make_table
 
-    from kvcore_eval.experiments.evaluate import run_lm_eval  # lazy: torch, lm-eval (a fast --help)
+    from kvcore_eval.experiments.evaluate import evaluate, save_results  # lazy: torch, lm-eval (a fast --help)
 
-    print(make_table(run_lm_eval(config_from_args(EvalConfig, args))))
+    config = config_from_args(EvalConfig, args)
+    results = evaluate(config)
+    print(make_table(results), flush=True)
+    if config.output:
+        save_results(results, Path(config.output))
 
 
 def _sweep(args: argparse.Namespace) -> None:

@@ -36,7 +36,7 @@ from kvcore_eval.compression.methods import (
     uses_budget_allocation,
 )
 from kvcore_eval.compression.peers import check_backend
-from kvcore_eval.metrics import PERPLEXITY_METRICS
+from kvcore_eval.metrics import PERPLEXITY_METRICS, WEIGHTED_PERPLEXITIES
 from kvcore_eval.model.models import gguf_location
 from kvcore_eval.spaces import DEFAULT_KEY_SPACE, Granularity, KeySpace, Truncate
 
@@ -456,6 +456,14 @@ def parse_metadata(metadata: str | None) -> dict:
     return parsed
 
 
+def task_list(tasks: str) -> list[str]:
+    """--tasks as a list of names; none at all (`--tasks ","`) is refused before anything loads."""
+    names = [t.strip() for t in tasks.split(",") if t.strip()]
+    if not names:
+        raise ValueError(f"--tasks {tasks!r} names no task: give comma-separated lm-eval tasks, e.g. kvcore_domains")
+    return names
+
+
 def split_paths(paths: str | None) -> list[str]:
     """Comma-separated folders (--include_path) as a list."""
     return [p.strip() for p in (paths or "").split(",") if p.strip()]
@@ -505,6 +513,7 @@ class TaskScoringConfig(LMEvalRunConfig):
 
     def check_scoring(self) -> None:
         """The checks of these options, before anything loads."""
+        task_list(getattr(self, "tasks", ""))
         self.metric_choice()
         if self.gen_kwargs is not None and any("=" not in item for item in self.gen_kwargs.split(",")):
             raise ValueError(f"--gen-kwargs {self.gen_kwargs!r}: give key=value pairs, e.g. max_gen_toks=16")
@@ -528,9 +537,16 @@ class TaskScoringConfig(LMEvalRunConfig):
                 f"--metric {self.metric!r}: give one perplexity metric and task=metric pairs, e.g. "
                 "byte_perplexity,niah_single_1=1024"
             )
-        if bare and bare[0] not in PERPLEXITY_METRICS:
+        for task, name in pairs:  # a perplexity's log is not a perplexity: its "ND-PPL" would be another number
+            if name.strip() in PERPLEXITY_METRICS and name.strip() not in WEIGHTED_PERPLEXITIES:
+                raise ValueError(
+                    f"--metric {task.strip()}={name.strip()}: {name.strip()} is the log of a perplexity, not a "
+                    f"perplexity, and ND-PPL is a perplexity's relative change: use {task.strip()}=byte_perplexity "
+                    "(or word_perplexity)"
+                )
+        if bare and bare[0] not in WEIGHTED_PERPLEXITIES:
             raise ValueError(
-                f"--metric {bare[0]}: a bare metric is the perplexity of ND-PPL ({', '.join(PERPLEXITY_METRICS)}); "
+                f"--metric {bare[0]}: a bare metric is the perplexity of ND-PPL ({', '.join(WEIGHTED_PERPLEXITIES)}); "
                 f"score a task by another metric with task={bare[0]}"
             )
         return (bare[0] if bare else "byte_perplexity"), {task.strip(): name.strip() for task, name in pairs}
@@ -571,6 +587,12 @@ class EvalConfig(LMEvalRunConfig):
 
     def __post_init__(self) -> None:
         check_choices(self)
+        task_list(self.tasks)
+        if self.limit is not None and self.limit < 1:
+            raise ValueError(
+                f"--limit {self.limit} scores no document: give a positive number of documents per task, or drop "
+                "--limit to score them all"
+            )
         truncation = self.truncation
         if not truncation.runs_kvcore and (truncation.ranks_given or truncation.rank_budget is not None):
             raise ValueError(
@@ -766,6 +788,10 @@ class FrontierConfig(TaskScoringConfig):
             if getattr(self.truncation, name) != getattr(TruncationConfig, name)
         ]:
             raise ValueError(f"the frontier sets {', '.join(given)} itself at each point: leave them out")
+        if not self.method_list():
+            raise ValueError(
+                f"--methods {self.methods!r} names no method: give comma-separated methods, of: {', '.join(METHODS)}"
+            )
         unknown = [m for m in self.method_list() if m not in METHODS]
         if unknown:
             raise ValueError(f"--methods {', '.join(unknown)}: unknown; choose from {', '.join(METHODS)}")
@@ -800,10 +826,6 @@ class FrontierConfig(TaskScoringConfig):
 
     def method_list(self) -> list[str]:
         return list(dict.fromkeys(m.strip() for m in self.methods.split(",") if m.strip()))
-
-
-# Any geometry will do to build each method's TruncationConfig before the model loads (its checks need no shapes).
-_SOME_GEOMETRY = type("Geometry", (), {"num_layers": 2, "width": 2})
 
 
 # Any geometry will do to build each method's TruncationConfig before the model loads (its checks need no shapes).

@@ -13,12 +13,14 @@ from __future__ import annotations
 
 import contextlib
 import errno
+import hashlib
 import json
 import logging
 import os
 import re
 import shutil
 import socket
+import stat
 import sys
 import tempfile
 from collections.abc import Callable, Iterable, Iterator
@@ -112,6 +114,18 @@ def atomic_write_text(path: Path, text: str) -> None:
         temporary.unlink(missing_ok=True)
 
 
+def keep_elsewhere(text: str, path: Path) -> str:
+    """Keep what could not be written at `path` in a new file of the system's temporary folder; returns the words
+    that say where it is and how to put it in place (or that it could not be kept either)."""
+    try:
+        fd, kept = tempfile.mkstemp(prefix=f"kvcore-eval-{path.stem}-", suffix=path.suffix)
+        with os.fdopen(fd, "w", encoding="utf-8") as f:
+            f.write(text)
+    except OSError as err:
+        return f"could not be kept in {tempfile.gettempdir()} either ({err.strerror or err})"
+    return f"are kept in {kept}: once there is room, `cp {kept} {path}`"
+
+
 def atomic_write_json(path: Path, data: Any) -> None:
     atomic_write_text(path, json.dumps(data, indent=2, sort_keys=True, default=str) + "\n")
 
@@ -134,13 +148,62 @@ def atomic_save_safetensors(tensors: dict, path: Path, metadata: dict[str, str] 
         shutil.rmtree(temporary, ignore_errors=True)
 
 
+def atomic_save_figure(figure, path: Path) -> None:
+    """A matplotlib Figure saved through a temporary file and a rename (its format from `path`'s suffix): a full disk
+    names the file and its folder, and leaves the previous figure intact."""
+    temporary = temporary_path(path)
+    try:
+        with _disk_full_is_one_line(path):
+            figure.savefig(temporary, format=path.suffix.lstrip(".") or None)
+        os.replace(temporary, path)
+    finally:
+        temporary.unlink(missing_ok=True)
+
+
+def content_digest(data: Any) -> str:
+    """sha256 of JSON data as `atomic_write_json` writes it (keys sorted): the same before writing and after reading
+    back, so a file that holds its own digest tells an edit of its content."""
+    text = json.dumps(json.loads(json.dumps(data, default=str)), sort_keys=True, separators=(",", ":"))
+    return hashlib.sha256(text.encode()).hexdigest()
+
+
+# A file name holds at most 255 bytes (NAME_MAX); a run folder's name gets the longest suffix the tool adds to it.
+MAX_NAME_BYTES = 255 - len(".kvcore-staging")
+
+
 def check_path_component(name: str, what: str) -> None:
-    """A name that becomes one folder or file name under an output folder: never a path that leaves it."""
+    """A name that becomes one folder or file name under an output folder: never a path that leaves it, and short
+    enough to be a file name with the suffixes kvcore-eval adds (its lock, its staging folder)."""
     if not name or name in (".", "..") or any(c in name for c in ("/", "\\", "\0")):
         raise ValueError(
             f"{what} {name!r} cannot be used as a file name (it is empty, '.' or '..', or holds '/', '\\' or NUL), "
             "and outputs are written under a folder named after it: rename it"
         )
+    if (size := len(name.encode("utf-8", "surrogatepass"))) > MAX_NAME_BYTES:
+        raise ValueError(
+            f"{what} {name[:40]!r}... is {size} bytes long: outputs are written under a folder named after it, and a "
+            f"file name holds at most 255 bytes with the suffixes kvcore-eval adds; rename it (at most "
+            f"{MAX_NAME_BYTES} bytes)"
+        )
+
+
+def unwritable(folder: Path, err: OSError, why: str) -> PermissionError:
+    """The one line of a folder kvcore-eval cannot write (read-only, immutable, no permission): the folder, the
+    reason, and the fix, never an internal file name."""
+    return PermissionError(
+        f"{folder} cannot be written ({err.strerror or err}): {why}; make it writable, or choose an output folder "
+        "elsewhere (--out)"
+    )
+
+
+def check_writable(folder: Path, why: str) -> None:
+    """Before any output: `folder` (existing) takes new files. Permissions, read-only mounts, immutable folders: the
+    only sure test is to write."""
+    try:
+        with tempfile.TemporaryFile(dir=folder):
+            pass
+    except OSError as err:
+        raise unwritable(folder, err, why) from None
 
 
 def check_output_file(path: Path, option: str, is_ours: Callable[[Path], bool]) -> None:
@@ -190,17 +253,86 @@ def _describe(holder: bytes) -> str:
         return "a holder that did not record itself"
 
 
+def _refuse_lock_file(path: Path, folder: Path, what: str) -> FileExistsError:
+    return FileExistsError(
+        f"{path} {what}: kvcore-eval never writes through it, and it is where the lock of {folder} goes; remove it "
+        "(no kvcore-eval run is writing that folder), or choose another output folder"
+    )
+
+
+_UNWRITABLE = (errno.EACCES, errno.EPERM, errno.EROFS)
+
+
+def _create_lock_file(path: Path, folder: Path) -> int | None:
+    """A descriptor of a new lock file at `path` (O_CREAT|O_EXCL|O_NOFOLLOW), else of the file already there
+    (`_open_existing_lock`); None when that vanished meanwhile (try again). An unwritable folder is named, with
+    the fix."""
+    try:
+        return os.open(path, os.O_RDWR | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW, 0o644)
+    except FileExistsError:
+        return _open_existing_lock(path, folder)
+    except OSError as err:
+        if err.errno in _UNWRITABLE:
+            raise unwritable(path.parent, err, f"{folder} and its lock are written there") from None
+        raise
+
+
+def _open_existing_lock(path: Path, folder: Path) -> int | None:
+    """The lock file already at `path`, opened O_NOFOLLOW, when it is a plain file with one name; a symbolic link or
+    anything else is refused and left as it is. None when it vanished or was replaced meanwhile."""
+    try:
+        found = os.lstat(path)
+    except FileNotFoundError:
+        return None
+    if stat.S_ISLNK(found.st_mode):
+        raise _refuse_lock_file(path, folder, "is a symbolic link")
+    if not stat.S_ISREG(found.st_mode) or found.st_nlink != 1:
+        raise _refuse_lock_file(path, folder, "is not a plain file of kvcore-eval's")
+    try:
+        fd = os.open(path, os.O_RDWR | os.O_NOFOLLOW | os.O_NONBLOCK)
+    except FileNotFoundError:
+        return None
+    except OSError as err:
+        if err.errno == errno.ELOOP:  # replaced by a link between the lstat and the open
+            raise _refuse_lock_file(path, folder, "is a symbolic link") from None
+        if err.errno in _UNWRITABLE:
+            raise unwritable(path.parent, err, f"{folder} and its lock are written there") from None
+        raise
+    if (os.fstat(fd).st_ino, os.fstat(fd).st_dev) != (found.st_ino, found.st_dev):
+        os.close(fd)  # replaced between the lstat and the open
+        return None
+    return fd
+
+
+def _is_holder(content: bytes) -> bool:
+    """Whether a lock file's content is what `run_lock` writes (empty: a holder killed before it wrote itself)."""
+    if not content:
+        return True
+    try:
+        info = json.loads(content)
+    except (ValueError, UnicodeDecodeError):
+        return False
+    return isinstance(info, dict) and {"pid", "host", "started"} <= set(info)
+
+
 @contextlib.contextmanager
 def run_lock(folder: Path) -> Iterator[Path]:
     """Hold `<folder>.kvcore-lock` while writing `folder`: an flock, released by the kernel when the holder exits
     however it exits, and a file naming the holder. A second writer is refused with the holder's pid, host and
-    start time; a lock file whose holder died is recognized (its flock is free) and taken over."""
+    start time; a lock file whose holder died is recognized (its flock is free) and taken over. The file is created
+    with O_CREAT|O_EXCL|O_NOFOLLOW: a symbolic link or a file kvcore-eval did not write at that name is refused,
+    never written through."""
     import fcntl
 
     path = folder.with_name(folder.name + LOCK_SUFFIX)
-    path.parent.mkdir(parents=True, exist_ok=True)
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+    except OSError as err:
+        raise unwritable(path.parent, err, f"{folder} and its lock are written there") from None
     while True:
-        fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
+        fd = _create_lock_file(path, folder)
+        if fd is None:
+            continue
         try:
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:
@@ -211,11 +343,18 @@ def run_lock(folder: Path) -> Iterator[Path]:
                 "finish or stop it, or choose another output folder"
             ) from None
         with contextlib.suppress(FileNotFoundError):
-            if os.stat(path).st_ino == os.fstat(fd).st_ino:  # not a file its last holder removed meanwhile
+            if os.lstat(path).st_ino == os.fstat(fd).st_ino:  # not a file its last holder removed meanwhile
                 break
         os.close(fd)
     try:
-        if previous := os.read(fd, 65536):
+        previous = os.read(fd, 65536)
+        if not _is_holder(previous):
+            raise _refuse_lock_file(path, folder, "holds something kvcore-eval did not write")
+    except BaseException:
+        os.close(fd)
+        raise
+    try:
+        if previous:
             logger.warning("took over the lock of %s: that run is no longer running", _describe(previous))
         os.ftruncate(fd, 0)
         os.lseek(fd, 0, os.SEEK_SET)
@@ -234,6 +373,21 @@ def read_json(path: Path, what: str) -> Any:
         raise ValueError(
             f"{path} is not valid JSON ({err}): the {what} is damaged or half-written; run it again"
         ) from err
+
+
+def read_derived(path: Path, what: str) -> Any | None:
+    """JSON of a file kvcore-eval derives from others (a point, a table of points): None, with a warning naming the
+    file, where it is damaged or half-written, so that the caller computes it again instead of failing every rerun."""
+    try:
+        return read_json(path, what)
+    except ValueError as err:
+        logger.warning(
+            "%s is not valid JSON (%s): a damaged %s, which is derived data; it is computed again",
+            path,
+            err.__cause__ or err,
+            what,
+        )
+        return None
 
 
 def run_kind(folder: Path) -> str | None:

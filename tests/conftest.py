@@ -170,3 +170,69 @@ def calibrate_in_memory(model, input_ids: torch.Tensor):
 @pytest.fixture(scope="session")
 def calibration_tokens() -> torch.Tensor:
     return torch.randint(3, VOCAB, (4, 64), generator=torch.Generator().manual_seed(7))
+
+
+@pytest.fixture
+def read_only():
+    """A function that makes a folder unwritable for the rest of the test: `chattr +i` where the tests run as root
+    (root writes through permissions), else chmod 0555; the test is skipped where neither holds."""
+    import contextlib
+    import os
+    import subprocess
+
+    made: list[Path] = []
+
+    def make(folder: Path) -> Path:
+        if os.geteuid() == 0:
+            if not shutil.which("chattr") or subprocess.run(["chattr", "+i", str(folder)]).returncode != 0:
+                pytest.skip("root without chattr +i: a read-only folder cannot be made here")
+        else:
+            folder.chmod(0o555)
+        made.append(folder)
+        try:
+            (folder / ".probe").touch()
+        except OSError:
+            return folder
+        (folder / ".probe").unlink()
+        pytest.skip(f"{folder} stays writable here")
+
+    yield make
+    for folder in made:
+        if os.geteuid() == 0:
+            subprocess.run(["chattr", "-i", str(folder)], check=True)
+        with contextlib.suppress(OSError):
+            folder.chmod(0o755)
+
+
+def stopped_while_holding_the_lock(args: list[str], lock: Path):
+    """A context manager: `python -m kvcore_eval <args>` started, and stopped (SIGSTOP) as soon as it holds `lock`,
+    so that the test can act while it is running; on exit it is continued and waited for. Yields the process."""
+    import contextlib
+    import json
+    import os
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    @contextlib.contextmanager
+    def run():
+        env = {**os.environ, "PYTHONPATH": str(REPO)}
+        process = subprocess.Popen(
+            [sys.executable, "-m", "kvcore_eval", *args], env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE
+        )
+        try:
+            deadline = time.time() + 600
+            while time.time() < deadline and process.poll() is None:
+                with contextlib.suppress(OSError, ValueError):
+                    if json.loads(lock.read_text())["pid"] == process.pid:
+                        break
+                time.sleep(0.02)
+            process.send_signal(signal.SIGSTOP)
+            assert process.poll() is None, process.communicate()[1][-3000:]
+            yield process
+        finally:
+            process.send_signal(signal.SIGCONT)
+            process.stdout_text, process.stderr_text = (b.decode() for b in process.communicate(timeout=600))
+
+    return run()

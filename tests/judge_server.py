@@ -4,8 +4,8 @@ The judged answer's text scripts the reply: [[429x2]] answers 429 twice first, [
 sleeps past the client's timeout once, [[garbage]] never gives a rating, [[garbage-once]] only the first time,
 [[down]] always 503, [[401]] rejects the key; `score=N` asks for Rating: N; otherwise N = len(answer) % 10 + 1.
 A server can also misbehave on every request: `models` (a judge model name outside it gets vLLM's 404, as a
-mistyped name does), `fault="no-choices"` (200 with JSON but no `choices`) or `fault="not-json"` (200 with an
-HTML page, as a proxy or a wrong URL gives)."""
+mistyped name does), `fault="no-choices"` (200 with JSON but no `choices`), `fault="truncated-json"` (200 with a JSON
+body cut short) or `fault="not-json"` (200 with an HTML page, as a proxy or a wrong URL gives)."""
 
 from __future__ import annotations
 
@@ -80,6 +80,14 @@ class JudgeServer:
                     )
                 if server.fault == "no-choices":
                     return self._send(200, {"id": "x", "object": "chat.completion", "model": request["model"]})
+                if server.fault == "truncated-json":  # status 200, a JSON body cut short (a proxy, a crash)
+                    body = json.dumps({"id": "x", "object": "chat.completion", "choices": [{"index": 0}]}).encode()
+                    body = body[:37]
+                    self.send_response(200)
+                    self.send_header("Content-Type", "application/json")
+                    self.send_header("Content-Length", str(len(body)))
+                    self.end_headers()
+                    return self.wfile.write(body)
                 if server.fault == "not-json":
                     page = b"<html><body>Welcome to nginx!</body></html>"
                     self.send_response(200)

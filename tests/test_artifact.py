@@ -225,3 +225,28 @@ def test_metadata_whose_geometry_is_not_the_basis_shape_is_refused(saved, tmp_pa
     (copy / METADATA_FILE).write_text(json.dumps(metadata))
     with pytest.raises(ValueError, match=r"says .*'kv_heads': 4.* but basis.safetensors holds .*head_eigenvalues"):
         load_calibration(copy, eigenvectors=False)
+
+
+def test_negative_eigenvalues_beyond_round_off_are_refused_whatever_the_checksum(tmp_path):
+    """Negated eigenvalues with a recomputed sha256 gave a mean NER of 0.0: a Gram's eigenvalues are >= 0 up to
+    round-off, so such an artifact is refused at load; round-off negatives (a rank-deficient Gram) load."""
+    calibration, _ = calibration_of(seed=3)
+    calibration.eigenvalues["value"] = -calibration.eigenvalues["value"]
+    save_calibration(calibration, tmp_path / "negated")  # a consistent file: its checksum is its own
+    for eigenvectors in (True, False):
+        with pytest.raises(ValueError, match="eigenvalues below zero beyond round-off in value.eigenvalues"):
+            load_calibration(tmp_path / "negated", eigenvectors=eigenvectors)
+
+    calibration, _ = calibration_of(seed=3)
+    calibration.head_eigenvalues["key_post_rope"][2, 1, -1] = (
+        -1e-3 * calibration.head_eigenvalues["key_post_rope"][2, 1, 0]
+    )
+    save_calibration(calibration, tmp_path / "one-head")
+    with pytest.raises(ValueError, match="key_post_rope.head_eigenvalues"):
+        load_calibration(tmp_path / "one-head")
+
+    calibration, _ = calibration_of(seed=3)
+    largest = calibration.eigenvalues["key_pre_rope"][0, 0]
+    calibration.eigenvalues["key_pre_rope"][0, -1] = -1e-13 * largest  # what eigh gives a singular Gram
+    save_calibration(calibration, tmp_path / "round-off")
+    assert load_calibration(tmp_path / "round-off").eigenvalues["key_pre_rope"][0, -1] < 0

@@ -682,3 +682,23 @@ def test_a_lock_left_by_a_dead_run_is_recognized_and_taken_over(llama_dir, tmp_p
         calibrate(config(llama_dir, tmp_path / "stale", max_tokens=500))
     assert any(f"took over the lock of pid {pid} on here" in record.getMessage() for record in caplog.records)
     assert not (tmp_path / "stale.kvcore-lock").exists()
+
+
+@pytest.mark.parametrize("where", ["parent", "out"])
+def test_a_read_only_out_is_one_line_naming_the_folder_and_the_fix(llama_dir, tmp_path, read_only, caplog, where):
+    """A read-only parent (where the lock goes) or a read-only --out itself: the folder and the fix, not
+    `[Errno 30] ... cal.kvcore-lock` nor a temporary's name; nothing is written or left behind."""
+    import logging
+
+    from kvcore_eval.cli import main
+
+    parent = tmp_path / "runs"
+    (parent / "cal").mkdir(parents=True)
+    folder = read_only(parent if where == "parent" else parent / "cal")
+    with pytest.raises(SystemExit) as exit_info, caplog.at_level(logging.ERROR):
+        main(_calibrate_args(llama_dir, parent / "cal", "--device", "cpu", max_tokens=500))
+    (error,) = [r.getMessage() for r in caplog.records if r.levelname == "ERROR"]
+    assert exit_info.value.code == 2 and error.startswith(f"{folder} cannot be written (")
+    assert "make it writable, or choose an output folder elsewhere (--out)" in error
+    assert "kvcore-lock" not in error and "kvcore-tmp" not in error
+    assert sorted(p.name for p in parent.rglob("*")) == ["cal"]

@@ -84,3 +84,25 @@ def test_columns_are_labelled_by_model_and_plan_not_file_names(tmp_path):
     )
     same = labels(a, a)
     assert same[0].endswith("(results_1.json)") and same[0] == same[1], "the same run twice: file names tell them apart"
+
+
+def test_a_folder_is_named_as_a_folder_with_the_results_file_in_it(tmp_path, caplog):
+    """`compare a.json out` where out is lm-eval's --output_path folder: it says so, and names the file inside."""
+    from kvcore_eval.cli import main
+
+    a = results(tmp_path / "a.json", {"t": {"byte_perplexity,none": 2.0}})
+    out = tmp_path / "out"
+    (out / "model").mkdir(parents=True)
+    with pytest.raises(ValueError, match=f"^{out} is a folder, not a results file: pass the results_\\*.json"):
+        load_results(out)
+    results(out / "model" / "results_2026-12-07.json", {"t": {"byte_perplexity,none": 3.0}})
+    with pytest.raises(SystemExit) as exit_info, caplog.at_level("ERROR"):
+        main(["compare", a, str(out)])
+    (error,) = [r.getMessage() for r in caplog.records if r.levelname == "ERROR"]
+    assert exit_info.value.code == 2 and "does not exist" not in error
+    assert (
+        error
+        == f"{out} is a folder, not a results file: pass the results_*.json lm-eval wrote (in it: "
+        + str(out / "model" / "results_2026-12-07.json")
+        + ")"
+    )

@@ -243,3 +243,47 @@ def test_paths_of_artifacts_are_not_identities_their_content_is():
     here = TruncationConfig(calibration="runs/artifact", sensitivity="runs/per_layer.json", budget_method="sensitivity")
     assert identity(moved) == identity(here)
     assert identity(dataclasses.replace(moved, key_rank=0.5)) != identity(here)
+
+
+@pytest.mark.parametrize(
+    "metric,message",
+    [
+        ("kvcore_alpaca=bits_per_byte", "kvcore_alpaca=bits_per_byte: bits_per_byte is the log of a perplexity"),
+        ("bits_per_byte", r"a bare metric is the perplexity of ND-PPL \(byte_perplexity, word_perplexity\)"),
+    ],
+)
+def test_bits_per_byte_is_never_taken_for_a_perplexity(metric, message):
+    """Its relative change is not ND-PPL (+0.078 where the byte perplexity's is +0.246): refused, naming the fix."""
+    from kvcore_eval.config import FrontierConfig, SweepConfig
+
+    for kind in (SweepConfig, FrontierConfig):
+        with pytest.raises(ValueError, match=message) as err:
+            kind(model="m", out="o", metric=metric)
+        assert "byte_perplexity" in str(err.value)
+    assert SweepConfig(model="m", out="o", metric="kvcore_alpaca=byte_perplexity").metric_choice()[1] == {
+        "kvcore_alpaca": "byte_perplexity"
+    }
+
+
+def test_empty_lists_are_refused_before_anything_loads():
+    from kvcore_eval.config import EvalConfig, FrontierConfig, SweepConfig
+
+    with pytest.raises(ValueError, match="--methods ',' names no method: give comma-separated methods, of: "):
+        FrontierConfig(model="m", out="o", methods=",")
+    for kind in (FrontierConfig, SweepConfig):
+        with pytest.raises(ValueError, match="--tasks ' , ' names no task"):
+            kind(model="m", out="o", tasks=" , ")
+    with pytest.raises(ValueError, match="--tasks ',' names no task"):
+        EvalConfig(model="m", tasks=",")
+    for limit in (0, -3):
+        with pytest.raises(ValueError, match=f"--limit {limit} scores no document: .*drop --limit"):
+            EvalConfig(model="m", tasks="kvcore_alpaca", limit=limit)
+
+
+def test_a_per_sequence_basis_with_a_batch_is_refused_in_the_configuration():
+    """`frontier --methods sequence --batch-size 2` is refused when the configuration is built, before any load."""
+    from kvcore_eval.config import FrontierConfig
+
+    with pytest.raises(ValueError, match="--methods sequence cannot run with these options: .*use batch_size=1"):
+        FrontierConfig(model="m", out="o", methods="uniform,sequence", batch_size=2)
+    assert FrontierConfig(model="m", out="o", methods="uniform", batch_size=2).batch_size == 2

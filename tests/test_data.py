@@ -154,6 +154,23 @@ def test_json_files_and_encodings(tmp_path):
         list(read_json_records(tmp_path / "latin.jsonl"))
 
 
+def test_a_lone_surrogate_names_the_file_and_line(tmp_path):
+    """`"\\ud800"` decodes to no character: it used to fail in a codec far from its file; the record is named here.
+    A proper pair (an emoji written as two escapes) is text and reads."""
+    path = tmp_path / "alpaca.jsonl"
+    path.write_text('{"instruction": "a", "output": "\\ud83d\\ude00"}\n{"instruction": "b", "output": "x \\ud800 y"}\n')
+    records = read_json_records(path)
+    assert next(records)["output"] == "\U0001f600"
+    with pytest.raises(ValueError, match=r"alpaca.jsonl, line 2: holds a lone surrogate \(\\ud800, .*fix or remove"):
+        next(records)
+    listed = tmp_path / "list.json"
+    listed.write_text('[{"text": "ok"}, {"text": "\\udfff"}]')
+    with pytest.raises(ValueError, match=r"list.json, record 2: holds a lone surrogate \(\\udfff"):
+        list(read_json_records(listed))
+    with pytest.raises(ValueError, match="alpaca.jsonl, line 2: holds a lone surrogate"):
+        data.task_dataset("alpaca", data_dir=str(tmp_path))  # what an lm-eval task loads
+
+
 def test_local_files_and_missing_ones(tmp_path):
     with pytest.raises(FileNotFoundError, match="dataset file .*none.jsonl does not exist"):
         data.load_records(str(tmp_path / "none.jsonl"))

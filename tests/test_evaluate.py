@@ -173,3 +173,57 @@ def test_an_output_that_cannot_be_written_fails_before_the_evaluation(tmp_path, 
     run(tmp_path / "new" / "results.json")  # an earlier results file is replaced
     assert len(count_evaluations) == 2
     assert "kvcore_alpaca" in json.loads((tmp_path / "new" / "results.json").read_text())["results"]
+
+
+def test_a_full_disk_at_the_output_loses_no_result(tmp_path, monkeypatch, capsys, caplog):
+    """`eval --output` on a full disk: lm-eval's table is printed before the write, and the results are kept in the
+    system's temporary folder, named in the one error line."""
+    import errno
+    import tempfile
+
+    from kvcore_eval import outputs
+    from kvcore_eval.cli import main
+
+    output = tmp_path / "runs" / "results.json"
+    monkeypatch.setattr(tempfile, "tempdir", str(tmp_path / "tmp"))
+    (tmp_path / "tmp").mkdir()
+
+    def full_disk(path, *args, **kwargs):  # the write of results.json's temporary hits a full disk
+        if str(path).endswith(".results.json.kvcore-tmp"):
+            raise OSError(errno.ENOSPC, "No space left on device", str(path))
+        return open(path, *args, **kwargs)
+
+    monkeypatch.setattr(outputs, "open", full_disk, raising=False)
+    command = ["eval", "--model", str(EXAMPLE_MODEL), "--tasks", "kvcore_alpaca", "--data-dir", str(EXAMPLE_DATA)]
+    with pytest.raises(SystemExit) as exit_info, caplog.at_level("ERROR"):
+        main([*command, "--limit", "2", "--output", str(output), "--device", "cpu"])
+    assert exit_info.value.code == 2
+    table = capsys.readouterr().out
+    assert "kvcore_alpaca" in table and "byte_perplexity" in table, "the table is printed before the write"
+    (error,) = [r.getMessage() for r in caplog.records if r.levelname == "ERROR"]
+    (kept,) = (tmp_path / "tmp").glob("kvcore-eval-results-*.json")
+    assert error == (
+        f"could not write --output {output} (no space left on the device); the results are kept in {kept}: "
+        f"once there is room, `cp {kept} {output}`"
+    )
+    results = json.loads(kept.read_text())["results"]["kvcore_alpaca"]
+    assert f"{results['byte_perplexity,none']:.4f}" in table
+    assert not output.exists() and [p.name for p in output.parent.iterdir()] == []
+
+
+def test_a_record_longer_than_the_context_is_refused_before_the_model_loads(tmp_path, count_evaluations):
+    """A record whose response is longer than the model's 1024 positions: one line naming the task, the document
+    and the fix, before the model loads (lm-eval asserts `len(continuation_enc) <= self.max_length` after it)."""
+    from kvcore_eval.experiments.evaluate import run_lm_eval
+
+    records = [{"instruction": f"Say {i}.", "input": "", "output": f"{i}."} for i in range(5)]
+    records[2]["output"] = "Grain by grain. " * 400  # 6400 bytes: more tokens than 1024 with any tokenizer here
+    (tmp_path / "alpaca.jsonl").write_text("".join(json.dumps(r) + "\n" for r in records))
+    config = EvalConfig(model=str(EXAMPLE_MODEL), tasks="kvcore_alpaca", data_dir=str(tmp_path), device="cpu")
+    with pytest.raises(
+        ValueError, match=r"kvcore_alpaca document \d \('Grain by grain.*'...\): its scored continuation"
+    ):
+        run_lm_eval(config)
+    with pytest.raises(ValueError, match="is 640\\d tokens, more than the 1024-token context of .*tiny-llama.*--limit"):
+        run_lm_eval(config)
+    assert count_evaluations == []

@@ -8,6 +8,7 @@ from conftest import EXAMPLE_DATA, EXAMPLE_MODEL, calibrate_in_memory
 
 from kvcore_eval.config import FrontierConfig
 from kvcore_eval.experiments.frontier import largest_within, pareto, run_frontier
+from kvcore_eval.outputs import content_digest
 
 TASK = "kvcore_codealpaca"
 BUDGETS = (0.5, 0.25)
@@ -115,6 +116,104 @@ def test_pareto_front_on_the_rows(frontier_run):
     assert cheapest["pareto"]
 
 
+@pytest.fixture
+def count_loads(monkeypatch):
+    from kvcore_eval.model import models
+
+    loads, real = [], models.load_causal_lm
+    monkeypatch.setattr(models, "load_causal_lm", lambda *a, **k: loads.append(a) or real(*a, **k))
+    return loads
+
+
+def test_a_refused_rerun_writes_nothing(frontier_run, count_loads):
+    """`--num-samples 2` into a folder made with 3: refused before the model loads, config.json still the settings of
+    the frontier.md beside it."""
+    out, _ = frontier_run
+    before = {name: (out / name).read_bytes() for name in ("config.json", "frontier.json", "frontier.md")}
+    with pytest.raises(ValueError, match=r"frontier with other settings \(num_samples: 3 then, 2 now\); nothing was"):
+        run_frontier(frontier_config(out, num_samples=2))
+    assert count_loads == []
+    assert {name: (out / name).read_bytes() for name in before} == before
+
+
+def test_edited_and_damaged_points_and_frontier_json_are_named_and_computed_again(
+    frontier_run, tmp_path, count_evaluations, caplog
+):
+    """A point whose value was edited by hand (ND-PPL -0.94 otherwise), a half-written point and a half-written
+    frontier.json: each named in a warning, the points computed again (derived data), the frontier as it was."""
+    import shutil
+
+    out, rows = frontier_run
+    copy = tmp_path / "copy"
+    shutil.copytree(out, copy)
+    edited = copy / "points" / TASK / f"{rows[1]['point']}.json"
+    point = json.loads(edited.read_text())
+    point["value"] = 0.06 * point["value"]
+    edited.write_text(json.dumps(point))
+    damaged = copy / "points" / TASK / f"{rows[2]['point']}.json"
+    damaged.write_text(damaged.read_text()[:100])
+    (copy / "frontier.json").write_text("[{")
+    with caplog.at_level("WARNING"):
+        again = run_frontier(frontier_config(copy))
+    assert [r["value"] for r in again] == [r["value"] for r in rows]
+    assert len(count_evaluations) == 2, "only the edited and the damaged point are scored again"
+    warnings = [r.getMessage() for r in caplog.records if r.levelname == "WARNING"]
+    assert any(f"{edited} does not match the digest of its content" in w for w in warnings), warnings
+    assert any(f"{damaged} is not valid JSON" in w and "computed again" in w for w in warnings), warnings
+    assert any(f"{copy / 'frontier.json'} is not valid JSON" in w for w in warnings), warnings
+    original = json.loads((out / edited.relative_to(copy)).read_text())
+    assert json.loads(edited.read_text())["digest"] == original["digest"], "computed again as it was"
+
+
+def test_a_frontier_into_a_folder_another_run_writes_is_refused_naming_it(tmp_path, count_loads):
+    import os
+    import threading
+
+    from kvcore_eval import outputs
+
+    out = tmp_path / "busy"
+    held, release = threading.Event(), threading.Event()
+
+    def other_run() -> None:
+        with outputs.run_lock(out):
+            held.set()
+            release.wait(120)
+
+    thread = threading.Thread(target=other_run)
+    thread.start()
+    try:
+        assert held.wait(60)
+        with pytest.raises(FileExistsError, match=f"being written by another kvcore-eval run \\(pid {os.getpid()} "):
+            run_frontier(frontier_config(out))
+    finally:
+        release.set()
+        thread.join()
+    assert count_loads == [] and not out.exists()
+
+
+@pytest.mark.slow
+def test_two_concurrent_frontiers_into_one_folder_one_runs_the_other_is_refused(tmp_path):
+    """Two frontiers with other --methods into one --out: the second is refused with the first's pid; the first's
+    frontier.json holds its own methods, and its frontier.md calls none of them "of an earlier run"."""
+    from conftest import stopped_while_holding_the_lock
+
+    out = tmp_path / "shared"
+    first = [
+        "frontier",
+        *("--model", str(EXAMPLE_MODEL), "--data-dir", str(EXAMPLE_DATA), "--tasks", TASK, "--methods", "uniform"),
+        *("--budgets", "0.5", "--num-samples", "3", "--calibration-tokens", "600", "--seq-len", "64"),
+        *("--out", str(out)),
+    ]
+    with stopped_while_holding_the_lock(first, tmp_path / "shared.kvcore-lock") as running:
+        with pytest.raises(FileExistsError, match=f"being written by another kvcore-eval run \\(pid {running.pid} "):
+            run_frontier(frontier_config(out, methods="ner", budgets="0.5"))
+    assert running.returncode == 0, running.stderr_text[-3000:]
+    rows = json.loads((out / "frontier.json").read_text())
+    assert [r["method"] for r in rows] == ["full", "uniform"]
+    assert "Left out" not in (out / "frontier.md").read_text()
+    assert json.loads((out / "config.json").read_text())["methods"] == "uniform"
+
+
 def test_pareto_and_placement_by_hand():
     rows = [
         {"task": "t", "bytes_per_token": b, "value": v, "higher_is_better": False}
@@ -137,14 +236,15 @@ def test_rerun_reuses_finished_points_and_refuses_changed_settings(frontier_run,
     point = out / "points" / TASK / "baseline.json"
     original = point.read_text()
     saved = json.loads(original)
-    saved["settings"]["batch_size"] = 7  # a point made with another setting is never reused silently
+    saved["settings"]["run"]["batch_size"] = 7  # a point made with another setting is never reused silently
+    saved["digest"] = content_digest({k: v for k, v in saved.items() if k != "digest"})  # as another run wrote it
     point.write_text(json.dumps(saved))
     try:
         with pytest.raises(ValueError, match="other settings.*batch_size"):
             run_frontier(frontier_config(out))
     finally:
         point.write_text(original)
-    with pytest.raises(ValueError, match="calibrated with other settings"):
+    with pytest.raises(ValueError, match="frontier with other settings.*calibration_tokens: 600 then, 900 now"):
         run_frontier(frontier_config(out, calibration_tokens=900))
 
 
@@ -158,7 +258,7 @@ def test_a_rerun_with_fewer_budgets_and_methods_says_which_finished_points_it_le
         with caplog.at_level("WARNING"):
             fewer = run_frontier(frontier_config(out, budgets="0.5", methods="uniform,ner"))
         assert count_evaluations == [], "every point was reused"
-        assert {(r["method"], r["budget"]) for r in fewer} == {("full", None), ("uniform", 0.5), ("ner", 0.5)}
+        assert {(r["method"], r["budget"]) for r in fewer} == {("full", None), ("uniform", "0.5"), ("ner", "0.5")}
         dropped = [f"{TASK} {m} at budget {b:g}" for m in ("uniform", "ner", "sensitivity") for b in BUDGETS]
         dropped = [d for d in dropped if not d.endswith(("uniform at budget 0.5", "ner at budget 0.5"))]
         markdown = (out / "frontier.md").read_text()
@@ -381,6 +481,6 @@ def test_a_generation_task_at_a_context_length_is_a_frontier_of_its_own_metric(t
         768,
         "max_gen_toks=4",
     )
-    assert "| score (768-token context) | front |" in (out / "frontier.md").read_text()
+    assert "| score (768-token context) | vs bound | front |" in (out / "frontier.md").read_text()
     with pytest.raises(ValueError, match="gen_kwargs: 'max_gen_toks=4' then, 'max_gen_toks=5' now"):
         run_frontier(dataclasses.replace(config, gen_kwargs="max_gen_toks=5"))

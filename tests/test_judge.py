@@ -320,8 +320,9 @@ def _judge_cli(samples, base_url, cache, caplog, model="judge-1"):
         ({"models": ("judge-1",)}, "judge-l", "answered 404 for model 'judge-l'.*check the judge model name"),
         ({"fault": "no-choices"}, "judge-1", "replied without `choices`"),
         ({"fault": "not-json"}, "judge-1", "did not reply with JSON \\(it sent '<html>"),
+        ({"fault": "truncated-json"}, "judge-1", "answered with a body that is not a complete chat completion"),
     ],
-    ids=["404", "no choices", "not JSON"],
+    ids=["404", "no choices", "not JSON", "truncated JSON"],
 )
 def test_a_misbehaving_judge_is_one_line_naming_its_url(server_kind, model, message, tmp_path, monkeypatch, caplog):
     monkeypatch.setenv("KVCORE_TEST_KEY", KEY)
@@ -387,3 +388,64 @@ def test_help_prints_each_default_once_and_the_version(capsys):
     with pytest.raises(SystemExit):
         main(["--version"])
     assert capsys.readouterr().out.strip() == f"kvcore-eval {__version__}"
+
+
+def test_a_truncated_reply_inside_lm_eval_is_one_error_naming_the_url(tmp_path, monkeypatch, caplog):
+    """process_results of a _gen task: a judge answering 200 with a JSON body cut short costs no generation, and
+    the one error names the judge's URL (not `Expecting value: line 1 column 38`)."""
+    from kvcore_eval.harness import judge
+
+    monkeypatch.setenv("KVCORE_TEST_KEY", KEY)
+    monkeypatch.setattr(judge, "_shared_judge", None)
+    monkeypatch.setattr(judge, "_judge_error", None)
+    with JudgeServer(fault="truncated-json") as bad:
+        for name, value in (("MODEL", "judge-1"), ("BASE_URL", bad.base_url), ("API_KEY_ENV", "KVCORE_TEST_KEY")):
+            monkeypatch.setenv(f"KVCORE_JUDGE_{name}", value)
+        monkeypatch.setenv("KVCORE_JUDGE_CACHE_PATH", str(tmp_path / "judge.sqlite"))
+        monkeypatch.setenv("KVCORE_JUDGE_MAX_RETRIES", "0")
+        with caplog.at_level("ERROR"):
+            scores = [judge.score_for_task("Q", f"answer {i}", None) for i in range(3)]
+    assert scores == [{"gpt_score": None, "gpt_score_missing": 1.0}] * 3 and bad.requests == 1
+    (error,) = [r.getMessage() for r in caplog.records if r.levelname == "ERROR"]
+    assert bad.base_url in error and "not a complete chat completion" in error
+
+
+def test_the_http_clients_request_lines_are_quiet(server, judge_config, caplog):
+    """The installed openai sends through httpx2, whose logger is `httpx2`: no INFO line per answer."""
+    import logging
+
+    from kvcore_eval.harness.judge import http_client_loggers
+
+    assert "httpx2" in http_client_loggers() and "httpx" in http_client_loggers()
+    with caplog.at_level(logging.INFO):
+        GPTJudge(judge_config).score_many([("Q", f"answer {i} score=5", None) for i in range(3)])
+    assert server.requests == 3
+    assert not [r for r in caplog.records if "HTTP Request" in r.getMessage()], "one line per answer"
+
+
+def test_judge_takes_several_samples_files_as_the_readmes_glob_gives_them(
+    server, tmp_path, monkeypatch, capsys, caplog
+):
+    """`kvcore-eval judge runs/gen/*/samples_kvcore_alpaca_gen_*.jsonl` matching two files: both judged, each
+    beside itself, one summary per file; --out with several files is refused before the judge is asked."""
+    from kvcore_eval.cli import main
+
+    monkeypatch.setenv("KVCORE_TEST_KEY", KEY)
+    for run, answers in (("a", ["x score=3", "y score=5"]), ("b", ["z score=8"])):
+        (tmp_path / run).mkdir()
+        _samples(tmp_path / run / "samples_kvcore_alpaca_gen_2026.jsonl", answers)
+    files = sorted(str(p) for p in tmp_path.glob("*/samples_kvcore_alpaca_gen_*.jsonl"))
+    options = ["--model", "judge-1", "--base-url", server.base_url, "--api-key-env", "KVCORE_TEST_KEY"]
+    options += ["--cache-path", str(tmp_path / "judge.sqlite")]
+    with pytest.raises(SystemExit), caplog.at_level("ERROR"):
+        main(["judge", *files, *options, "--out", str(tmp_path / "judged.jsonl")])
+    assert "--out names one file, and 2 samples files were given" in caplog.text and server.requests == 0
+    main(["judge", *files, *options])
+    summaries = json.loads(capsys.readouterr().out)
+    assert sorted(summaries) == files
+    assert [summaries[f]["gpt_score"] for f in files] == [4.0, 8.0] and server.requests == 3
+    for file in files:
+        judged = (tmp_path / file).with_name("judged_samples_kvcore_alpaca_gen_2026.jsonl")
+        assert [json.loads(line)["gpt_score"] for line in judged.read_text().splitlines()] == (
+            [3.0, 5.0] if "/a/" in file else [8.0]
+        )

@@ -86,7 +86,28 @@ def test_no_p_value_from_fewer_than_four_points():
     assert three["spearman"] == pytest.approx(-1.0) and np.isnan(three["spearman_p"]) and np.isnan(three["pearson_p"])
     assert "p=" not in format_correlation(three) and "too few points for a p-value" in format_correlation(three)
     four = metrics.correlation([0.1, 0.2, 0.3, 0.5], [3.0, 2.0, 1.5, 1.0])
-    assert four["spearman_p"] == pytest.approx(stats.spearmanr([0.1, 0.2, 0.3, 0.5], [3.0, 2.0, 1.5, 1.0]).pvalue)
+    assert four["spearman"] == pytest.approx(-1.0) and four["spearman_p"] == pytest.approx(1 / 12)
+
+
+def test_small_samples_get_exact_permutation_p_values_never_zero():
+    """4 documents at ρ = −1: two of the 24 orderings are as extreme, p = 1/12 (the normal approximation says 0).
+    Up to 8 points every ordering is counted; Pearson's p is checked against a brute-force enumeration."""
+    import itertools
+
+    from kvcore_eval.analysis.study import format_correlation
+
+    four = metrics.correlation([0.31, 0.52, 0.77, 0.90], [0.4, 0.2, 0.1, 0.05])
+    assert four["spearman"] == pytest.approx(-1.0) and four["spearman_p"] == pytest.approx(1 / 12, rel=1e-12)
+    assert stats.spearmanr([0.31, 0.52, 0.77, 0.90], [0.4, 0.2, 0.1, 0.05]).pvalue < 1e-6, "what was printed as p=0"
+    assert "(p=0.083), n=4" in format_correlation(four) and "p=0)" not in format_correlation(four)
+    rng = np.random.default_rng(5)
+    x, y = rng.normal(size=7), rng.normal(size=7)
+    r = stats.pearsonr(x, y).statistic
+    others = np.array([stats.pearsonr(x, y[list(order)]).statistic for order in itertools.permutations(range(7))])
+    brute = min(1.0, 2 * min(np.mean(others <= r + 1e-12), np.mean(others >= r - 1e-12)))
+    assert metrics.correlation(x, y)["pearson_p"] == pytest.approx(brute, rel=1e-9)
+    big = metrics.correlation(np.arange(60.0), np.arange(60.0) ** 2)
+    assert big["spearman_p"] == 0.0 and "p<0.0001" in format_correlation(big) and "p=0" not in format_correlation(big)
 
 
 def test_paired_bootstrap_interval_of_nd_ppl():

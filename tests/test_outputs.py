@@ -4,6 +4,7 @@ they did not write and delete only their own."""
 from __future__ import annotations
 
 import json
+import os
 
 import pytest
 import torch
@@ -166,3 +167,129 @@ def test_a_stale_folder_of_the_users_stops_the_swap_before_anything_moves(tmp_pa
     with pytest.raises(FileExistsError):
         outputs.swap_in(new, target, "calibrate", OWN)
     assert (stale / "mine.txt").read_text() == "keep me" and target.is_dir() and new.is_dir()
+
+
+def test_a_link_at_the_lock_name_is_never_written_through(tmp_path):
+    """`ln -s victim.txt run.kvcore-lock`: the run is refused, the link and the file it points to stay as they are."""
+    victim = tmp_path / "victim.txt"
+    victim.write_text("the user's notes\n")
+    (tmp_path / "run.kvcore-lock").symlink_to("victim.txt")
+    with pytest.raises(FileExistsError, match=r"run.kvcore-lock is a symbolic link: kvcore-eval never writes through"):
+        with outputs.run_lock(tmp_path / "run"):
+            pass
+    assert victim.read_text() == "the user's notes\n"
+    assert (tmp_path / "run.kvcore-lock").is_symlink() and not (tmp_path / "run").exists()
+    (tmp_path / "dangling.kvcore-lock").symlink_to("nowhere.txt")  # a link to nothing is not created through either
+    with pytest.raises(FileExistsError, match="is a symbolic link"):
+        with outputs.run_lock(tmp_path / "dangling"):
+            pass
+    assert not (tmp_path / "nowhere.txt").exists()
+
+
+def test_a_file_of_the_users_at_the_lock_name_is_refused_and_kept(tmp_path):
+    lock = tmp_path / "run.kvcore-lock"
+    lock.write_text("my own file, named oddly\n")
+    with pytest.raises(FileExistsError, match="holds something kvcore-eval did not write"):
+        with outputs.run_lock(tmp_path / "run"):
+            pass
+    assert lock.read_text() == "my own file, named oddly\n"
+    lock.unlink()
+    (tmp_path / "victim.txt").write_text("notes\n")
+    os.link(tmp_path / "victim.txt", lock)  # a hard link: another name of the user's file
+    with pytest.raises(FileExistsError, match="is not a plain file of kvcore-eval's"):
+        with outputs.run_lock(tmp_path / "run"):
+            pass
+    assert (tmp_path / "victim.txt").read_text() == "notes\n"
+
+
+def test_a_held_lock_refuses_a_second_writer_and_a_stale_one_is_taken_over(tmp_path):
+    import socket
+    import threading
+
+    held, release = threading.Event(), threading.Event()
+
+    def first() -> None:
+        with outputs.run_lock(tmp_path / "run"):
+            held.set()
+            release.wait(30)
+
+    thread = threading.Thread(target=first)
+    thread.start()
+    try:
+        assert held.wait(30)
+        with pytest.raises(FileExistsError, match=f"pid {os.getpid()} on {socket.gethostname()}, started "):
+            with outputs.run_lock(tmp_path / "run"):
+                pass
+    finally:
+        release.set()
+        thread.join()
+    assert not (tmp_path / "run.kvcore-lock").exists(), "released and removed"
+    (tmp_path / "run.kvcore-lock").write_text("")  # a holder killed before it wrote itself
+    with outputs.run_lock(tmp_path / "run") as path:
+        assert json.loads(path.read_text())["pid"] == os.getpid()
+
+
+def test_an_unwritable_folder_is_named_with_the_fix_not_an_internal_file(tmp_path, read_only):
+    parent = tmp_path / "ro"
+    parent.mkdir()
+    read_only(parent)
+    with pytest.raises(PermissionError, match=f"^{parent} cannot be written .*make it writable, or choose") as err:
+        with outputs.run_lock(parent / "run"):
+            pass
+    assert "kvcore-lock" not in str(err.value)
+    with pytest.raises(PermissionError, match=f"^{parent} cannot be written"):
+        outputs.check_writable(parent, "the report goes there")
+
+
+def test_a_full_disk_while_saving_a_figure_names_file_and_folder_and_keeps_the_old_one(tmp_path, monkeypatch):
+    import errno
+
+    from matplotlib.figure import Figure
+
+    path = tmp_path / "plot.png"
+    figure = Figure(figsize=(2, 2))
+    figure.subplots().plot([0, 1], [1, 0])
+    outputs.atomic_save_figure(figure, path)
+    before = path.read_bytes()
+    assert before[:4] == b"\x89PNG" and sorted(p.name for p in tmp_path.iterdir()) == ["plot.png"]
+
+    def full(self, fname, **kwargs):
+        open(fname, "wb").write(b"half a pn")  # what a full disk leaves: part of the file
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(Figure, "savefig", full)
+    with pytest.raises(outputs.DiskFullError, match=f"writing plot.png into {tmp_path}: nothing was lost"):
+        outputs.atomic_save_figure(figure, path)
+    assert path.read_bytes() == before and sorted(p.name for p in tmp_path.iterdir()) == ["plot.png"]
+
+
+def test_damaged_derived_data_is_named_and_given_back_as_missing(tmp_path, caplog):
+    import logging
+
+    path = tmp_path / "point.json"
+    path.write_text('{"value": 1.')
+    with caplog.at_level(logging.WARNING):
+        assert outputs.read_derived(path, "sweep point") is None
+    assert any(str(path) in r.getMessage() and "computed again" in r.getMessage() for r in caplog.records)
+    atomic_write_json(path, {"value": 1.5, "n": (1, 2)})
+    assert outputs.read_derived(path, "sweep point") == {"value": 1.5, "n": [1, 2]}
+
+
+def test_a_content_digest_survives_the_round_trip_and_tells_an_edit(tmp_path):
+    record = {"value": 0.1 + 0.2, "per_document": {"0": 1.25}, "pair": (1, 2), "path": tmp_path, "nan": float("nan")}
+    atomic_write_json(tmp_path / "p.json", record)
+    read_back = read_json(tmp_path / "p.json", "point")
+    assert outputs.content_digest(read_back) == outputs.content_digest(record)
+    read_back["value"] = 0.3
+    assert outputs.content_digest(read_back) != outputs.content_digest(record)
+
+
+def test_a_name_too_long_for_a_file_name_with_the_tools_suffixes_is_refused(tmp_path):
+    longest = "t" * outputs.MAX_NAME_BYTES
+    outputs.check_path_component(longest, "task name")
+    with outputs.run_lock(tmp_path / longest):  # its lock file and staging folder are file names too
+        (tmp_path / f"{longest}.kvcore-staging").mkdir()
+    with pytest.raises(ValueError, match="task name 'tttt.*'... is 241 bytes long: .*rename it"):
+        outputs.check_path_component(longest + "t", "task name")
+    with pytest.raises(ValueError, match="is 242 bytes long"):
+        outputs.check_path_component("é" * 121, "task name")

@@ -16,6 +16,37 @@ def test_edges_default_to_powers_of_two_below_the_max_length_and_refuse_nonsense
             positions.parse_edges(bad, 1024)
 
 
+def test_buckets_that_collapse_at_the_context_are_said_before_the_model_loads(tmp_path, monkeypatch, caplog):
+    """`--position-buckets 5000,9000` on a 1024-token model silently became one bucket 0-1024: refused, naming the
+    context; edges of which only some are past it are named in a warning."""
+    import logging
+
+    from kvcore_eval.config import SweepConfig
+    from kvcore_eval.experiments.sweep import run_sweep
+    from kvcore_eval.model import models
+
+    with pytest.raises(ValueError, match="5000,9000: every edge is at or past the model's context of 1024 tokens"):
+        positions.check_edges("5000,9000", 1024)
+    with caplog.at_level(logging.WARNING):
+        assert positions.check_edges("256,2048", 1024) == [0, 256, 1024]
+    assert "2048 at or past the model's context of 1024 tokens, dropped: the buckets are 0-256, 256-1024" in caplog.text
+    loads = []
+    monkeypatch.setattr(models, "load_causal_lm", lambda *a, **k: loads.append(a))
+    out = tmp_path / "sweep"
+    config = SweepConfig(
+        model=str(EXAMPLE_MODEL),
+        out=str(out),
+        tasks="kvcore_longtext",
+        data_dir=str(EXAMPLE_DATA),
+        num_samples=2,
+        metadata='{"doc_words": 300}',
+        position_buckets="5000,9000",
+    )
+    with pytest.raises(ValueError, match="the buckets collapse into one, 0-1024: give edges below 1024"):
+        run_sweep(config)
+    assert loads == [] and not out.exists()
+
+
 def test_windows_are_lm_evals_and_positions_are_indices_in_the_window():
     tokens = list(range(10, 40))  # 30 tokens, windows of 8
     windows = positions.rolling_windows(tokens, prefix_token=1, max_length=8)

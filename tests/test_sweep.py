@@ -181,19 +181,23 @@ def test_rerun_reuses_points_and_calibrations_and_refuses_other_settings(tmp_pat
     with caplog.at_level(logging.INFO):
         first = run_sweep(sweep_config(out, tasks="kvcore_codealpaca", ranks="0.5"))
     messages = [record.getMessage() for record in caplog.records]
-    progress = [m for m in messages if m.startswith("sweep point")]
-    assert progress[0].startswith("sweep point 1 of 2 done: kvcore_codealpaca, baseline") and "min left" in progress[0]
-    assert progress[1].startswith("sweep point 2 of 2 done: kvcore_codealpaca, rank_0.5"), progress
+    progress = [m for m in messages if m.startswith("point ")]
+    assert progress[0].startswith("point 1 of 2 done: kvcore_codealpaca, baseline") and "min left" in progress[0]
+    assert progress[1].startswith("point 2 of 2 done: kvcore_codealpaca, rank_0.5"), progress
     assert sum("Custom kwargs can be passed" in m for m in messages) <= 1, "lm-eval's advice once, not per point"
     point = out / "points" / "kvcore_codealpaca" / "rank_0.5.json"
     saved = json.loads(point.read_text())
-    saved["value"] = 2 * first["baseline_perplexity"]["kvcore_codealpaca"]  # a reused point is read, not recomputed
+    saved["value"] = 2 * first["baseline_perplexity"]["kvcore_codealpaca"]  # edited by hand: its digest tells
     point.write_text(json.dumps(saved))
-    assert run_sweep(sweep_config(out, tasks="kvcore_codealpaca", ranks="0.5"))["nd_ppl"]["kvcore_codealpaca"][
-        "0.5"
-    ] == pytest.approx(1.0)
-    with pytest.raises(ValueError, match="calibrated with other settings.*max_tokens: 600 then, 900 now"):
+    caplog.clear()
+    with caplog.at_level(logging.WARNING):
+        again = run_sweep(sweep_config(out, tasks="kvcore_codealpaca", ranks="0.5"))
+    assert again["nd_ppl"] == first["nd_ppl"], "the edited point was computed again, not read"
+    assert any(f"{point} does not match the digest" in r.getMessage() for r in caplog.records)
+    config_json = (out / "config.json").read_bytes()
+    with pytest.raises(ValueError, match="other settings.*calibration_tokens: 600 then, 900 now.*nothing was changed"):
         run_sweep(sweep_config(out, tasks="kvcore_codealpaca", ranks="0.5", calibration_tokens=900))
+    assert (out / "config.json").read_bytes() == config_json, "a refused rerun writes nothing"
     with pytest.raises(ValueError, match="other settings"):
         run_sweep(sweep_config(out, tasks="kvcore_codealpaca", ranks="0.5", num_samples=3))
     # every number-changing setting is in a point's identity: another metric is never read under the old label
@@ -491,3 +495,100 @@ def test_bits_per_byte_gets_no_perplexity_interval():
     samples = [{"doc_id": 0, "bits_per_byte": (-10.0, 8), "byte_perplexity": (-10.0, 8)}]
     assert document_loglikelihoods(samples, "bits_per_byte") is None
     assert document_loglikelihoods(samples, "byte_perplexity") == {"0": [-10.0, 8.0]}
+
+
+def test_a_sweep_into_a_folder_another_run_writes_is_refused_naming_it(tmp_path, count_loads):
+    """One writer per folder: while another run holds <out>.kvcore-lock, a sweep is refused before the model loads,
+    its holder named, and the folder is left as it is."""
+    import os
+    import socket
+    import threading
+
+    from kvcore_eval import outputs
+
+    out = tmp_path / "busy"
+    held, release = threading.Event(), threading.Event()
+
+    def other_run() -> None:
+        with outputs.run_lock(out):
+            held.set()
+            release.wait(120)
+
+    thread = threading.Thread(target=other_run)
+    thread.start()
+    try:
+        assert held.wait(60)
+        with pytest.raises(FileExistsError, match=f"being written by another kvcore-eval run \\(pid {os.getpid()} "):
+            run_sweep(sweep_config(out, tasks="kvcore_codealpaca"))
+        assert socket.gethostname() in json.loads((tmp_path / "busy.kvcore-lock").read_text())["host"]
+    finally:
+        release.set()
+        thread.join()
+    assert count_loads == [] and not out.exists()
+
+
+@pytest.mark.slow
+def test_two_concurrent_sweeps_into_one_folder_one_runs_the_other_is_refused(tmp_path):
+    """`sweep --ranks 1.0,0.5` running, `sweep --ranks 1.0,0.25` into the same --out: the second is refused with
+    the first's pid, and the first finishes with its own ranks in sweep.json and config.json."""
+    from conftest import stopped_while_holding_the_lock
+
+    out = tmp_path / "shared"
+    first = [
+        "sweep",
+        *("--model", str(EXAMPLE_MODEL), "--data-dir", str(EXAMPLE_DATA), "--tasks", "kvcore_codealpaca"),
+        *("--ranks", "1.0,0.5", "--num-samples", "2", "--calibration-tokens", "600", "--seq-len", "64"),
+        *("--out", str(out)),
+    ]
+    with stopped_while_holding_the_lock(first, tmp_path / "shared.kvcore-lock") as running:
+        with pytest.raises(FileExistsError, match=f"being written by another kvcore-eval run \\(pid {running.pid} "):
+            run_sweep(sweep_config(out, tasks="kvcore_codealpaca", ranks="1.0,0.25", num_samples=2))
+    assert running.returncode == 0, running.stderr_text[-3000:]
+    assert json.loads((out / "sweep.json").read_text())["ranks"] == ["1", "0.5"]
+    assert json.loads((out / "config.json").read_text())["ranks"] == "1.0,0.5"
+    assert not (out / "points" / "kvcore_codealpaca" / "rank_0.25.json").exists()
+
+
+@pytest.mark.slow
+def test_a_task_name_too_long_for_a_file_name_is_refused_before_the_folder_is_claimed(tmp_path, count_loads):
+    """A 300-character task name gave `File name too long` after the model loaded, the folder already claimed."""
+    folder = tmp_path / "my_tasks"
+    folder.mkdir()
+    (folder / "notes.jsonl").write_text(json.dumps({"text": "The river rose overnight."}) + "\n")
+    name = "n" * 300
+    (folder / "long.yaml").write_text(
+        f"task: {name}\ndataset_path: json\ndataset_kwargs:\n  data_files: {folder / 'notes.jsonl'}\n"
+        "test_split: train\noutput_type: loglikelihood_rolling\ndoc_to_text: ''\ndoc_to_target: '{{text}}'\n"
+        "metric_list:\n  - metric: byte_perplexity\n"
+    )
+    out = tmp_path / "runs" / "sweep"
+    with pytest.raises(ValueError, match="task name 'n+'... is 300 bytes long: .*rename it \\(at most 240 bytes\\)"):
+        run_sweep(sweep_config(out, tasks=name, include_path=str(folder)))
+    assert count_loads == [] and not (tmp_path / "runs").exists()
+
+
+def test_a_read_only_out_is_named_with_the_fix_before_the_model_loads(tmp_path, count_loads, read_only):
+    out = tmp_path / "ro"
+    out.mkdir()
+    read_only(out)
+    with pytest.raises(PermissionError, match=f"^{out} cannot be written .*: the sweep writes its results there; make"):
+        run_sweep(sweep_config(out, tasks="kvcore_codealpaca"))
+    assert count_loads == [] and list(out.iterdir()) == [] and not (tmp_path / "ro.kvcore-lock").exists()
+
+
+def test_a_record_longer_than_the_context_is_refused_before_the_model_loads(tmp_path, count_loads):
+    """A scored document whose response is longer than the model's 1024 positions: lm-eval would assert it after the
+    model loaded and the calibration ran; refused before, naming the task and the document."""
+    import shutil
+
+    data = tmp_path / "data"
+    data.mkdir()
+    shutil.copy(EXAMPLE_DATA / "codealpaca.jsonl", data / "codealpaca.jsonl")
+    records = [json.loads(line) for line in (data / "codealpaca.jsonl").read_text().splitlines()]
+    for record in records:
+        record["output"] = "x = 1\n" * 300  # 1800 bytes: 1800 tokens of the byte-level tokenizer
+    (data / "codealpaca.jsonl").write_text("".join(json.dumps(r) + "\n" for r in records))
+    out = tmp_path / "sweep"
+    with pytest.raises(ValueError, match="kvcore_codealpaca document 0 .*continuation is 1800 tokens, more than"):
+        run_sweep(sweep_config(out, tasks="kvcore_codealpaca", data_dir=str(data)))
+    assert count_loads == [] and not out.exists()

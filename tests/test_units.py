@@ -23,7 +23,7 @@ def test_each_kind_of_task_gets_its_own_metric():
     perplexity, generation = instance("kvcore_codealpaca"), instance("kvcore_alpaca_gen")
     assert choose_metric(config(), perplexity, None) == "byte_perplexity"
     assert choose_metric(config("word_perplexity"), perplexity, None) == "word_perplexity"
-    assert choose_metric(config("kvcore_codealpaca=bits_per_byte"), perplexity, None) == "bits_per_byte"
+    assert choose_metric(config("kvcore_codealpaca=word_perplexity"), perplexity, None) == "word_perplexity"
     assert choose_metric(config(), generation, None) == "gpt_score", "a generation task's first metric"
     assert choose_metric(config("kvcore_alpaca_gen=gpt_score_missing"), generation, None) == "gpt_score_missing"
     with pytest.raises(ValueError, match="kvcore_alpaca_gen declares no 'bleu'.*gpt_score, gpt_score_missing"):

@@ -9,6 +9,8 @@ from typing import Any
 
 import numpy as np
 
+from kvcore_eval import outputs
+
 
 def summarize(
     units: list[dict[str, Any]],
@@ -125,4 +127,4 @@ def plot_heatmap(result: dict[str, Any], path: Path) -> None:
         subfigure.colorbar(image, ax=list(axes), shrink=0.9).set_label(f"metric: {metric_label(units)}", fontsize=7)
         subfigure.suptitle(task, fontsize=9)
     figure.suptitle(title, fontsize=9)
-    figure.savefig(path)
+    outputs.atomic_save_figure(figure, path)

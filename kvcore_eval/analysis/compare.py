@@ -11,6 +11,12 @@ from kvcore_eval.outputs import read_json
 
 def load_results(path: str | Path) -> dict[str, Any]:
     path = Path(path)
+    if path.is_dir():
+        found = sorted(path.rglob("results_*.json"))
+        raise ValueError(
+            f"{path} is a folder, not a results file: pass the results_*.json lm-eval wrote"
+            + (f" (in it: {found[0]}{' and others' if len(found) > 1 else ''})" if found else "")
+        )
     if not path.is_file():
         raise FileNotFoundError(f"results file {path} does not exist")
     results = read_json(path, "lm-eval results file (pass the results_*.json lm-eval writes, not a samples file)")

@@ -14,12 +14,16 @@ its low-rank cache), so each bucket's log-likelihood sums back to lm-eval's logl
 
 from __future__ import annotations
 
+import logging
 from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
 
+from kvcore_eval import outputs
 from kvcore_eval.metrics import nd_ppl
+
+logger = logging.getLogger(__name__)
 
 DEFAULT_EDGES = (256, 512, 1024, 2048, 4096, 8192, 16384, 32768, 65536, 131072)
 
@@ -46,8 +50,28 @@ def parse_edges(spec: str | None, max_length: int) -> list[int]:
             ) from None
         if not inner or inner[0] <= 0:
             raise ValueError(f"--position-buckets {spec!r}: edges must be positive token positions")
+        if inner[0] >= max_length:
+            raise ValueError(
+                f"--position-buckets {spec}: every edge is at or past the model's context of {max_length} tokens, so "
+                f"the buckets collapse into one, 0-{max_length}: give edges below {max_length} (e.g. "
+                f"{max_length // 4},{max_length // 2})"
+            )
         inner = [e for e in inner if e < max_length]
     return [0, *inner, max_length]
+
+
+def check_edges(spec: str | None, max_length: int) -> list[int]:
+    """`parse_edges` before any model loads, with a warning naming the edges at or past the context (dropped)."""
+    edges = parse_edges(spec, max_length)
+    if spec not in (None, "", "default"):
+        if dropped := sorted({int(e) for e in spec.split(",") if e.strip()} - set(edges)):
+            logger.warning(
+                "--position-buckets: %s at or past the model's context of %d tokens, dropped: the buckets are %s",
+                ", ".join(map(str, dropped)),
+                max_length,
+                ", ".join(bucket_names(edges)),
+            )
+    return edges
 
 
 def bucket_names(edges: list[int]) -> list[str]:
@@ -176,4 +200,4 @@ def plot(result: dict[str, Any], path) -> None:
         ax.grid(alpha=0.3)
         ax.legend(frameon=False, fontsize=7)
     figure.suptitle(f"damage by position: truncated {result['truncate']}", fontsize=9)
-    figure.savefig(path)
+    outputs.atomic_save_figure(figure, path)

@@ -138,7 +138,7 @@ def plot_ner(table: list[dict[str, SpaceStats]], title: str, path: Path) -> None
     ax.xaxis.set_major_locator(matplotlib.ticker.MaxNLocator(integer=True))
     ax.grid(alpha=0.3)
     ax.legend(frameon=False)
-    fig.savefig(path)
+    outputs.atomic_save_figure(fig, path)
 
 
 REPORT_KIND = "report"
@@ -150,9 +150,15 @@ def write_report(artifact_dir: str | Path, out_dir: str | Path | None = None) ->
     Another `out_dir` becomes a report folder: refused if it holds files kvcore-eval did not write."""
     calibration = load_calibration(artifact_dir)
     out = Path(out_dir or artifact_dir)
-    if out.resolve() != Path(artifact_dir).resolve():
+    if out.resolve() == Path(artifact_dir).resolve():
+        outputs.check_writable(out, "the report goes into the artifact folder unless --out names another folder")
+    else:
         outputs.check_run_folder(out, REPORT_KIND, REPORT_NAMES)
-        out.mkdir(parents=True, exist_ok=True)
+        try:
+            out.mkdir(parents=True, exist_ok=True)
+        except OSError as err:
+            raise outputs.unwritable(out, err, "it cannot be created for the report") from None
+        outputs.check_writable(out, "the report goes there (--out)")
         outputs.write_config(out, REPORT_KIND, {"artifact": str(artifact_dir)})
     table = layer_table(calibration)
     paths = {"markdown": out / "report.md", "json": out / "report.json", "plot": out / "ner.png"}

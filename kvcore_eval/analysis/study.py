@@ -14,7 +14,7 @@ from typing import Any
 
 import numpy as np
 
-from kvcore_eval import metrics
+from kvcore_eval import metrics, outputs
 from kvcore_eval.compression.methods import BASES
 
 KINDS = ("key", "value")
@@ -149,8 +149,14 @@ def format_correlation(c: dict[str, float]) -> str:
     if np.isnan(c["pearson_p"]):
         return f"r={c['pearson']:+.2f}, ρ={c['spearman']:+.2f}, n={c['n']} (too few points for a p-value)"
     return (
-        f"r={c['pearson']:+.2f} (p={c['pearson_p']:.2g}), ρ={c['spearman']:+.2f} (p={c['spearman_p']:.2g}), n={c['n']}"
+        f"r={c['pearson']:+.2f} ({format_p(c['pearson_p'])}), ρ={c['spearman']:+.2f} ({format_p(c['spearman_p'])}), "
+        f"n={c['n']}"
     )
+
+
+def format_p(p: float) -> str:
+    """A p-value as printed: two significant digits, and never p=0 (a p-value below 1e-4 reads p<0.0001)."""
+    return "p<0.0001" if p < 1e-4 else f"p={p:.2g}"
 
 
 def to_markdown(summary: dict[str, Any]) -> str:
@@ -316,7 +322,7 @@ def plot_nd_ppl(summary: dict[str, Any], path: Path) -> None:
     ax.invert_xaxis()
     ax.grid(alpha=0.3)
     ax.legend(frameon=False, fontsize=8, ncol=2)
-    figure.savefig(path)
+    outputs.atomic_save_figure(figure, path)
 
 
 def plot_ner_vs_nd_ppl(summary: dict[str, Any], path: Path) -> None:
@@ -346,7 +352,7 @@ def plot_ner_vs_nd_ppl(summary: dict[str, Any], path: Path) -> None:
         f"NER vs ND-PPL across tasks: {summary['design']['model_name']}, rank {rank} of D, "
         f"{summary['design']['basis_scope']} bases"
     )
-    figure.savefig(path)
+    outputs.atomic_save_figure(figure, path)
 
 
 def plot_per_layer(layers: dict[str, Any], path: Path) -> None:
@@ -369,4 +375,4 @@ def plot_per_layer(layers: dict[str, Any], path: Path) -> None:
         ax.grid(alpha=0.3, axis="y")
     figure.legend(*axes[0].get_legend_handles_labels(), frameon=False, fontsize=8, loc="outside upper right")
     figure.suptitle(f"ND-PPL with one layer truncated at rank {layers['rank']:g} of D, the others at full rank")
-    figure.savefig(path)
+    outputs.atomic_save_figure(figure, path)

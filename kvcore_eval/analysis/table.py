@@ -125,7 +125,7 @@ def plot_heatmap(model: str, per_dataset: dict[str, dict[str, Any]], path: Path,
     axes[0].set_ylabel("layer")
     figure.colorbar(image, ax=axes, label="normalized effective rank")
     figure.suptitle(model)
-    figure.savefig(path)
+    outputs.atomic_save_figure(figure, path)
 
 
 def write_table(config: TableConfig) -> dict[str, Path]:

@@ -10,7 +10,8 @@ model's weights, so an evaluation can tell the same weights loaded in another dt
 `document_digests` (documents, 2) int64: a digest of each calibrated document's text and prompt (overlap.py), so
 an evaluation can tell whether it scores documents the calibration saw.
 No pickles: safetensors and JSON only. `kvcore.json` records the sha256 of `basis.safetensors`; loading
-verifies it and refuses non-finite values, so a damaged basis is an error, never a number.
+verifies it and refuses non-finite values and negative eigenvalues beyond round-off, so a damaged or altered basis
+is an error, never a number.
 """
 
 from __future__ import annotations
@@ -159,6 +160,23 @@ def _check_shapes(metadata: dict[str, Any], shapes: dict[str, tuple[int, ...]], 
         )
 
 
+# An eigenvalue of a Gram (positive semi-definite) is >= 0 up to float64 round-off of eigh, |error| ~ D·eps·λ_max.
+NEGATIVE_TOLERANCE = 1e-9
+
+
+def negative_spectra(tensors: dict[str, torch.Tensor]) -> list[str]:
+    """The eigenvalue tensors with a layer (or head) whose smallest eigenvalue is below −NEGATIVE_TOLERANCE of its
+    largest magnitude: not a Gram's spectrum (negated, or edited), whatever its checksum says."""
+    bad = []
+    for key, values in tensors.items():
+        if key.endswith("eigenvalues"):
+            values = values.double()  # (layers, D) or (layers, heads, head_dim)
+            scale = values.abs().amax(dim=-1)
+            if (values.amin(dim=-1) < -NEGATIVE_TOLERANCE * scale).any():
+                bad.append(key)
+    return bad
+
+
 def load_calibration(path: str | Path, eigenvectors: bool = True) -> Calibration:
     """Load and verify an artifact: checksum of the basis file (streamed), finite values. With `eigenvectors=False`
     the bases stay on disk (the bulk of the file: L·D² floats per space) and `Calibration.basis` reads the slices
@@ -188,6 +206,11 @@ def load_calibration(path: str | Path, eigenvectors: bool = True) -> Calibration
     ]:
         raise ValueError(
             f"{basis_path} holds NaN or inf in {', '.join(bad[:3])}: re-run the calibration (try --dtype float32)"
+        )
+    if bad := negative_spectra(tensors):
+        raise ValueError(
+            f"{basis_path} holds eigenvalues below zero beyond round-off in {', '.join(bad[:3])}: a Gram's are >= 0, "
+            f"so the file was altered; re-run `kvcore-eval calibrate --out {path} --overwrite`"
         )
     parts: dict[str, dict[str, torch.Tensor]] = {
         name: {} for name in ("eigenvalues", "eigenvectors", "head_eigenvalues", "head_eigenvectors")

@@ -108,6 +108,7 @@ def _prepare_work_dir(config: CalibrationConfig, out: Path, work: Path) -> None:
             )
         shutil.rmtree(work / CHECKPOINT_DIR)
     work.mkdir(parents=True, exist_ok=True)
+    outputs.check_writable(work, "the calibration writes its artifact there")
 
 
 def _batches(sequences: Iterator[list[int]], batch_size: int, rank: int, world_size: int) -> Iterator[list[list[int]]]:
@@ -239,6 +240,8 @@ def calibrate(
     state = PartialState(cpu=config.device == "cpu" or (config.device == "auto" and not torch.cuda.is_available()))
     out = outputs.resolve_run_folder(Path(config.out))
     with outputs.run_lock(out) if state.is_main_process else contextlib.nullcontext():
+        if state.is_main_process and out.is_dir():  # before the model loads
+            outputs.check_writable(out, "the calibration writes its artifact there")
         return _calibrate(config, on_checkpoint, model, tokenizer, state, out)
 
 

@@ -176,6 +176,8 @@ def read_json_records(path: Path) -> Iterator[dict[str, Any]]:
                 records = json.load(f)
                 if not isinstance(records, list) or not all(isinstance(r, dict) for r in records):
                     raise ValueError(f"{path} is not a JSON list of objects: write one object per record")
+                for number, record in enumerate(records, 1):
+                    check_text(record, f"{path}, record {number}")
                 yield from records
                 return
             for number, line in enumerate(f, 1):
@@ -193,6 +195,8 @@ def read_json_records(path: Path) -> Iterator[dict[str, Any]]:
                         f"{path}, line {number}: a JSON {type(record).__name__}, not an object: "
                         "write one object per line"
                     )
+                if "\\u" in line:  # only an escape can put a lone surrogate in decoded UTF-8
+                    check_text(record, f"{path}, line {number}")
                 yield record
     except UnicodeDecodeError as err:
         raise ValueError(
@@ -201,6 +205,18 @@ def read_json_records(path: Path) -> Iterator[dict[str, Any]]:
         ) from None
     except json.JSONDecodeError as err:
         raise ValueError(f"{path}: not valid JSON ({err.msg}, line {err.lineno}): fix the file") from None
+
+
+def check_text(record: dict[str, Any], where: str) -> None:
+    """A record's strings are text: a lone surrogate (an escape such as \\ud800 with no pair) is no character, and
+    fails every encoder later, far from its file; it is named here, with the record's file and line."""
+    try:
+        json.dumps(record, ensure_ascii=False).encode("utf-8")
+    except UnicodeEncodeError as err:
+        lone = err.object[err.start : err.end].encode("unicode_escape").decode()
+        raise ValueError(
+            f"{where}: holds a lone surrogate ({lone}, half of a UTF-16 pair), which is not text: fix or remove it"
+        ) from None
 
 
 def load_records(

@@ -54,6 +54,7 @@ from kvcore_eval.experiments.session import (
     layer_nd_ppl,
     nd_ppl_interval,
     open_units,
+    record_config,
     run_point,
     task_calibration,
     task_document_ner,
@@ -186,7 +187,7 @@ def _measure_sensitivity(session, plan: TaskPlan) -> Path:
         "basis_sha256": read_metadata(plan.basis)["basis_sha256"],
         "measure": "token perplexity of held-out text (the documents after the scored ones), direct forward",
     }
-    if path.exists() and outputs.read_json(path, "sensitivity table").get("settings") == settings:
+    if path.exists() and ((outputs.read_derived(path, "sensitivity table") or {}).get("settings") == settings):
         return path
     baseline = held_out_perplexity(session, full_cache(config.truncation, plan.basis), ids)
     rank = max(1, round(config.sensitivity_rank * plan.geometry.width))
@@ -409,11 +410,12 @@ def left_out(out: Path, rows: list[dict[str, Any]]) -> list[str]:
     method and budget are not among them, then saved points (points/<task>/<name>.json) no row of either refers to
     (an earlier run interrupted before its frontier.json)."""
     path = out / "frontier.json"
-    previous = outputs.read_json(path, "previous frontier") if path.exists() else []
+    previous = (outputs.read_derived(path, "previous frontier") or []) if path.exists() else []
+    previous = [r for r in previous if isinstance(r, dict) and {"task", "method", "budget"} <= set(r)]
     placed = {(r["task"], r["method"], r["budget"]) for r in rows}
     referred = {(r["task"], r.get("point")) for r in [*rows, *previous]}
     dropped = [
-        f"{r['task']} {r['method']}" + ("" if r["budget"] is None else f" at budget {r['budget']:g}")
+        f"{r['task']} {r['method']}" + ("" if r["budget"] is None else f" at budget {r['budget']}")
         for r in previous
         if (r["task"], r["method"], r["budget"]) not in placed
     ]
@@ -426,12 +428,18 @@ def left_out(out: Path, rows: list[dict[str, Any]]) -> list[str]:
 
 
 def run_frontier(config: FrontierConfig) -> list[dict[str, Any]]:
+    """The frontier, holding its output folder's lock from the claim to the last file."""
 
     def check(units, manager_for) -> None:
         if config.sensitivity is not None and "sensitivity" in config.method_list():
             check_sensitivity_file(config)
 
-    session = open_units(config, KIND, OWN_NAMES, check=check)
+    with open_units(config, KIND, OWN_NAMES, check=check) as session:
+        return frontier_session(session)
+
+
+def frontier_session(session) -> list[dict[str, Any]]:
+    config = session.config
     rows, bounds = [], {}
     for task in session.units:
         plan = _prepare_task(session, task)
@@ -455,6 +463,7 @@ def run_frontier(config: FrontierConfig) -> list[dict[str, Any]]:
     outputs.atomic_write_json(session.out / "frontier.json", rows)
     outputs.atomic_write_text(session.out / "frontier.md", to_markdown(rows, config, dropped))
     plot_frontier(rows, config, session.out / "frontier.png", bounds)
+    record_config(session.out, config, KIND)  # the settings of the frontier it now holds
     return rows
 
 
@@ -715,4 +724,4 @@ def plot_frontier(
     grid[0][-1].legend(frameon=False, fontsize=8, ncol=2)
     grid[1][-1].legend(frameon=False, fontsize=8)
     figure.suptitle(f"Bytes–quality frontier: {Path(config.model).name or config.model} (dotted: budgets)")
-    figure.savefig(path)
+    outputs.atomic_save_figure(figure, path)

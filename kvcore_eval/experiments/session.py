@@ -10,12 +10,13 @@ document's own NER; `layer_nd_ppl` each layer's ND-PPL truncated alone.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import itertools
 import json
 import logging
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -30,6 +31,7 @@ from kvcore_eval.config import CalibrationConfig, identity, identity_differences
 from kvcore_eval.harness.documents import document_ner, per_document_counts, per_document_values
 from kvcore_eval.harness.lm_tasks import (
     ALL_RECORDS,
+    check_continuations_fit,
     leaf_tasks,
     lm_eval_task_documents,
     load_as_evaluated,
@@ -211,13 +213,7 @@ def run_point(
         **point_settings(session, task, truncation, documents, metric),
         "rank_plan": use_truncation(session, truncation).kvcore_plan.to_dict(),
     }
-    if path.exists():
-        saved = outputs.read_json(path, "sweep point")
-        if differences := identity_differences(saved["settings"], settings):
-            raise ValueError(
-                f"{path} was run with other settings ({'; '.join(differences)}): use another --out, "
-                "or delete it to rerun"
-            )
+    if path.exists() and (saved := reusable_point(path, settings)) is not None:
         session.progress.point_done(task, name, None)
         return saved
     started = time.monotonic()
@@ -251,9 +247,39 @@ def run_point(
     }
     path.parent.mkdir(parents=True, exist_ok=True)
     record["calibration_overlap"] = session.lm.get_model_info()["kvcore"]["calibration_overlap"].get(scored)
+    record[DIGEST] = outputs.content_digest(record)  # an edit by hand is told from the point as it was made
     outputs.atomic_write_json(path, record)
     session.progress.point_done(task, name, started)
     return record
+
+
+DIGEST = "digest"  # a point's sha256 of the rest of its content
+
+
+def reusable_point(path: Path, settings: dict[str, Any]) -> dict[str, Any] | None:
+    """The finished point at `path`, made with `settings`; None where it is computed again: damaged (not JSON, not a
+    point), or its content no longer matches its digest (edited by hand), each with a warning naming it. A point
+    made with other settings is an error. A point of an earlier version, without a digest, is reused with a
+    warning that it cannot be verified."""
+    saved = outputs.read_derived(path, "point")
+    if saved is None:
+        return None
+    if not isinstance(saved, dict) or not isinstance(saved.get("settings"), dict) or "value" not in saved:
+        logger.warning("%s is not a point kvcore-eval wrote (no settings or value): it is computed again", path)
+        return None
+    digest = saved.pop(DIGEST, None)
+    if digest is not None and digest != outputs.content_digest(saved):
+        logger.warning(
+            "%s does not match the digest of its content (edited after it was written?): it is computed again", path
+        )
+        return None
+    if differences := identity_differences(saved["settings"], settings):
+        raise ValueError(
+            f"{path} was run with other settings ({'; '.join(differences)}): use another --out, or delete it to rerun"
+        )
+    if digest is None:
+        logger.warning("%s carries no digest (written by an earlier kvcore-eval): reused without a check", path)
+    return saved
 
 
 def document_loglikelihoods(samples: list[dict[str, Any]], metric: str) -> dict[str, list[float]] | None:
@@ -277,30 +303,68 @@ def nd_ppl_interval(point: dict[str, Any], baseline: dict[str, Any]) -> dict[str
     return metrics.paired_bootstrap_nd_ppl(truncated, full)
 
 
-def claim_and_load(config, kind: str, own_names: tuple[str, ...]) -> tuple[Path, Any]:
-    """After every check: claim the output folder (config.json), then load the model."""
+# What a run folder holds beyond its summary: finished work a rerun reuses, made with the settings in config.json.
+RESULTS = ("points", "calibrations", "documents", "sensitivity", "positions")
+
+
+def claim(config, kind: str, own_names: tuple[str, ...]) -> Path:
+    """After every check, holding the folder's lock: refuse a folder whose finished work was made with other settings
+    (nothing written), else claim it. config.json is written here only into a folder without finished work; a rerun
+    writes it with its results (`record_config`), so a refused or interrupted rerun leaves it as it was."""
     out = Path(config.out)
     outputs.check_run_folder(out, kind, own_names)
-    out.mkdir(parents=True, exist_ok=True)
+    if any((out / name).is_dir() and any((out / name).iterdir()) for name in RESULTS):
+        check_same_run(out, config, kind)
+        outputs.check_writable(out, f"the {kind} writes its results there")
+        return out
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+    except OSError as err:
+        raise outputs.unwritable(out, err, f"it cannot be created for the {kind}") from None
+    outputs.check_writable(out, f"the {kind} writes its results there")
+    record_config(out, config, kind)
+    return out
+
+
+def check_same_run(out: Path, config, kind: str) -> None:
+    """The settings every finished point in `out` shares (config.json's, less the selectors) are this run's."""
+    saved = outputs.read_json(out / outputs.CONFIG_FILE, f"{kind} settings")
+    wanted = identity(config, exclude=config.selectors)
+    if differences := identity_differences(same_keys(saved, wanted), wanted):
+        raise ValueError(
+            f"{out} holds the finished work of a {kind} with other settings ({'; '.join(differences)}); nothing was "
+            f"changed there: use another --out, or delete {out} to start again"
+        )
+
+
+def same_keys(saved: Any, like: dict[str, Any]) -> dict[str, Any]:
+    """`saved` (a config.json) with only the keys of `like` (an identity), nested configurations alike."""
+    saved = saved if isinstance(saved, dict) else {}
+    return {
+        key: same_keys(saved.get(key), value) if isinstance(value, dict) else saved.get(key)
+        for key, value in like.items()
+    }
+
+
+def record_config(out: Path, config, kind: str) -> None:
     outputs.write_config(out, kind, asdict(config))
-    model_id, gguf_file = models.gguf_location(config.model, config.gguf_file)
-    model = models.load_causal_lm(model_id, None, models.resolve_device(config.device), config.dtype, gguf_file)
-    return out, model
 
 
+@contextlib.contextmanager
 def open_units(
     config,
     kind: str,
     own_names: tuple[str, ...],
     per_task: bool = True,
     check: Callable[[list[Unit], Callable[[int | None], Any]], None] | None = None,
-) -> Session:
+) -> Iterator[Session]:
     """A session over the units of `config.tasks` (each task at each length, with its metric), every option checked
     against the tasks (metrics in their metric_list, document counts where each task is calibrated on its own held-out
     documents: `per_task`, and `check(units, manager_for)`) before the output folder is claimed or the model loads.
     Only the tokenizer loads first: tasks that build their documents (RULER) need it. `config` is a SweepConfig or a
     FrontierConfig (a TaskScoringConfig with `out`, `tasks` and `selectors`: its fields that choose which points run
-    rather than what a point's number is)."""
+    rather than what a point's number is). One writer per folder: the session holds `<out>.kvcore-lock`
+    (`outputs.run_lock`) from the claim to its end, and a second run into the folder is refused, its holder named."""
     model_id, gguf_file = models.gguf_location(config.model, config.gguf_file)
     tokenizer = models.load_tokenizer(model_id, None, gguf_file)
     # what `lm_eval --model_args pretrained=... --metadata ...` hands every task, as in calibrate
@@ -310,14 +374,21 @@ def open_units(
         lengths = {"max_seq_lengths": [length]} if length is not None else {}
         return task_manager(config.data_dir, split_paths(config.include_path), {**metadata, **lengths})
 
-    units = task_units(config, manager_for, per_task)
+    max_length = models.context_length(models.load_config(model_id, None, gguf_file), tokenizer)
+
+    def fits(instance) -> None:  # the scored documents' continuations, against the context the model gets
+        check_continuations_fit(instance, config.num_samples, tokenizer, max_length, config.model)
+
+    units = task_units(config, manager_for, per_task, fits)
     if check is not None:
         check(list(units.values()), manager_for)
-    out, model = claim_and_load(config, kind, own_names)
-    perplexity = [name for name, unit in units.items() if unit.perplexity]
-    session = Session(config, out, model, tokenizer, perplexity)
-    session.units, session.task_metadata = units, metadata
-    return session
+    with outputs.run_lock(Path(config.out)):
+        out = claim(config, kind, own_names)
+        model = models.load_causal_lm(model_id, None, models.resolve_device(config.device), config.dtype, gguf_file)
+        perplexity = [name for name, unit in units.items() if unit.perplexity]
+        session = Session(config, out, model, tokenizer, perplexity)
+        session.units, session.task_metadata = units, metadata
+        yield session
 
 
 def task_document_ner(session: Session, task: str) -> list[dict[str, Any]]:
@@ -329,9 +400,8 @@ def task_document_ner(session: Session, task: str) -> list[dict[str, Any]]:
     unit = session.units[task]
     if metadata := point_metadata(session, unit):
         settings["metadata"] = metadata
-    if path.exists():
-        saved = outputs.read_json(path, "per-document NER")
-        if saved["settings"] == settings:
+    if path.exists() and (saved := outputs.read_derived(path, "per-document NER")) is not None:
+        if isinstance(saved, dict) and saved.get("settings") == settings:
             return saved["documents"]
     scored = lm_eval_task_documents(
         unit.task, 0, config.data_dir, split_paths(config.include_path), unit_metadata(session, unit)

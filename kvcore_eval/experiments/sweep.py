@@ -25,6 +25,7 @@ does not include are named in sweep.md and in a warning.
 
 from __future__ import annotations
 
+import contextlib
 import itertools
 import logging
 import math
@@ -46,6 +47,7 @@ from kvcore_eval.experiments.session import (
     nd_ppl_interval,
     open_units,
     point_truncation,
+    record_config,
     run_point,
     task_calibration,
     task_document_ner,
@@ -78,17 +80,30 @@ OWN_NAMES = (
 )
 
 
-def open_sweep(config: SweepConfig) -> Session:
-    """The sweep's session: its units, the kinds truncated and a shared basis's overlap checked first."""
+def open_sweep(config: SweepConfig) -> contextlib.AbstractContextManager[Session]:
+    """The sweep's session (held while the sweep writes): its units, the kinds truncated and a shared basis's overlap
+    checked first."""
 
     def check(units: list[Unit], manager_for: Callable[[int | None], Any]) -> None:
         check_kinds(config, units)
+        if config.position_buckets:
+            check_position_buckets(config)
         if config.basis_scope == "shared":
             read_metadata(config.truncation.calibration)  # an artifact is there, in a format this version reads
             if not config.allow_overlap:
                 check_shared_overlap(config, units, manager_for)
 
     return open_units(config, KIND, OWN_NAMES, per_task=config.basis_scope == "per-task", check=check)
+
+
+def check_position_buckets(config: SweepConfig) -> None:
+    """--position-buckets against the context the model gets (its config and tokenizer read, not its weights): edges
+    past it are named, and edges that all are refused (one bucket)."""
+    model_id, gguf_file = models.gguf_location(config.model, config.gguf_file)
+    context = models.context_length(
+        models.load_config(model_id, None, gguf_file), models.load_tokenizer(model_id, None, gguf_file)
+    )
+    positions.check_edges(config.position_buckets, context)
 
 
 def check_shared_overlap(config: SweepConfig, units: list[Unit], manager_for: Callable[[int | None], Any]) -> None:
@@ -112,9 +127,13 @@ def check_shared_overlap(config: SweepConfig, units: list[Unit], manager_for: Ca
 
 
 def run_sweep(config: SweepConfig) -> dict[str, Any]:
+    """The sweep, holding its output folder's lock from the claim to the last file."""
+    with open_sweep(config) as session:
+        return sweep_session(session)
 
-    session = open_sweep(config)
-    units = session.units
+
+def sweep_session(session: Session) -> dict[str, Any]:
+    config, units = session.config, session.units
     calibrations = {name: task_calibration(session, name) for name in units}
     layers = models.kv_geometry(session.model.config).num_layers
     below_full = [rank for rank in config.rank_list() if rank < 1]
@@ -262,7 +281,8 @@ def point_positions(session: Session, task: str, name: str, truncation) -> dict[
     lm = use_truncation(session, truncation)
     edges = positions.parse_edges(session.config.position_buckets, lm.max_length)
     settings = {**point["settings"], "edges": edges, "max_length": lm.max_length}
-    if path.exists() and (saved := outputs.read_json(path, "position table"))["settings"] == settings:
+    saved = outputs.read_derived(path, "position table") if path.exists() else None
+    if isinstance(saved, dict) and saved.get("settings") == settings:
         session.progress.point_done(task, f"{name} by position", None)
         return saved["positions"]
     started = time.monotonic()
@@ -319,6 +339,7 @@ def write_summary(session: Session, summary: dict[str, Any], final: bool = True)
         sections.append(f"**Left out:** {line}\n")
     outputs.atomic_write_json(out / "sweep.json", summary)
     outputs.atomic_write_text(out / "sweep.md", "\n".join(sections))
+    record_config(out, session.config, KIND)  # the settings of the tables it now holds
 
 
 def task_residual_energy(own: Path, basis: Path, space: str, rank: int, layers: int) -> list[float]:

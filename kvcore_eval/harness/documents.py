@@ -15,7 +15,7 @@ import torch
 from kvcore_eval import metrics
 from kvcore_eval.calibration.gram import GramAccumulator, GramRecorder
 from kvcore_eval.metrics import PERPLEXITY_METRICS
-from kvcore_eval.model.models import kv_geometry
+from kvcore_eval.model.models import context_length, kv_geometry
 from kvcore_eval.model.rope import RopeTap
 from kvcore_eval.spaces import KEY_SPACES
 
@@ -33,10 +33,14 @@ def gram_ner(grams: dict[str, torch.Tensor], key_space: str) -> dict[str, list[f
 
 
 def document_ner(model, tokenizer, texts: list[str], key_space: str) -> list[dict[str, list[float]]]:
-    """Per document: {"key": NER per layer, "value": NER per layer, "tokens": n}, from that document's own Grams."""
+    """Per document: {"key": NER per layer, "value": NER per layer, "tokens": n}, from that document's own Grams. A
+    document longer than the model's context (`models.context_length`, what lm-eval gives it) is read in
+    consecutive windows of that length, each its own forward, as lm-eval windows a rolling document: its Grams are
+    the sums over the windows."""
     from tqdm.auto import tqdm
 
     geometry = kv_geometry(model.config)
+    context = context_length(model.config, tokenizer)
     tap = RopeTap(model)
     rows = []
     try:
@@ -45,12 +49,13 @@ def document_ner(model, tokenizer, texts: list[str], key_space: str) -> list[dic
             if not ids:
                 raise ValueError("a scored document has no tokens: its NER is undefined; drop empty documents")
             accumulator = GramAccumulator(geometry, model.device)
-            with torch.no_grad():
-                model.base_model(
-                    input_ids=torch.tensor([ids], device=model.device),
-                    cache=GramRecorder(accumulator, tap),
-                    use_cache=True,
-                )
+            for start in range(0, len(ids), context):
+                with torch.no_grad():
+                    model.base_model(
+                        input_ids=torch.tensor([ids[start : start + context]], device=model.device),  # (1, window)
+                        cache=GramRecorder(accumulator, tap),
+                        use_cache=True,
+                    )
             rows.append({**gram_ner(accumulator.grams, key_space), "tokens": len(ids)})
     finally:
         tap.remove()

@@ -128,6 +128,28 @@ class JudgeStats:
     completion_tokens: int = 0
 
 
+def http_client_loggers() -> list[str]:
+    """The loggers of the HTTP client the installed openai package sends requests through (httpx; httpx2 in newer
+    releases), each of which logs one INFO line per request."""
+    import types
+
+    try:
+        from openai import _base_client
+    except ImportError:
+        return ["httpx", "httpx2"]
+    used = {
+        value.__name__.partition(".")[0] for value in vars(_base_client).values() if isinstance(value, types.ModuleType)
+    }
+    return sorted({"httpx", "httpx2"} | {name for name in used if name.startswith("httpx")})
+
+
+def quiet_http_client() -> None:
+    """One INFO line per answer from the HTTP client would drown the run's own log: its loggers log warnings only."""
+    for name in http_client_loggers():
+        client_logger = logging.getLogger(name)
+        client_logger.setLevel(max(client_logger.getEffectiveLevel(), logging.WARNING))
+
+
 class GPTJudge:
     """Scores answers through the openai client; `score` is thread-safe, `score_many` runs them concurrently."""
 
@@ -146,8 +168,7 @@ class GPTJudge:
         )
         self.cache = JudgeCache(config.cache_path)
         self.stats = JudgeStats()
-        httpx_logger = logging.getLogger("httpx")  # one INFO line per request otherwise
-        httpx_logger.setLevel(max(httpx_logger.getEffectiveLevel(), logging.WARNING))
+        quiet_http_client()
         self._stats_lock = threading.Lock()
 
     @property
@@ -189,6 +210,12 @@ class GPTJudge:
             raise JudgeUnavailable(
                 f"judge at {self.where} refused the request for model {self.config.model!r} "
                 f"({status or type(err).__name__}: {err.message}): check --model and --base-url"
+            ) from err
+        except ValueError as err:  # status 200 and a JSON body cut short, or not the shape of a chat completion
+            raise JudgeUnavailable(
+                f"judge at {self.where} answered with a body that is not a complete chat completion "
+                f"({type(err).__name__}: {err}): the server or a proxy before it cut the reply short or is not "
+                f"OpenAI-compatible; check it and --base-url ({env_name('base_url')})"
             ) from err
         return self._content(response)
 

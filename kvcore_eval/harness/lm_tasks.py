@@ -249,6 +249,70 @@ def _generation_split(instance, doc, whole: str) -> tuple[str, str]:
     return text, whole[len(text) :]
 
 
+def check_continuations_fit(instance, limit: int | None, tokenizer, max_length: int, model: str) -> None:
+    """lm-eval scores a loglikelihood request only when its continuation fits the model's context (HFLM asserts it,
+    after the model loaded): a document of the first `limit` whose continuation does not is refused here, with its
+    task, index and the fix. A token holds at least one byte, so only continuations longer than the context in bytes
+    are tokenized."""
+    if instance.config.output_type not in ("loglikelihood", "multiple_choice"):
+        return  # rolling perplexity is windowed, a generation's context cut from the left
+    delimiter = instance.config.target_delimiter or ""
+    for index, doc in enumerate(itertools.islice(instance.eval_docs, limit)):
+        for continuation in _continuations(instance, doc, delimiter):
+            if len(continuation.encode("utf-8", "surrogatepass")) <= max_length:
+                continue
+            tokens = len(tokenizer(continuation, add_special_tokens=False)["input_ids"])
+            if tokens > max_length:
+                raise ValueError(
+                    f"{instance.config.task} document {index} ({continuation[:40].strip()!r}...): its scored "
+                    f"continuation is {tokens} tokens, more than the {max_length}-token context of {model}, and "
+                    "lm-eval cannot score it; shorten or drop that record in the task's data, or score fewer "
+                    "documents (--limit)"
+                )
+
+
+# A stand-in model answer per output type: what lm-eval hands process_results for one loglikelihood document.
+_STAND_IN_RESULTS = {"loglikelihood": [(-1.0, False)], "loglikelihood_rolling": [-1.0]}
+
+
+def check_declared_metrics(instance) -> None:
+    """A task's own process_results may return a metric its metric_list does not declare: lm-eval then averages it,
+    a raw TypeError after the whole run where the value is a (loglikelihood, count) pair. Tried on the first
+    document with a stand-in answer (loglikelihood tasks only: no model, and nothing that calls out), such a metric is
+    refused before anything loads."""
+    stand_in = _STAND_IN_RESULTS.get(instance.config.output_type)
+    if stand_in is None or not callable(instance.config.process_results):
+        return
+    doc = next(iter(instance.eval_docs), None)
+    try:
+        returned = instance.process_results(doc, stand_in) if doc is not None else {}
+    except Exception:  # noqa: BLE001  the stand-in is not what this process_results reads: lm-eval's run will tell
+        return
+    declared = {str(entry["metric"]) for entry in instance.config.metric_list or []}
+    undeclared = sorted(
+        name for name, value in (returned or {}).items() if name not in declared and not isinstance(value, int | float)
+    )
+    if undeclared:
+        raise ValueError(
+            f"{instance.config.task}'s process_results returns {', '.join(undeclared)}, which its metric_list does not "
+            "declare, so lm-eval would average its (loglikelihood, count) pairs and fail after the run: add "
+            f"{undeclared[0]} to the metric_list of its YAML with its aggregation (e.g. bits_per_byte: aggregation "
+            "bits_per_byte), or stop returning it"
+        )
+
+
+def _continuations(instance, doc, delimiter: str) -> list[str]:
+    """What lm-eval scores of a loglikelihood document: its target, or each choice of a multiple-choice one."""
+    if instance.config.output_type == "multiple_choice":
+        return [f"{delimiter}{choice}" for choice in instance.doc_to_choice(doc)]
+    target = instance.doc_to_target(doc)
+    if isinstance(target, list):
+        target = target[0] if target else ""
+    if isinstance(target, int) and instance.config.doc_to_choice is not None:
+        target = instance.doc_to_choice(doc)[target]
+    return [f"{delimiter}{target}"]
+
+
 def leaf_tasks(loaded) -> Iterator[Any]:
     for value in loaded.values():
         yield from leaf_tasks(value) if isinstance(value, dict) else [value]

@@ -16,8 +16,8 @@ from dataclasses import dataclass
 from typing import Any
 
 from kvcore_eval import outputs
-from kvcore_eval.config import SweepConfig, TaskScoringConfig
-from kvcore_eval.harness.lm_tasks import leaf_tasks, load_as_evaluated
+from kvcore_eval.config import SweepConfig, TaskScoringConfig, task_list
+from kvcore_eval.harness.lm_tasks import check_declared_metrics, leaf_tasks, load_as_evaluated
 from kvcore_eval.metrics import PERPLEXITY_METRICS
 
 
@@ -104,12 +104,16 @@ def check_single_filter(instance) -> None:
 
 
 def task_units(
-    config: TaskScoringConfig, manager_for: Callable[[int | None], Any], per_task: bool = True
+    config: TaskScoringConfig,
+    manager_for: Callable[[int | None], Any],
+    per_task: bool = True,
+    check_task: Callable[[Any], None] | None = None,
 ) -> dict[str, Unit]:
     """The leaf tasks of `config.tasks` as units, each with its metric; a generation task at each --metadata
     max_seq_lengths (where given). Unknown tasks, metrics and document counts (`per_task`: each task calibrated on
-    the documents after the scored ones) are refused here, before any output is touched or any model loads."""
-    names = [t.strip() for t in config.tasks.split(",") if t.strip()]
+    the documents after the scored ones), and whatever `check_task(lm-eval task)` refuses, are refused here, before
+    any output is touched or any model loads."""
+    names = task_list(config.tasks)
     lengths = config.context_lengths() or [None]
     if unknown := [name for name in names if name not in manager_for(None).all_tasks]:
         raise ValueError(
@@ -129,9 +133,13 @@ def task_units(
                 continue  # a task whose metric does not name a length (gsm8k, perplexity) is scored once
             unit_length = length if at_lengths else None
             check_single_filter(instance)
+            check_declared_metrics(instance)
+            if check_task is not None:
+                check_task(instance)
             unit = Unit(instance.config.task, unit_length, instance.config.output_type, "")
             metric = choose_metric(config, instance, unit_length)
             unit = dataclasses.replace(unit, metric=metric, higher_is_better=higher_is_better(instance, metric))
+            outputs.check_path_component(unit.name, "task name")  # with its length: <task>@<length>
             if per_task:
                 check_document_count(config, unit, len(list(instance.eval_docs)))
             units[unit.name] = unit

@@ -255,3 +255,12 @@ def load_tokenizer(model_id: str, revision: str | None, gguf_file: str | None = 
     from transformers import AutoTokenizer
 
     return AutoTokenizer.from_pretrained(model_id, revision=revision, gguf_file=gguf_file)
+
+
+def context_length(config: PretrainedConfig, tokenizer) -> int:
+    """The context lm-eval's HFLM gives the model (its max_length): from the config (n_positions,
+    max_position_embeddings, n_ctx), else the tokenizer, else lm-eval's default. Readable before the weights load."""
+    from lm_eval.models.huggingface import HFLM
+    from lm_eval.models.utils import resolve_max_length
+
+    return resolve_max_length(config, tokenizer, default=HFLM._DEFAULT_MAX_LENGTH)
