@@ -31,6 +31,8 @@ def test_model_args_view():
         "overlap": "refuse",
         "basis": "data",
         "basis_seed": 0,
+        "protocol": "forward",
+        "residual_length": 128,
     }
     assert EvalConfig(model="m", tasks="t").model_args() == {"pretrained": "m", "dtype": "float32"}
 
