@@ -79,7 +79,7 @@ def test_resume_refuses_a_checkpoint_from_another_dataset(llama_dir, tmp_path):
         calibrate(config(llama_dir, out), on_checkpoint=kill)
     with pytest.raises(ValueError, match=r"another run \(config\.dataset: .* then, .*codealpaca\.jsonl' now\)"):
         calibrate(config(llama_dir, out, dataset=str(EXAMPLE_DATA / "codealpaca.jsonl"), resume=True))
-    with pytest.raises(ValueError, match=r"another run \(config\.dtype: 'float32' then, 'bfloat16' now"):
+    with pytest.raises(ValueError, match=r"another run \(config\.dtype: 'auto' then, 'bfloat16' now"):
         calibrate(config(llama_dir, out, dtype="bfloat16", resume=True))
 
 
@@ -101,7 +101,7 @@ def test_bad_input_gets_errors_that_name_the_fix(llama_dir, tmp_path):
         config(llama_dir, tmp_path / "c", seq_len=512, max_tokens=100)
     with pytest.raises(FileNotFoundError, match="does not exist"):
         calibrate(config(llama_dir, tmp_path / "d", dataset=str(tmp_path / "missing.jsonl")))
-    with pytest.raises(ValueError, match="dtype=.int8.: use float32, bfloat16 or float16"):
+    with pytest.raises(ValueError, match="dtype=.int8.: use auto, float32, bfloat16 or float16"):
         config(llama_dir, tmp_path / "e", dtype="int8")
 
 
@@ -607,7 +607,7 @@ def test_resume_refuses_another_dtype_and_changed_data(llama_dir, tmp_path, monk
     _interrupt_before_the_artifact(
         monkeypatch, lambda: calibrate(config(llama_dir, out, dataset=str(data), max_tokens=3000))
     )
-    with pytest.raises(ValueError, match=r"another run \(config.dtype: 'float32' then, 'bfloat16' now"):
+    with pytest.raises(ValueError, match=r"another run \(config.dtype: 'auto' then, 'bfloat16' now"):
         calibrate(config(llama_dir, out, dataset=str(data), max_tokens=3000, dtype="bfloat16", resume=True))
     records = [json.loads(line) for line in data.read_text().splitlines()]
     records[0]["output"] += " One more sentence."

@@ -220,8 +220,8 @@ def _accumulate(
         )
     if bad := accumulator.nonfinite_layers():
         raise FloatingPointError(
-            f"NaN/inf in the keys or values of layer(s) {bad}: the model overflows in {config.dtype}; "
-            "try --dtype float32"
+            f"NaN/inf in the keys or values of layer(s) {bad}: the model overflows in "
+            f"{models.dtype_name(model.dtype)}; try --dtype float32"
         )
     return int(attention_mask.sum())
 
@@ -387,7 +387,8 @@ def _run(
             config.max_tokens,
         )
     if state.is_main_process:
-        metadata = _metadata(config, model_identity, total_tokens, state.num_processes, tap.has_rope)
+        dtype = models.dtype_name(model.dtype)
+        metadata = _metadata(config, model_identity, total_tokens, state.num_processes, tap.has_rope, dtype)
         metadata["tokenization"] = {"method": data.TOKENIZATION, "adds_bos": data.adds_bos(tokenizer)}
         metadata["documents"] = {
             "count": len(log.rows),
@@ -412,7 +413,7 @@ def _run(
 
 
 def _metadata(
-    config: CalibrationConfig, model_identity: dict[str, Any], tokens: int, world_size: int, has_rope: bool
+    config: CalibrationConfig, model_identity: dict[str, Any], tokens: int, world_size: int, has_rope: bool, dtype: str
 ) -> dict[str, Any]:
     import accelerate
     import transformers
@@ -425,7 +426,7 @@ def _metadata(
         "seq_len": config.seq_len,
         "batch_size": config.batch_size,
         "processes": world_size,
-        "model_dtype": config.dtype,
+        "model_dtype": dtype,  # what --dtype resolved to (auto: by device)
         "gram_dtype": "float64",
         "versions": {
             "torch": torch.__version__,
