@@ -107,18 +107,33 @@ def layer_devices(model: torch.nn.Module) -> list[torch.device]:
 
 def weights_sample(model: torch.nn.Module) -> torch.Tensor:
     """A strided sample of every parameter, in name order: (parameters, WEIGHT_SAMPLE) float32 on the CPU.
-    Reads 64 values a parameter and moves them in one transfer: no full copy, no sync per parameter."""
+    Reads 64 values a parameter and moves them in one transfer: no full copy, no sync per parameter. Parameters that
+    accelerate offloaded (device_map with cpu or disk offload: meta tensors in the model) are read from their offload,
+    one offloaded module at a time."""
     import torch
 
-    rows = []
+    def sample(param: torch.Tensor) -> torch.Tensor:
+        flat = param.detach().reshape(-1)
+        index = torch.arange(WEIGHT_SAMPLE, device=flat.device) * (flat.numel() - 1) // (WEIGHT_SAMPLE - 1)  # int64
+        return flat[index].float().cpu()
+
     with torch.no_grad():
-        for _, param in sorted(model.named_parameters(), key=lambda item: item[0]):
-            flat = param.detach().reshape(-1)
-            index = (
-                torch.arange(WEIGHT_SAMPLE, device=flat.device) * (flat.numel() - 1) // (WEIGHT_SAMPLE - 1)
-            )  # exact in int64
-            rows.append(flat[index].float())
-    return torch.stack(rows).cpu()
+        rows = dict(offloaded_parameters(model, sample))
+        rows.update({name: sample(p) for name, p in model.named_parameters() if name not in rows})
+    return torch.stack([rows[name] for name in sorted(rows)])
+
+
+def offloaded_parameters(model: torch.nn.Module, read: Callable) -> list[tuple[str, Any]]:
+    """(name, read(parameter)) of every parameter accelerate offloaded (a meta tensor in the model), each read while
+    its module's hook has loaded the real weights onto the execution device (one module at a time)."""
+    from accelerate.utils import align_module_device, has_offloaded_params
+
+    found = []
+    for prefix, module in model.named_modules():
+        if has_offloaded_params(module):
+            with align_module_device(module):
+                found += [(f"{prefix}.{name}".lstrip("."), read(p)) for name, p in module.named_parameters()]
+    return found
 
 
 def weights_fingerprint(model: torch.nn.Module, sample: torch.Tensor | None = None) -> str:
