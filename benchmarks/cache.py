@@ -11,8 +11,8 @@ the peak of the prefill and first burst (`torch.cuda.max_memory_allocated`, less
 position's logits are computed in the prefill (`logits_to_keep=1`), as `generate` does.
 
 Latent candidates prefill through the reconstruction path (the cache stores the same latents either way) and
-decode over the latents: latent attention materializes (batch, heads, q_len, kv_len) float32 scores, which
-for a 32k prefill would not fit on any device (see benchmarks/README.md, "speed at length").
+decode over the latents. Quantized rows (`--bits`): the plain intN cache (basis=identity, its codes decoded on
+every read) and low rank + intN (post-RoPE latents coded, read by latent attention).
 
 The bases come from a calibration on random tokens (speed and memory do not depend on their quality).
 
@@ -43,7 +43,8 @@ from transformers import DynamicCache
 from kvcore_eval.calibration.artifact import decompose
 from kvcore_eval.calibration.gram import GramAccumulator, GramRecorder
 from kvcore_eval.compression import latent
-from kvcore_eval.compression.cache import LowRankCache, layer_bases
+from kvcore_eval.compression.cache import LayerBases, LowRankCache, layer_bases
+from kvcore_eval.compression.quantize import Codec
 from kvcore_eval.compression.rank_plan import RankPlan
 from kvcore_eval.model.rope import RopeTap
 
@@ -113,15 +114,20 @@ def burst(model, candidate: Candidate, new_tokens: int, implementation: str, dev
     return candidate.token.shape[0] * new_tokens / timed(steps, device)
 
 
-def candidates_for(calibration, geometry, tap, ranks: list[float], key_spaces: list[str], device) -> list[Candidate]:
+def candidates_for(
+    calibration, geometry, tap, ranks: list[float], key_spaces: list[str], device, bits: list[int], dtype
+) -> list[Candidate]:
+    """hf; per rank and key space, kvcore_hf over the reconstruction and over the latents; per `bits`, the plain
+    quantized cache (basis=identity, latent_bits=N: codes decoded on every read) and, per rank, low rank + intN
+    (post-RoPE latent: the codes of the latents)."""
     found = [Candidate("hf (DynamicCache)", "model's own", geometry.width, DynamicCache())]
+    uniform = lambda rank, key_space: RankPlan(  # noqa: E731
+        [rank] * geometry.num_layers, [rank] * geometry.num_layers, geometry.width, "layer", key_space
+    )
     for fraction in ranks:
         rank = max(1, round(fraction * geometry.width))
         for key_space in key_spaces:
-            plan = RankPlan(
-                [rank] * geometry.num_layers, [rank] * geometry.num_layers, geometry.width, "layer", key_space
-            )
-            bases = layer_bases(calibration, plan, device)
+            bases = layer_bases(calibration, uniform(rank, key_space), device)
             for is_latent in (False, True):
                 cache = LowRankCache(bases, geometry.kv_heads, tap if key_space == "pre_rope" else None)
                 found.append(
@@ -129,6 +135,19 @@ def candidates_for(calibration, geometry, tap, ranks: list[float], key_spaces: l
                         f"kvcore_hf {key_space}", "latent" if is_latent else "reconstruct", rank, cache, is_latent
                     )
                 )
+    for n in bits:
+        codec = Codec(n, dtype, "absmax")
+        full = [LayerBases(None, None)] * geometry.num_layers  # basis=identity: the states as they are, coded
+        found.append(
+            Candidate(
+                f"kvcore_hf int{n}", "reconstruct", geometry.width, LowRankCache(full, geometry.kv_heads, codec=codec)
+            )
+        )
+        for fraction in ranks:
+            rank = max(1, round(fraction * geometry.width))
+            bases = layer_bases(calibration, uniform(rank, "post_rope"), device)
+            cache = LowRankCache(bases, geometry.kv_heads, latent=True, codec=codec)
+            found.append(Candidate(f"kvcore_hf low rank + int{n} post_rope", "latent", rank, cache, True))
     return found
 
 
@@ -154,6 +173,9 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--contexts", default="1024,4096,8192")
     parser.add_argument("--ranks", default="0.5,0.25", help="fractions of D")
     parser.add_argument("--key-spaces", default="post_rope,pre_rope")
+    parser.add_argument(
+        "--bits", default="8,4", help="quantized rows: intN (basis=identity) and low rank + intN; empty for none"
+    )
     parser.add_argument("--batch-sizes", default="1,8")
     parser.add_argument("--new-tokens", type=int, default=8, help="greedy tokens per candidate per round")
     add_timing_arguments(parser, rounds=5)
@@ -178,7 +200,8 @@ def main() -> None:
         accumulator.grams, accumulator.token_count, geometry, {"model": {"geometry": geometry.to_dict()}}
     )
     ranks = [float(r) for r in args.ranks.split(",")]
-    key_spaces = args.key_spaces.split(",")
+    key_spaces = [k for k in args.key_spaces.split(",") if k]
+    bits = [int(b) for b in args.bits.split(",") if b]
     cuda = device.type == "cuda"
 
     print(
@@ -193,7 +216,9 @@ def main() -> None:
     for context_len in contexts:
         for batch in [int(b) for b in args.batch_sizes.split(",")]:
             context = torch.randint(0, vocab_size, (batch, context_len), device=device)
-            make = lambda: candidates_for(calibration, geometry, tap, ranks, key_spaces, device)  # noqa: E731
+            make = lambda: candidates_for(  # noqa: E731
+                calibration, geometry, tap, ranks, key_spaces, device, bits, model.dtype
+            )
             rows = measure(model, make, context, args, device)
             base_bytes = rows[0][3]
             for c, speed, ratio, nbytes in rows:

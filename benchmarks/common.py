@@ -46,6 +46,15 @@ PRESETS = {
         vocab_size=49152,
         tie_word_embeddings=True,
     ),
+    # two layers and a small vocabulary: prefills of 32k tokens on a CPU in seconds (benchmarks/memory.py)
+    "long": dict(
+        hidden_size=256,
+        intermediate_size=512,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        head_dim=64,
+    ),
     # a two-layer model for dry runs of the scripts (benchmarks/gpu_check.sh with KVCORE_DRY_RUN=1)
     "tiny": dict(
         hidden_size=128,

@@ -8,6 +8,7 @@ import argparse
 import dataclasses
 import json
 import logging
+import os
 import sys
 from collections.abc import Sequence
 from pathlib import Path
@@ -70,10 +71,14 @@ def config_from_args(config_class: type, args: argparse.Namespace, skip: tuple[s
 
 
 def _calibrate(args: argparse.Namespace) -> None:
-    """`kvcore-eval calibrate`: accumulate the Grams over the dataset and write the artifact."""
-    from kvcore_eval.calibration.calibrate import calibrate  # lazy: torch, lm-eval (a fast --help)
+    """`kvcore-eval calibrate`: accumulate the Grams over the dataset and write the artifact. Under `accelerate
+    launch --num_processes N` where accelerate started one process, the N processes are started under torchrun."""
+    from kvcore_eval.calibration import calibrate as module  # lazy: torch, lm-eval (a fast --help)
 
-    calibrate(config_from_args(CalibrationConfig, args))
+    config = config_from_args(CalibrationConfig, args)  # bad options fail here, before any process starts
+    if (processes := module.simple_launch_processes(os.environ, module.parent_argv())) is not None:
+        sys.exit(module.relaunch_with_torchrun(processes, sys.argv[1:], os.environ))
+    module.calibrate(config)
 
 
 def _report(args: argparse.Namespace) -> None:

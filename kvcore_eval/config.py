@@ -37,10 +37,10 @@ from kvcore_eval.compression.methods import (
 )
 from kvcore_eval.compression.peers import check_backend
 from kvcore_eval.metrics import PERPLEXITY_METRICS, WEIGHTED_PERPLEXITIES
-from kvcore_eval.model.models import gguf_location
+from kvcore_eval.model.models import gguf_location, load_config, resolve_dtype_name
 from kvcore_eval.spaces import DEFAULT_KEY_SPACE, Granularity, KeySpace, Truncate
 
-ModelDtype = Literal["float32", "bfloat16", "float16"]
+ModelDtype = Literal["auto", "float32", "bfloat16", "float16"]
 BudgetMethod = Literal["energy", "ner", "sensitivity", "uniform", "waterfill"]
 Basis = Literal["data", "weights", "random", "sequence", "rotation", "identity"]
 Quantizer = Literal["absmax", "minmax", "midrise"]
@@ -380,7 +380,11 @@ class ModelConfig:
         help="cpu, cuda, cuda:N, or auto (cuda when available, else cpu; under accelerate or torchrun, the "
         "process's own device)",
     )
-    dtype: ModelDtype = option("float32", help="model dtype (Grams are always float64)")
+    dtype: ModelDtype = option(
+        "auto",
+        help="model dtype: auto is the model's own on a GPU (as lm-eval's hf) and float32 on the CPU (where bfloat16 "
+        "is slow), resolved once at load and recorded in every table and result (Grams are always float64)",
+    )
 
 
 @dataclass(kw_only=True)
@@ -603,9 +607,11 @@ class EvalConfig(LMEvalRunConfig):
             truncation.check_runnable()
 
     def model_args(self) -> dict[str, Any]:
-        """lm-eval model_args: `hf`'s, plus kvcore_hf's (every option not left at None) with a calibration."""
+        """lm-eval model_args: `hf`'s, plus kvcore_hf's (every option not left at None) with a calibration. `--dtype
+        auto` is resolved here (lm-eval's own `auto` would load bfloat16 weights on the CPU too)."""
         pretrained, gguf_file = gguf_location(self.model, self.gguf_file)
-        args = {"pretrained": pretrained, "dtype": self.dtype}
+        dtype = resolve_dtype_name(self.dtype, self.device, lambda: load_config(pretrained, None, gguf_file))
+        args = {"pretrained": pretrained, "dtype": dtype}
         if gguf_file is not None:
             args["gguf_file"] = gguf_file
         if self.truncation.runs_kvcore:

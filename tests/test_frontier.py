@@ -410,7 +410,8 @@ def test_a_point_whose_interval_holds_zero_is_marked_within_noise(tmp_path, capl
         row("energy", 0.2, {"low": 0.1, "high": 0.3, "stderr": 0.05, "n": 3, "within_noise": False}),
     ]
     rows[2]["within_budget"], rows[2]["fraction_of_full"] = False, 0.516
-    markdown = to_markdown(rows, frontier_config(tmp_path))
+    markdown = to_markdown(rows, frontier_config(tmp_path), model_dtype="float32")
+    assert "Model dtype: float32 (`--dtype auto`), on cpu." in markdown
     assert "| 51.6 *(over)* |" in markdown and markdown.count("*(over)*") == 2, "the legend, the one row over"
     assert "| 0.0020 [-0.0010, 0.0050] (within noise) |" in markdown
     assert "| 0.2000 [0.1000, 0.3000] |" in markdown and markdown.count("within noise") == 2  # the legend, one row

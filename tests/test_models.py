@@ -170,3 +170,32 @@ def test_loading_errors_name_the_fix(tmp_path):
     assert resolve_dtype("bfloat16") is torch.bfloat16
     with pytest.raises(FileNotFoundError, match="model folder .*nowhere does not exist"):
         load_config(str(tmp_path / "nowhere"), None)
+
+
+def test_dtype_auto_is_the_models_own_on_a_gpu_and_float32_on_the_cpu(llama_dir):
+    """`--dtype auto` as lm-eval's hf reads it on an accelerator (the checkpoint's dtype), float32 on the CPU; an
+    explicit dtype is kept; a checkpoint without one, or one kvcore-eval does not load, is float32."""
+    from transformers import LlamaConfig
+
+    from kvcore_eval.model.models import resolve_dtype_name
+
+    def config(dtype):
+        return LlamaConfig(dtype=dtype)
+
+    assert resolve_dtype_name("auto", "cpu", config("bfloat16")) == "float32"
+    assert resolve_dtype_name("auto", "cuda", config("bfloat16")) == "bfloat16"
+    assert resolve_dtype_name("auto", "cuda:1", lambda: config(torch.float16)) == "float16"
+    assert resolve_dtype_name("auto", "cuda", config(None)) == "float32"
+    assert resolve_dtype_name("auto", "cuda", config("float64")) == "float32"
+    assert resolve_dtype_name("bfloat16", "cpu", lambda: pytest.fail("an explicit dtype reads no config")) == "bfloat16"
+    with pytest.raises(ValueError, match="dtype 'fp8' is not one of"):
+        resolve_dtype_name("fp8", "cpu", config(None))
+    assert load_causal_lm(str(llama_dir), None, "cpu", "auto").dtype == torch.float32
+
+
+def test_eval_hands_lm_eval_the_resolved_dtype(llama_dir):
+    """lm-eval's own `dtype=auto` would load the checkpoint's dtype on the CPU too: eval resolves it first."""
+    from kvcore_eval.config import EvalConfig
+
+    assert EvalConfig(model=str(llama_dir), tasks="x", device="cpu").model_args()["dtype"] == "float32"
+    assert EvalConfig(model=str(llama_dir), tasks="x", dtype="bfloat16").model_args()["dtype"] == "bfloat16"

@@ -118,3 +118,17 @@ def test_whitened_channels_far_past_their_calibration_keep_a_scale():
     x = torch.randn(2, 3, 40, generator=torch.Generator().manual_seed(6)) * 10
     decoded = codec.decode(*codec.encode(x), 40, torch.float32)
     assert torch.isfinite(decoded).all() and float((decoded - x).square().mean() / x.square().mean()) < 0.05
+
+
+@pytest.mark.parametrize("bits", [1, 2, 4, 8])
+def test_whole_codes_a_byte_are_packed_as_the_little_endian_bit_stream(bits):
+    """The shift-and-mask path of 1, 2, 4 and 8 bits writes and reads the bit stream the general path does."""
+    from kvcore_eval.compression.quantize import _pack, _unpack
+
+    for width in (7, 32, 33):
+        codes = torch.randint(0, 2**bits, (3, 5, width), dtype=torch.uint8, generator=torch.Generator().manual_seed(0))
+        stream = ((codes.unsqueeze(-1) >> torch.arange(bits, dtype=torch.uint8)) & 1).flatten(-2)
+        stream = torch.nn.functional.pad(stream, (0, (-stream.shape[-1]) % 8))
+        reference = (stream.unflatten(-1, (-1, 8)) << torch.arange(8, dtype=torch.uint8)).sum(-1, dtype=torch.uint8)
+        assert torch.equal(_pack(codes, bits), reference)
+        assert torch.equal(_unpack(reference, bits, width), codes)

@@ -95,6 +95,10 @@ def test_per_task_sweep_loads_once_truncates_each_task_with_its_own_held_out_cal
     assert len(count_loads) == 1, "one model load for every calibration and every point"
     for name in ("sweep.json", "sweep.md", "nd_ppl.png", "ner_vs_nd_ppl.png", "config.json"):
         assert (out / name).exists(), name
+    assert (
+        summary["design"]["model_dtype"] == "float32"
+        and "Model dtype: float32 (`--dtype auto`)" in (out / "sweep.md").read_text()
+    ), "--dtype auto resolves to float32 on the CPU, and the table says so"
     for task in ("kvcore_alpaca", "kvcore_codealpaca"):
         own = out / "calibrations" / task
         point = json.loads((out / "points" / task / "rank_0.5.json").read_text())

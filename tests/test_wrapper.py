@@ -426,3 +426,29 @@ def test_each_layers_bases_go_to_the_device_of_its_key_projection(family_dirs, l
     lm.set_truncation(lm.kvcore_config)
     placed = [(layer.bases.key.vectors.device, layer.bases.value.vectors.device) for layer in lm.new_cache().layers]
     assert placed == [(cpu, cpu), (meta, meta)]
+
+
+@pytest.mark.parametrize(
+    "basis,options", [("random", {"key_rank": 8, "value_rank": 8}), ("rotation", {"latent_bits": 4})]
+)
+def test_seeded_bases_are_built_once_per_seed(basis, options, llama_dir, monkeypatch):
+    """set_truncation (each frontier probe, each sweep point) with the same basis and seed reuses the bases built
+    for the first; another seed builds its own; the scores are those of a model loaded with that seed."""
+    from dataclasses import replace
+
+    from kvcore_eval.compression import bases
+
+    builds = []
+    build = getattr(bases, f"{basis}_bases")
+    monkeypatch.setattr(bases, f"{basis}_bases", lambda geometry, seed: builds.append(seed) or build(geometry, seed))
+    lm = KVCoreHFLM(pretrained=str(llama_dir), basis=basis, batch_size=2, device="cpu", **options)
+    first = run(lm, "loglikelihood")
+    for _ in range(3):
+        lm.set_truncation(replace(lm.kvcore_config))
+    assert builds == [0] and run(lm, "loglikelihood") == first
+    lm.set_truncation(replace(lm.kvcore_config, basis_seed=1))
+    lm.set_truncation(replace(lm.kvcore_config, basis_seed=0))
+    assert builds == [0, 1] and run(lm, "loglikelihood") == first
+    lm.set_truncation(replace(lm.kvcore_config, basis_seed=1))
+    fresh = KVCoreHFLM(pretrained=str(llama_dir), basis=basis, basis_seed=1, batch_size=2, device="cpu", **options)
+    assert run(lm, "loglikelihood") == run(fresh, "loglikelihood")

@@ -159,12 +159,22 @@ def format_p(p: float) -> str:
     return "p<0.0001" if p < 1e-4 else f"p={p:.2g}"
 
 
+def model_line(design: dict[str, Any]) -> str:
+    """The dtype the weights were loaded in, and the `--dtype` it was resolved from."""
+    dtype = design.get("model_dtype")
+    if dtype is None:  # a summary written before dtypes were recorded
+        return f"Model dtype: `--dtype {design.get('dtype', 'float32')}`."
+    return f"Model dtype: {dtype} (`--dtype {design.get('dtype')}`), on {design.get('model_device')}."
+
+
 def to_markdown(summary: dict[str, Any]) -> str:
     """sweep.md: the design sentence, ND-PPL per task and rank, and the correlations by scope."""
     design = summary["design"]
     ranks = summary["ranks"]
     lines = [
         f"# Rank sweep: {design['model']}",
+        "",
+        model_line(design),
         "",
         design_sentence(design),
         "",

@@ -1,9 +1,10 @@
 """`kvcore-eval calibrate`: stream a dataset through a causal LM, accumulate per-layer K/V Grams, write the artifact.
 
-Runs on CPU, one GPU, or several processes under `torchrun` or `accelerate launch --multi_gpu` (each process takes
-every world_size-th sequence; the Grams are summed across processes, gloo on CPU, and rank 0 writes one artifact).
-`accelerate launch --cpu --num_processes N` starts one process (accelerate runs several CPU processes only through
-mpirun): it is refused rather than recorded as one process.
+Runs on CPU, one GPU, or several processes under `torchrun` or `accelerate launch` (each process takes every
+world_size-th sequence; the Grams are summed across processes, gloo on CPU, and rank 0 writes one artifact).
+`accelerate launch --num_processes N` without --multi_gpu on a machine with fewer than two GPUs (or with --cpu) starts
+one process (accelerate runs several CPU processes only through mpirun): the command line then runs the N processes
+under torchrun itself (`simple_launch_processes`, `relaunch_with_torchrun`) rather than calibrate as one.
 Checkpoints every `checkpoint_every` tokens; `--resume` continues and ends bit-identical to an uninterrupted run.
 
 Outputs are safe (`outputs.py`): inputs are validated before any output is touched; `--out` is refused if it
@@ -221,8 +222,8 @@ def _accumulate(
         )
     if bad := accumulator.nonfinite_layers():
         raise FloatingPointError(
-            f"NaN/inf in the keys or values of layer(s) {bad}: the model overflows in {config.dtype}; "
-            "try --dtype float32"
+            f"NaN/inf in the keys or values of layer(s) {bad}: the model overflows in "
+            f"{models.dtype_name(model.dtype)}; try --dtype float32"
         )
     return int(attention_mask.sum())
 
@@ -235,9 +236,15 @@ def calibrate(
     One writer per `--out`: a second calibration into it is refused while this one runs (`outputs.run_lock`)."""
     from accelerate import PartialState
 
-    check_launcher(os.environ)
-    # Under torchrun/accelerate on a machine without CUDA, "auto" means CPU processes that shard and all-reduce.
-    state = PartialState(cpu=config.device == "cpu" or (config.device == "auto" and not torch.cuda.is_available()))
+    if (processes := simple_launch_processes(os.environ, parent_argv())) is not None:
+        raise ValueError(
+            f"accelerate launch --num_processes {processes} started one process: run `kvcore-eval calibrate` (or "
+            "`-m kvcore_eval calibrate`) under it, which starts the processes itself, or launch with torchrun"
+        )
+    # Under torchrun/accelerate on a machine without CUDA (or `accelerate launch --cpu`), "auto" means CPU processes
+    # that shard and all-reduce.
+    cpu = not torch.cuda.is_available() or _flag(os.environ, "ACCELERATE_USE_CPU")
+    state = PartialState(cpu=config.device == "cpu" or (config.device == "auto" and cpu))
     out = outputs.resolve_run_folder(Path(config.out))
     with outputs.run_lock(out) if state.is_main_process else contextlib.nullcontext():
         if state.is_main_process and out.is_dir():  # before the model loads
@@ -247,22 +254,80 @@ def calibrate(
 
 # What a launcher that really started several processes sets (torchrun / accelerate's torchrun, or MPI).
 _WORLD_SIZE_VARIABLES = ("WORLD_SIZE", "PMI_SIZE", "OMPI_COMM_WORLD_SIZE", "MV2_COMM_WORLD_SIZE")
+# What precedes accelerate's launch options: `accelerate launch`, `python -m accelerate.commands.launch`, or its script.
+_LAUNCHER_WORDS = ("launch", "accelerate.commands.launch", "accelerate-launch")
 
 
-def check_launcher(environment) -> None:
-    """Refuse `accelerate launch --cpu --num_processes N` (N > 1) without mpirun: accelerate's simple launcher then
-    starts one process (it sets MASTER_ADDR and ACCELERATE_USE_CPU but no WORLD_SIZE), which would calibrate alone
-    and record `processes: 1` while the user asked for N."""
-    asked_cpu = environment.get("ACCELERATE_USE_CPU", "").lower() in ("1", "true", "yes")
-    several = "MASTER_ADDR" in environment
-    if asked_cpu and several and not any(name in environment for name in _WORLD_SIZE_VARIABLES):
+def _flag(environment, name: str) -> bool:
+    return environment.get(name, "").lower() in ("1", "true", "yes")
+
+
+def simple_launch_processes(environment, launcher_argv: list[str] | None) -> int | None:
+    """N where this process is the only one `accelerate launch --num_processes N` (N > 1) started, else None.
+
+    accelerate's simple launcher (used without --multi_gpu on a machine with fewer than two GPUs, and for --cpu
+    without mpirun) starts one process whatever N: it sets ACCELERATE_USE_CPU always, and MASTER_ADDR when N > 1, but
+    no WORLD_SIZE. N is not passed on: it is read from the launcher's command line (`launcher_argv`, its parent
+    process's), or its config file. Raises where N > 1 was asked for and cannot be read."""
+    if "ACCELERATE_USE_CPU" not in environment or "MASTER_ADDR" not in environment:
+        return None
+    if any(name in environment for name in _WORLD_SIZE_VARIABLES):
+        return None
+    processes = _asked_processes(launcher_argv) if launcher_argv is not None else None
+    if processes is None:
         raise ValueError(
-            "accelerate launch --cpu with --num_processes > 1 starts one process here (accelerate runs several CPU "
-            "processes only through mpirun, --mpirun_hostfile): launch with `torchrun --nproc_per_node N -m "
-            "kvcore_eval calibrate ...` or `accelerate launch --multi_gpu --num_processes N -m kvcore_eval calibrate "
-            "...` (on a machine without CUDA both run N CPU processes that all-reduce their Grams over gloo), or drop "
-            "--num_processes for one process"
+            "accelerate launch with --num_processes > 1 started one process here (without --multi_gpu, accelerate "
+            "runs several processes only through mpirun), and how many were asked for cannot be read: launch with "
+            "`torchrun --nproc_per_node N -m kvcore_eval calibrate ...` or `accelerate launch --multi_gpu "
+            "--num_processes N -m kvcore_eval calibrate ...` (on a machine without CUDA both run N CPU processes that "
+            "all-reduce their Grams over gloo), or drop --num_processes for one process"
         )
+    return processes if processes > 1 else None
+
+
+def _asked_processes(launcher_argv: list[str]) -> int | None:
+    """--num_processes of an `accelerate launch` command line (else its config file's), or None."""
+    from accelerate.commands.launch import launch_command_parser
+
+    starts = [i for i, arg in enumerate(launcher_argv) if Path(arg).name in _LAUNCHER_WORDS]
+    if not starts:
+        return None
+    try:
+        args, _ = launch_command_parser().parse_known_args(launcher_argv[starts[0] + 1 :])
+    except SystemExit:
+        return None
+    if args.num_processes is not None:
+        return int(args.num_processes)
+    from accelerate.commands.config import default_config_file, load_config_from_file
+
+    config_file = args.config_file or default_config_file
+    if not Path(config_file).is_file():
+        return None
+    return int(getattr(load_config_from_file(config_file), "num_processes", 1) or 1)
+
+
+def parent_argv() -> list[str] | None:
+    """The command line of this process's parent (Linux), or None."""
+    try:
+        raw = Path(f"/proc/{os.getppid()}/cmdline").read_bytes()
+    except OSError:
+        return None
+    return [part.decode(errors="replace") for part in raw.split(b"\0") if part]
+
+
+def relaunch_with_torchrun(processes: int, argv: list[str], environment) -> int:
+    """Run `python -m kvcore_eval <argv>` in `processes` processes under torchrun (the way `torchrun
+    --nproc_per_node N` and `accelerate launch --multi_gpu` run it: each takes every N-th sequence, the Grams are
+    all-reduced); returns its exit status."""
+    import subprocess
+    import sys
+
+    logger.info(
+        "accelerate launch --num_processes %d started one process: running %d under torchrun", processes, processes
+    )
+    command = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(processes)]
+    command += ["--master_addr", environment["MASTER_ADDR"], "--master_port", environment.get("MASTER_PORT", "29500")]
+    return subprocess.run([*command, "-m", "kvcore_eval", *argv], check=False).returncode
 
 
 def _calibrate(config: CalibrationConfig, on_checkpoint, model, tokenizer, state, out: Path) -> Path:
@@ -390,7 +455,8 @@ def _run(
             config.max_tokens,
         )
     if state.is_main_process:
-        metadata = _metadata(config, model_identity, total_tokens, state.num_processes, tap.has_rope)
+        dtype = models.dtype_name(model.dtype)
+        metadata = _metadata(config, model_identity, total_tokens, state.num_processes, tap.has_rope, dtype)
         metadata["tokenization"] = {"method": data.TOKENIZATION, "adds_bos": data.adds_bos(tokenizer)}
         metadata["documents"] = {
             "count": len(log.rows),
@@ -415,7 +481,7 @@ def _run(
 
 
 def _metadata(
-    config: CalibrationConfig, model_identity: dict[str, Any], tokens: int, world_size: int, has_rope: bool
+    config: CalibrationConfig, model_identity: dict[str, Any], tokens: int, world_size: int, has_rope: bool, dtype: str
 ) -> dict[str, Any]:
     import accelerate
     import transformers
@@ -428,7 +494,7 @@ def _metadata(
         "seq_len": config.seq_len,
         "batch_size": config.batch_size,
         "processes": world_size,
-        "model_dtype": config.dtype,
+        "model_dtype": dtype,  # what --dtype resolved to (auto: by device)
         "gram_dtype": "float64",
         "versions": {
             "torch": torch.__version__,

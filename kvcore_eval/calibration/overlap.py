@@ -89,6 +89,14 @@ class OverlapCounter:
             documents[request.doc_id] = documents.get(request.doc_id, False) or seen
         return {task: summary for task, summary in self.summary().items() if task in tasks}
 
+    def merge(self, documents: dict[str, dict[Any, bool]]) -> None:
+        """Add another counter's documents (another process's share of the same tasks): a document is seen if either
+        saw it."""
+        for task, others in documents.items():
+            mine = self.documents.setdefault(task, {})
+            for doc_id, seen in others.items():
+                mine[doc_id] = mine.get(doc_id, False) or seen
+
     def summary(self) -> dict[str, dict[str, float]]:
         """task -> {scored, seen, fraction}; fraction None when the artifact recorded no digests (unknown)."""
         return {

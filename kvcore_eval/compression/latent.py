@@ -10,9 +10,17 @@ values still stay latent. Decoding then reads r numbers a token instead of D. Bo
 `scaled_dot_product_attention` over the latents (grouped heads: `enable_gqa`), so no (q_len, kv_len) score matrix
 is materialized in Python, at prefill as at decode.
 
+Nothing quadratic in the prompt's length is built where attention is purely causal: `register()` gives `kvcore_latent`
+transformers' SDPA masks, which are None for a prefill without padding (SDPA then gets `is_causal=True`) and boolean
+(batch, 1, q_len, kv_len) only where padding must be masked, as the model's own `sdpa` path. Query, key and value
+latents of a prefill are zero-padded to one width (a multiple of 8) before the call: SDPA's fused kernels need equal
+head dims, and with unequal ones it falls back to its math kernel, which materializes (batch, heads, q_len, kv_len)
+scores (4.9 GiB for 8 heads at 8k tokens on the CPU). Zero columns add nothing to q·k, and the value's are sliced off
+the output. A decode step (q_len 1) has linear scores and is not padded.
+
 Transformers hands attention functions no cache, so the wrapper names the active `LowRankCache` in a context
-variable around each forward (`active`). `register()` adds `kvcore_latent` to transformers' AttentionInterface
-(with eager-style masks); it is called by the wrapper, never at import. Softcapping, attention sinks and dropout
+variable around each forward (`active`). `register()` adds `kvcore_latent` to transformers' AttentionInterface;
+it is called by the wrapper, never at import. Softcapping, attention sinks and dropout
 are refused, and the wrapper checks at load that latent and reconstruction logits agree on the model itself.
 """
 
@@ -43,12 +51,13 @@ def active(cache: LowRankCache) -> Iterator[None]:
 
 
 def register() -> None:
-    """Add `kvcore_latent` to transformers' attention and mask interfaces (idempotent)."""
+    """Add `kvcore_latent` to transformers' attention and mask interfaces (idempotent), with SDPA's masks: None
+    where the causal flag suffices, else boolean."""
     from transformers import AttentionInterface
-    from transformers.masking_utils import AttentionMaskInterface, eager_mask
+    from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
 
     AttentionInterface.register(NAME, latent_attention)
-    AttentionMaskInterface.register(NAME, eager_mask)
+    AttentionMaskInterface.register(NAME, sdpa_mask)
 
 
 def _per_query_head(basis: torch.Tensor, kv_heads: int, query_heads: int) -> torch.Tensor:
@@ -112,13 +121,45 @@ def latent_attention(
     if keys.shape[1] != values.shape[1]:  # one latent head on one side, kv_heads on the other: a view, no copy
         shared = max(keys.shape[1], values.shape[1])
         keys, values = (t.expand(-1, shared, -1, -1) for t in (keys, values))
-    mask = attention_mask[..., : keys.shape[-2]].to(query.dtype) if attention_mask is not None else None
-    context = torch.nn.functional.scaled_dot_product_attention(
-        query, keys, values, attn_mask=mask, scale=scaling, enable_gqa=True
-    )  # (batch, heads, q_len, r_v or head_dim)
+    context = fused_attention(query, keys, values, attention_mask, scaling, getattr(module, "is_causal", True))
     if value_basis is not None:
         context = torch.einsum("bhqr,hdr->bhqd", context, _per_query_head(value_basis, kv_heads, heads).to(query.dtype))
     return context.transpose(1, 2).contiguous(), None
+
+
+def _one_width(*tensors: torch.Tensor) -> tuple[torch.Tensor, ...]:
+    """Zero-pad the last dim of each to the widest's, rounded up to a multiple of 8 (what SDPA's fused kernels take)."""
+    width = -(-max(t.shape[-1] for t in tensors) // 8) * 8
+    return tuple(t if t.shape[-1] == width else torch.nn.functional.pad(t, (0, width - t.shape[-1])) for t in tensors)
+
+
+def fused_attention(
+    query: torch.Tensor,
+    keys: torch.Tensor,
+    values: torch.Tensor,
+    attention_mask: torch.Tensor | None,
+    scaling: float,
+    causal: bool = True,
+) -> torch.Tensor:
+    """softmax(scaling·q·kᵀ + mask)·v through SDPA's fused kernels: (batch, heads, q_len, values' width).
+
+    query (batch, heads, q_len, w_q), keys (batch, kv_heads, kv_len, w_q), values (batch, kv_heads, kv_len, w_v);
+    `attention_mask` is transformers' SDPA mask: None where the attention is purely causal (a prefill: SDPA's
+    `is_causal`, upper-left aligned, exact where q_len == kv_len; decode: no mask), else boolean, True where a query
+    reads a key."""
+    q_len, kv_len, value_width = query.shape[-2], keys.shape[-2], values.shape[-1]
+    is_causal = causal and attention_mask is None and q_len > 1
+    if is_causal and kv_len > q_len:  # what transformers' sdpa does: only a cache's unfilled tail lies past q_len
+        keys, values = keys[..., :q_len, :], values[..., :q_len, :]
+    mask = None if attention_mask is None else attention_mask[..., :kv_len]
+    if mask is not None and mask.dtype != torch.bool:
+        mask = mask.to(query.dtype)
+    if q_len > 1:  # a decode step's scores are (batch, heads, 1, kv_len): any kernel, no padded copy of the cache
+        query, keys, values = _one_width(query, keys, values)
+    context = torch.nn.functional.scaled_dot_product_attention(
+        query, keys, values, attn_mask=mask, scale=scaling, is_causal=is_causal, enable_gqa=True
+    )
+    return context[..., :value_width]
 
 
 def check_against_reconstruction(model: nn.Module, new_cache, reconstruct_implementation: str) -> float:

@@ -84,6 +84,11 @@ def clip_factor(bits: int) -> float:
 
 def _pack(codes: torch.Tensor, bits: int) -> torch.Tensor:
     """Unsigned codes (..., width) below 2^bits -> uint8 (..., ceil(bits·width/8)): one little-endian bit stream."""
+    if 8 % bits == 0:  # whole codes a byte (1, 2, 4, 8 bits): code i at bits (i % per_byte)·bits of byte i // per_byte
+        per_byte = 8 // bits
+        codes = torch.nn.functional.pad(codes.to(torch.uint8), (0, (-codes.shape[-1]) % per_byte))
+        shifts = torch.arange(0, 8, bits, device=codes.device, dtype=torch.uint8)
+        return (codes.unflatten(-1, (-1, per_byte)) << shifts).sum(-1, dtype=torch.uint8)
     shifts = torch.arange(bits, device=codes.device, dtype=torch.uint8)
     stream = ((codes.to(torch.uint8).unsqueeze(-1) >> shifts) & 1).flatten(-2)  # (..., width·bits)
     stream = torch.nn.functional.pad(stream, (0, (-stream.shape[-1]) % 8))
@@ -93,6 +98,9 @@ def _pack(codes: torch.Tensor, bits: int) -> torch.Tensor:
 
 def _unpack(packed: torch.Tensor, bits: int, width: int) -> torch.Tensor:
     """Inverse of `_pack`: (..., width) uint8 codes."""
+    if 8 % bits == 0:  # a shift and a mask a code, no bit stream: what every decode step of int4/int2 codes runs
+        shifts = torch.arange(0, 8, bits, device=packed.device, dtype=torch.uint8)
+        return ((packed.unsqueeze(-1) >> shifts) & (2**bits - 1)).flatten(-2)[..., :width]
     shifts = torch.arange(8, device=packed.device, dtype=torch.uint8)
     stream = ((packed.unsqueeze(-1) >> shifts) & 1).flatten(-2)[..., : width * bits]
     weights = torch.arange(bits, device=packed.device, dtype=torch.uint8)
@@ -198,9 +206,11 @@ class Codec:
         if scale is None:
             return codes.to(dtype)
         # unsigned codes, except absmax's int8 (signed already)
-        values = codes.float() if self.scheme == "absmax" and self.bits == 8 else _unpack(codes, self.bits, width)
+        values = codes if self.scheme == "absmax" and self.bits == 8 else _unpack(codes, self.bits, width)
         groups = math.ceil(width / GROUP_SIZE)
-        padded = torch.nn.functional.pad(values.float(), (0, groups * GROUP_SIZE - width))
+        padded = values.float()
+        if groups * GROUP_SIZE != width:
+            padded = torch.nn.functional.pad(padded, (0, groups * GROUP_SIZE - width))
         padded = padded.unflatten(-1, (groups, GROUP_SIZE))
         if self.scheme == "minmax":
             scale, zero = scale[..., :groups].float().unsqueeze(-1), scale[..., groups:].float().unsqueeze(-1)

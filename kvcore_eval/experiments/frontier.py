@@ -43,7 +43,7 @@ from tqdm.auto import tqdm
 
 from kvcore_eval import metrics, outputs
 from kvcore_eval.analysis import study
-from kvcore_eval.analysis.study import format_correlation, with_interval
+from kvcore_eval.analysis.study import format_correlation, model_line, with_interval
 from kvcore_eval.calibration.artifact import load_calibration, read_metadata
 from kvcore_eval.calibration.data import iter_texts, pack_sequences
 from kvcore_eval.compression import latent, waterfill
@@ -461,7 +461,7 @@ def frontier_session(session) -> list[dict[str, Any]]:
             "; ".join(dropped),
         )
     outputs.atomic_write_json(session.out / "frontier.json", rows)
-    outputs.atomic_write_text(session.out / "frontier.md", to_markdown(rows, config, dropped))
+    outputs.atomic_write_text(session.out / "frontier.md", to_markdown(rows, config, dropped, session.model_dtype))
     plot_frontier(rows, config, session.out / "frontier.png", bounds)
     record_config(session.out, config, KIND)  # the settings of the frontier it now holds
     return rows
@@ -508,13 +508,18 @@ def winners(rows: list[dict[str, Any]], budgets: list[Budget]) -> dict[str, dict
     return best
 
 
-def to_markdown(rows: list[dict[str, Any]], config: FrontierConfig, dropped: list[str] | None = None) -> str:
+def to_markdown(
+    rows: list[dict[str, Any]], config: FrontierConfig, dropped: list[str] | None = None, model_dtype: str | None = None
+) -> str:
 
     budgets = config.budget_list()
     lines = [
         f"# Bytes–quality frontier: {Path(config.model).name or config.model}",
         "",
         f"**Protocol: {config.truncation.protocol}**: " + PROTOCOLS[config.truncation.protocol],
+        model_line(
+            {"model_dtype": model_dtype, "dtype": config.dtype, "model_device": models.resolve_device(config.device)}
+        ),
         "",
         f"Each task scored on its first {config.num_samples} documents; its data bases from "
         f"{config.calibration_tokens} tokens of its documents after those (disjoint). Bytes per token measured from "

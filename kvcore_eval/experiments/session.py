@@ -85,6 +85,11 @@ class Session:
     used: set[Path] = field(default_factory=set)  # the points this run read or wrote
     loaded: dict[str, Any] = field(default_factory=dict)  # unit name -> its lm-eval task, built once (`loaded_task`)
 
+    @property
+    def model_dtype(self) -> str:
+        """The dtype the model loaded in: `--dtype` resolved (auto: the model's own on a GPU, float32 on the CPU)."""
+        return models.dtype_name(self.model.dtype)
+
 
 def unit_metadata(session: Session, unit: Unit) -> dict[str, Any]:
     """What lm-eval hands the unit's task: every record, the model's tokenizer, --metadata and the unit's length."""
@@ -132,7 +137,7 @@ def task_calibration(session: Session, task: str) -> Path:
         # it is scored at (a 4k document cut in 256-token windows never shows position 300)
         seq_len=max(config.seq_len, unit.length or 0),
         device=config.device,
-        dtype=config.dtype,
+        dtype=session.model_dtype,  # what --dtype resolved to: a calibration in another dtype is not reused
         out=str(session.out / "calibrations" / task),
     )
     out = Path(wanted.out)
@@ -176,6 +181,8 @@ def point_settings(session: Session, task: str, truncation, documents: list[int]
     settings.update({"length": unit.length} if unit.length is not None else {})
     settings.update({"metadata": metadata} if (metadata := session.config.task_metadata()) else {})
     settings.update({"gen_kwargs": gen} if unit.generation and (gen := session.config.gen_kwargs) else {})
+    if session.config.dtype == "auto":  # auto resolves by device: a point scored in another dtype is not reused
+        settings["model_dtype"] = session.model_dtype
     if truncation.sensitivity is not None:  # the table's content, not its path, sets the plan
         settings["sensitivity_sha256"] = models.file_sha256(str(truncation.sensitivity))
     return settings

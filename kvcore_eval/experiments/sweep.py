@@ -151,6 +151,8 @@ def sweep_session(session: Session) -> dict[str, Any]:
     design = {
         **asdict(config),
         "model_name": Path(config.model).name or config.model,
+        "model_dtype": session.model_dtype,
+        "model_device": models.resolve_device(config.device),
         "basis_per_task": {name: str(path) for name, path in basis.items()},
         "perplexity_metric": perplexity_metric(units),
     }
@@ -317,7 +319,9 @@ def write_summary(session: Session, summary: dict[str, Any], final: bool = True)
 
     out = session.out
     summary["left_out"] = left_out_points(session)
-    sections = [study.to_markdown(summary)] if session.tasks else [f"# Sweep: {summary['design']['model']}\n"]
+    design = summary["design"]
+    title = f"# Sweep: {design['model']}\n\n{study.model_line(design)}\n"
+    sections = [study.to_markdown(summary)] if session.tasks else [title]
     if session.tasks:
         study.plot_nd_ppl(summary, out / "nd_ppl.png")
         study.plot_ner_vs_nd_ppl(summary, out / "ner_vs_nd_ppl.png")

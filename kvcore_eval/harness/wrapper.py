@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import inspect
 import logging
+import os
 from typing import Any
 
 import torch
@@ -33,6 +34,7 @@ from kvcore_eval.compression.quantize import Codec
 from kvcore_eval.compression.rank_plan import make_plan
 from kvcore_eval.config import TruncationConfig, split_options
 from kvcore_eval.harness.lm_tasks import quiet_lm_eval_warnings
+from kvcore_eval.harness.measured import CacheMeasures, all_processes
 from kvcore_eval.model.models import (
     config_fingerprint,
     dtype_name,
@@ -93,16 +95,30 @@ def _mismatch(message: str, allow_mismatch: bool) -> None:
     logger.warning("!" * 20 + " %s; allow_mismatch=true, going on " + "!" * 20, message)
 
 
-def _basis_source(truncation: TruncationConfig, model_config) -> Calibration:
+def _basis_source(truncation: TruncationConfig, model_config, seeded: dict[tuple, Calibration]) -> Calibration:
     """What a plan is made against before the weights load: the checked artifact (calibrated bases), seeded bases
-    (random, rotation), or a flat spectrum standing in for bases that need the weights or the sequence (or none)."""
+    (random, rotation), or a flat spectrum standing in for bases that need the weights or the sequence (or none).
+    Seeded bases are built once per (source, seed, geometry) and kept in `seeded` (one model's: every frontier probe
+    and sweep point of that source reuses them; an 8B shape's random bases take 20 s and 0.4 GiB to build)."""
     source = BASES[truncation.basis]
     if source.calibrated:
         return _checked_artifact(truncation, model_config)
     geometry = kv_geometry(model_config)
     if source.seeded is not None:
-        return getattr(bases, source.seeded)(geometry, truncation.basis_seed)
+        key = (source.seeded, int(truncation.basis_seed), geometry)
+        if key not in seeded:
+            seeded[key] = getattr(bases, source.seeded)(geometry, truncation.basis_seed)
+        return seeded[key]
     return bases.flat_spectrum(geometry, truncation.basis)
+
+
+def _cpu_processes_under_a_launcher(environment) -> None:
+    """Several processes started by torchrun (or `accelerate launch --multi_gpu`) on a machine without CUDA: tell
+    accelerate they are CPU processes (ACCELERATE_USE_CPU, what `accelerate launch --cpu` sets), else the Accelerator
+    lm-eval builds sees one process in each and they never meet (gloo)."""
+    several = int(environment.get("WORLD_SIZE", "1")) > 1 and "LOCAL_RANK" in environment
+    if several and not torch.cuda.is_available():
+        environment["ACCELERATE_USE_CPU"] = "true"
 
 
 _HFLM_OPTIONS = set(inspect.signature(HFLM.__init__).parameters) - {"self", "kwargs"}
@@ -124,13 +140,15 @@ class KVCoreHFLM(HFLM):
             model_config = _model_config(
                 hf_options.get("pretrained"), hf_options.get("revision"), hf_options.get("gguf_file")
             )
-            source = _basis_source(truncation, model_config)
+            self._seeded_bases: dict[tuple, Calibration] = {}  # random and rotation bases, by source, seed, shape
+            source = _basis_source(truncation, model_config, self._seeded_bases)
             if truncation.bits is None:  # rank errors before any weights load (a budget in bits needs the dtype)
                 make_plan(truncation, source)
         except (ValueError, OSError) as err:
             logger.error("kvcore_hf: %s", err)
             raise
         quiet_lm_eval_warnings()
+        _cpu_processes_under_a_launcher(os.environ)
         super().__init__(**hf_options)  # the weights load here, after every check that needs none
         self._tap = RopeTap(self.model)  # stays on the model: records the rotary tables of every forward
         self._keys_checked = False
@@ -139,12 +157,24 @@ class KVCoreHFLM(HFLM):
         self.kvcore_measure_error = False  # set by the frontier: caches keep the squared error of what they store
         self._context_lengths: dict[tuple[int, ...], int] = {}  # after_prefill: where each request's context ends
         self._apply(truncation, source)
+        self._split_over_processes()
+
+    def _split_over_processes(self) -> None:
+        """Under `accelerate launch` with several processes, lm-eval's HFLM splits the requests by rank only where it
+        sees more than one GPU; elsewhere (CPU processes, one GPU visible to each) every process would score every
+        request. kvcore_hf splits them there too, through lm-eval's own data-parallel path (requests by rank, results
+        gathered to rank 0; gloo on the CPU)."""
+        accelerator = getattr(self, "accelerator", None)
+        if accelerator is not None and accelerator.num_processes > 1 and self._world_size == 1:
+            self._rank, self._world_size = accelerator.local_process_index, accelerator.num_processes
+        if self._world_size > 1:
+            logger.info("kvcore_hf: process %d of %d, loaded %s", self._rank, self._world_size, self.kvcore_config)
 
     def set_truncation(self, truncation: TruncationConfig) -> None:
         """Swap the rank plan (and its bases) of the loaded model: many sweep points, one model load. The measured
         bytes start again from zero."""
         truncation.check_runnable()
-        self._apply(truncation, _basis_source(truncation, self.model.config))
+        self._apply(truncation, _basis_source(truncation, self.model.config, self._seeded_bases))
 
     def _apply(self, truncation: TruncationConfig, source: Calibration) -> None:
         check_batch_size(truncation, self.batch_size)
@@ -165,8 +195,8 @@ class KVCoreHFLM(HFLM):
         self._codec = Codec(truncation.latent_bits, self.model.dtype, truncation.scheme)
         self.kvcore_plan = make_plan(truncation, source, self._bytes_per_token)
         self._setup_cache(source)
-        self._measured = {"bytes": dict.fromkeys(_PARTS, 0), "positions": 0, "caches": 0}
-        self._errors = {"key": [], "value": []}  # per layer: [squared error, squared norm] over every cache
+        self._measured = CacheMeasures()  # every process's caches, pooled at the end of each request method
+        self._pending = CacheMeasures()  # this process's caches since they were last pooled
 
     def _rotates_keys(self, truncation: TruncationConfig) -> bool:
         """Whether the cache undoes and redoes RoPE: pre-RoPE keys projected on a basis of a RoPE model."""
@@ -319,53 +349,50 @@ class KVCoreHFLM(HFLM):
     def _measure(self, cache, rows: int) -> None:
         """Add what one cache held at its end to the evaluation's measured bytes (and, when measured, the squared
         error of what entered it); `rows`: the batch it served."""
-        for part, size in self.held_bytes(cache).items():
-            self._measured["bytes"][part] += size
-        self._measured["positions"] += rows * cache.get_seq_length()  # padding included, as a full cache holds it
-        self._measured["caches"] += 1
+        errors = {"key": [], "value": []}
         if self.kvcore_measure_error and isinstance(cache, LowRankCache):
-            for kind, per_layer in cache.squared_errors().items():
-                if not self._errors[kind]:
-                    self._errors[kind] = [[0.0, 0.0] for _ in per_layer]
-                for total, (error, norm) in zip(self._errors[kind], per_layer, strict=True):
-                    total[0] += error
-                    total[1] += norm
+            errors = cache.squared_errors()
+        # padding included, as a full cache holds it
+        self._pending.add(CacheMeasures(self.held_bytes(cache), rows * cache.get_seq_length(), 1, errors))
+
+    def _pool(self) -> None:
+        """Add every process's pending measures to the evaluation's (all processes call this in step)."""
+        for measures in all_processes(self._pending, self.world_size):
+            self._measured.add(measures)
+        self._pending = CacheMeasures()
 
     def kvcore_relative_errors(self) -> dict[str, list[float | None]] | None:
         """Per kind, per layer: the relative squared error ‖x − x̂‖² / ‖x‖² of every key (in the space the plan codes
         it: pre-RoPE keys before their rotation) and value that entered the caches since the last plan, as read back;
         None unless `kvcore_measure_error` was set before they were made."""
-        if not self.kvcore_measure_error or not self._errors["key"]:
-            return None
-        return {
-            kind: [error / norm if norm > 0 else None for error, norm in per_layer]
-            for kind, per_layer in self._errors.items()
-        }
+        if self.world_size <= 1:
+            self._pool()
+        return self._measured.relative_errors() if self.kvcore_measure_error else None
 
     def kvcore_measured_bytes(self) -> dict[str, Any] | None:
-        """Bytes per token measured over every cache this evaluation created (since the last plan): what the caches
-        held at their end (latents or codes, scales, rotary tables, per-sequence bases, in their stored dtypes)
-        divided by the token positions they held, against a full cache in the model's dtype. None before any."""
-        positions = self._measured["positions"]
-        if positions == 0:
-            return None
-        total = sum(self._measured["bytes"].values())
-        return {
-            "bytes_per_token": total / positions,
-            "ratio": total / positions / self.kvcore_cache_bytes["full"],
-            "parts_per_token": {part: size / positions for part, size in self._measured["bytes"].items()},
-            "positions": positions,
-            "caches": self._measured["caches"],
-        }
+        """Bytes per token measured over every cache this evaluation created (since the last plan), in every process:
+        what the caches held at their end (latents or codes, scales, rotary tables, per-sequence bases, in their
+        stored dtypes) divided by the token positions they held, against a full cache in the model's dtype. None
+        before any."""
+        if self.world_size <= 1:
+            self._pool()
+        return self._measured.per_token(self.kvcore_cache_bytes["full"])
 
     def new_cache(self) -> LowRankCache:
         """A fresh, empty low-rank cache sharing this model's bases."""
         return self._cache(self._latent)
 
     def _count_overlap(self, requests) -> None:
-        """Before any request runs: the fraction of each task's scored documents the calibration saw; a loud
-        warning above 0, or a refusal with overlap=refuse."""
-        for task, counts in self._overlap.add(requests).items():
+        """Before any request runs: the fraction of each task's scored documents the calibration saw (over every
+        process's share, so that all decide alike); a loud warning above 0, or a refusal with overlap=refuse."""
+        tasks = set(self._overlap.add(requests))
+        if self.world_size > 1:
+            shares = all_processes((self._overlap.documents, tasks), self.world_size)
+            for documents, _ in shares:
+                self._overlap.merge(documents)
+            tasks = set().union(*(named for _, named in shares))
+        summary = self._overlap.summary()
+        for task, counts in ((task, summary[task]) for task in sorted(tasks)):
             if counts["fraction"] is None:
                 logger.warning(
                     "kvcore_hf: %s records no document digests (calibrated by an older kvcore-eval): overlap with "
@@ -387,15 +414,21 @@ class KVCoreHFLM(HFLM):
 
     def loglikelihood(self, requests, disable_tqdm: bool = False):
         self._count_overlap(requests)
-        return super().loglikelihood(requests, disable_tqdm=disable_tqdm)
+        results = super().loglikelihood(requests, disable_tqdm=disable_tqdm)
+        self._pool()
+        return results
 
     def loglikelihood_rolling(self, requests, disable_tqdm: bool = False):
         self._count_overlap(requests)
-        return super().loglikelihood_rolling(requests, disable_tqdm=disable_tqdm)
+        results = super().loglikelihood_rolling(requests, disable_tqdm=disable_tqdm)
+        self._pool()
+        return results
 
     def generate_until(self, requests, disable_tqdm: bool = False):
         self._count_overlap(requests)
-        return super().generate_until(requests, disable_tqdm=disable_tqdm)
+        results = super().generate_until(requests, disable_tqdm=disable_tqdm)
+        self._pool()
+        return results
 
     def _model_call(
         self, inps: torch.Tensor, attn_mask: torch.Tensor | None = None, labels: torch.Tensor | None = None
@@ -497,7 +530,6 @@ def describe_artifact(metadata: dict[str, Any] | None) -> dict[str, Any] | None:
     }
 
 
-_PARTS = ("keys", "values", "scales", "sequence_bases", "rope_tables", "rope_positions", "quantized", "residual")
 _NO_DOCUMENTS = torch.zeros((0, 2), dtype=torch.int64)
 
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
@@ -106,18 +107,33 @@ def layer_devices(model: torch.nn.Module) -> list[torch.device]:
 
 def weights_sample(model: torch.nn.Module) -> torch.Tensor:
     """A strided sample of every parameter, in name order: (parameters, WEIGHT_SAMPLE) float32 on the CPU.
-    Reads 64 values a parameter and moves them in one transfer: no full copy, no sync per parameter."""
+    Reads 64 values a parameter and moves them in one transfer: no full copy, no sync per parameter. Parameters that
+    accelerate offloaded (device_map with cpu or disk offload: meta tensors in the model) are read from their offload,
+    one offloaded module at a time."""
     import torch
 
-    rows = []
+    def sample(param: torch.Tensor) -> torch.Tensor:
+        flat = param.detach().reshape(-1)
+        index = torch.arange(WEIGHT_SAMPLE, device=flat.device) * (flat.numel() - 1) // (WEIGHT_SAMPLE - 1)  # int64
+        return flat[index].float().cpu()
+
     with torch.no_grad():
-        for _, param in sorted(model.named_parameters(), key=lambda item: item[0]):
-            flat = param.detach().reshape(-1)
-            index = (
-                torch.arange(WEIGHT_SAMPLE, device=flat.device) * (flat.numel() - 1) // (WEIGHT_SAMPLE - 1)
-            )  # exact in int64
-            rows.append(flat[index].float())
-    return torch.stack(rows).cpu()
+        rows = dict(offloaded_parameters(model, sample))
+        rows.update({name: sample(p) for name, p in model.named_parameters() if name not in rows})
+    return torch.stack([rows[name] for name in sorted(rows)])
+
+
+def offloaded_parameters(model: torch.nn.Module, read: Callable) -> list[tuple[str, Any]]:
+    """(name, read(parameter)) of every parameter accelerate offloaded (a meta tensor in the model), each read while
+    its module's hook has loaded the real weights onto the execution device (one module at a time)."""
+    from accelerate.utils import align_module_device, has_offloaded_params
+
+    found = []
+    for prefix, module in model.named_modules():
+        if has_offloaded_params(module):
+            with align_module_device(module):
+                found += [(f"{prefix}.{name}".lstrip("."), read(p)) for name, p in module.named_parameters()]
+    return found
 
 
 def weights_fingerprint(model: torch.nn.Module, sample: torch.Tensor | None = None) -> str:
@@ -215,6 +231,22 @@ def resolve_dtype(name: str) -> torch.dtype:
     return dtypes[name]
 
 
+def resolve_dtype_name(name: str, device: str, config: Callable[[], PretrainedConfig] | PretrainedConfig) -> str:
+    """`--dtype` as a model loads: `auto` is the model's own dtype (its config's) on an accelerator, as lm-eval's `hf`
+    reads `dtype=auto`, and float32 on the CPU, where bfloat16 and float16 matmuls are slow; a checkpoint without a
+    dtype, or with one kvcore-eval does not load (float64, ...), is float32. `config`: the model's config, or what
+    gives it (read only when needed)."""
+    if name != "auto":
+        resolve_dtype(name)  # a clear error for a name it is not
+        return name
+    if resolve_device(device).startswith("cpu"):
+        return "float32"
+    config = config() if callable(config) else config
+    own = getattr(config.get_text_config(decoder=True), "dtype", None) or getattr(config, "dtype", None)
+    own = own if isinstance(own, str) else dtype_name(own) if own is not None else "float32"
+    return own if own in ("float32", "float16", "bfloat16") else "float32"
+
+
 def load_config(model_id: str, revision: str | None, gguf_file: str | None = None) -> PretrainedConfig:
     """The model's config; a clear error for a path that is neither a model folder nor a hub id."""
     from pathlib import Path
@@ -234,7 +266,8 @@ def load_config(model_id: str, revision: str | None, gguf_file: str | None = Non
 def load_causal_lm(
     model_id: str, revision: str | None, device: str, dtype: str, gguf_file: str | None = None
 ) -> PreTrainedModel:
-    """Load a causal LM by hub id, local directory or GGUF file (dequantized), in eval mode on `device`."""
+    """Load a causal LM by hub id, local directory or GGUF file (dequantized), in eval mode on `device`, in `dtype`
+    (`auto`: `resolve_dtype_name`; the model's `dtype` says what it resolved to)."""
     from transformers import AutoModelForCausalLM
     from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING_NAMES
 
@@ -246,7 +279,11 @@ def load_causal_lm(
         )
     kv_geometry(config)
     model = AutoModelForCausalLM.from_pretrained(  # config=: a GGUF's metadata is parsed once for it, not twice
-        model_id, config=config, revision=revision, dtype=resolve_dtype(dtype), gguf_file=gguf_file
+        model_id,
+        config=config,
+        revision=revision,
+        dtype=resolve_dtype(resolve_dtype_name(dtype, device, config)),
+        gguf_file=gguf_file,
     )
     return model.to(device).eval()
 
