@@ -120,12 +120,13 @@ def test_whitened_channels_far_past_their_calibration_keep_a_scale():
     assert torch.isfinite(decoded).all() and float((decoded - x).square().mean() / x.square().mean()) < 0.05
 
 
-@pytest.mark.parametrize("bits", [1, 2, 4, 8])
-def test_whole_codes_a_byte_are_packed_as_the_little_endian_bit_stream(bits):
-    """The shift-and-mask path of 1, 2, 4 and 8 bits writes and reads the bit stream the general path does."""
+@pytest.mark.parametrize("bits", range(1, 9))
+def test_codes_are_packed_as_one_little_endian_bit_stream(bits):
+    """Every width's shift-and-mask path (whole codes a byte, or eight codes a word) writes and reads the bit stream
+    built bit by bit: code i's bit k at bit i·bits + k."""
     from kvcore_eval.compression.quantize import _pack, _unpack
 
-    for width in (7, 32, 33):
+    for width in (1, 7, 8, 32, 33, 45):
         codes = torch.randint(0, 2**bits, (3, 5, width), dtype=torch.uint8, generator=torch.Generator().manual_seed(0))
         stream = ((codes.unsqueeze(-1) >> torch.arange(bits, dtype=torch.uint8)) & 1).flatten(-2)
         stream = torch.nn.functional.pad(stream, (0, (-stream.shape[-1]) % 8))

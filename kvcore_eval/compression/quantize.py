@@ -89,22 +89,24 @@ def _pack(codes: torch.Tensor, bits: int) -> torch.Tensor:
         codes = torch.nn.functional.pad(codes.to(torch.uint8), (0, (-codes.shape[-1]) % per_byte))
         shifts = torch.arange(0, 8, bits, device=codes.device, dtype=torch.uint8)
         return (codes.unflatten(-1, (-1, per_byte)) << shifts).sum(-1, dtype=torch.uint8)
-    shifts = torch.arange(bits, device=codes.device, dtype=torch.uint8)
-    stream = ((codes.to(torch.uint8).unsqueeze(-1) >> shifts) & 1).flatten(-2)  # (..., width·bits)
-    stream = torch.nn.functional.pad(stream, (0, (-stream.shape[-1]) % 8))
-    weights = torch.arange(8, device=codes.device, dtype=torch.uint8)
-    return (stream.unflatten(-1, (-1, 8)) << weights).sum(-1, dtype=torch.uint8)
+    # 3, 5, 6, 7 bits: eight codes fill `bits` bytes exactly, one little-endian word of at most 56 bits
+    width = codes.shape[-1]
+    codes = torch.nn.functional.pad(codes.to(torch.int64), (0, (-width) % 8)).unflatten(-1, (-1, 8))  # (..., g, 8)
+    word = (codes << (bits * torch.arange(8, device=codes.device))).sum(-1)  # fields do not overlap: sum = or
+    packed = (word.unsqueeze(-1) >> (8 * torch.arange(bits, device=codes.device))) & 0xFF  # (..., g, bits)
+    return packed.to(torch.uint8).flatten(-2)[..., : math.ceil(bits * width / 8)]
 
 
 def _unpack(packed: torch.Tensor, bits: int, width: int) -> torch.Tensor:
-    """Inverse of `_pack`: (..., width) uint8 codes."""
-    if 8 % bits == 0:  # a shift and a mask a code, no bit stream: what every decode step of int4/int2 codes runs
+    """Inverse of `_pack`: (..., width) uint8 codes, a shift and a mask a code (what every decode step runs)."""
+    if 8 % bits == 0:
         shifts = torch.arange(0, 8, bits, device=packed.device, dtype=torch.uint8)
         return ((packed.unsqueeze(-1) >> shifts) & (2**bits - 1)).flatten(-2)[..., :width]
-    shifts = torch.arange(8, device=packed.device, dtype=torch.uint8)
-    stream = ((packed.unsqueeze(-1) >> shifts) & 1).flatten(-2)[..., : width * bits]
-    weights = torch.arange(bits, device=packed.device, dtype=torch.uint8)
-    return (stream.unflatten(-1, (width, bits)) << weights).sum(-1, dtype=torch.uint8)
+    groups = math.ceil(width / 8)
+    packed = torch.nn.functional.pad(packed, (0, groups * bits - packed.shape[-1])).unflatten(-1, (groups, bits))
+    word = (packed.to(torch.int64) << (8 * torch.arange(bits, device=packed.device))).sum(-1)  # (..., groups)
+    codes = (word.unsqueeze(-1) >> (bits * torch.arange(8, device=packed.device))) & (2**bits - 1)
+    return codes.to(torch.uint8).flatten(-2)[..., :width]
 
 
 def _groups(x: torch.Tensor) -> torch.Tensor:
