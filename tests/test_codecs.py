@@ -76,6 +76,24 @@ def test_the_hadamard_rotation_is_orthonormal_and_seeded():
     assert not torch.equal(first.eigenvectors["value"], first.eigenvectors["key_pre_rope"]), "signs drawn per space"
 
 
+def test_the_seed_changes_what_a_symmetric_code_of_the_rotated_vector_keeps():
+    """The signs flip x's coordinates before the Hadamard mixes them: flipped after it, a symmetric code would undo
+    them and every seed would decode the same vector."""
+    from kvcore_eval.compression.quantize import Codec
+
+    geometry = KVGeometry(num_layers=1, kv_heads=1, head_dim=64)
+    x = torch.randn(50, 64, generator=torch.Generator().manual_seed(0))
+    x[:, 3] *= 20  # an outlier channel, what a rotation is for
+    codec = Codec(3, torch.float32, "midrise")
+    decoded = []
+    for seed in (0, 1):
+        vectors = rotation_bases(geometry, seed).eigenvectors["value"][0]  # (D, D)
+        decoded.append(codec.decode(*codec.encode(x @ vectors), 64, torch.float32) @ vectors.T)
+    assert not torch.allclose(decoded[0], decoded[1], atol=1e-3)
+    for x_hat in decoded:
+        assert float((x_hat - x).square().sum() / x.square().sum()) < 0.1
+
+
 def _pre_rope_logits(model, calibration, tokens, recompute: bool) -> torch.Tensor:
     """Logits of `tokens` (a prefill, then 6 decode steps) with pre-RoPE keys projected on a full-width basis; the
     tables recomputed from positions, or kept as today."""

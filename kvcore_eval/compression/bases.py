@@ -85,17 +85,19 @@ def hadamard(size: int) -> torch.Tensor:
 
 
 def rotation_bases(geometry: KVGeometry, seed: int) -> Calibration:
-    """Seeded randomized Hadamard rotations (TurboQuant's and QuaRot's first stage): per layer, space and KV head, H·S
-    with S a diagonal of random signs; a layer's basis is block-diagonal over its KV heads (D × D), so each head is
-    rotated within itself. A rotation spreads a vector's energy evenly over its coordinates (outlier channels too), so
-    one scale a group fits every coordinate; its spectrum is flat: it is kept whole and coded in uniform bits."""
+    """Seeded randomized Hadamard rotations (TurboQuant's and QuaRot's first stage): per layer, space and KV head, S·H
+    with S a diagonal of random signs (a vector's coordinates flipped, then mixed: latent = x·S·H); a layer's basis is
+    block-diagonal over its KV heads (D × D), so each head is rotated within itself. A rotation spreads a vector's
+    energy evenly over its coordinates (outlier channels too), so one scale a group fits every coordinate; its
+    spectrum is flat: it is kept whole and coded in uniform bits."""
     generator = torch.Generator().manual_seed(int(seed))
     layers, heads, head_dim = geometry.num_layers, geometry.kv_heads, geometry.head_dim
     transform = hadamard(head_dim)
 
-    def randomized(*shape: int) -> torch.Tensor:  # (..., head_dim, head_dim): H·diag(signs), signs per leading index
+    def randomized(*shape: int) -> torch.Tensor:  # (..., head_dim, head_dim): diag(signs)·H, signs per leading index
         signs = torch.randint(0, 2, (*shape, head_dim), generator=generator, dtype=torch.float64) * 2 - 1
-        return (transform * signs.unsqueeze(-2)).float()
+        # on the rows: signs on the latent's side (H·S) would be undone by any symmetric code, every seed one rotation
+        return (signs.unsqueeze(-1) * transform).float()
 
     head_vectors = {space: randomized(layers, heads) for space in SPACES}
     vectors = {space: torch.stack([torch.block_diag(*blocks) for blocks in head_vectors[space]]) for space in SPACES}
