@@ -4,7 +4,9 @@ A field is the only place an option's name, type (a `Literal` lists its allowed 
 live: the CLI (`cli.add_dataclass_arguments`), kvcore_hf's model_args (`from_options`) and lm-eval's YAML read
 it. A larger configuration embeds a smaller one as a field (`EvalConfig.truncation`) instead of re-listing its
 options, and a variant is `dataclasses.replace(base, ...)`. `identity` derives what a run's numbers depend on
-from the whole configuration, minus the fields declared with `identity=False`.
+from the whole configuration, minus the fields declared with `identity=False`. A field added after runs were first
+written (`added=True`) comes with the default that reproduces them, and is left out of the identity at that default:
+the points, calibrations and folders written before it existed are still the same work.
 
 Kept free of heavy imports so that `kvcore-eval --help` starts fast.
 """
@@ -56,12 +58,16 @@ RankSpec = int | float | str | list[int] | None
 MIN_SEQ_LEN = 32
 
 
-def option(default: Any = dataclasses.MISSING, *, help: str, identity: bool = True, **metadata: Any) -> Any:
+def option(
+    default: Any = dataclasses.MISSING, *, help: str, identity: bool = True, added: bool = False, **metadata: Any
+) -> Any:
     """A configuration field. `identity=False`: the field cannot change a number (paths, resume flags...).
-    Extra metadata: `cli_skip` (names of an embedded configuration's fields the CLI does not offer)."""
+    `added=True`: a field added after runs were written, its default what they did (in the identity only when set
+    otherwise). Extra metadata: `cli_skip` (names of an embedded configuration's fields the CLI does not offer)."""
+    metadata = {"help": help, "identity": identity, "added": added, **metadata}
     if isinstance(default, type) and dataclasses.is_dataclass(default):
-        return dataclasses.field(default_factory=default, metadata={"help": help, "identity": identity, **metadata})
-    return dataclasses.field(default=default, metadata={"help": help, "identity": identity, **metadata})
+        return dataclasses.field(default_factory=default, metadata=metadata)
+    return dataclasses.field(default=default, metadata=metadata)
 
 
 def field_type(config_class: type, name: str) -> Any:
@@ -91,12 +97,15 @@ def check_choices(config: Any) -> None:
 
 def identity(config: Any, exclude: tuple[str, ...] = ()) -> dict[str, Any]:
     """What a run's numbers depend on: every field (embedded configurations nested) but those declared with
-    `identity=False` and those in `exclude` (fields that select work rather than change it)."""
+    `identity=False`, those in `exclude` (fields that select work rather than change it) and the `added` ones at their
+    default."""
     out = {}
     for field in dataclasses.fields(config):
         if not field.metadata.get("identity", True) or field.name in exclude:
             continue
         value = getattr(config, field.name)
+        if field.metadata.get("added") and value == field.default:
+            continue
         out[field.name] = identity(value) if dataclasses.is_dataclass(value) else value
     return out
 
@@ -199,19 +208,22 @@ class TruncationConfig:
         "included: the paper's ND-PPL protocol); after_prefill (as deployed caches do: a forward attends exactly to "
         "its own tokens and through the compressed cache to earlier ones; loglikelihood prefills the context, then "
         "scores the continuation in a second forward; needs batch_size=1)",
+        added=True,
     )
     prefill_chunk: int | None = option(
         None,
         help="with protocol=after_prefill: feed inputs in chunks of this many tokens, each attending exactly within "
         "itself and through the compressed cache to the chunks before it (rolling perplexity needs it: a window "
         "scored in one forward attends exactly)",
+        added=True,
     )
     peer: Peer | None = option(
         None,
         help="run transformers' own QuantizedCache instead (quanto: 2 or 4 bits; hqq: 1, 2, 3, 4 or 8; latent_bits= "
         "gives them; basis=identity; protocol=after_prefill): the quantized caches users already run",
+        added=True,
     )
-    residual_length: int = option(128, help="peer=: the last tokens QuantizedCache keeps in full precision")
+    residual_length: int = option(128, help="peer=: the last tokens QuantizedCache keeps in full precision", added=True)
     basis: Basis = option(
         "data",
         help="data: calibrated (calibration=); weights: SVD of [W_k | b_k], [W_v | b_v] (data-free); random: seeded "

@@ -150,6 +150,18 @@ def test_identity_names_the_fields_that_differ():
     ]
 
 
+def test_a_field_added_later_leaves_work_written_before_it_the_same_work():
+    """Points and folders written before `protocol` existed ran what protocol=forward runs: at its default the field is
+    not in the identity (so their settings still match), set otherwise it is."""
+    added = [f.name for f in dataclasses.fields(TruncationConfig) if f.metadata["added"]]
+    assert added == ["protocol", "prefill_chunk", "peer", "residual_length"]
+    before = identity(TruncationConfig())
+    assert not set(added) & set(before)
+    assert identity_differences(before, identity(TruncationConfig(protocol="after_prefill"))) == [
+        "protocol: None then, 'after_prefill' now"
+    ]
+
+
 @pytest.mark.parametrize(
     "options,message",
     [
