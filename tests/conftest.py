@@ -3,6 +3,7 @@ byte-level tokenizer, plus the shipped example data."""
 
 from __future__ import annotations
 
+import contextlib
 import shutil
 from pathlib import Path
 
@@ -236,3 +237,28 @@ def stopped_while_holding_the_lock(args: list[str], lock: Path):
             process.stdout_text, process.stderr_text = (b.decode() for b in process.communicate(timeout=600))
 
     return run()
+
+
+@contextlib.contextmanager
+def lock_held_by_a_thread(out: Path):
+    """`out`'s lock (`outputs.run_lock`) held by a thread of this process, standing in for another run, until the
+    block ends."""
+    import threading
+
+    from kvcore_eval import outputs
+
+    held, release = threading.Event(), threading.Event()
+
+    def other_run() -> None:
+        with outputs.run_lock(out):
+            held.set()
+            release.wait(120)
+
+    thread = threading.Thread(target=other_run)
+    thread.start()
+    try:
+        assert held.wait(60)
+        yield
+    finally:
+        release.set()
+        thread.join()

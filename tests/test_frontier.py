@@ -4,7 +4,7 @@ import json
 import numpy as np
 import pytest
 import torch
-from conftest import EXAMPLE_DATA, EXAMPLE_MODEL, calibrate_in_memory
+from conftest import EXAMPLE_DATA, EXAMPLE_MODEL, calibrate_in_memory, lock_held_by_a_thread
 
 from kvcore_eval.config import FrontierConfig
 from kvcore_eval.experiments.frontier import largest_within, pareto, run_frontier
@@ -167,27 +167,11 @@ def test_edited_and_damaged_points_and_frontier_json_are_named_and_computed_agai
 
 def test_a_frontier_into_a_folder_another_run_writes_is_refused_naming_it(tmp_path, count_loads):
     import os
-    import threading
-
-    from kvcore_eval import outputs
 
     out = tmp_path / "busy"
-    held, release = threading.Event(), threading.Event()
-
-    def other_run() -> None:
-        with outputs.run_lock(out):
-            held.set()
-            release.wait(120)
-
-    thread = threading.Thread(target=other_run)
-    thread.start()
-    try:
-        assert held.wait(60)
+    with lock_held_by_a_thread(out):
         with pytest.raises(FileExistsError, match=f"being written by another kvcore-eval run \\(pid {os.getpid()} "):
             run_frontier(frontier_config(out))
-    finally:
-        release.set()
-        thread.join()
     assert count_loads == [] and not out.exists()
 
 

@@ -3,7 +3,7 @@ import json
 
 import numpy as np
 import pytest
-from conftest import EXAMPLE_DATA, EXAMPLE_MODEL
+from conftest import EXAMPLE_DATA, EXAMPLE_MODEL, lock_held_by_a_thread
 
 from kvcore_eval.analysis.compare import compare
 from kvcore_eval.analysis.study import summarize
@@ -506,28 +506,12 @@ def test_a_sweep_into_a_folder_another_run_writes_is_refused_naming_it(tmp_path,
     its holder named, and the folder is left as it is."""
     import os
     import socket
-    import threading
-
-    from kvcore_eval import outputs
 
     out = tmp_path / "busy"
-    held, release = threading.Event(), threading.Event()
-
-    def other_run() -> None:
-        with outputs.run_lock(out):
-            held.set()
-            release.wait(120)
-
-    thread = threading.Thread(target=other_run)
-    thread.start()
-    try:
-        assert held.wait(60)
+    with lock_held_by_a_thread(out):
         with pytest.raises(FileExistsError, match=f"being written by another kvcore-eval run \\(pid {os.getpid()} "):
             run_sweep(sweep_config(out, tasks="kvcore_codealpaca"))
         assert socket.gethostname() in json.loads((tmp_path / "busy.kvcore-lock").read_text())["host"]
-    finally:
-        release.set()
-        thread.join()
     assert count_loads == [] and not out.exists()
 
 
