@@ -343,11 +343,6 @@ class LowRankCache(Cache):
         """Per kind, per layer: [squared error, squared norm] of every state that entered (measure_error=True)."""
         return {kind: [list(layer.error[kind]) for layer in self.layers] for kind in KINDS}
 
-    def stored_positions(self) -> int:
-        """Token positions held: batch rows × cached length (padding included, as a full cache would hold it)."""
-        layer = self.layers[0]
-        return 0 if layer.get_seq_length() == 0 else layer.keys.shape[0] * layer.get_seq_length()
-
     # Batch and length edits keep the rotary history in step with the latents.
     def reset(self) -> None:
         super().reset()
