@@ -114,7 +114,8 @@ def identity_differences(saved: Mapping[str, Any], current: Mapping[str, Any], p
     """The fields (dotted for nested ones) whose values differ between two identities, with both values."""
     differences = []
     for name in sorted(set(saved) | set(current)):
-        a, b = saved.get(name), current.get(name)
+        # an `added` field left out is at its default, whichever side left it out
+        a, b = saved.get(name, ADDED_DEFAULTS.get(name)), current.get(name, ADDED_DEFAULTS.get(name))
         if isinstance(a, Mapping) and isinstance(b, Mapping):
             differences += identity_differences(a, b, f"{prefix}{name}.")
         elif a != b:
@@ -911,3 +912,13 @@ class JudgeConfig:
 def env_name(field_name: str) -> str:
     """The environment variable that sets a JudgeConfig field inside lm-eval (KVCORE_JUDGE_<FIELD>)."""
     return f"KVCORE_JUDGE_{field_name.upper()}"
+
+
+# Each `added` field's default: what an identity that leaves the field out means (`identity_differences`).
+ADDED_DEFAULTS = {
+    field.name: field.default
+    for config_class in list(globals().values())
+    if isinstance(config_class, type) and dataclasses.is_dataclass(config_class)
+    for field in dataclasses.fields(config_class)
+    if field.metadata.get("added")
+}

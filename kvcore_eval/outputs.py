@@ -117,11 +117,14 @@ def atomic_write_text(path: Path, text: str) -> None:
 def keep_elsewhere(text: str, path: Path) -> str:
     """Keep what could not be written at `path` in a new file of the system's temporary folder; returns the words
     that say where it is and how to put it in place (or that it could not be kept either)."""
+    kept = None
     try:
         fd, kept = tempfile.mkstemp(prefix=f"kvcore-eval-{path.stem}-", suffix=path.suffix)
         with os.fdopen(fd, "w", encoding="utf-8") as f:
             f.write(text)
     except OSError as err:
+        if kept is not None:  # a partial copy would read as the results
+            Path(kept).unlink(missing_ok=True)
         return f"could not be kept in {tempfile.gettempdir()} either ({err.strerror or err})"
     return f"are kept in {kept}: once there is room, `cp {kept} {path}`"
 

@@ -158,7 +158,12 @@ def test_a_field_added_later_leaves_work_written_before_it_the_same_work():
     before = identity(TruncationConfig())
     assert not set(added) & set(before)
     assert identity_differences(before, identity(TruncationConfig(protocol="after_prefill"))) == [
-        "protocol: None then, 'after_prefill' now"
+        "protocol: 'forward' then, 'after_prefill' now"
+    ]
+    # work that recorded the default (written while the field was always in the identity) matches one that leaves it out
+    assert identity_differences({**before, "protocol": "forward", "residual_length": 128}, before) == []
+    assert identity_differences({**before, "protocol": "after_prefill"}, before) == [
+        "protocol: 'after_prefill' then, 'forward' now"
     ]
 
 

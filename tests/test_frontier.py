@@ -217,6 +217,8 @@ def test_rerun_reuses_finished_points_and_refuses_changed_settings(frontier_run,
     again = run_frontier(frontier_config(out))
     assert count_evaluations == [], "every point was reused"
     assert [r["value"] for r in again] == [r["value"] for r in rows]
+    explicit = run_frontier(frontier_config(out, dtype="float32"))  # --dtype auto is float32 on the CPU: same work
+    assert count_evaluations == [] and [r["value"] for r in explicit] == [r["value"] for r in rows]
     point = out / "points" / TASK / "baseline.json"
     original = point.read_text()
     saved = json.loads(original)
@@ -230,6 +232,24 @@ def test_rerun_reuses_finished_points_and_refuses_changed_settings(frontier_run,
         point.write_text(original)
     with pytest.raises(ValueError, match="frontier with other settings.*calibration_tokens: 600 then, 900 now"):
         run_frontier(frontier_config(out, calibration_tokens=900))
+
+
+def test_a_seeded_basis_point_made_by_another_build_is_refused(tmp_path, monkeypatch):
+    """No artifact records a rotation's basis: its point carries a digest of the basis built, so a point made before
+    a change to how it is drawn (the sign fix of the randomized Hadamard) is refused rather than reused."""
+    from kvcore_eval.compression import bases
+    from kvcore_eval.experiments.session import seeded_basis_sha256
+
+    config = frontier_config(tmp_path / "run", methods="rotation4", budgets="0.5")
+    run_frontier(config)
+    drawn = bases.rotation_bases
+    monkeypatch.setattr(bases, "rotation_bases", lambda geometry, seed: drawn(geometry, seed + 1))  # another draw
+    seeded_basis_sha256.cache_clear()
+    try:
+        with pytest.raises(ValueError, match="rotation4.*other settings \\(seeded_basis_sha256: '[0-9a-f]{64}' then"):
+            run_frontier(config)
+    finally:
+        seeded_basis_sha256.cache_clear()
 
 
 @pytest.mark.slow

@@ -164,7 +164,8 @@ def model_line(design: dict[str, Any]) -> str:
     dtype = design.get("model_dtype")
     if dtype is None:  # a summary written before dtypes were recorded
         return f"Model dtype: `--dtype {design.get('dtype', 'float32')}`."
-    return f"Model dtype: {dtype} (`--dtype {design.get('dtype')}`), on {design.get('model_device')}."
+    option = "" if design.get("dtype") == dtype else f" (`--dtype {design.get('dtype')}`)"  # sweeps record it resolved
+    return f"Model dtype: {dtype}{option}, on {design.get('model_device')}."
 
 
 def to_markdown(summary: dict[str, Any]) -> str:

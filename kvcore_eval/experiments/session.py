@@ -12,6 +12,8 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import functools
+import hashlib
 import itertools
 import json
 import logging
@@ -27,7 +29,9 @@ from kvcore_eval import metrics, outputs
 from kvcore_eval.calibration import artifact
 from kvcore_eval.calibration.artifact import read_metadata
 from kvcore_eval.calibration.calibrate import calibrate
-from kvcore_eval.config import CalibrationConfig, identity, identity_differences, split_paths
+from kvcore_eval.compression import bases
+from kvcore_eval.compression.methods import BASES
+from kvcore_eval.config import ADDED_DEFAULTS, CalibrationConfig, identity, identity_differences, split_paths
 from kvcore_eval.harness.documents import document_ner, per_document_counts, per_document_values
 from kvcore_eval.harness.lm_tasks import (
     ALL_RECORDS,
@@ -166,6 +170,17 @@ def point_truncation(session: Session, basis: Path, key_rank: Any, value_rank: A
     )
 
 
+@functools.cache
+def seeded_basis_sha256(builder: str, geometry: models.KVGeometry, seed: int) -> str:
+    """The content of a basis built from a seed (`BasisSource.seeded`), which no artifact records: a point made by a
+    build that has since changed (a fix to how it is drawn) is then not taken for this one's."""
+    built = getattr(bases, builder)(geometry, seed)
+    digest = hashlib.sha256()
+    for space in sorted(built.eigenvectors):
+        digest.update(built.eigenvectors[space].contiguous().numpy().tobytes())
+    return digest.hexdigest()
+
+
 def point_settings(session: Session, task: str, truncation, documents: list[int] | None, metric: str) -> dict[str, Any]:
     """Everything that changes a point's number: a saved point is reused only when all of it is equal."""
     unit = session.units[task]
@@ -181,8 +196,9 @@ def point_settings(session: Session, task: str, truncation, documents: list[int]
     settings.update({"length": unit.length} if unit.length is not None else {})
     settings.update({"metadata": metadata} if (metadata := session.config.task_metadata()) else {})
     settings.update({"gen_kwargs": gen} if unit.generation and (gen := session.config.gen_kwargs) else {})
-    if session.config.dtype == "auto":  # auto resolves by device: a point scored in another dtype is not reused
-        settings["model_dtype"] = session.model_dtype
+    if (builder := BASES[truncation.basis].seeded) is not None:  # built by code, not read from an artifact
+        geometry = models.kv_geometry(session.model.config)
+        settings["seeded_basis_sha256"] = seeded_basis_sha256(builder, geometry, truncation.basis_seed)
     if truncation.sensitivity is not None:  # the table's content, not its path, sets the plan
         settings["sensitivity_sha256"] = models.file_sha256(str(truncation.sensitivity))
     return settings
@@ -345,12 +361,14 @@ def check_same_run(out: Path, config, kind: str) -> None:
 
 
 def same_keys(saved: Any, like: dict[str, Any]) -> dict[str, Any]:
-    """`saved` (a config.json) with only the keys of `like` (an identity), nested configurations alike."""
+    """`saved` (a config.json) with only the keys of `like` (an identity), nested configurations alike, and the
+    `added` fields it set (`like` leaves one out at its default)."""
     saved = saved if isinstance(saved, dict) else {}
-    return {
+    kept = {
         key: same_keys(saved.get(key), value) if isinstance(value, dict) else saved.get(key)
         for key, value in like.items()
     }
+    return kept | {key: value for key, value in saved.items() if key in ADDED_DEFAULTS and key not in like}
 
 
 def record_config(out: Path, config, kind: str) -> None:
@@ -381,7 +399,11 @@ def open_units(
         lengths = {"max_seq_lengths": [length]} if length is not None else {}
         return task_manager(config.data_dir, split_paths(config.include_path), {**metadata, **lengths})
 
-    max_length = models.context_length(models.load_config(model_id, None, gguf_file), tokenizer)
+    model_config = models.load_config(model_id, None, gguf_file)
+    max_length = models.context_length(model_config, tokenizer)
+    # --dtype as the model will load, before the folder is checked: the dtype a run computes in is what its work is
+    # (auto on the CPU is float32, and float32 work in the folder is that run's)
+    config = dataclasses.replace(config, dtype=models.resolve_dtype_name(config.dtype, config.device, model_config))
 
     def fits(instance) -> None:  # the scored documents' continuations, against the context the model gets
         check_continuations_fit(instance, config.num_samples, tokenizer, max_length, config.model)
@@ -389,7 +411,7 @@ def open_units(
     units = task_units(config, manager_for, per_task, fits)
     if check is not None:
         check(list(units.values()), manager_for)
-    with outputs.run_lock(Path(config.out)):
+    with outputs.run_lock(Path(config.out).resolve()):  # two links to one folder share its lock
         out = claim(config, kind, own_names)
         model = models.load_causal_lm(model_id, None, models.resolve_device(config.device), config.dtype, gguf_file)
         perplexity = [name for name, unit in units.items() if unit.perplexity]
@@ -404,6 +426,8 @@ def task_document_ner(session: Session, task: str) -> list[dict[str, Any]]:
     config = session.config
     path = session.out / "documents" / f"{task}.json"
     settings = {"task": task, "run": identity(config, exclude=session.config.selectors)}
+    # a document longer than the context is read in windows of it (`document_ner`)
+    settings["window"] = models.context_length(session.model.config, session.tokenizer)
     unit = session.units[task]
     if metadata := point_metadata(session, unit):
         settings["metadata"] = metadata

@@ -166,7 +166,7 @@ class KVCoreHFLM(HFLM):
         gathered to rank 0; gloo on the CPU)."""
         accelerator = getattr(self, "accelerator", None)
         if accelerator is not None and accelerator.num_processes > 1 and self._world_size == 1:
-            self._rank, self._world_size = accelerator.local_process_index, accelerator.num_processes
+            self._rank, self._world_size = accelerator.process_index, accelerator.num_processes  # global: several nodes
         if self._world_size > 1:
             logger.info("kvcore_hf: process %d of %d, loaded %s", self._rank, self._world_size, self.kvcore_config)
 
