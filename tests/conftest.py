@@ -4,6 +4,7 @@ byte-level tokenizer, plus the shipped example data."""
 from __future__ import annotations
 
 import contextlib
+import os
 import shutil
 from pathlib import Path
 
@@ -14,6 +15,11 @@ REPO = Path(__file__).resolve().parents[1]
 EXAMPLE_MODEL = REPO / "examples" / "tiny-llama"
 EXAMPLE_DATA = REPO / "examples" / "data"
 VOCAB = 259  # the shipped byte-level tokenizer: 256 bytes + pad/bos/eos
+
+# Under pytest-xdist (`-n auto`) each worker gets its share of the cores, not all of them: two workers on two cores
+# would otherwise run four torch threads.
+if "PYTEST_XDIST_WORKER_COUNT" in os.environ:
+    torch.set_num_threads(max(1, (os.cpu_count() or 1) // int(os.environ["PYTEST_XDIST_WORKER_COUNT"])))
 
 PHI3_SWITCH = 32  # Phi-3's original_max_position_embeddings: longrope switches, and generate swaps the cache, past it
 _COMMON = dict(
