@@ -6,6 +6,7 @@ from __future__ import annotations
 import contextlib
 import os
 import shutil
+import socket
 from pathlib import Path
 
 import pytest
@@ -33,6 +34,14 @@ _COMMON = dict(
     bos_token_id=1,
     eos_token_id=2,
 )
+
+
+def free_port() -> int:
+    """A TCP port nothing listens on now: launchers started by tests on several xdist workers at once would otherwise
+    all take torch's default rendezvous port (29500)."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
 
 
 def family_configs() -> dict:

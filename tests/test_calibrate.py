@@ -5,7 +5,7 @@ import sys
 
 import pytest
 import torch
-from conftest import EXAMPLE_DATA, REPO
+from conftest import EXAMPLE_DATA, REPO, free_port
 from safetensors.torch import load_file
 
 from kvcore_eval.analysis.report import write_report
@@ -146,6 +146,11 @@ LAUNCHERS = {
 }
 
 
+def launcher(name: str) -> list[str]:
+    """The launcher's command, on a free rendezvous port."""
+    return [*LAUNCHERS[name], "--master_port" if name == "torchrun" else "--main_process_port", str(free_port())]
+
+
 def _calibrate_args(model_dir, out, *extra, dataset=None, max_tokens=3000, batch_size=3):
     """`calibrate` and its flags on the shipped Alpaca sample (or `dataset`), as the command line takes them."""
     args = ["calibrate", "--model", str(model_dir), "--dataset", str(dataset or EXAMPLE_DATA / "alpaca.jsonl")]
@@ -166,13 +171,13 @@ def _long_data(tmp_path):
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("launcher", LAUNCHERS)
-def test_two_processes_sum_to_the_single_process_grams(finished_run, llama_dir, tmp_path, launcher):
+@pytest.mark.parametrize("name", LAUNCHERS)
+def test_two_processes_sum_to_the_single_process_grams(finished_run, llama_dir, tmp_path, name):
     """Two real CPU processes (gloo; accelerate's --multi_gpu launcher is torchrun, and on a machine without CUDA
     PartialState runs them on CPU): each accumulates every other sequence, the Grams are all-reduced, and the
     spectra equal the one-process run's to float64 rounding."""
     out = tmp_path / "two"
-    result = _run_cli([*LAUNCHERS[launcher], *_calibrate_cli(llama_dir, out, "--device", "cpu")], OMP_NUM_THREADS="1")
+    result = _run_cli([*launcher(name), *_calibrate_cli(llama_dir, out, "--device", "cpu")], OMP_NUM_THREADS="1")
     assert result.returncode == 0, result.stderr[-3000:]
     two, one = load_calibration(out), load_calibration(finished_run)
     assert two.metadata["processes"] == 2 and two.metadata["tokens"] == one.metadata["tokens"]
@@ -459,7 +464,7 @@ def test_ctrl_c_during_calibrate_says_how_to_resume(llama_dir, tmp_path):
 @pytest.mark.slow
 def test_torchrun_with_device_auto_shards_on_cpu(finished_run, llama_dir, tmp_path):
     out = tmp_path / "auto"
-    result = _run_cli([*LAUNCHERS["torchrun"], *_calibrate_cli(llama_dir, out)], OMP_NUM_THREADS="1")
+    result = _run_cli([*launcher("torchrun"), *_calibrate_cli(llama_dir, out)], OMP_NUM_THREADS="1")
     assert result.returncode == 0, result.stderr[-3000:]
     assert load_calibration(out).metadata["processes"] == 2
 

@@ -49,7 +49,9 @@ def test_todays_methods_give_the_rows_they_gave_before_the_codec_refactor(tmp_pa
         assert allocate(spectra, sum(expected), method, ner) == expected, method
     for before in REFERENCE["rows"]:
         now = rows[before["method"]]
-        assert now["byte_perplexity"] == pytest.approx(before["byte_perplexity"], rel=1e-9), before["method"]
+        # rel 1e-6, not equality: float32 sums on another thread count (an xdist worker has one) move the last digits;
+        # one rank more or less, or another basis, moves the perplexity by 1e-3 or more.
+        assert now["byte_perplexity"] == pytest.approx(before["byte_perplexity"], rel=1e-6), before["method"]
         for kind in ("key_rank_per_layer", "value_rank_per_layer"):
             assert now["rank_plan"][kind] == before["rank_plan"][kind], before["method"]
         assert now["bytes_per_token"] - now["rope_bytes_per_token"] == pytest.approx(

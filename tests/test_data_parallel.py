@@ -15,13 +15,18 @@ import subprocess
 import sys
 
 import pytest
-from conftest import EXAMPLE_DATA
+from conftest import EXAMPLE_DATA, free_port
 from test_wrapper import artifact_dir  # noqa: F401  (module fixture: the llama artifact)
 
 OPTIONS = "key_rank=0.25,value_rank=0.5,key_space=post_rope,attention=latent,latent_bits=8"
 DEVICE = os.environ.get("KVCORE_DP_DEVICE", "cpu")
 PROCESSES = int(os.environ.get("KVCORE_DP_PROCESSES", "2"))
 SEVERAL = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", str(PROCESSES)]
+
+
+def several() -> list[str]:
+    """accelerate's launcher for PROCESSES processes, on a free rendezvous port."""
+    return [*SEVERAL, "--main_process_port", str(free_port())]
 
 
 def lm_eval_run(launcher: list[str], llama_dir, artifact, out, documents: int) -> tuple[dict, str]:
@@ -42,7 +47,7 @@ def test_two_processes_give_what_one_gives(extra, llama_dir, artifact_dir, tmp_p
     their last request, scored but not counted."""
     documents = 3 * PROCESSES + extra
     one, _ = lm_eval_run([sys.executable], llama_dir, artifact_dir, tmp_path / "one", documents)
-    two, log = lm_eval_run(SEVERAL, llama_dir, artifact_dir, tmp_path / "two", documents)
+    two, log = lm_eval_run(several(), llama_dir, artifact_dir, tmp_path / "two", documents)
     for name, value in one["results"]["kvcore_alpaca"].items():
         if isinstance(value, float):
             tolerance = 1e-9 if DEVICE == "cpu" else 1e-6  # one process and several run the same kernels
