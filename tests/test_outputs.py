@@ -8,6 +8,7 @@ import os
 
 import pytest
 import torch
+from conftest import lock_held_by_a_thread
 
 from kvcore_eval import outputs
 from kvcore_eval.outputs import (
@@ -204,25 +205,11 @@ def test_a_file_of_the_users_at_the_lock_name_is_refused_and_kept(tmp_path):
 
 def test_a_held_lock_refuses_a_second_writer_and_a_stale_one_is_taken_over(tmp_path):
     import socket
-    import threading
 
-    held, release = threading.Event(), threading.Event()
-
-    def first() -> None:
-        with outputs.run_lock(tmp_path / "run"):
-            held.set()
-            release.wait(30)
-
-    thread = threading.Thread(target=first)
-    thread.start()
-    try:
-        assert held.wait(30)
+    with lock_held_by_a_thread(tmp_path / "run"):
         with pytest.raises(FileExistsError, match=f"pid {os.getpid()} on {socket.gethostname()}, started "):
             with outputs.run_lock(tmp_path / "run"):
                 pass
-    finally:
-        release.set()
-        thread.join()
     assert not (tmp_path / "run.kvcore-lock").exists(), "released and removed"
     (tmp_path / "run.kvcore-lock").write_text("")  # a holder killed before it wrote itself
     with outputs.run_lock(tmp_path / "run") as path:
