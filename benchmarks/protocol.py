@@ -27,6 +27,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--length", type=int, default=8192, help="the RULER context length (tokens)")
     parser.add_argument("--limit", type=int, default=2, help="documents a cell")
     parser.add_argument("--latent-bits", type=int, default=8, help="the plain quantized cache both protocols store")
+    parser.add_argument("--device", default="cpu", help="where the model runs (lm-eval's hf defaults to cuda)")
     add_timing_arguments(parser, rounds=2)
     return parser
 
@@ -51,7 +52,12 @@ def main() -> None:
     (task,) = leaf_tasks(load_as_evaluated(manager, [args.task]))  # built once: the same documents every round
     truncation = TruncationConfig(basis="identity", latent_bits=args.latent_bits)
     lm = KVCoreHFLM(
-        pretrained=model_id, gguf_file=gguf_file, tokenizer=tokenizer, batch_size=1, **dataclasses.asdict(truncation)
+        pretrained=model_id,
+        gguf_file=gguf_file,
+        tokenizer=tokenizer,
+        batch_size=1,
+        device=args.device,
+        **dataclasses.asdict(truncation),
     )
     scores: dict[str, float] = {}
 
@@ -71,7 +77,7 @@ def main() -> None:
     times = interleave({p: cell(p) for p in protocols}, args.rounds, warmup=False)  # a cell is minutes: no warm-up
     print(
         f"{args.task} at {args.length} tokens, {args.limit} documents a cell, int{args.latent_bits} cache "
-        f"({lm.model.config.model_type}, {lm.model.dtype}, CPU); {args.rounds} rounds, interleaved"
+        f"({lm.model.config.model_type}, {lm.model.dtype}, {args.device}); {args.rounds} rounds, interleaved"
     )
     print("| protocol | seconds a cell (median) | vs forward | score |")
     print("|---|---:|---:|---:|")
