@@ -133,3 +133,27 @@ def test_codes_are_packed_as_one_little_endian_bit_stream(bits):
         reference = (stream.unflatten(-1, (-1, 8)) << torch.arange(8, dtype=torch.uint8)).sum(-1, dtype=torch.uint8)
         assert torch.equal(_pack(codes, bits), reference)
         assert torch.equal(_unpack(reference, bits, width), codes)
+
+
+@pytest.mark.parametrize("scheme", ["absmax", "minmax", "midrise"])
+@pytest.mark.parametrize("bits", [2, 3, 4, 8])
+def test_decode_is_the_closed_form_and_leaves_what_is_stored_untouched(scheme, bits):
+    """decode computes in place on its one float copy: what the cache holds must come out as it went in."""
+    from kvcore_eval.compression.quantize import _unpack, clip_factor
+
+    torch.manual_seed(bits)
+    codec, width = Codec(bits, torch.float32, scheme), 70
+    codes, scales = codec.encode(torch.randn(2, 5, width) * 3)
+    held = (codes.clone(), scales.clone())
+    decoded = codec.decode(codes, scales, width, torch.float32)
+    assert torch.equal(codes, held[0]) and torch.equal(scales, held[1])
+    groups = math.ceil(width / GROUP_SIZE)
+    values = codes.float() if scheme == "absmax" and bits == 8 else _unpack(codes, bits, width).float()
+    per = lambda s: s.float().repeat_interleave(GROUP_SIZE, dim=-1)[..., :width]  # noqa: E731
+    if scheme == "minmax":
+        expected = values * per(scales[..., :groups]) + per(scales[..., groups:])
+    elif scheme == "absmax":
+        expected = (values - (0 if bits == 8 else 2 ** (bits - 1))) * per(scales)
+    else:
+        expected = (values - 2 ** (bits - 1) + 0.5) * (per(scales) * (2 * clip_factor(bits) / 2**bits))
+    assert torch.equal(decoded, expected)

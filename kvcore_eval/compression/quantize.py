@@ -210,19 +210,24 @@ class Codec:
         # unsigned codes, except absmax's int8 (signed already)
         values = codes if self.scheme == "absmax" and self.bits == 8 else _unpack(codes, self.bits, width)
         groups = math.ceil(width / GROUP_SIZE)
+        # One float tensor the size of the cache, then arithmetic in place: every read of every decode step runs this,
+        # and each temporary of that size would be a fresh allocation (the same operations, in the same order, as
+        # `_unmidrise` and the out-of-place forms: bit-identical).
         padded = values.float()
         if groups * GROUP_SIZE != width:
             padded = torch.nn.functional.pad(padded, (0, groups * GROUP_SIZE - width))
         padded = padded.unflatten(-1, (groups, GROUP_SIZE))
         if self.scheme == "minmax":
             scale, zero = scale[..., :groups].float().unsqueeze(-1), scale[..., groups:].float().unsqueeze(-1)
-            decoded = padded * scale + zero
+            padded.mul_(scale).add_(zero)
         elif self.scheme == "absmax":
-            offset = 0 if self.bits == 8 else 2 ** (self.bits - 1)
-            decoded = (padded - offset) * scale.float().unsqueeze(-1)
+            if self.bits != 8:
+                padded.sub_(2 ** (self.bits - 1))
+            padded.mul_(scale.float().unsqueeze(-1))
         else:
-            decoded = _unmidrise(padded, scale.float().unsqueeze(-1), self.bits)
-        return decoded.flatten(-2)[..., :width].to(dtype)
+            step = scale.float().unsqueeze(-1) * (2 * clip_factor(self.bits) / 2**self.bits)
+            padded.sub_(2 ** (self.bits - 1)).add_(0.5).mul_(step)
+        return padded.flatten(-2)[..., :width].to(dtype)
 
 
 @functools.lru_cache(maxsize=64)
