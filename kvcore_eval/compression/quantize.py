@@ -99,9 +99,10 @@ def _pack(codes: torch.Tensor, bits: int) -> torch.Tensor:
 
 def _unpack(packed: torch.Tensor, bits: int, width: int) -> torch.Tensor:
     """Inverse of `_pack`: (..., width) uint8 codes, a shift and a mask a code (what every decode step runs)."""
-    if 8 % bits == 0:
-        shifts = torch.arange(0, 8, bits, device=packed.device, dtype=torch.uint8)
-        return ((packed.unsqueeze(-1) >> shifts) & (2**bits - 1)).flatten(-2)[..., :width]
+    if 8 % bits == 0:  # one shift and mask a code position (a broadcast shift by a tensor of shifts is 2x slower)
+        mask = 2**bits - 1
+        fields = [packed & mask, *((packed >> shift) & mask for shift in range(bits, 8, bits))]
+        return torch.stack(fields, dim=-1).flatten(-2)[..., :width]
     groups = math.ceil(width / 8)
     packed = torch.nn.functional.pad(packed, (0, groups * bits - packed.shape[-1])).unflatten(-1, (groups, bits))
     word = (packed.to(torch.int64) << (8 * torch.arange(bits, device=packed.device))).sum(-1)  # (..., groups)
