@@ -1,5 +1,6 @@
 import dataclasses
 import json
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -264,22 +265,24 @@ def test_a_rerun_with_fewer_ranks_names_the_finished_points_it_leaves_out(tmp_pa
     assert json.loads((out / "sweep.json").read_text())["left_out"] == ["points/kvcore_codealpaca/rank_0.25.json"]
 
 
+def _rolling_task(tmp_path: Path, name: str, texts: list[str], metrics=("byte_perplexity",)) -> Path:
+    """A user's own rolling-perplexity task YAML named `name` over `texts`, in a folder for --include-path."""
+    folder = tmp_path / "my_tasks"
+    folder.mkdir()
+    (folder / "notes.jsonl").write_text("".join(json.dumps({"text": text}) + "\n" for text in texts))
+    (folder / "task.yaml").write_text(
+        f"task: {name}\ndataset_path: json\ndataset_kwargs:\n  data_files: {folder / 'notes.jsonl'}\n"
+        "test_split: train\noutput_type: loglikelihood_rolling\ndoc_to_text: ''\ndoc_to_target: '{{text}}'\n"
+        "metric_list:\n" + "".join(f"  - metric: {metric}\n" for metric in metrics)
+    )
+    return folder
+
+
 @pytest.mark.slow
 def test_a_custom_task_runs_end_to_end_with_include_path(tmp_path):
     """A user's own task YAML (not a kvcore source): scored, calibrated on its own held-out documents, NER included."""
-    folder = tmp_path / "my_tasks"
-    folder.mkdir()
-    lines = [
-        json.dumps({"text": f"Note {i}: the river rose {i} centimetres overnight and the ferry waited until noon."})
-        for i in range(24)
-    ]
-    (folder / "notes.jsonl").write_text("\n".join(lines) + "\n")
-    (folder / "my_notes.yaml").write_text(
-        f"task: my_notes\ndataset_path: json\ndataset_kwargs:\n  data_files: {folder / 'notes.jsonl'}\n"
-        "test_split: train\n"
-        "output_type: loglikelihood_rolling\ndoc_to_text: ''\ndoc_to_target: '{{text}}'\n"
-        "metric_list:\n  - metric: byte_perplexity\n  - metric: word_perplexity\n"
-    )
+    texts = [f"Note {i}: the river rose {i} centimetres overnight and the ferry waited until noon." for i in range(24)]
+    folder = _rolling_task(tmp_path, "my_notes", texts, metrics=("byte_perplexity", "word_perplexity"))
     summary = run_sweep(
         sweep_config(tmp_path / "custom", tasks="my_notes", include_path=str(folder), ranks="0.25,0.0625")
     )
@@ -297,14 +300,7 @@ def test_a_custom_task_runs_end_to_end_with_include_path(tmp_path):
 @pytest.mark.slow
 def test_a_task_name_that_is_a_path_is_refused_before_anything_is_written(tmp_path, count_loads):
     """A task named `../escape` (a user's YAML) would put its calibration and points outside --out."""
-    folder = tmp_path / "my_tasks"
-    folder.mkdir()
-    (folder / "notes.jsonl").write_text(json.dumps({"text": "The river rose overnight."}) + "\n")
-    (folder / "escape.yaml").write_text(
-        f"task: ../escape\ndataset_path: json\ndataset_kwargs:\n  data_files: {folder / 'notes.jsonl'}\n"
-        "test_split: train\noutput_type: loglikelihood_rolling\ndoc_to_text: ''\ndoc_to_target: '{{text}}'\n"
-        "metric_list:\n  - metric: byte_perplexity\n"
-    )
+    folder = _rolling_task(tmp_path, "../escape", ["The river rose overnight."])
     out = tmp_path / "runs" / "sweep"
     with pytest.raises(ValueError, match="task name '../escape' cannot be used as a file name"):
         run_sweep(sweep_config(out, tasks="../escape", include_path=str(folder)))
@@ -541,15 +537,8 @@ def test_two_concurrent_sweeps_into_one_folder_one_runs_the_other_is_refused(tmp
 @pytest.mark.slow
 def test_a_task_name_too_long_for_a_file_name_is_refused_before_the_folder_is_claimed(tmp_path, count_loads):
     """A 300-character task name gave `File name too long` after the model loaded, the folder already claimed."""
-    folder = tmp_path / "my_tasks"
-    folder.mkdir()
-    (folder / "notes.jsonl").write_text(json.dumps({"text": "The river rose overnight."}) + "\n")
     name = "n" * 300
-    (folder / "long.yaml").write_text(
-        f"task: {name}\ndataset_path: json\ndataset_kwargs:\n  data_files: {folder / 'notes.jsonl'}\n"
-        "test_split: train\noutput_type: loglikelihood_rolling\ndoc_to_text: ''\ndoc_to_target: '{{text}}'\n"
-        "metric_list:\n  - metric: byte_perplexity\n"
-    )
+    folder = _rolling_task(tmp_path, name, ["The river rose overnight."])
     out = tmp_path / "runs" / "sweep"
     with pytest.raises(ValueError, match="task name 'n+'... is 300 bytes long: .*rename it \\(at most 240 bytes\\)"):
         run_sweep(sweep_config(out, tasks=name, include_path=str(folder)))
